@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Set up everything pgtable-harness needs on a Debian 12 machine, idempotently:
+#   - Debian packages: QEMU 10.0 from bookworm-backports (the reference MMU), the AArch64
+#     cross toolchain, gdb-multiarch, Python's venv module;
+#   - a virtual environment in .venv with the package and its test extras.
+# Quick when everything is already there. Run as root (or with sudo available).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="${HARNESS_VENV:-$root/.venv}"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo -n "$@"
+    else log "need root to run: $*"; exit 1
+    fi
+}
+
+deb_packages=(gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu gdb-multiarch python3 python3-venv)
+backports_list=/etc/apt/sources.list.d/pgtable-harness-backports.list
+
+qemu_major() {
+    command -v qemu-system-aarch64 >/dev/null 2>&1 || { echo 0; return; }
+    qemu-system-aarch64 --version | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'
+}
+
+missing=()
+for p in "${deb_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+want_qemu=0
+[ "$(qemu_major)" -ge 10 ] || want_qemu=1
+
+if [ "${#missing[@]}" -gt 0 ] || [ "$want_qemu" = 1 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    if [ "$want_qemu" = 1 ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        log "adding bookworm-backports (QEMU 10.0)"
+        echo 'deb http://deb.debian.org/debian bookworm-backports main' | as_root tee "$backports_list" >/dev/null
+    fi
+    log "installing Debian packages: ${missing[*]:-} ${want_qemu:+qemu-system-arm}"
+    as_root apt-get update -q
+    if [ "${#missing[@]}" -gt 0 ]; then
+        as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+    if [ "$want_qemu" = 1 ]; then
+        as_root apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-arm
+    fi
+fi
+
+# Python environment: reinstall only when pyproject.toml changed.
+stamp="$venv/.pgtable-harness-stamp"
+want_stamp=$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating virtual environment $venv"
+    python3 -m venv "$venv"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
+    log "installing pgtable-harness[test] into $venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"
+    echo "$want_stamp" > "$stamp"
+fi
+log "ready: $(qemu-system-aarch64 --version | head -n1)"

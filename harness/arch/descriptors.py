@@ -1,0 +1,203 @@
+"""VMSAv8-64 translation table descriptors (Arm ARM D8.3), DS = 0.
+
+Bit 0 is valid. Bit 1 selects table (levels 0..2) or page (level 3) when set, block when clear
+at a level that allows blocks. The output (or next-level table) address lives in bits [47:g];
+with the 64K granule and FEAT_LPA, PA[51:48] sits in bits [15:12]. Upper and lower attributes
+of leaves differ between stage 1 and stage 2; software may use bits [58:55].
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from harness.arch.bits import Field, bit, genmask
+from harness.arch.geometry import LAST_LEVEL, Granule, Stage
+
+VALID = bit("valid", 0)
+TYPE = bit("type", 1)  # 1: table (level < 3) or page (level 3); 0: block
+TYPE_TABLE = 1
+TYPE_PAGE = 1
+TYPE_BLOCK = 0
+
+OA_51_48 = Field("oa[51:48]", 15, 12)  # 64K granule only (FEAT_LPA)
+SW = Field("sw", 58, 55)
+
+# Table descriptor hierarchical attributes (stage 1 only; RES0/ignored at stage 2).
+PXN_TABLE = bit("PXNTable", 59)
+XN_TABLE = bit("XNTable", 60)
+AP_TABLE = Field("APTable", 62, 61)
+NS_TABLE = bit("NSTable", 63)
+
+# Leaf attributes common to both stages.
+SH = Field("SH", 9, 8)
+AF = bit("AF", 10)
+CONTIG = bit("contiguous", 52)
+
+# Stage-1 leaf attributes.
+S1_ATTRINDX = Field("AttrIndx", 4, 2)
+S1_NS = bit("NS", 5)
+S1_AP = Field("AP", 7, 6)
+S1_NG = bit("nG", 11)
+S1_PXN = bit("PXN", 53)
+S1_XN = bit("XN", 54)  # UXN in two-range regimes; XN in the EL2 single-range regime
+
+# Stage-2 leaf attributes.
+S2_MEMATTR = Field("MemAttr", 5, 2)
+S2_AP = Field("S2AP", 7, 6)
+S2_XN = Field("XN", 54, 53)  # bit 54 alone without FEAT_XNX
+
+LEAF_ATTR_LO = genmask(11, 2)
+LEAF_ATTR_HI = genmask(63, 51)
+
+S1_FIELDS: tuple[Field, ...] = (S1_ATTRINDX, S1_NS, S1_AP, SH, AF, S1_NG, CONTIG, S1_PXN, S1_XN, SW)
+S2_FIELDS: tuple[Field, ...] = (S2_MEMATTR, S2_AP, SH, AF, CONTIG, S2_XN, SW)
+
+
+class Shareability(enum.IntEnum):
+    NON = 0
+    OUTER = 2
+    INNER = 3
+
+
+class S1AP(enum.IntEnum):
+    """Stage-1 AP[2:1] in the EL2 regime: AP[1] is RES1, AP[2] selects read-only."""
+
+    RW = 0b01
+    RO = 0b11
+
+
+class S2AP(enum.IntEnum):
+    NONE = 0b00
+    RO = 0b01
+    WO = 0b10
+    RW = 0b11
+
+
+class S2MemAttr(enum.IntEnum):
+    """Stage-2 MemAttr[3:0] without FEAT_S2FWB."""
+
+    DEVICE_nGnRnE = 0x0
+    DEVICE_nGnRE = 0x1
+    NORMAL_NC = 0x5
+    NORMAL_WB = 0xF
+
+
+S2_XN_EXEC = 0b00
+S2_XN_NEVER = 0b10
+
+
+def oa_mask(granule: Granule) -> int:
+    """Bits [47:g] of a descriptor that hold the output / next-level address."""
+    return genmask(47, granule.shift)
+
+
+def pte_to_phys(pte: int, granule: Granule) -> int:
+    pa = pte & oa_mask(granule)
+    if granule is Granule.K64:
+        pa |= OA_51_48.get(pte) << 48
+    return pa
+
+
+def phys_to_pte(pa: int, granule: Granule) -> int:
+    """Encode an output address; raises if it is unaligned or does not fit the granule's format."""
+    if pa & (granule.size - 1):
+        raise ValueError(f"pa: {pa:#x} is not aligned to the {granule.label} granule")
+    limit = 52 if granule is Granule.K64 else 48
+    if pa >> limit:
+        raise ValueError(
+            f"pa: {pa:#x} needs more than {limit} bits; the {granule.label} granule without "
+            f"FEAT_LPA2 encodes output addresses up to {limit} bits"
+        )
+    pte = pa & oa_mask(granule)
+    if granule is Granule.K64:
+        pte |= OA_51_48.prep(pa >> 48)
+    return pte
+
+
+class Kind(enum.Enum):
+    INVALID = "invalid"
+    TABLE = "table"
+    BLOCK = "block"
+    PAGE = "page"
+    RESERVED = "reserved"  # valid, but a type the level does not allow
+
+
+def kind(pte: int, level: int, block_levels: tuple[int, ...]) -> Kind:
+    if not VALID.get(pte):
+        return Kind.INVALID
+    if level == LAST_LEVEL:
+        return Kind.PAGE if TYPE.get(pte) == TYPE_PAGE else Kind.RESERVED
+    if TYPE.get(pte) == TYPE_TABLE:
+        return Kind.TABLE
+    return Kind.BLOCK if level in block_levels else Kind.RESERVED
+
+
+def is_valid(pte: int) -> bool:
+    return bool(VALID.get(pte))
+
+
+def is_table(pte: int, level: int) -> bool:
+    """The walker's notion (as kvm_pte_table): a valid entry with bit 1 set above level 3."""
+    return level != LAST_LEVEL and is_valid(pte) and TYPE.get(pte) == TYPE_TABLE
+
+
+def table_pte(table_pa: int, granule: Granule) -> int:
+    return phys_to_pte(table_pa, granule) | TYPE.prep(TYPE_TABLE) | VALID.prep(1)
+
+
+def leaf_pte(pa: int, attrs: int, level: int, granule: Granule) -> int:
+    """A block (levels 0..2) or page (level 3) descriptor with the given attribute bits."""
+    typ = TYPE_PAGE if level == LAST_LEVEL else TYPE_BLOCK
+    attrs &= LEAF_ATTR_LO | LEAF_ATTR_HI
+    return phys_to_pte(pa, granule) | attrs | TYPE.prep(typ) | VALID.prep(1)
+
+
+def leaf_attrs(pte: int) -> int:
+    return pte & (LEAF_ATTR_LO | LEAF_ATTR_HI)
+
+
+def fields_of(stage: Stage) -> tuple[Field, ...]:
+    return S1_FIELDS if stage is Stage.S1 else S2_FIELDS
+
+
+def encode_fields(stage: Stage, **values: int) -> int:
+    """Attribute bits from named fields, e.g. ``encode_fields(Stage.S1, AttrIndx=1, AF=1)``."""
+    by_name = {f.name: f for f in fields_of(stage)}
+    word = 0
+    for name, value in values.items():
+        if name not in by_name:
+            raise ValueError(
+                f"{name}: not a stage-{int(stage)} leaf field; expected one of {', '.join(by_name)}"
+            )
+        word |= by_name[name].prep(value)
+    return word
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A descriptor taken apart: its kind at a level, address, and named attribute fields."""
+
+    raw: int
+    level: int
+    kind: Kind
+    address: int
+    fields: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        parts = [f"{self.raw:#018x} L{self.level} {self.kind.value}"]
+        if self.kind in (Kind.TABLE, Kind.BLOCK, Kind.PAGE):
+            parts.append(f"-> {self.address:#x}")
+        parts.extend(f"{k}={v:#x}" for k, v in self.fields.items() if v)
+        return " ".join(parts)
+
+
+def decode(pte: int, level: int, granule: Granule, stage: Stage, block_levels: tuple[int, ...]) -> Decoded:
+    k = kind(pte, level, block_levels)
+    addr = pte_to_phys(pte, granule) if k is not Kind.INVALID else 0
+    fields: dict[str, int] = {}
+    if k in (Kind.BLOCK, Kind.PAGE):
+        fields = {f.name: f.get(pte) for f in fields_of(stage)}
+    elif k is Kind.TABLE and stage is Stage.S1:
+        fields = {f.name: f.get(pte) for f in (PXN_TABLE, XN_TABLE, AP_TABLE, NS_TABLE)}
+    return Decoded(pte, level, k, addr, fields)

@@ -1,0 +1,137 @@
+"""Physical memory for translation tables: a pool of pages at a real physical address.
+
+Tables are real bytes at real physical addresses, so the pool's image can be copied into guest
+RAM at ``base`` and walked by an MMU as it is.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+_U64 = struct.Struct("<Q")
+
+
+class PoolError(RuntimeError):
+    """Misuse of the page pool: exhaustion, bad address, double free."""
+
+
+@dataclass(frozen=True)
+class PoolImage:
+    """The pool's bytes and where they belong in physical memory."""
+
+    base: int
+    data: bytes
+
+
+class PagePool:
+    """Zeroed, reference-counted pages of ``page_size`` bytes in ``[base, base + size)``."""
+
+    def __init__(self, base: int, size: int, page_size: int) -> None:
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise PoolError(f"page_size: expected a power of two, got {page_size!r}")
+        if base % page_size:
+            raise PoolError(f"base: {base:#x} is not aligned to the page size {page_size:#x}")
+        if size <= 0 or size % page_size:
+            raise PoolError(f"size: expected a positive multiple of {page_size:#x}, got {size:#x}")
+        self.base = base
+        self.size = size
+        self.page_size = page_size
+        self.pages = size // page_size
+        self._mem = bytearray(size)
+        self._refcount = np.zeros(self.pages, dtype=np.int64)
+        self._next_free = 0  # allocation hint: lowest page that may be free
+
+    # -- allocation -------------------------------------------------------------------------
+    @property
+    def used_pages(self) -> int:
+        return int(np.count_nonzero(self._refcount))
+
+    def alloc_pages(self, count: int = 1, align_pages: int = 1) -> int:
+        """Allocate ``count`` contiguous zeroed pages whose physical address is aligned to
+        ``align_pages`` pages. Returns the physical address of the first."""
+        if count < 1 or align_pages < 1:
+            raise PoolError(f"count/align_pages: expected at least 1, got {count}/{align_pages}")
+        free = self._refcount == 0
+        start = -1
+        if count == 1 and align_pages == 1:
+            hits = np.flatnonzero(free[self._next_free :])
+            if hits.size:
+                start = self._next_free + int(hits[0])
+        else:
+            first = (-(self.base // self.page_size)) % align_pages
+            for cand in range(first, self.pages - count + 1, align_pages):
+                if free[cand : cand + count].all():
+                    start = cand
+                    break
+        if start < 0:
+            raise PoolError(
+                f"page pool exhausted: no {count} free page(s) aligned to "
+                f"{align_pages * self.page_size:#x} among {self.pages} pages at {self.base:#x} "
+                f"({self.used_pages} in use)"
+            )
+        self._refcount[start : start + count] = 1
+        off = start * self.page_size
+        self._mem[off : off + count * self.page_size] = bytes(count * self.page_size)
+        if count == 1 and align_pages == 1:
+            self._next_free = start + 1
+        return self.base + off
+
+    def alloc_page(self) -> int:
+        return self.alloc_pages(1)
+
+    def _page(self, pa: int) -> int:
+        if pa % self.page_size or not self.base <= pa < self.base + self.size:
+            raise PoolError(f"pa: {pa:#x} is not a page of the pool [{self.base:#x}, "
+                            f"{self.base + self.size:#x})")
+        return (pa - self.base) // self.page_size
+
+    def get_page(self, pa: int) -> None:
+        """Take one more reference to the page at ``pa``."""
+        idx = self._page(pa)
+        if self._refcount[idx] == 0:
+            raise PoolError(f"get_page: page {pa:#x} is free")
+        self._refcount[idx] += 1
+
+    def put_page(self, pa: int) -> None:
+        """Drop a reference; the page is freed when the count reaches zero."""
+        idx = self._page(pa)
+        if self._refcount[idx] == 0:
+            raise PoolError(f"put_page: page {pa:#x} is already free")
+        self._refcount[idx] -= 1
+        if self._refcount[idx] == 0:
+            self._next_free = min(self._next_free, idx)
+
+    def refcount(self, pa: int) -> int:
+        return int(self._refcount[self._page(pa)])
+
+    # -- access -----------------------------------------------------------------------------
+    def contains(self, pa: int, length: int = 8) -> bool:
+        return self.base <= pa and pa + length <= self.base + self.size
+
+    def _offset(self, pa: int) -> int:
+        if pa & 7 or not self.contains(pa):
+            raise PoolError(f"pa: {pa:#x} is not an aligned 64-bit word of the pool "
+                            f"[{self.base:#x}, {self.base + self.size:#x})")
+        return pa - self.base
+
+    def read64(self, pa: int) -> int:
+        return int(_U64.unpack_from(self._mem, self._offset(pa))[0])
+
+    def write64(self, pa: int, value: int) -> None:
+        _U64.pack_into(self._mem, self._offset(pa), value)
+
+    def words(self) -> npt.NDArray[np.uint64]:
+        """The whole pool as little-endian 64-bit words (a live view)."""
+        return np.frombuffer(self._mem, dtype="<u8")
+
+    def export(self) -> PoolImage:
+        return PoolImage(self.base, bytes(self._mem))
+
+    def used_extent(self) -> int:
+        """Bytes from ``base`` up to the end of the highest page in use (0 if none)."""
+        used = np.flatnonzero(self._refcount)
+        return 0 if not used.size else (int(used[-1]) + 1) * self.page_size
