@@ -40,6 +40,7 @@ VTTBR_VMID = Field("VMID", 63, 48)  # 16-bit VMID with VTCR.VS = 1; [55:48] othe
 # HCR_EL2.
 HCR_VM = bit("VM", 0)
 HCR_RW = bit("RW", 31)  # EL1 is AArch64
+HCR_DC = bit("DC", 12)  # EL1&0 stage 1 off behaves as Normal write-back (exposes stage-2 MemAttr)
 HCR_TGE = bit("TGE", 27)
 HCR_E2H = bit("E2H", 34)
 
@@ -229,7 +230,11 @@ class Stage1Regs:
 
 @dataclass(frozen=True)
 class Stage2Regs:
-    """What the firmware programs for a guest stage 2, then HCR_EL2 |= hcr_el2_set."""
+    """What the firmware programs for a guest stage 2, then HCR_EL2 |= hcr_el2_set.
+
+    HCR_EL2.DC makes the disabled EL1&0 stage 1 behave as Normal write-back memory, so the
+    combined attributes an ``AT S12E1*`` reports are stage 2's MemAttr, not stage 1's Device.
+    """
 
     vtcr_el2: int
     vttbr_el2: int
@@ -299,7 +304,7 @@ def stage2_regs(geom: Geometry, pgd_pa: int, vmid: int = 1) -> Stage2Regs:
     return Stage2Regs(
         vtcr_el2=vtcr_el2(geom),
         vttbr_el2=ttbr_baddr(pgd_pa, geom) | VTTBR_VMID.prep(vmid & 0xFF),
-        hcr_el2_set=HCR_VM.prep(1) | HCR_RW.prep(1),
+        hcr_el2_set=HCR_VM.prep(1) | HCR_RW.prep(1) | HCR_DC.prep(1),
     )
 
 
