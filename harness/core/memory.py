@@ -44,6 +44,36 @@ class PagePool:
         self._mem = bytearray(size)
         self._refcount = np.zeros(self.pages, dtype=np.int64)
         self._next_free = 0  # allocation hint: lowest page that may be free
+        # Undo journal while a transaction is open: (kind, index, old value).
+        self._journal: list[tuple[str, int, int]] | None = None
+
+    # -- transactions -----------------------------------------------------------------------
+    def begin(self) -> None:
+        """Start recording every word write and reference-count change, to undo on failure."""
+        if self._journal is not None:
+            raise PoolError("begin: a transaction is already open")
+        self._journal = []
+
+    def commit(self) -> None:
+        self._journal = None
+
+    def rollback(self) -> None:
+        """Undo everything since :meth:`begin`: words, reference counts, allocations."""
+        journal, self._journal = self._journal, None
+        if journal is None:
+            raise PoolError("rollback: no transaction is open")
+        for kind, index, old in reversed(journal):
+            if kind == "word":
+                _U64.pack_into(self._mem, index, old)
+            else:
+                self._refcount[index] = old
+                if old == 0:
+                    self._next_free = min(self._next_free, index)
+
+    def _set_refcount(self, index: int, value: int) -> None:
+        if self._journal is not None:
+            self._journal.append(("ref", index, int(self._refcount[index])))
+        self._refcount[index] = value
 
     # -- allocation -------------------------------------------------------------------------
     @property
@@ -73,7 +103,8 @@ class PagePool:
                 f"{align_pages * self.page_size:#x} among {self.pages} pages at {self.base:#x} "
                 f"({self.used_pages} in use)"
             )
-        self._refcount[start : start + count] = 1
+        for idx in range(start, start + count):
+            self._set_refcount(idx, 1)
         off = start * self.page_size
         self._mem[off : off + count * self.page_size] = bytes(count * self.page_size)
         if count == 1 and align_pages == 1:
@@ -94,14 +125,14 @@ class PagePool:
         idx = self._page(pa)
         if self._refcount[idx] == 0:
             raise PoolError(f"get_page: page {pa:#x} is free")
-        self._refcount[idx] += 1
+        self._set_refcount(idx, int(self._refcount[idx]) + 1)
 
     def put_page(self, pa: int) -> None:
         """Drop a reference; the page is freed when the count reaches zero."""
         idx = self._page(pa)
         if self._refcount[idx] == 0:
             raise PoolError(f"put_page: page {pa:#x} is already free")
-        self._refcount[idx] -= 1
+        self._set_refcount(idx, int(self._refcount[idx]) - 1)
         if self._refcount[idx] == 0:
             self._next_free = min(self._next_free, idx)
 
@@ -122,7 +153,10 @@ class PagePool:
         return int(_U64.unpack_from(self._mem, self._offset(pa))[0])
 
     def write64(self, pa: int, value: int) -> None:
-        _U64.pack_into(self._mem, self._offset(pa), value)
+        off = self._offset(pa)
+        if self._journal is not None:
+            self._journal.append(("word", off, int(_U64.unpack_from(self._mem, off)[0])))
+        _U64.pack_into(self._mem, off, value)
 
     def words(self) -> npt.NDArray[np.uint64]:
         """The whole pool as little-endian 64-bit words (a live view)."""
