@@ -87,13 +87,16 @@ S2_XN_EXEC = 0b00
 S2_XN_NEVER = 0b10
 
 
+_OA_MASK = {g: genmask(47, g.value) for g in Granule}
+
+
 def oa_mask(granule: Granule) -> int:
     """Bits [47:g] of a descriptor that hold the output / next-level address."""
-    return genmask(47, granule.shift)
+    return _OA_MASK[granule]
 
 
 def pte_to_phys(pte: int, granule: Granule) -> int:
-    pa = pte & oa_mask(granule)
+    pa = pte & _OA_MASK[granule]
     if granule is Granule.K64:
         pa |= OA_51_48.get(pte) << 48
     return pa
@@ -101,16 +104,17 @@ def pte_to_phys(pte: int, granule: Granule) -> int:
 
 def phys_to_pte(pa: int, granule: Granule) -> int:
     """Encode an output address; raises if it is unaligned or does not fit the granule's format."""
-    if pa & (granule.size - 1):
+    k64 = granule is Granule.K64
+    if pa & ((1 << granule.value) - 1):
         raise ValueError(f"pa: {pa:#x} is not aligned to the {granule.label} granule")
-    limit = 52 if granule is Granule.K64 else 48
+    limit = 52 if k64 else 48
     if pa >> limit:
         raise ValueError(
             f"pa: {pa:#x} needs more than {limit} bits; the {granule.label} granule without "
             f"FEAT_LPA2 encodes output addresses up to {limit} bits"
         )
-    pte = pa & oa_mask(granule)
-    if granule is Granule.K64:
+    pte = pa & _OA_MASK[granule]
+    if k64:
         pte |= OA_51_48.prep(pa >> 48)
     return pte
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import cached_property
 
 MAX_LEVELS = 4
 LAST_LEVEL = MAX_LEVELS - 1
@@ -279,15 +280,19 @@ class Geometry:
     def limit(self) -> int:
         return 1 << self.ia_bits
 
-    @property
+    @cached_property
     def block_levels(self) -> tuple[int, ...]:
         return block_levels(self.granule, self.feat_lpa)
 
+    @cached_property
+    def _shifts(self) -> tuple[int, ...]:
+        return tuple(level_shift(self.granule, lvl) for lvl in range(MAX_LEVELS))
+
     def shift(self, level: int) -> int:
-        return level_shift(self.granule, level)
+        return self._shifts[level]
 
     def size(self, level: int) -> int:
-        return level_size(self.granule, level)
+        return 1 << self._shifts[level]
 
     def index(self, level: int, addr: int) -> int:
         return table_index(self.granule, level, addr)

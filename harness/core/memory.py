@@ -42,7 +42,8 @@ class PagePool:
         self.page_size = page_size
         self.pages = size // page_size
         self._mem = bytearray(size)
-        self._refcount = np.zeros(self.pages, dtype=np.int64)
+        self._refcount: list[int] = [0] * self.pages
+        self._used = 0
         self._next_free = 0  # allocation hint: lowest page that may be free
         # Undo journal while a transaction is open: (kind, index, old value).
         self._journal: list[tuple[str, int, int]] | None = None
@@ -66,35 +67,39 @@ class PagePool:
             if kind == "word":
                 _U64.pack_into(self._mem, index, old)
             else:
+                self._used += (old != 0) - (self._refcount[index] != 0)
                 self._refcount[index] = old
                 if old == 0:
                     self._next_free = min(self._next_free, index)
 
     def _set_refcount(self, index: int, value: int) -> None:
+        old = self._refcount[index]
         if self._journal is not None:
-            self._journal.append(("ref", index, int(self._refcount[index])))
+            self._journal.append(("ref", index, old))
         self._refcount[index] = value
+        self._used += (value != 0) - (old != 0)
 
     # -- allocation -------------------------------------------------------------------------
     @property
     def used_pages(self) -> int:
-        return int(np.count_nonzero(self._refcount))
+        return self._used
 
     def alloc_pages(self, count: int = 1, align_pages: int = 1) -> int:
         """Allocate ``count`` contiguous zeroed pages whose physical address is aligned to
         ``align_pages`` pages. Returns the physical address of the first."""
         if count < 1 or align_pages < 1:
             raise PoolError(f"count/align_pages: expected at least 1, got {count}/{align_pages}")
-        free = self._refcount == 0
+        refs = self._refcount
         start = -1
         if count == 1 and align_pages == 1:
-            hits = np.flatnonzero(free[self._next_free :])
-            if hits.size:
-                start = self._next_free + int(hits[0])
+            for cand in range(self._next_free, self.pages):
+                if not refs[cand]:
+                    start = cand
+                    break
         else:
             first = (-(self.base // self.page_size)) % align_pages
             for cand in range(first, self.pages - count + 1, align_pages):
-                if free[cand : cand + count].all():
+                if not any(refs[cand : cand + count]):
                     start = cand
                     break
         if start < 0:
@@ -125,19 +130,19 @@ class PagePool:
         idx = self._page(pa)
         if self._refcount[idx] == 0:
             raise PoolError(f"get_page: page {pa:#x} is free")
-        self._set_refcount(idx, int(self._refcount[idx]) + 1)
+        self._set_refcount(idx, self._refcount[idx] + 1)
 
     def put_page(self, pa: int) -> None:
         """Drop a reference; the page is freed when the count reaches zero."""
         idx = self._page(pa)
         if self._refcount[idx] == 0:
             raise PoolError(f"put_page: page {pa:#x} is already free")
-        self._set_refcount(idx, int(self._refcount[idx]) - 1)
+        self._set_refcount(idx, self._refcount[idx] - 1)
         if self._refcount[idx] == 0:
             self._next_free = min(self._next_free, idx)
 
     def refcount(self, pa: int) -> int:
-        return int(self._refcount[self._page(pa)])
+        return self._refcount[self._page(pa)]
 
     # -- access -----------------------------------------------------------------------------
     def contains(self, pa: int, length: int = 8) -> bool:
@@ -150,7 +155,10 @@ class PagePool:
         return pa - self.base
 
     def read64(self, pa: int) -> int:
-        return int(_U64.unpack_from(self._mem, self._offset(pa))[0])
+        off = pa - self.base
+        if pa & 7 or off < 0 or off + 8 > self.size:
+            self._offset(pa)  # raises with the full message
+        return int(_U64.unpack_from(self._mem, off)[0])
 
     def write64(self, pa: int, value: int) -> None:
         off = self._offset(pa)
@@ -167,5 +175,7 @@ class PagePool:
 
     def used_extent(self) -> int:
         """Bytes from ``base`` up to the end of the highest page in use (0 if none)."""
-        used = np.flatnonzero(self._refcount)
-        return 0 if not used.size else (int(used[-1]) + 1) * self.page_size
+        for idx in range(self.pages - 1, -1, -1):
+            if self._refcount[idx]:
+                return (idx + 1) * self.page_size
+        return 0

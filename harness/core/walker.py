@@ -33,9 +33,7 @@ from harness.arch.geometry import (
     MAX_LEVELS,
     Granule,
     level_shift,
-    level_size,
     ptrs_per_table,
-    table_index,
 )
 
 
@@ -105,7 +103,7 @@ def align_up(x: int, a: int) -> int:
 
 
 class _WalkData:
-    __slots__ = ("addr", "end", "granule", "mem", "ptrs", "rules", "walker")
+    __slots__ = ("addr", "end", "granule", "idx_mask", "mem", "ptrs", "rules", "shifts", "walker")
 
     def __init__(self, pgt: WalkablePgtable, addr: int, end: int, walker: Walker,
                  rules: WalkRules) -> None:
@@ -116,6 +114,8 @@ class _WalkData:
         self.granule = pgt.granule
         self.mem = pgt.mem
         self.ptrs = ptrs_per_table(pgt.granule)
+        self.idx_mask = self.ptrs - 1
+        self.shifts = tuple(level_shift(pgt.granule, lvl) for lvl in range(MAX_LEVELS))
 
 
 def _visit(data: _WalkData, ptep: int, level: int) -> None:
@@ -136,7 +136,7 @@ def _visit(data: _WalkData, ptep: int, level: int) -> None:
         table = is_table(pte, level)
 
     if not table:
-        size = level_size(data.granule, level)
+        size = 1 << data.shifts[level]
         if data.rules.align_after_leaf:
             data.addr = align_down(data.addr, size) + size
         else:
@@ -152,7 +152,7 @@ def _visit(data: _WalkData, ptep: int, level: int) -> None:
 def _walk_table(data: _WalkData, table_pa: int, level: int) -> None:
     if level >= MAX_LEVELS:
         raise WalkError(f"level {level}: the walk went past the last level ({MAX_LEVELS - 1})")
-    idx = table_index(data.granule, level, data.addr)
+    idx = (data.addr >> data.shifts[level]) & data.idx_mask
     while idx < data.ptrs and data.addr < data.end:
         _visit(data, table_pa + idx * ENTRY_BYTES, level)
         idx += 1
