@@ -50,7 +50,7 @@ class Leaf:
 class KvmPgtable:
     """Common state (``struct kvm_pgtable``): geometry, memory, PGD."""
 
-    def __init__(self, geom: Geometry, mem: PagePool) -> None:
+    def __init__(self, geom: Geometry, mem: PagePool, rules: WalkRules = UPSTREAM_RULES) -> None:
         if mem.page_size != geom.granule.size:
             raise PgtableError(
                 f"mem: the pool's page size {mem.page_size:#x} differs from the "
@@ -58,6 +58,7 @@ class KvmPgtable:
             )
         self.geom = geom
         self.mem = mem
+        self.rules = rules  # which upstream walker fixes every operation's walk applies
         n = geom.pgd_pages
         self.pgd: int | None = mem.alloc_pages(n, align_pages=n)
 
@@ -78,8 +79,8 @@ class KvmPgtable:
     def stage(self) -> Stage:
         return self.geom.stage
 
-    def walk(self, addr: int, size: int, walker: Walker, rules: WalkRules = UPSTREAM_RULES) -> None:
-        walk(self, addr, size, walker, rules)
+    def walk(self, addr: int, size: int, walker: Walker, rules: WalkRules | None = None) -> None:
+        walk(self, addr, size, walker, self.rules if rules is None else rules)
 
     # -- entry helpers ------------------------------------------------------------------------
     def _page_of(self, ptep: int) -> int:
@@ -303,8 +304,8 @@ class HypPgtable(KvmPgtable):
     """The EL2 (hyp) stage-1 table: one VA range through TTBR0_EL2."""
 
     def __init__(self, mem: PagePool, granule: Granule | int | str, ia_bits: int,
-                 pa_bits: int | None = None) -> None:
-        super().__init__(Geometry.create(Stage.S1, granule, ia_bits, pa_bits), mem)
+                 pa_bits: int | None = None, rules: WalkRules = UPSTREAM_RULES) -> None:
+        super().__init__(Geometry.create(Stage.S1, granule, ia_bits, pa_bits), mem, rules)
 
     def leaf_attrs(self, prot: Prot) -> int:
         """Hyp attributes: MAIR index (normal / device nGnRE), inner-shareable, AF set,
@@ -330,8 +331,9 @@ class Stage2Pgtable(KvmPgtable):
     """A guest stage-2 table: IPA to PA, with a possibly concatenated PGD."""
 
     def __init__(self, mem: PagePool, granule: Granule | int | str, ia_bits: int,
-                 pa_bits: int | None = None, start_level: int | None = None, vmid: int = 1) -> None:
-        super().__init__(Geometry.create(Stage.S2, granule, ia_bits, pa_bits, start_level), mem)
+                 pa_bits: int | None = None, start_level: int | None = None, vmid: int = 1,
+                 rules: WalkRules = UPSTREAM_RULES) -> None:
+        super().__init__(Geometry.create(Stage.S2, granule, ia_bits, pa_bits, start_level), mem, rules)
         if not 0 <= vmid <= 0xFF:
             raise PgtableError(f"vmid: expected an 8-bit VMID 0..255, got {vmid!r}")
         self.vmid = vmid
