@@ -8,7 +8,13 @@ from harness.arch import descriptors as d
 from harness.arch.geometry import Granule, Stage, level_size
 from harness.arch.registers import MairIndex
 from harness.core.memory import PagePool
-from harness.core.pgtable import HypPgtable, KvmPgtable, MapConflictError, PgtableError, Stage2Pgtable
+from harness.core.pgtable import (
+    HypPgtable,
+    KvmPgtable,
+    MapConflictError,
+    PgtableError,
+    Stage2Pgtable,
+)
 from harness.core.prot import Prot
 
 POOL_BASE = 0x4800_0000

@@ -130,7 +130,7 @@ def test_leaf_callback_installing_a_table_is_descended() -> None:
 
 
 def test_table_pre_removing_a_table_is_not_followed() -> None:
-    tbl, p = hand_table()
+    tbl, _p = hand_table()
     seen: list[tuple[int, int, str]] = []
 
     def cb(a: int, end: int, level: int, ptep: int, flag: WalkFlags) -> None:
@@ -145,7 +145,7 @@ def test_table_pre_removing_a_table_is_not_followed() -> None:
 
 def test_seed_rules_follow_a_removed_table() -> None:
     """Without a9f0e3d5a089 the walk descends into the (now stale) table pointer it read first."""
-    tbl, p = hand_table()
+    tbl, _p = hand_table()
     seen: list[tuple[int, int, str]] = []
 
     def cb(a: int, end: int, level: int, ptep: int, flag: WalkFlags) -> None:
