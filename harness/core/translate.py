@@ -101,7 +101,7 @@ PAR_COMPARE_MASK_OK = PAR_F.mask | PAR_PA.mask | PAR_ATTR.mask | PAR_SH.mask | P
 PAR_COMPARE_MASK_FAULT = PAR_F.mask | PAR_FST.mask | PAR_S.mask | PAR_PTW.mask
 
 # The 64K granule's OA[51:48] field starts at PA bit 48.
-_OA_HI_SHIFT = 48
+OA_HI_SHIFT = 48
 # TTBR / table bases: at least 64-byte aligned (TTBR BADDR low bits are RES0).
 _MIN_TABLE_ALIGN = 64
 
@@ -385,7 +385,7 @@ def translate(
                          f"for the {granule.label} granule")
         oa = raw & addr_mask
         if with_hi:
-            oa |= OA_51_48.get(raw) << _OA_HI_SHIFT
+            oa |= OA_51_48.get(raw) << OA_HI_SHIFT
         if oa >> geom.pa_bits:
             return fault(FaultKind.ADDRESS_SIZE, level,
                          f"address {oa:#x} beyond the {geom.pa_bits}-bit PA size")
