@@ -1,0 +1,176 @@
+"""The vectorised walk agrees exactly with the scalar walk, garbage tables included."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.arch.geometry import Geometry, Stage
+from harness.arch.registers import FaultKind
+from harness.core.batch import (
+    NO_FAULT,
+    UNMODELLED,
+    BatchResult,
+    expected_par_batch,
+    fault_code,
+    par_compare_mask_batch,
+    translate_batch,
+)
+from harness.core.memory import PagePool
+from harness.core.translate import (
+    DEFAULT_MAIR,
+    Access,
+    Translation,
+    expected_par,
+    par_compare_mask,
+    translate,
+)
+
+BASE = 0x4000_0000
+
+GEOMS = [
+    Geometry.create(1, "4K", 48, 48),
+    Geometry.create(1, "4K", 39, 40),
+    Geometry.create(1, "16K", 48, 44),
+    Geometry.create(1, "16K", 36, 48),
+    Geometry.create(1, "64K", 48, 48),
+    Geometry.create(1, "64K", 52, 52),
+    Geometry.create(2, "4K", 40, 48),
+    Geometry.create(2, "4K", 36, 40),
+    Geometry.create(2, "4K", 48, 48, start_level=0),
+    Geometry.create(2, "16K", 40, 48),
+    Geometry.create(2, "64K", 42, 48),
+    Geometry.create(2, "64K", 52, 52),
+]
+
+
+def scalar_row(t: Translation) -> tuple[int, ...]:
+    """The scalar outcome in the batch's representation."""
+    code = fault_code(t)
+    if code != NO_FAULT:
+        assert t.fault_level is not None
+        return (code, t.fault_level, int(t.fault_stage2), 0, -1, 0, 0, 0, 0, 0, 0, 0)
+    assert t.pa is not None and t.level is not None and t.descriptor is not None
+    assert t.attr is not None and t.sh is not None and t.par_sh is not None
+    return (NO_FAULT, -1, 0, t.pa, t.level, t.descriptor, t.attr, t.sh, t.par_sh, t.perms,
+            int(t.attr_unpredictable), int(t.sh_unpredictable))
+
+
+def batch_row(r: BatchResult, i: int) -> tuple[int, ...]:
+    return (int(r.fault[i]), int(r.fault_level[i]), int(r.fault_stage2[i]), int(r.pa[i]),
+            int(r.level[i]), int(r.descriptor[i]), int(r.attr[i]), int(r.sh[i]),
+            int(r.par_sh[i]), int(r.perms[i]), int(r.attr_unpredictable[i]),
+            int(r.sh_unpredictable[i]))
+
+
+def random_tables(rng: np.random.Generator, geom: Geometry, pages: int) -> PagePool:
+    """A pool whose every entry is random: tables into the pool (mostly), leaves, invalid
+    entries, pointers outside the pool or beyond the PA size, and pure garbage."""
+    gsize = geom.granule.size
+    pool = PagePool(BASE, pages * gsize, gsize)
+    words = pool.words()
+    n = words.size
+    u = np.uint64
+    pick = rng.integers(0, 100, n)
+    rand = rng.integers(0, 2**63, n, dtype=np.uint64) * u(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    ignored = rand & u(0xFFF8_0000_0000_0FFC)  # attribute and ignored bits, [50:48], [11:2]
+    hi = (rng.integers(0, 16, n, dtype=np.uint64) << u(12)) * (rng.integers(0, 4, n) == 0)
+    page = u(BASE) + rng.integers(0, pages, n, dtype=np.uint64) * u(gsize)
+    oa = (rng.integers(0, 1 << geom.pa_bits, n, dtype=np.uint64) & ~u(gsize - 1)) & u((1 << 48) - 1)
+    big = oa | (u(1) << rng.integers(geom.pa_bits, 48, n, dtype=np.uint64)) if geom.pa_bits < 48 \
+        else oa | hi
+    out = np.select(
+        [pick < 12, pick < 50, pick < 55, pick < 60, pick < 88],
+        [rand & ~u(1),  # invalid
+         page | u(3) | (ignored & u(0xF800_0000_0000_0000)),  # table into the pool
+         oa | u(3),  # table somewhere else
+         big | u(3) | (rand & u(2)),  # beyond the PA size
+         oa | hi | ignored | u(1) | (rand & u(2)) | u(1 << 10) * (pick % 8 != 0)],  # leaf
+        rand,  # garbage
+    )
+    words[:] = out
+    return pool
+
+
+def compare(pool: PagePool, geom: Geometry, root: int, addrs: npt.NDArray[np.uint64],
+            access: Access, mair: int, qemu_lpa_oa: bool) -> BatchResult:
+    r = translate_batch(pool.words(), pool.base, geom, root, addrs, access, mair,
+                        qemu_lpa_oa=qemu_lpa_oa)
+    pars = expected_par_batch(r)
+    masks = par_compare_mask_batch(r)
+    for i, a in enumerate(addrs.tolist()):
+        t = translate(pool, geom, root, a, access, mair, qemu_lpa_oa=qemu_lpa_oa)
+        assert batch_row(r, i) == scalar_row(t), t.explain()
+        assert int(masks[i]) == par_compare_mask(t)
+        if not t.unmodelled and access is not Access.EXEC:
+            assert int(pars[i]) == expected_par(t), t.explain()
+    return r
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    geom_index=st.integers(0, len(GEOMS) - 1),
+    seed=st.integers(0, 2**32 - 1),
+    pages=st.integers(1, 6),
+    access=st.sampled_from(list(Access)),
+    qemu_lpa_oa=st.booleans(),
+    random_mair=st.booleans(),
+    bad_root=st.integers(0, 9),
+)
+def test_batch_equals_scalar_on_random_tables(geom_index: int, seed: int, pages: int,
+                                              access: Access, qemu_lpa_oa: bool,
+                                              random_mair: bool, bad_root: int) -> None:
+    geom = GEOMS[geom_index]
+    rng = np.random.default_rng(seed)
+    pool = random_tables(rng, geom, max(pages, geom.pgd_pages))
+    mair = int(rng.integers(0, 2**63, dtype=np.uint64)) * 2 + 1 if random_mair else DEFAULT_MAIR
+    root = BASE if bad_root else 1 << geom.pa_bits
+    n = 300
+    u = np.uint64
+    within = rng.integers(0, 2**63, n, dtype=np.uint64) & u(geom.limit - 1)
+    anywhere = rng.integers(0, 2**63, n, dtype=np.uint64) * u(2)
+    near = u(geom.limit) + rng.integers(0, 1 << 20, n, dtype=np.uint64)
+    above_pamax = (u(1) << u(52)) | within
+    choice = rng.integers(0, 10, n)
+    addrs = np.select([choice < 7, choice < 8, choice < 9], [within, anywhere, near], above_pamax)
+    compare(pool, geom, root, addrs.astype(np.uint64), access, mair, qemu_lpa_oa)
+
+
+def test_batch_on_hand_tables() -> None:
+    """Concrete values: a 4K stage-2 table with a page, a block, an AF=0 page, an invalid entry."""
+    geom = Geometry.create(2, "4K", 40, 48)
+    pool = PagePool(BASE, 8 * 0x1000, 0x1000)
+    pgd, l2, l3 = BASE, BASE + 0x2000, BASE + 0x3000  # PGD is two concatenated pages
+    pool.write64(pgd + 8 * 0x201, l2 | 3)  # IPA 0x80_4000_0000 (second PGD page)
+    pool.write64(l2 + 8 * 1, l3 | 3)  # IPA 0x80_4020_0000
+    pool.write64(l2 + 8 * 2, 0x8000_0000 | 0x4C1 | 0xF << 2)  # 2M block, RW, AF, WB, SH 0
+    pool.write64(l3 + 8 * 3, 0x4123_4000 | 0x7C3 | 0xF << 2)  # page, RW, AF, WB, SH inner
+    pool.write64(l3 + 8 * 4, 0x4123_5000 | 0x3C3 | 0xF << 2)  # page, AF = 0
+    pool.write64(l2 + 8 * 3, 0x9000_0000 | 3)  # table outside the pool
+    addrs = np.array([0x80_4020_3000, 0x80_4045_6789, 0x80_4020_4000, 0x80_4020_5000,
+                      0x1000, 1 << 40, 1 << 52, 0x80_4060_0000], dtype=np.uint64)
+    r = compare(pool, geom, pgd, addrs, Access.WRITE, DEFAULT_MAIR, False)
+    assert r.fault.tolist() == [NO_FAULT, NO_FAULT, FaultKind.ACCESS_FLAG.value,
+                                FaultKind.TRANSLATION.value, FaultKind.TRANSLATION.value,
+                                FaultKind.TRANSLATION.value, FaultKind.ADDRESS_SIZE.value,
+                                UNMODELLED]
+    assert r.fault_level.tolist() == [-1, -1, 3, 3, 1, 0, 0, 3]
+    assert r.fault_stage2.tolist() == [False, False, True, True, True, True, False, True]
+    assert r.pa[:2].tolist() == [0x4123_4000, 0x8005_6789]
+    assert r.level[:2].tolist() == [3, 2]
+    assert expected_par_batch(r).tolist() == [
+        0xFF00_0000_4123_4B80, 0xFF00_0000_8005_6A00, 0xA17, 0xA0F, 0xA0B, 0xA09, 0x801, 0]
+    assert r.ok.tolist() == [True, True] + [False] * 6
+    assert r.unmodelled.tolist() == [False] * 7 + [True]
+    with pytest.raises(ValueError, match="stage"):
+        expected_par_batch(r, Stage.S1)
+
+
+def test_batch_empty() -> None:
+    geom = Geometry.create(1, "4K", 48)
+    pool = PagePool(BASE, 0x1000, 0x1000)
+    r = translate_batch(pool.words(), BASE, geom, BASE, np.zeros(0, dtype=np.uint64))
+    assert len(r) == 0 and expected_par_batch(r).size == 0
