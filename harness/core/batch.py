@@ -73,6 +73,8 @@ NO_FAULT = -1
 UNMODELLED = 16  # fault code of a descriptor read outside the modelled memory (not an FST class)
 
 _U = np.uint64
+_T_XN = 1
+_T_RO = 2
 
 
 def fault_code(t: Translation) -> int:
@@ -172,40 +174,50 @@ def translate_batch(
     addr_mask = _U(oa_mask(geom.granule))
     with_hi = oa_hi_included(geom, qemu_lpa_oa)
     base = _U(base_pa)
-    end = _U(base_pa + words.size * ENTRY_BYTES)
+    pool_bytes = _U(words.size * ENTRY_BYTES)
+    type_valid = _U(TYPE.mask | VALID.mask)
     idx_mask = _U(ptrs_per_table(geom.granule) - 1)
     limit_mask = _U(geom.limit - 1)
 
     lanes = np.flatnonzero(active)
     a = addr[lanes]
     table = np.full(lanes.size, root_table_base(geom, root_pa), dtype=np.uint64)
-    xn_t = np.zeros(lanes.size, dtype=np.bool_)
-    ro_t = np.zeros(lanes.size, dtype=np.bool_)
+    # Stage-1 hierarchical attributes gathered so far: _T_XN | _T_RO (unused at stage 2).
+    tattr = np.zeros(0 if is_s2 else lanes.size, dtype=np.uint8)
 
     leaf_lanes: list[npt.NDArray[np.intp]] = []
     leaf_desc: list[U64] = []
     leaf_oa: list[U64] = []
     leaf_level: list[I8] = []
-    leaf_xn_t: list[Bools] = []
-    leaf_ro_t: list[Bools] = []
+    leaf_tattr: list[U8] = []
 
     for level in range(geom.start_level, MAX_LEVELS):
         if lanes.size == 0:
             break
         shift = _U(geom.shift(level))
-        first = level == geom.start_level
-        index = (a & limit_mask) >> shift if first else (a >> shift) & idx_mask
-        desc_pa = table + index * _U(ENTRY_BYTES)
-        inside = (desc_pa >= base) & (desc_pa < end)
+        # Byte offset of the descriptor in the pool (in place: few temporaries). Below the pool
+        # it wraps to a huge value, so one unsigned compare checks both ends.
+        if level == geom.start_level:
+            off = a & limit_mask
+            off >>= shift
+        else:
+            off = a >> shift
+            off &= idx_mask
+        off <<= _U(3)
+        off += table
+        off -= base
+        inside = off < pool_bytes
         if not inside.all():
             set_fault(lanes[~inside], UNMODELLED, level, is_s2)
-            lanes, a, desc_pa = lanes[inside], a[inside], desc_pa[inside]
-            xn_t, ro_t = xn_t[inside], ro_t[inside]
-        desc = words[((desc_pa - base) >> _U(3)).astype(np.intp)]
+            lanes, a, off = lanes[inside], a[inside], off[inside]
+            if not is_s2:
+                tattr = tattr[inside]
+        off >>= _U(3)
+        desc = words[off.view(np.int64)]
 
-        valid = (desc & _U(VALID.mask)) != 0
-        typ = (desc & _U(TYPE.mask)) != 0
-        good = valid if level in geom.block_levels else valid & typ
+        low = desc & type_valid
+        typ = low >= _U(TYPE.mask)
+        good = (low & _U(VALID.mask)) != 0 if level in geom.block_levels else low == type_valid
         if not good.all():
             set_fault(lanes[~good], FaultKind.TRANSLATION.value, level, is_s2)
         oa = desc & addr_mask
@@ -222,13 +234,17 @@ def translate_batch(
             leaf_desc.append(desc[is_leaf])
             leaf_oa.append(oa[is_leaf])
             leaf_level.append(np.full(int(is_leaf.sum()), level, dtype=np.int8))
-            leaf_xn_t.append(xn_t[is_leaf])
-            leaf_ro_t.append(ro_t[is_leaf])
+            if not is_s2:
+                leaf_tattr.append(tattr[is_leaf])
         if not is_s2:
-            xn_t = xn_t | ((desc & _U(XN_TABLE.mask)) != 0)
-            ro_t = ro_t | ((desc & _U(1 << (AP_TABLE.lo + 1))) != 0)
-        lanes, a, table = lanes[is_table], a[is_table], oa[is_table]
-        xn_t, ro_t = xn_t[is_table], ro_t[is_table]
+            tattr = tattr | (_field(desc, XN_TABLE.lo, 1).astype(np.uint8) * np.uint8(_T_XN)
+                             | _field(desc, AP_TABLE.lo + 1, 1).astype(np.uint8) * np.uint8(_T_RO))
+        if is_table.all():
+            table = oa
+        else:
+            lanes, a, table = lanes[is_table], a[is_table], oa[is_table]
+            if not is_s2:
+                tattr = tattr[is_table]
 
     pa = np.zeros(n, dtype=np.uint64)
     out_level = np.full(n, -1, dtype=np.int8)
@@ -245,8 +261,6 @@ def translate_batch(
         d = np.concatenate(leaf_desc)
         loa = np.concatenate(leaf_oa)
         lv = np.concatenate(leaf_level)
-        lxt = np.concatenate(leaf_xn_t)
-        lrt = np.concatenate(leaf_ro_t)
 
         if is_s2:
             s2ap = _field(d, S2_AP.lo, S2_AP.width)
@@ -255,8 +269,9 @@ def translate_batch(
                      | np.where((s2ap & _U(S2AP.WO)) != 0, PERM_W, 0)
                      | np.where((xn2 == 0) | (xn2 == 3), PERM_X, 0)).astype(np.uint8)
         else:
-            ro = ((d & _U(1 << (S1_AP.lo + 1))) != 0) | lrt
-            xn = ((d & _U(S1_XN.mask)) != 0) | lxt
+            ltattr = np.concatenate(leaf_tattr)
+            ro = ((d & _U(1 << (S1_AP.lo + 1))) != 0) | ((ltattr & np.uint8(_T_RO)) != 0)
+            xn = ((d & _U(S1_XN.mask)) != 0) | ((ltattr & np.uint8(_T_XN)) != 0)
             lperm = (PERM_R | np.where(ro, 0, PERM_W) | np.where(xn, 0, PERM_X)).astype(np.uint8)
 
         no_af = (d & _U(AF.mask)) == 0

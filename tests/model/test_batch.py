@@ -174,3 +174,13 @@ def test_batch_empty() -> None:
     pool = PagePool(BASE, 0x1000, 0x1000)
     r = translate_batch(pool.words(), BASE, geom, BASE, np.zeros(0, dtype=np.uint64))
     assert len(r) == 0 and expected_par_batch(r).size == 0
+
+
+def test_benchmark_table_translates() -> None:
+    """The benchmark's hand-written table maps what it claims (a small run)."""
+    from harness.bench.model_translate import run
+
+    figures = run(count=2000, repeats=1)
+    assert figures["addresses"] == 2000
+    assert 0.85 * 2000 < figures["translated"] < 2000
+    assert figures["table_pages"] == 2 + 2 + 128
