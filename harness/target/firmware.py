@@ -1,0 +1,173 @@
+"""Build the firmware on demand into a cache keyed by the hash of everything that goes in.
+
+    python -m harness.target.firmware [--force] [--cc CC]
+
+The compiler is ``$CC`` if set, else ``${CROSS_COMPILE}gcc`` (``CROSS_COMPILE`` defaults to
+``aarch64-linux-gnu-``), else clang with ld.lld. The C header and the linker script are generated
+from :mod:`harness.target.mailbox` and :mod:`harness.target.layout`; they, the sources, the compiler
+command and the flags are hashed. The result lands in
+``$XDG_CACHE_HOME/pgtable-harness/firmware/<hash>/payload.elf`` (``~/.cache`` by default), built
+in a private temp dir and renamed into place, so parallel builders never see a half-written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.target import mailbox
+from harness.target.errors import ToolMissing
+from harness.target.layout import LAYOUT, Layout
+
+FIRMWARE_DIR = Path(os.environ.get("HARNESS_FIRMWARE_DIR", Path(__file__).resolve().parents[2] / "firmware"))
+SOURCES = ("start.S", "main.c")
+CFLAGS = (
+    "-ffreestanding", "-nostdlib", "-nostartfiles", "-static", "-fno-pic", "-fno-pie", "-no-pie",
+    "-mgeneral-regs-only", "-mstrict-align", "-fno-stack-protector", "-fno-builtin",
+    "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-O2", "-g", "-Wall", "-Wextra", "-Werror",
+    "-march=armv8-a",
+)
+
+
+class FirmwareBuildError(RuntimeError):
+    """The compiler or linker failed; the message carries the command and its output."""
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    name: str  # "gcc" or "clang"
+    cc: list[str]
+    link_flags: list[str]
+
+    def describe(self) -> str:
+        return " ".join(self.cc)
+
+
+def _gcc_toolchain(cc: str) -> Toolchain:
+    return Toolchain("gcc", shlex.split(cc), [])
+
+
+def _clang_toolchain(cc: str = "clang") -> Toolchain:
+    return Toolchain("clang", [*shlex.split(cc), "--target=aarch64-none-elf"], ["-fuse-ld=lld"])
+
+
+def available_toolchains() -> list[Toolchain]:
+    """Every toolchain found on PATH (gcc cross compiler first)."""
+    found: list[Toolchain] = []
+    prefix = os.environ.get("CROSS_COMPILE", "aarch64-linux-gnu-")
+    if shutil.which(prefix + "gcc"):
+        found.append(_gcc_toolchain(prefix + "gcc"))
+    if shutil.which("clang") and shutil.which("ld.lld"):
+        found.append(_clang_toolchain())
+    return found
+
+
+def choose_toolchain(cc: str | None = None) -> Toolchain:
+    cc = cc or os.environ.get("CC")
+    if cc:
+        if not shutil.which(shlex.split(cc)[0]):
+            raise ToolMissing(f"compiler {cc!r} (from CC or --cc) is not on PATH")
+        return _clang_toolchain(cc) if "clang" in Path(shlex.split(cc)[0]).name else _gcc_toolchain(cc)
+    found = available_toolchains()
+    if not found:
+        raise ToolMissing(
+            "no AArch64 compiler: install gcc-aarch64-linux-gnu (bash ci/setup.sh), or clang and lld, "
+            "or set CC / CROSS_COMPILE"
+        )
+    return found[0]
+
+
+def generated_files(layout: Layout = LAYOUT) -> dict[str, str]:
+    consts = "\n".join(f"#define {k} {v:#x}" for k, v in layout.constants().items())
+    header = (
+        "/* GENERATED from harness/target/layout.py: do not edit. */\n"
+        f"#ifndef HARNESS_LAYOUT_H\n#define HARNESS_LAYOUT_H\n{consts}\n#endif\n"
+    )
+    return {"gen/layout.h": header, "gen/mailbox.h": mailbox.c_header(), "gen/link.ld": layout.linker_script()}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pgtable-harness" / "firmware"
+
+
+def source_hash(toolchain: Toolchain, layout: Layout = LAYOUT) -> str:
+    h = hashlib.sha256()
+    h.update(toolchain.describe().encode())
+    h.update(" ".join((*CFLAGS, *toolchain.link_flags)).encode())
+    for name in SOURCES:
+        h.update(name.encode())
+        h.update((FIRMWARE_DIR / name).read_bytes())
+    for name, text in sorted(generated_files(layout).items()):
+        h.update(name.encode())
+        h.update(text.encode())
+    return h.hexdigest()[:32]
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise FirmwareBuildError(
+            f"firmware build failed (exit {proc.returncode}):\n$ {shlex.join(cmd)}\n{proc.stdout}{proc.stderr}"
+        )
+
+
+def build(force: bool = False, cc: str | None = None, layout: Layout = LAYOUT) -> Path:
+    """Path of ``payload.elf`` for the current sources, building it if needed."""
+    toolchain = choose_toolchain(cc)
+    digest = source_hash(toolchain, layout)
+    final = cache_root() / f"{toolchain.name}-{digest}"
+    elf = final / "payload.elf"
+    if elf.exists() and not force:
+        return elf
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        for name in SOURCES:
+            shutil.copy(FIRMWARE_DIR / name, work / name)
+        (work / "gen").mkdir()
+        for name, text in generated_files(layout).items():
+            (work / name).write_text(text)
+        objs = []
+        for name in SOURCES:
+            obj = name.rsplit(".", 1)[0] + ".o"
+            _run([*toolchain.cc, *CFLAGS, "-I", ".", "-c", name, "-o", obj], work)
+            objs.append(obj)
+        _run([*toolchain.cc, *CFLAGS, *toolchain.link_flags, "-T", "gen/link.ld", "-Wl,--build-id=none",
+              "-o", "payload.elf", *objs], work)
+        (work / "BUILD").write_text(f"{toolchain.describe()}\n{' '.join(CFLAGS)}\n")
+        if force and final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(work, final)  # atomic; fails if another builder got there first
+        except OSError:
+            if not elf.exists():
+                raise
+        return elf
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the pgtable-harness firmware (cached).")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--cc", help="compiler command (default: $CC, ${CROSS_COMPILE}gcc, clang)")
+    args = parser.parse_args(argv)
+    try:
+        print(build(force=args.force, cc=args.cc))
+    except (FirmwareBuildError, ToolMissing) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""A small, fast gdb/MI driver: token-matched commands over pipes, parsed by pygdbmi.
+
+``pygdbmi.GdbController.write`` waits for more output after each command (~200 ms); here each
+command is sent as ``TOKEN-command`` and lines are read until the result record carrying that
+token (~0.1-1 ms per round trip). Asynchronous records (``*stopped`` ...) are queued for
+:meth:`GdbMI.wait_stopped`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import select
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pygdbmi.gdbmiparser import parse_response
+
+from harness.target.errors import GdbLost, TargetTimeout
+
+Record = dict[str, Any]
+
+
+class GdbError(RuntimeError):
+    """gdb answered ``^error`` to a command."""
+
+
+def mi_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class GdbMI:
+    """One gdb process in MI3 mode."""
+
+    def __init__(self, binary: str = "gdb-multiarch", log_path: Path | None = None) -> None:
+        self.binary = binary
+        self.proc = subprocess.Popen(
+            [binary, "--interpreter=mi3", "-nx", "-q"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._buf = b""
+        self._token = 100
+        self._async: collections.deque[Record] = collections.deque()
+        self._log = open(log_path, "ab") if log_path else None  # noqa: SIM115 (closed in close())
+        self.console: list[str] = []  # recent console-stream output
+        self._regnums: dict[str, int] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    # -- transport ------------------------------------------------------------------------
+    def _readline(self, deadline: float) -> str | None:
+        """One line of output, or None at the deadline. Raises GdbLost if gdb is gone."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line, self._buf = self._buf[:nl], self._buf[nl + 1 :]
+                if self._log:
+                    self._log.write(b"< " + line + b"\n")
+                return line.decode("utf-8", "replace").rstrip("\r")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], min(left, 0.05))
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise GdbLost(f"gdb (pid {self.proc.pid}) closed its output; exit code {self.proc.poll()}")
+            self._buf += chunk
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        if self._log:
+            self._log.write(b"> " + line.encode() + b"\n")
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise GdbLost(f"gdb (pid {self.proc.pid}) is gone: {exc}; exit code {self.proc.poll()}") from exc
+
+    def _record(self, line: str) -> Record | None:
+        if not line or line.startswith("(gdb)"):
+            return None
+        rec: Record = parse_response(line)
+        if rec["type"] == "console":
+            self.console.append(str(rec["payload"]))
+            del self.console[:-200]
+        elif rec["type"] == "notify" or (rec["type"] == "output" and rec.get("message")):
+            self._async.append(rec)
+        return rec
+
+    def command(self, cmd: str, timeout: float = 10.0) -> Record:
+        """Run one MI command and return its result record; ``^error`` raises GdbError."""
+        self._token += 1
+        token = self._token
+        self._send(f"{token}{cmd}")
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._readline(deadline)
+            if line is None:
+                raise TargetTimeout(f"gdb's answer to {cmd!r}", timeout, {"gdb pid": str(self.proc.pid)})
+            rec = self._record(line)
+            if rec is None or rec["type"] != "result" or rec.get("token") != token:
+                continue
+            if rec["message"] == "error":
+                msg = rec["payload"].get("msg", "") if isinstance(rec["payload"], dict) else rec["payload"]
+                raise GdbError(f"{cmd}: {msg}")
+            return rec
+
+    def console_command(self, text: str, timeout: float = 10.0) -> str:
+        """A CLI command through ``-interpreter-exec console``; returns its console output."""
+        mark = len(self.console)
+        self.command(f"-interpreter-exec console {mi_quote(text)}", timeout)
+        return "".join(self.console[mark:])
+
+    def wait_stopped(self, timeout: float, check: Callable[[], None] | None = None) -> Record:
+        """The next ``*stopped`` record. ``check`` runs every ~50 ms (e.g. to see QEMU die)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self._async:
+                rec = self._async.popleft()
+                if rec["type"] == "notify" and rec["message"] == "stopped":
+                    return rec
+            if check:
+                check()
+            now = time.monotonic()
+            if now >= deadline:
+                raise TargetTimeout("the target to stop", timeout, {})
+            line = self._readline(min(deadline, now + 0.05))
+            if line is not None:
+                self._record(line)
+
+    def discard_async(self) -> None:
+        """Forget queued asynchronous records (e.g. the stop reported on connecting)."""
+        self._async.clear()
+
+    # -- conveniences ---------------------------------------------------------------------
+    def register_numbers(self) -> dict[str, int]:
+        if self._regnums is None:
+            names = self.command("-data-list-register-names")["payload"]["register-names"]
+            self._regnums = {n: i for i, n in enumerate(names) if n}
+        return self._regnums
+
+    def read_registers(self, names: list[str]) -> dict[str, int]:
+        nums = self.register_numbers()
+        missing = [n for n in names if n not in nums]
+        if missing:
+            raise GdbError(f"unknown register(s) {', '.join(missing)}")
+        by_num = {nums[n]: n for n in names}
+        rec = self.command(f"-data-list-register-values x {' '.join(str(nums[n]) for n in names)}")
+        out: dict[str, int] = {}
+        for item in rec["payload"]["register-values"]:
+            out[by_num[int(item["number"])]] = int(item["value"], 16)
+        return out
+
+    def read_memory(self, addr: int, length: int) -> bytes:
+        rec = self.command(f"-data-read-memory-bytes {addr:#x} {length}")
+        data = bytearray()
+        for chunk in rec["payload"]["memory"]:
+            data += bytes.fromhex(chunk["contents"])
+        if len(data) != length:
+            raise GdbError(f"read {len(data)} of {length} bytes at {addr:#x}")
+        return bytes(data)
+
+    def physical_mode(self, on: bool) -> None:
+        """QEMU's ``Qqemu.PhyMemMode``: gdb memory accesses use physical addresses."""
+        self.console_command(f"maint packet Qqemu.PhyMemMode:{int(on)}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self._send("-gdb-exit")
+                self.proc.wait(timeout=0.5)
+            except (GdbLost, subprocess.TimeoutExpired):
+                pass
+        kill_group(self.proc)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process started with ``start_new_session`` (and its group), then reap it."""
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream:
+            with contextlib.suppress(OSError):
+                stream.close()

@@ -1,0 +1,494 @@
+"""The public API: a QEMU target running the harness firmware, driven through gdb/MI and shared RAM.
+
+    with Target.start(timeout=30) as t:
+        t.install(stage1_regs(geom, pgd), pool.export())
+        par = t.at(addresses, "S1E2R")
+        rec = t.access(addresses, write=False)
+        t.uninstall()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from harness.arch.geometry import Stage
+from harness.arch.registers import Stage1Regs, Stage2Regs, describe_esr
+from harness.core.memory import PoolImage
+from harness.target import mailbox as mbx
+from harness.target.errors import (
+    FirmwareException,
+    GdbLost,
+    RequestFailed,
+    TargetError,
+    TargetTimeout,
+    ToolMissing,
+)
+from harness.target.firmware import build
+from harness.target.gdbmi import GdbError, GdbMI, kill_group
+from harness.target.layout import LAYOUT, Layout
+from harness.target.qemu import Qemu
+
+BANNER = r"pgtable-harness firmware: EL2, mailbox 0x[0-9a-f]+, ready"
+ACCESS_DTYPE = np.dtype([("status", "<u8"), ("esr", "<u8"), ("far", "<u8"), ("hpfar", "<u8")])
+AccessRecords = npt.NDArray[np.void]
+U64Array = npt.NDArray[np.uint64]
+
+_AT_OPS = {op.name: op for op in mbx.AtOp}
+
+
+def gdb_binary() -> str:
+    return os.environ.get("HARNESS_GDB", "gdb-multiarch")
+
+
+def _runtime_parent() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class _Resources:
+    """What must be released even if the Target is never closed (weakref/atexit backstop)."""
+
+    def __init__(self) -> None:
+        self.qemu: Qemu | None = None
+        self.gdb: GdbMI | None = None
+        self.mm: mmap.mmap | None = None
+        self.workdir: Path | None = None
+
+    def release(self) -> None:
+        if self.gdb is not None:
+            self.gdb.close()
+        if self.qemu is not None:
+            self.qemu.close()
+        if self.mm is not None:
+            with contextlib.suppress(BufferError):  # numpy views still alive: the mapping goes with them
+                self.mm.close()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.gdb = self.qemu = self.mm = None
+        self.workdir = None
+
+
+def _release(res: _Resources) -> None:
+    res.release()
+
+
+class Target:
+    """A booted target, idle at the firmware's ``idle`` breakpoint. Use :meth:`start`."""
+
+    def __init__(self, layout: Layout, timeout: float, request_timeout: float, log_dir: Path) -> None:
+        self.layout = layout
+        self.timeout = timeout
+        self.request_timeout = request_timeout
+        self.log_dir = log_dir
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, _release, self._res)
+        self._dead: str | None = None
+        self._panicked = False
+        self._pending: tuple[str, int, int, float] | None = None  # (what, count, result pa, timeout)
+        self._installed: Stage | None = None
+        self._bp: dict[int, str] = {}
+        self.elf: Path | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    def start(cls, timeout: float = 30.0, request_timeout: float = 120.0, layout: Layout = LAYOUT,
+              log_dir: Path | str | None = None, cc: str | None = None,
+              qemu_args: tuple[str, ...] = ()) -> Target:
+        """Build the firmware if needed, boot QEMU, wait for the banner; returns an idle target."""
+        t0 = time.perf_counter()
+        elf = build(cc=cc, layout=layout)
+        if not shutil.which(gdb_binary()):
+            raise ToolMissing(f"{gdb_binary()} is not on PATH (apt-get install gdb-multiarch)")
+        logs = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
+        logs.mkdir(parents=True, exist_ok=True)
+        t = cls(layout, timeout, request_timeout, logs)
+        t.elf = elf
+        try:
+            t._boot(elf, qemu_args)
+        except BaseException:
+            t.close()
+            raise
+        t.timings["launch"] = time.perf_counter() - t0
+        return t
+
+    def _boot(self, elf: Path, qemu_args: tuple[str, ...]) -> None:
+        res = self._res
+        res.workdir = Path(tempfile.mkdtemp(prefix="pgtable-harness-", dir=_runtime_parent()))
+        os.chmod(res.workdir, 0o700)
+        res.qemu = Qemu(elf, res.workdir, self.log_dir, self.layout, extra_args=qemu_args)
+        res.qemu.wait_sockets(self.timeout)
+        with open(res.qemu.ram_path, "r+b") as f:
+            res.mm = mmap.mmap(f.fileno(), self.layout.ram_size, mmap.MAP_SHARED)
+        res.gdb = GdbMI(gdb_binary(), self.log_dir / "gdb-mi.log")
+        g = res.gdb
+        for setting in ("pagination off", "confirm off", "mi-async off", "breakpoint pending off",
+                        "remotetimeout 10"):
+            g.command(f"-gdb-set {setting}")
+        g.command(f"-file-exec-and-symbols {elf}")
+        g.command(f"-target-select remote {res.qemu.gdb_socket}", timeout=self.timeout)
+        g.discard_async()
+        for sym in ("idle", "panic"):
+            rec = g.command(f"-break-insert -h {sym}")
+            self._bp[int(rec["payload"]["bkpt"]["number"])] = sym
+        self._resume(self.timeout, "the firmware to reach idle after boot")
+        res.qemu.expect_console(BANNER, self.timeout)
+        if self._mb("magic") != mbx.MAGIC or self._mb("boot_el") != 2:
+            raise TargetError(f"firmware did not come up: magic {self._mb('magic'):#x}, "
+                              f"boot EL {self._mb('boot_el')}\n{res.qemu.console_tail()}")
+
+    def close(self) -> None:
+        """Stop gdb and QEMU (SIGKILL to their process groups), remove the private temp dir."""
+        self._finalizer()
+        if self._dead is None:
+            self._dead = "closed"
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- introspection ---------------------------------------------------------------------
+    @property
+    def qemu(self) -> Qemu:
+        if self._res.qemu is None:
+            raise TargetError(f"target is not running ({self._dead})")
+        return self._res.qemu
+
+    @property
+    def gdb(self) -> GdbMI:
+        if self._res.gdb is None:
+            raise TargetError(f"target is not running ({self._dead})")
+        return self._res.gdb
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None
+
+    @property
+    def pids(self) -> dict[str, int]:
+        out = {}
+        if self._res.qemu:
+            out["qemu"] = self._res.qemu.pid
+        if self._res.gdb:
+            out["gdb"] = self._res.gdb.pid
+        return out
+
+    @property
+    def qemu_version(self) -> tuple[int, int, int]:
+        return self.qemu.version
+
+    @property
+    def cmdline(self) -> str:
+        return self.qemu.cmdline
+
+    @property
+    def console_log(self) -> Path:
+        return self.log_dir / "console.log"
+
+    @property
+    def workdir(self) -> Path | None:
+        return self._res.workdir
+
+    # -- memory ----------------------------------------------------------------------------
+    @property
+    def _mm(self) -> mmap.mmap:
+        if self._res.mm is None:
+            raise TargetError(f"target is not running ({self._dead})")
+        return self._res.mm
+
+    def _ram_offset(self, pa: int, n: int) -> int:
+        off = pa - self.layout.ram_base
+        if off < 0 or off + n > self.layout.ram_size:
+            raise ValueError(f"pa: [{pa:#x}, {pa + n:#x}) is not inside guest RAM")
+        return off
+
+    def read_pa(self, pa: int, n: int) -> bytes:
+        """Guest RAM through the shared file (memory speed); other PAs through gdb's physical mode."""
+        if self.layout.ram_base <= pa and pa + n <= self.layout.ram_end:
+            off = self._ram_offset(pa, n)
+            return bytes(self._mm[off : off + n])
+        self._ensure_idle()
+        self.gdb.physical_mode(True)
+        try:
+            return self.gdb.read_memory(pa, n)
+        finally:
+            self.gdb.physical_mode(False)
+
+    def write_pa(self, pa: int, data: bytes) -> None:
+        off = self._ram_offset(pa, len(data))
+        self._mm[off : off + len(data)] = data
+
+    def read_va(self, addr: int, n: int) -> bytes:
+        """Memory through the CPU's current regime (gdb; note gdb ignores the access flag)."""
+        self._ensure_idle()
+        return self.gdb.read_memory(addr, n)
+
+    def ram_u64(self, pa: int, count: int) -> U64Array:
+        """A live numpy view of ``count`` u64 words of guest RAM at ``pa``."""
+        off = self._ram_offset(pa, count * 8)
+        return np.frombuffer(self._mm, dtype="<u8", count=count, offset=off)
+
+    def _mb(self, name: str) -> int:
+        return int(struct.unpack_from("<Q", self._mm, self.layout.mailbox - self.layout.ram_base
+                                      + mbx.OFFSET[name])[0])
+
+    def _mb_set(self, **values: int) -> None:
+        base = self.layout.mailbox - self.layout.ram_base
+        for name, value in values.items():
+            struct.pack_into("<Q", self._mm, base + mbx.OFFSET[name], value & ((1 << 64) - 1))
+
+    def sysreg(self, name: str) -> int:
+        """A register (system registers included, e.g. "TCR_EL2", "SCTLR" for SCTLR_EL1) via gdb."""
+        self._ensure_idle()
+        return self.gdb.read_registers([name])[name]
+
+    def registers(self, names: list[str]) -> dict[str, int]:
+        self._ensure_idle()
+        return self.gdb.read_registers(names)
+
+    # -- running ---------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        q = self._res.qemu
+        if q is not None and q.poll() is not None:
+            self._dead = "QEMU exited"
+            q.check_alive("QEMU exited while the firmware was running")
+
+    def _resume(self, timeout: float, awaited: str) -> None:
+        """Continue and wait for a breakpoint; raise the right error for anything else."""
+        self._start_resume()
+        self._finish_resume(timeout, awaited)
+
+    def _start_resume(self) -> None:
+        self._check_alive()
+        try:
+            self.gdb.command("-exec-continue")
+        except (GdbError, GdbLost) as exc:
+            self._check_alive()
+            self._dead = f"gdb: {exc}"
+            raise GdbLost(f"continuing failed: {exc}") from exc
+
+    def _finish_resume(self, timeout: float, awaited: str) -> None:
+        try:
+            stop = self.gdb.wait_stopped(timeout, self._check_alive)
+        except TargetTimeout:
+            evidence = self._interrupt_evidence()
+            self._dead = f"timed out waiting for {awaited}"
+            raise TargetTimeout(awaited, timeout, evidence) from None
+        except GdbLost:
+            self._check_alive()
+            self._dead = "gdb lost"
+            raise
+        payload = stop.get("payload") or {}
+        bkpt = self._bp.get(int(payload.get("bkptno", -1))) if payload.get("reason") == "breakpoint-hit" else None
+        if bkpt == "idle":
+            return
+        if bkpt == "panic":
+            self._panicked = True
+            raise self._firmware_exception()
+        self._check_alive()
+        self._dead = f"unexpected stop {payload}"
+        raise TargetError(f"unexpected stop while waiting for {awaited}: {payload}\n{self.qemu.console_tail()}")
+
+    def _interrupt_evidence(self) -> dict[str, str]:
+        evidence: dict[str, str] = {"QEMU command": self.qemu.cmdline, "console log": str(self.console_log)}
+        try:
+            if self.qemu.poll() is not None:
+                evidence["QEMU"] = f"exited with {self.qemu.poll()}"
+                return evidence
+            self.gdb.command("-exec-interrupt", timeout=2)
+            self.gdb.wait_stopped(2)
+            regs = self.gdb.read_registers(["pc", "cpsr", "ESR_EL2", "FAR_EL2", "ELR_EL2", "SCTLR_EL2"])
+            evidence.update({k: f"{v:#x}" for k, v in regs.items()})
+            evidence["exception level"] = f"EL{(regs['cpsr'] >> 2) & 3}"
+            evidence["ESR_EL2 decoded"] = describe_esr(regs["ESR_EL2"])
+            evidence["around pc"] = self._disassemble(regs["pc"])
+        except Exception as exc:  # evidence is best effort; the timeout is the error
+            evidence["evidence collection"] = f"failed: {exc!r}"
+        self.qemu.drain_console()
+        evidence["console tail"] = self.qemu.console_tail(600)
+        return evidence
+
+    def _disassemble(self, addr: int, before: int = 4, after: int = 4) -> str:
+        start = max(self.layout.ram_base, (addr & ~3) - 4 * before)
+        n = 4 * (before + after + 1)
+        if not (self.layout.ram_base <= start and start + n <= self.layout.ram_end):
+            return f"({addr:#x} is outside guest RAM)"
+        import capstone
+
+        md = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
+        lines = []
+        for insn in md.disasm(self.read_pa(start, n), start):
+            mark = "=>" if insn.address == addr else "  "
+            lines.append(f"{mark} {insn.address:#x}: {insn.mnemonic} {insn.op_str}")
+        return "\n".join(lines)
+
+    def _firmware_exception(self) -> FirmwareException:
+        self.qemu.drain_console()
+        get = self._mb
+        vector = get("panic_vector")
+        esr = get("panic_esr")
+        elr = get("panic_elr")
+        extra = {k: get(f"panic_{k}") for k in ("sp", "sctlr", "hcr", "esr_el1", "far_el1", "elr_el1")}
+        extra.update({f"x{i}": get(f"panic_x{i}") for i in (0, 1, 19)})
+        text = describe_esr(esr)
+        if vector == 16:
+            text += f"; at EL1: ESR_EL1={extra['esr_el1']:#x} FAR_EL1={extra['far_el1']:#x} " \
+                    f"ELR_EL1={extra['elr_el1']:#x}"
+        return FirmwareException(
+            vector, mbx.VECTOR_NAMES.get(vector, f"vector {vector}"), esr, text, get("panic_far"), elr,
+            get("panic_spsr"), get("panic_hpfar"), extra, self._disassemble(elr), self.qemu.console_tail(1500),
+        )
+
+    def _ensure_idle(self) -> None:
+        if self._dead is not None:
+            raise TargetError(f"target is unusable: {self._dead}")
+        if self._pending is not None:
+            raise TargetError("a request is in flight: call at_wait() first")
+        if self._panicked:
+            self._panicked = False
+            self._installed = None
+            self._resume(self.timeout, "the firmware to recover from its exception report")
+
+    def _submit(self, cmd: mbx.Cmd, *args: int) -> None:
+        self._ensure_idle()
+        values = {f"arg{i}": a for i, a in enumerate(args)}
+        seq = self._mb("seq") + 1
+        self._mb_set(cmd=int(cmd), status=int(mbx.Status.PENDING), seq=seq, **values)
+        self._start_resume()
+
+    def _complete(self, cmd: mbx.Cmd, timeout: float) -> int:
+        self._finish_resume(timeout, f"the firmware to finish {cmd.name}")
+        status = self._mb("status")
+        if status != mbx.Status.OK:
+            name = mbx.Status(status).name if status in mbx.Status._value2member_map_ else str(status)
+            raise RequestFailed(f"{cmd.name}: firmware answered {name}")
+        return self._mb("ret0")
+
+    def request(self, cmd: mbx.Cmd, *args: int, timeout: float | None = None) -> int:
+        """One mailbox request; returns ``ret0``."""
+        self._submit(cmd, *args)
+        return self._complete(cmd, self.request_timeout if timeout is None else timeout)
+
+    # -- regimes ---------------------------------------------------------------------------
+    def install(self, regs: Stage1Regs | Stage2Regs, image: PoolImage | None = None) -> None:
+        """Write the table image into guest RAM, then program the regime (uninstalling first)."""
+        if self._installed is not None:
+            self.uninstall()
+        t0 = time.perf_counter()
+        if image is not None:
+            end = image.base + len(image.data)
+            for r in self.layout.firmware_regions():
+                if r.name != "pool" and image.base < r.end and r.base < end:
+                    raise ValueError(f"image: [{image.base:#x}, {end:#x}) overlaps the firmware's {r}")
+            self.write_pa(image.base, image.data)
+        if isinstance(regs, Stage1Regs):
+            self.request(mbx.Cmd.INSTALL_S1, regs.mair_el2, regs.tcr_el2, regs.ttbr0_el2, regs.sctlr_el2_set)
+            self._installed = Stage.S1
+        else:
+            self.request(mbx.Cmd.INSTALL_S2, regs.vtcr_el2, regs.vttbr_el2, regs.hcr_el2_set)
+            self._installed = Stage.S2
+        self.timings["install"] = time.perf_counter() - t0
+
+    def uninstall(self) -> None:
+        """Stage 1 off, stage 2 off, TLBs invalidated (safe to call at any time)."""
+        self.request(mbx.Cmd.UNINSTALL)
+        self._installed = None
+
+    @property
+    def installed(self) -> Stage | None:
+        return self._installed
+
+    # -- probes ----------------------------------------------------------------------------
+    def _put_addresses(self, addresses: npt.ArrayLike, limit: int) -> U64Array:
+        addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
+        if addrs.size > limit:
+            raise ValueError(f"addresses: at most {limit} per request, got {addrs.size}")
+        view = self.ram_u64(self.layout.probe_addrs, addrs.size)
+        view[:] = addrs
+        del view
+        return addrs
+
+    def at_start(self, addresses: npt.ArrayLike, op: str | mbx.AtOp) -> None:
+        """Start an AT probe of up to ``layout.max_at`` addresses; :meth:`at_wait` gets PAR_EL1s."""
+        at_op = op if isinstance(op, mbx.AtOp) else _AT_OPS.get(str(op).upper())
+        if at_op is None:
+            raise ValueError(f"op: expected one of {', '.join(_AT_OPS)}, got {op!r}")
+        addrs = self._put_addresses(addresses, self.layout.max_at)
+        n = int(addrs.size)
+        self._submit(mbx.Cmd.AT, int(at_op), n, self.layout.probe_addrs, self.layout.probe_results)
+        self._pending = ("AT", n, self.layout.probe_results, time.monotonic())
+
+    def at_wait(self) -> U64Array:
+        if self._pending is None or self._pending[0] != "AT":
+            raise TargetError("at_wait: no AT request in flight")
+        _, n, res, _ = self._pending
+        self._pending = None
+        self._complete(mbx.Cmd.AT, self.request_timeout)
+        return np.array(self.ram_u64(res, n), copy=True)
+
+    def at(self, addresses: npt.ArrayLike, op: str | mbx.AtOp) -> U64Array:
+        """PAR_EL1 after ``AT <op>`` for each address (any count: split into requests)."""
+        addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
+        out = np.empty(addrs.size, dtype=np.uint64)
+        step = self.layout.max_at
+        for i in range(0, max(addrs.size, 1), step):
+            chunk = addrs[i : i + step]
+            if chunk.size == 0:
+                break
+            self.at_start(chunk, op)
+            out[i : i + chunk.size] = self.at_wait()
+        return out
+
+    def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None) -> AccessRecords:
+        """Real loads (``ldrb``) or stores (``strb`` of the address's low byte), one per address.
+
+        Stage 1 runs at EL2 on its stage 1; stage 2 runs from the EL1 stub through stage 2. The
+        default is the installed regime (stage 1 when none). Returns records with fields
+        ``status`` (:class:`AccessStatus`), ``completed``, ``esr``, ``far``, ``hpfar``.
+        """
+        st = int(stage) if stage is not None else int(self._installed or Stage.S1)
+        addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
+        raw = np.zeros(addrs.size, dtype=ACCESS_DTYPE)
+        step = self.layout.max_access
+        for i in range(0, addrs.size, step):
+            chunk = self._put_addresses(addrs[i : i + step], step)
+            n = int(chunk.size)
+            self.request(mbx.Cmd.ACCESS, int(write), st, n, self.layout.probe_addrs, self.layout.probe_results)
+            off = self._ram_offset(self.layout.probe_results, n * mbx.ACCESS_RECORD_SIZE)
+            view = np.frombuffer(self._mm, dtype=ACCESS_DTYPE, count=n, offset=off)
+            raw[i : i + n] = view
+            del view
+        out = np.zeros(addrs.size, dtype=[("status", "<u8"), ("completed", "?"), ("esr", "<u8"),
+                                          ("far", "<u8"), ("hpfar", "<u8")])
+        for name in ("status", "esr", "far", "hpfar"):
+            out[name] = raw[name]
+        out["completed"] = raw["status"] == mbx.AccessStatus.COMPLETED
+        return out
+
+    def spin(self, timeout: float) -> None:
+        """Ask the firmware to loop forever (tests the timeout path); raises TargetTimeout."""
+        self.request(mbx.Cmd.SPIN, timeout=timeout)
+
+    def describe(self) -> dict[str, Any]:
+        return {"qemu": self.cmdline, "console_log": str(self.console_log), "log_dir": str(self.log_dir)}
+
+
+def kill_target_processes(t: Target) -> None:
+    """Kill QEMU and gdb without closing (tests: simulate a crash)."""
+    if t._res.qemu:
+        kill_group(t._res.qemu.proc)
