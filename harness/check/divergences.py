@@ -1,0 +1,180 @@
+"""Known divergences of QEMU's MMU from the Arm ARM: the one list, keyed by QEMU version.
+
+These are QEMU bugs or QEMU choices where the architecture leaves room, not model bugs. The check
+and the fuzzer classify a disagreement that one of these explains as a known divergence (shown,
+counted, not failed); anything else is a mismatch. Each entry names the Arm ARM rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from harness.arch import descriptors as d
+from harness.arch.geometry import Geometry, Granule, Stage
+from harness.arch.registers import FaultKind, Par, decode_fault_status
+from harness.core.batch import BatchResult
+from harness.core.translate import Translation, translate
+
+QemuVersion = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a matcher may look at: the model's walk, the MMU's PAR, and how to re-walk."""
+
+    model: Translation
+    actual: int
+    geom: Geometry
+    rewalk: Callable[..., Translation]  # translate(...) with keyword overrides (e.g. qemu_lpa_oa)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    key: str
+    rule: str  # the Arm ARM rule
+    qemu: str  # what QEMU does instead
+    applies_to: Callable[[QemuVersion], bool]
+    matches: Callable[[Context], bool]
+
+
+def _before(v: QemuVersion) -> Callable[[QemuVersion], bool]:
+    return lambda q: q < v
+
+
+def _always(q: QemuVersion) -> bool:
+    return True
+
+
+def _l0_block_4k(c: Context) -> bool:
+    m = c.model
+    if c.geom.granule is not Granule.K4 or m.fault is not FaultKind.TRANSLATION or m.fault_level != 0:
+        return False
+    step = m.steps[-1] if m.steps else None
+    return step is not None and step.raw is not None and step.level == 0 and \
+        d.VALID.get(step.raw) == 1 and d.TYPE.get(step.raw) == d.TYPE_BLOCK
+
+
+def _s2_level_on_s1_walk(c: Context) -> bool:
+    par = Par(c.actual)
+    if not (par.fault and par.stage2 and par.ptw) or c.model.fault is None:
+        return False
+    dec = decode_fault_status(par.fst)
+    return dec is not None and dec[0] is c.model.fault
+
+
+def _sh_non_cacheable(c: Context) -> bool:
+    m = c.model
+    par = Par(c.actual)
+    if not m.ok or par.fault or m.attr is None:
+        return False
+    normal_cacheable = (m.attr >> 4) not in (0x0, 0x4) and (m.attr & 0xF) not in (0x0, 0x4)
+    return not normal_cacheable and par.pa == (m.pa or 0) & ~0xFFF and par.attr == m.attr
+
+
+def _lpa_oa_bits(c: Context) -> bool:
+    if c.geom.granule is not Granule.K64 or c.geom.pa_bits == 52 or c.model.fault is not FaultKind.ADDRESS_SIZE:
+        return False
+    from harness.core.translate import expected_par, par_compare_mask
+
+    alt = c.rewalk(qemu_lpa_oa=True)
+    if alt.unmodelled:
+        return False
+    mask = par_compare_mask(alt)
+    return (expected_par(alt) ^ c.actual) & mask == 0
+
+
+DIVERGENCES: tuple[Divergence, ...] = (
+    Divergence(
+        "qemu-l0-block-4k",
+        "Arm ARM D8.3: with the 4K granule and DS = 0 a level-0 descriptor with bit 1 clear is "
+        "reserved (no level-0 blocks): translation fault at level 0",
+        "QEMU before 8.2 takes it as a 512 GiB block and translates",
+        _before((8, 2, 0)), _l0_block_4k,
+    ),
+    Divergence(
+        "qemu-s2-level-on-s1-walk",
+        "Arm ARM D8.16: a stage-2 fault on a stage-1 table walk reports the stage-2 level in FST",
+        "QEMU before 8.2 reports the stage-1 level",
+        _before((8, 2, 0)), _s2_level_on_s1_walk,
+    ),
+    Divergence(
+        "qemu-par-sh-non-cacheable",
+        "Arm ARM D19 (PAR_EL1.SH): Device and Normal Non-cacheable memory report outer-shareable",
+        "QEMU before 8.2 reports the descriptor's SH (compare SH for Normal cacheable only)",
+        _before((8, 2, 0)), _sh_non_cacheable,
+    ),
+    Divergence(
+        "qemu-64k-oa-51-48-below-52bit-ps",
+        "Arm ARM D8.3 (FEAT_LPA): with the 64K granule, descriptor bits [15:12] are OA[51:48]; an "
+        "output address beyond the configured PA size is an address size fault",
+        "QEMU reads bits [15:12] as OA[51:48] only when the PA size is 52 bits; below that it "
+        "ignores them and translates",
+        _always, _lpa_oa_bits,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class AtHazard:
+    """Addresses an ``AT`` must not be pointed at on this QEMU: it would abort QEMU itself.
+    The check probes them with real loads and stores instead."""
+
+    key: str
+    rule: str
+    qemu: str
+    applies_to: Callable[[QemuVersion], bool]
+    select: Callable[[BatchResult], npt.NDArray[np.bool_]]
+
+
+def _s2_permission_fault(pred: BatchResult) -> npt.NDArray[np.bool_]:
+    if pred.stage is not Stage.S2:
+        return np.zeros(len(pred), dtype=np.bool_)
+    return np.asarray((pred.fault == FaultKind.PERMISSION.value) & pred.fault_stage2, dtype=np.bool_)
+
+
+AT_HAZARDS: tuple[AtHazard, ...] = (
+    AtHazard(
+        "qemu-at-s12-permission-fault-aborts",
+        "Arm ARM (AT S12E1R/W): a stage-2 permission fault is reported in PAR_EL1 (F = 1, S = 1, "
+        "FST = permission fault at the leaf level)",
+        "QEMU 10.0.2 (measured here; EL1 stage 1 off) aborts with the assertion "
+        "'!res.cacheattrs.is_s2_format' in do_ats_write: get_phys_addr_twostage returns early on "
+        "the stage-2 fault with stage-2-format cache attributes. Translation and access-flag faults "
+        "are reported correctly.",
+        _always, _s2_permission_fault,
+    ),
+)
+
+
+def at_unsafe(pred: BatchResult, version: QemuVersion) -> tuple[npt.NDArray[np.bool_], list[str]]:
+    """Mask of addresses no AT may be pointed at, and the hazards that apply."""
+    mask = np.zeros(len(pred), dtype=np.bool_)
+    keys = []
+    for hz in AT_HAZARDS:
+        if hz.applies_to(version):
+            hit = hz.select(pred)
+            if hit.any():
+                keys.append(hz.key)
+            mask |= hit
+    return mask, keys
+
+
+def active(version: QemuVersion) -> tuple[Divergence, ...]:
+    return tuple(dv for dv in DIVERGENCES if dv.applies_to(version))
+
+
+def explain(model: Translation, actual: int, geom: Geometry, rewalk: Callable[..., Translation],
+            version: QemuVersion) -> Divergence | None:
+    ctx = Context(model, actual, geom, rewalk)
+    for dv in active(version):
+        if dv.matches(ctx):
+            return dv
+    return None
+
+
+__all__ = ["AT_HAZARDS", "DIVERGENCES", "AtHazard", "Context", "Divergence", "active", "at_unsafe", "explain",
+           "translate"]
