@@ -22,7 +22,7 @@ typedef uint64_t u64;
 static struct mailbox *const mb = (struct mailbox *)MAILBOX_BASE;
 
 extern void idle(void);
-extern void panic(void);
+extern void panic(void) __attribute__((noreturn));
 extern void park(void) __attribute__((noreturn));
 extern void at_loop_s1e2r(const u64 *, u64 *, u64);
 extern void at_loop_s1e2w(const u64 *, u64 *, u64);
@@ -225,15 +225,6 @@ void fw_main(u64 current_el)
     puts_("pgtable-harness firmware: EL2, mailbox ");
     puthex(MAILBOX_BASE);
     puts_(", ready\n");
-    request_loop();
-}
-
-void fw_recover(void)
-{
-    stage1_off();
-    stage2_off();
-    puts_("pgtable-harness firmware: recovered after the exception; idle\n");
-    mb->status = STATUS_IDLE;
     request_loop();
 }
 

@@ -43,17 +43,11 @@ idle:
     nop
     ret
 
-/* Reached after an unexpected exception has been reported (host breakpoint). Continuing
- * from here recovers: MMU and stage 2 off, fresh stack, back to the request loop. */
+/* Reached after an unexpected exception has been reported (host breakpoint); parks. */
     .global panic
     .type panic, %function
 panic:
     nop
-    adrp    x0, __stack_top
-    add     x0, x0, :lo12:__stack_top
-    mov     sp, x0
-    bl      fw_recover
-    b       park
 
     .global park
 park:

@@ -1,0 +1,1 @@
+"""pytest plugin of pgtable-harness (entry point ``pgtable_harness``)."""

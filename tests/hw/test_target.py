@@ -1,0 +1,252 @@
+"""The QEMU target: firmware build, boot, every request, and failure paths (marker ``hw``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from handmade import s1_identity, s2_identity
+
+from harness.arch.registers import (
+    ESR_EC,
+    HPFAR_FIPA,
+    ISS_DFSC,
+    ISS_WNR,
+    SCTLR_M,
+    ExceptionClass,
+    FaultKind,
+    Par,
+    fault_status,
+)
+from harness.core.prot import Prot
+from harness.target import mailbox as mbx
+from harness.target.errors import FirmwareException, QemuExited, TargetTimeout
+from harness.target.firmware import available_toolchains, build, choose_toolchain
+from harness.target.layout import LAYOUT, Region
+from harness.target.target import Target
+
+pytestmark = pytest.mark.hw
+
+SCRATCH = Region("scratch0", LAYOUT.scratch_base, 4 << 20, Prot.RW)
+SCRATCH_RO = Region("scratch_ro", LAYOUT.scratch_base + (4 << 20), 2 << 20, Prot.R)
+UNMAPPED = LAYOUT.scratch_base + (64 << 20)
+
+
+def _symbols(elf: Path) -> dict[str, int]:
+    nm = os.environ.get("CROSS_COMPILE", "aarch64-linux-gnu-") + "nm"
+    out = subprocess.run([nm, str(elf)], capture_output=True, text=True, check=True).stdout
+    return {p[2]: int(p[0], 16) for p in (line.split() for line in out.splitlines()) if len(p) == 3}
+
+
+@pytest.mark.parametrize("compiler", ["gcc", "clang"])
+def test_toolchain_builds(compiler: str) -> None:
+    chains = {c.name: c for c in available_toolchains()}
+    if compiler not in chains:
+        pytest.skip(f"{compiler} toolchain is not installed")
+    elf = build(cc=" ".join(chains[compiler].cc[:1]))
+    assert elf.read_bytes()[:4] == b"\x7fELF"
+    syms = _symbols(elf)
+    assert syms["_start"] == LAYOUT.code
+    assert syms["el1_stub_ld"] == LAYOUT.el1_stub
+    assert LAYOUT.data <= syms["__panic_stack_top"] <= LAYOUT.data + LAYOUT.data_size
+    assert LAYOUT.code <= syms["idle"] < LAYOUT.code + LAYOUT.code_size
+
+
+def test_layout_is_consistent() -> None:
+    LAYOUT.check()
+    for r in [*LAYOUT.stage1_regions(), *LAYOUT.stage2_regions()]:
+        assert r.base % 0x10000 == 0 and r.size % 0x10000 == 0
+    assert choose_toolchain().name in ("gcc", "clang")
+
+
+def test_banner_and_mailbox(target: Target) -> None:
+    log = target.console_log.read_text()
+    assert "pgtable-harness firmware: EL2" in log and "ready" in log
+    assert int.from_bytes(target.read_pa(LAYOUT.mailbox, 8), "little") == mbx.MAGIC
+    assert target.qemu_version >= (7, 2, 1)
+    assert target.sysreg("VBAR_EL2") & ~0x7FF == target.sysreg("VBAR_EL2")
+    assert (target.sysreg("cpsr") >> 2) & 3 == 2  # EL2
+
+
+@pytest.mark.parametrize("granule", ["4K", "16K", "64K"])
+def test_install_s1_and_at(target: Target, granule: str) -> None:
+    tab = s1_identity(LAYOUT, granule, extra=[SCRATCH, SCRATCH_RO])
+    regs = tab.s1_regs()
+    target.install(regs, tab.image())
+    assert target.sysreg("TCR_EL2") == regs.tcr_el2
+    assert target.sysreg("TTBR0_EL2") == regs.ttbr0_el2
+    assert target.sysreg("SCTLR_EL2") & SCTLR_M.mask
+    addrs = [SCRATCH.base + 0x1238, LAYOUT.code + 0x10, UNMAPPED]
+    pars = [Par(int(p)) for p in target.at(addrs, "S1E2R")]
+    assert not pars[0].fault and pars[0].pa == SCRATCH.base + 0x1000 and pars[0].attr == 0xFF
+    assert not pars[1].fault and pars[1].pa == LAYOUT.code
+    assert pars[2].fault and pars[2].fst >> 2 == FaultKind.TRANSLATION.value
+    # write to a read-only page: permission fault
+    w = Par(int(target.at([SCRATCH_RO.base], "S1E2W")[0]))
+    assert w.fault and w.fst >> 2 == FaultKind.PERMISSION.value
+    # the firmware ran on the table: reading through the regime works
+    assert target.read_va(LAYOUT.mailbox, 8) == target.read_pa(LAYOUT.mailbox, 8)
+    target.uninstall()
+    assert not target.sysreg("SCTLR_EL2") & SCTLR_M.mask
+
+
+def test_at_many_and_nonblocking(target: Target) -> None:
+    tab = s1_identity(LAYOUT, "4K", extra=[SCRATCH])
+    target.install(tab.s1_regs(), tab.image())
+    addrs = SCRATCH.base + np.arange(100_000, dtype=np.uint64) * 64 % SCRATCH.size
+    target.at_start(addrs, "S1E2R")
+    expect = (addrs & ~np.uint64(0xFFF))
+    pars = target.at_wait()
+    assert ((pars & np.uint64(1)) == 0).all()
+    assert ((pars & np.uint64(0xFFFFFFFFF000)) == expect).all()
+
+
+def test_access_s1(target: Target) -> None:
+    tab = s1_identity(LAYOUT, "4K", extra=[SCRATCH, SCRATCH_RO])
+    target.install(tab.s1_regs(), tab.image())
+    target.write_pa(SCRATCH.base, bytes(16))
+    rec = target.access([SCRATCH.base + 8, UNMAPPED, SCRATCH.base + 9], write=True)
+    assert rec["completed"].tolist() == [True, False, True]
+    assert ESR_EC.get(int(rec["esr"][1])) == ExceptionClass.DABT_SAME
+    assert ISS_DFSC.get(int(rec["esr"][1])) >> 2 == FaultKind.TRANSLATION.value
+    assert ISS_WNR.get(int(rec["esr"][1]))
+    assert int(rec["far"][1]) == UNMAPPED
+    assert target.read_pa(SCRATCH.base + 8, 2) == bytes([(SCRATCH.base + 8) & 0xFF, (SCRATCH.base + 9) & 0xFF])
+    ro = target.access([SCRATCH_RO.base, SCRATCH_RO.base], write=False)
+    assert ro["completed"].all()
+    rw = target.access([SCRATCH_RO.base], write=True)
+    assert ISS_DFSC.get(int(rw["esr"][0])) >> 2 == FaultKind.PERMISSION.value
+
+
+def test_install_s2_at_and_access(target: Target) -> None:
+    tab = s2_identity(LAYOUT, "4K", extra=[SCRATCH, SCRATCH_RO])
+    target.install(tab.s2_regs(), tab.image())
+    assert target.sysreg("VTCR_EL2") == tab.s2_regs().vtcr_el2
+    pars = [Par(int(p)) for p in target.at([SCRATCH.base + 0x2345, UNMAPPED], "S12E1R")]
+    assert not pars[0].fault and pars[0].pa == SCRATCH.base + 0x2000
+    assert pars[1].fault and pars[1].stage2
+    assert pars[1].fst == fault_status(FaultKind.TRANSLATION, 2)  # 4K, 40-bit IPA: level-2 table missing
+    rec = target.access([SCRATCH.base + 16, UNMAPPED + 0x123], write=False)
+    assert rec["completed"].tolist() == [True, False]
+    esr = int(rec["esr"][1])
+    assert ESR_EC.get(esr) == ExceptionClass.DABT_LOWER
+    assert ISS_DFSC.get(esr) == fault_status(FaultKind.TRANSLATION, 2)
+    assert HPFAR_FIPA.get(int(rec["hpfar"][1])) == (UNMAPPED >> 12)
+    w = target.access([SCRATCH_RO.base + 1], write=True)
+    assert ESR_EC.get(int(w["esr"][0])) == ExceptionClass.DABT_LOWER
+    assert ISS_DFSC.get(int(w["esr"][0])) >> 2 == FaultKind.PERMISSION.value
+
+
+def test_s2_without_stub_page_is_reported(target: Target) -> None:
+    tab = s2_identity(LAYOUT, "4K", skip=("el1_stub",), extra=[SCRATCH])
+    target.install(tab.s2_regs(), tab.image())
+    with pytest.raises(FirmwareException) as info:
+        target.access([SCRATCH.base], write=False)
+    assert ESR_EC.get(info.value.esr) == ExceptionClass.IABT_LOWER
+    assert not target.alive  # parked: the fixture starts a new target
+
+
+def test_faulting_table_raises_firmware_exception(target: Target) -> None:
+    tab = s1_identity(LAYOUT, "4K", skip=("probe_results",), extra=[SCRATCH])
+    target.install(tab.s1_regs(), tab.image())
+    with pytest.raises(FirmwareException) as info:
+        target.at([SCRATCH.base], "S1E2R")
+    exc = info.value
+    assert ESR_EC.get(exc.esr) == ExceptionClass.DABT_SAME
+    assert LAYOUT.probe_results <= exc.far < LAYOUT.probe_results + LAYOUT.probe_results_size
+    assert "=>" in exc.disassembly and "str" in exc.disassembly
+    assert "UNEXPECTED EXCEPTION" in str(exc)
+    assert exc.extra["sctlr"] & SCTLR_M.mask == 0  # the handler turned the MMU off before reporting
+
+
+def test_target_restarts_after_exception(target: Target) -> None:
+    tab = s1_identity(LAYOUT, "4K", extra=[SCRATCH])
+    target.install(tab.s1_regs(), tab.image())
+    assert not Par(int(target.at([SCRATCH.base], "S1E2R")[0])).fault
+
+
+# -- failure paths with private targets ---------------------------------------------------------------
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_qemu_killed_mid_request(tmp_path: Path) -> None:
+    with Target.start(log_dir=tmp_path) as t:
+        t.at_start(np.full(LAYOUT.max_at, LAYOUT.code, dtype=np.uint64), "S1E2R")  # ~1 s of work
+        threading.Timer(0.1, lambda: os.kill(t.pids["qemu"], signal.SIGKILL)).start()
+        with pytest.raises(QemuExited) as info:
+            t.at_wait()
+        assert info.value.returncode == -signal.SIGKILL
+        assert "ready" in info.value.console_tail
+        assert not t.alive
+
+
+def test_hung_qemu_times_out(tmp_path: Path) -> None:
+    with Target.start(log_dir=tmp_path, request_timeout=1.0) as t:
+        os.kill(t.pids["qemu"], signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(TargetTimeout) as info:
+            t.uninstall()
+        assert time.monotonic() - t0 < 10
+        assert "UNINSTALL" in info.value.awaited
+
+
+def test_spinning_firmware_times_out_with_evidence(tmp_path: Path) -> None:
+    with Target.start(log_dir=tmp_path) as t:
+        with pytest.raises(TargetTimeout) as info:
+            t.spin(timeout=0.5)
+        ev = info.value.evidence
+        assert ev["exception level"] == "EL2"
+        assert LAYOUT.code <= int(ev["pc"], 16) < LAYOUT.code + LAYOUT.code_size
+        assert "around pc" in ev
+
+
+@pytest.mark.parametrize("how", ["success", "error", "timeout", "keyboard_interrupt"])
+def test_no_process_outlives_target(tmp_path: Path, how: str) -> None:
+    pids: dict[str, int] = {}
+    workdir: Path | None = None
+    expected: type[BaseException] | None = {
+        "success": None, "error": FirmwareException, "timeout": TargetTimeout,
+        "keyboard_interrupt": KeyboardInterrupt,
+    }[how]
+    try:
+        with Target.start(log_dir=tmp_path) as t:
+            pids = dict(t.pids)
+            workdir = t.workdir
+            assert pids.keys() == {"qemu", "gdb"} and all(not _gone(p) for p in pids.values())
+            if how == "error":
+                tab = s1_identity(LAYOUT, "4K", skip=("probe_results",))
+                t.install(tab.s1_regs(), tab.image())
+                t.at([LAYOUT.code], "S1E2R")
+            elif how == "timeout":
+                t.spin(timeout=0.3)
+            elif how == "keyboard_interrupt":
+                old = signal.signal(signal.SIGALRM, signal.default_int_handler)
+                signal.setitimer(signal.ITIMER_REAL, 0.3)
+                try:
+                    t.request(mbx.Cmd.SPIN, timeout=30)
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.signal(signal.SIGALRM, old)
+            else:
+                t.uninstall()
+    except BaseException as exc:
+        assert expected is not None and isinstance(exc, expected), repr(exc)
+    else:
+        assert expected is None
+    assert pids
+    for name, pid in pids.items():
+        assert _gone(pid), f"{name} (pid {pid}) outlived the target ({how})"
+    assert workdir is not None and not workdir.exists()
