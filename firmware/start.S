@@ -35,7 +35,7 @@ _start:
 3:  bl      fw_main            /* x0 = CurrentEL */
     b       park
 
-    .text
+    .section .hostbp, "ax"
 /* The host's hardware breakpoint: the firmware is idle, waiting for a request. */
     .global idle
     .type idle, %function
@@ -54,6 +54,7 @@ park:
     wfi
     b       park
 
+    .text
 /* u64 at_loop_<op>(const u64 *addrs, u64 *out, u64 count) */
 .macro AT_LOOP name, op
     .global at_loop_\name

@@ -478,6 +478,10 @@ class Target:
         out["completed"] = raw["status"] == mbx.AccessStatus.COMPLETED
         return out
 
+    def request_nop(self) -> None:
+        """A NOP request: one full continue / breakpoint round trip."""
+        self.request(mbx.Cmd.NOP)
+
     def spin(self, timeout: float) -> None:
         """Ask the firmware to loop forever (tests the timeout path); raises TargetTimeout."""
         self.request(mbx.Cmd.SPIN, timeout=timeout)
