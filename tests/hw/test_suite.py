@@ -37,6 +37,10 @@ pytestmark = pytest.mark.hw
 Check = Callable[[Scenario], CheckReport]
 
 
+def _ids(v: object) -> str:
+    return v.label if isinstance(v, Granule) else str(v)
+
+
 @pytest.fixture
 def check(target: Target, request: pytest.FixtureRequest) -> Check:
     """Build, install and check a scenario; the report is attached to the test on failure."""
@@ -89,8 +93,7 @@ def edge_maps(geom: Geometry, firmware_top: int = 0x4100_0000) -> tuple[MapSpec,
     return tuple(sorted(maps.values(), key=lambda m: m.addr))
 
 
-@pytest.mark.parametrize(("granule", "ia", "pa", "level"), stage2_configs(),
-                         ids=lambda v: v.label if isinstance(v, Granule) else str(v))
+@pytest.mark.parametrize(("granule", "ia", "pa", "level"), stage2_configs(), ids=_ids)
 def test_stage2_start_level_and_concatenation(check: Check, granule: Granule, ia: int, pa: int, level: int) -> None:
     geom = Geometry.create(Stage.S2, granule, ia, pa, level)
     sc = Scenario(f"s2-{granule.label}-ia{ia}-L{level}", Stage.S2, granule, ia, pa, level, maps=edge_maps(geom))
@@ -110,7 +113,7 @@ def stage1_configs() -> list[tuple[Granule, int]]:
     return sorted(out.values())
 
 
-@pytest.mark.parametrize(("granule", "ia"), stage1_configs(), ids=lambda v: v.label if isinstance(v, Granule) else str(v))
+@pytest.mark.parametrize(("granule", "ia"), stage1_configs(), ids=_ids)
 def test_stage1_start_levels(check: Check, granule: Granule, ia: int) -> None:
     geom = Geometry.create(Stage.S1, granule, ia)
     g = granule.size
