@@ -18,7 +18,7 @@ as_root() {
     fi
 }
 
-deb_packages=(gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu gdb-multiarch python3 python3-venv)
+deb_packages=(gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu clang lld gdb-multiarch python3 python3-venv)
 backports_list=/etc/apt/sources.list.d/pgtable-harness-backports.list
 
 qemu_major() {

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO = sys.stdout) -> None:
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     cells = [[str(h) for h in headers], *[[str(c) for c in r] for r in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for n, row in enumerate(cells):
@@ -17,7 +18,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO 
             print("  ".join("-" * w for w in widths), file=out)
 
 
-def emit_json(data: Any, out: TextIO = sys.stdout) -> None:
+def emit_json(data: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     json.dump(data, out, indent=2, sort_keys=False, default=_default)
     out.write("\n")
 
@@ -31,10 +33,10 @@ def _default(o: object) -> object:
 class Progress:
     """A one-line progress display on a terminal; silent elsewhere (CI logs stay clean)."""
 
-    def __init__(self, total: int, enabled: bool | None = None, out: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int, enabled: bool | None = None, out: TextIO | None = None) -> None:
         self.total = total
         self.done = 0
-        self.out = out
+        self.out = out = out or sys.stderr
         self.enabled = out.isatty() if enabled is None else enabled
 
     def step(self, label: str) -> None:

@@ -29,8 +29,9 @@ from harness.target.layout import LAYOUT, Layout
 
 FIRMWARE_DIR = Path(os.environ.get("HARNESS_FIRMWARE_DIR", Path(__file__).resolve().parents[2] / "firmware"))
 SOURCES = ("start.S", "main.c")
+LDFLAGS = ("-nostdlib", "-static")  # link step only (clang warns on them otherwise)
 CFLAGS = (
-    "-ffreestanding", "-nostdlib", "-nostartfiles", "-static", "-fno-pic", "-fno-pie", "-no-pie",
+    "-ffreestanding", "-fno-pic", "-fno-pie",
     "-mgeneral-regs-only", "-mstrict-align", "-fno-stack-protector", "-fno-builtin",
     "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-O2", "-g", "-Wall", "-Wextra", "-Werror",
     "-march=armv8-a",
@@ -52,7 +53,7 @@ class Toolchain:
 
 
 def _gcc_toolchain(cc: str) -> Toolchain:
-    return Toolchain("gcc", shlex.split(cc), [])
+    return Toolchain("gcc", shlex.split(cc), ["-nostartfiles", "-no-pie"])
 
 
 def _clang_toolchain(cc: str = "clang") -> Toolchain:
@@ -102,7 +103,7 @@ def cache_root() -> Path:
 def source_hash(toolchain: Toolchain, layout: Layout = LAYOUT) -> str:
     h = hashlib.sha256()
     h.update(toolchain.describe().encode())
-    h.update(" ".join((*CFLAGS, *toolchain.link_flags)).encode())
+    h.update(" ".join((*CFLAGS, *LDFLAGS, *toolchain.link_flags)).encode())
     for name in SOURCES:
         h.update(name.encode())
         h.update((FIRMWARE_DIR / name).read_bytes())
@@ -141,7 +142,7 @@ def build(force: bool = False, cc: str | None = None, layout: Layout = LAYOUT) -
             obj = name.rsplit(".", 1)[0] + ".o"
             _run([*toolchain.cc, *CFLAGS, "-I", ".", "-c", name, "-o", obj], work)
             objs.append(obj)
-        _run([*toolchain.cc, *CFLAGS, *toolchain.link_flags, "-T", "gen/link.ld", "-Wl,--build-id=none",
+        _run([*toolchain.cc, *CFLAGS, *LDFLAGS, *toolchain.link_flags, "-T", "gen/link.ld", "-Wl,--build-id=none",
               "-o", "payload.elf", *objs], work)
         (work / "BUILD").write_text(f"{toolchain.describe()}\n{' '.join(CFLAGS)}\n")
         if force and final.exists():

@@ -1,0 +1,154 @@
+"""The `harness` command line: arguments, errors, JSON, export; hardware-backed commands marked hw."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.arch.geometry import Geometry
+from harness.cli import main
+from harness.core.batch import expected_par_batch, translate_batch
+from harness.core.translate import READ
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["check", "--stage", "3", "--granule", "4K", "--ia-bits", "40"], "stage"),
+        (["check", "--stage", "2", "--granule", "8K", "--ia-bits", "40"], "granule"),
+        (["check", "--stage", "2", "--granule", "4K", "--ia-bits", "60"], "ia_bits"),
+        (["check", "--stage", "2", "--granule", "4K"], "--ia-bits required"),
+        (["check", "--stage", "2", "--granule", "4K", "--ia-bits", "40", "--map", "0x1000:4K"], "--map"),
+        (["check", "--stage", "2", "--granule", "4K", "--ia-bits", "40", "--map", "0x1000:4K:0x50000000:rwz"],
+         "prot"),
+        (["check", "--stage", "2", "--granule", "4K", "--ia-bits", "40", "--map", "zz:4K:0:r"], "addr"),
+        (["check", "--stage", "2", "--granule", "4K", "--ia-bits", "40", "--op", "explode:0x1000"], "op"),
+        (["check", "--builtin", "nope"], "--builtin"),
+        (["check", "--scenario", "/nonexistent.json"], "does not exist"),
+        (["check", "--builtin", "s2-4K", "--stage", "1"], "one of"),
+        (["run", "--only", "nope"], "--only"),
+        (["geometry", "--stage", "7"], "--stage"),
+        (["explain", "notanumber", "--builtin", "s2-4K"], "ADDRESS"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_specific_message(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                     needle: str) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert needle in err, err
+
+
+def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--frobnicate"])
+    assert e.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_geometry_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "geometry", "--json")
+    rows = json.loads(out)
+    assert code == 0
+    row = next(r for r in rows if r["stage"] == 2 and r["granule"] == "64K" and r["ia_bits"] == 40)
+    assert (row["start_level"], row["pgd_pages"]) == (2, 1)
+    row = next(r for r in rows if r["stage"] == 2 and r["granule"] == "4K" and r["ia_bits"] == 43)
+    assert (row["start_level"], row["pgd_pages"]) == (1, 16)
+
+
+def test_scenario_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text('stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = [{addr = "0x1000", size = "4K"}]\n')
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "out"), "--scenario", str(f))
+    assert code == 2 and "maps[0].pa: required" in err
+    f.write_text("{not json")
+    f2 = tmp_path / "bad.json"
+    f2.write_text("{not json")
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "out"), "--scenario", str(f2))
+    assert code == 2 and "not valid JSON" in err
+
+
+def test_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "sc.toml"
+    f.write_text(
+        'name = "demo"\nstage = 2\ngranule = "16K"\nia_bits = 40\npa_bits = 48\n'
+        'maps = [{addr = "0x10000000", size = "64K", pa = "0x50000000", prot = "rw"},'
+        ' {addr = "0x20000000", size = "32M", pa = "0x60000000", prot = "r"}]\n'
+        'ops = [{op = "mkold", addr = "0x10004000"}]\n'
+    )
+    out_dir = tmp_path / "export"
+    code, out, _ = run_cli(capsys, "export", str(out_dir), "--scenario", str(f), "--json")
+    assert code == 0, out
+    config = json.loads((out_dir / "config.json").read_text())
+    expected = json.loads((out_dir / "expected.json").read_text())
+    image = (out_dir / "tables.bin").read_bytes()
+    assert config["schema"] == expected["schema"] == "pgtable-harness-export/1"
+    assert (config["stage"], config["granule"], config["start_level"], config["pgd_pages"]) == (2, "16K", 2, 16)
+    assert config["image"]["size"] == len(image)
+    assert config["registers"]["vttbr_el2"] & ((1 << 48) - 1) == config["pgd"]
+    assert {r["name"] for r in config["regions"]} == {"el1_stub"}
+    # someone else's walker of the exported bytes gets the exported expectations
+    geom = Geometry.create(2, "16K", 40, 48)
+    words = np.frombuffer(image, dtype="<u8")
+    addrs = np.array(expected["addresses"], dtype=np.uint64)
+    pred = translate_batch(words, config["image"]["base"], geom, config["pgd"], addrs, READ)
+    read = next(p for p in expected["probes"] if p["op"] == "S12E1R")
+    assert [int(x) for x in expected_par_batch(pred, geom.stage)] == read["par"]
+    i = expected["addresses"].index(next(a for a in expected["addresses"] if a >> 14 == 0x10004000 >> 14))
+    assert read["fault"][i] == "access_flag" and read["fault_level"][i] == 3
+
+
+def test_export_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "x").write_text("keep me")
+    code, _, err = run_cli(capsys, "export", str(tmp_path), "--builtin", "s2-64K")
+    assert code == 2 and "not an empty directory" in err
+    assert (tmp_path / "x").read_text() == "keep me"
+
+
+# -- hardware-backed ---------------------------------------------------------------------------
+
+@pytest.mark.hw
+def test_run_subset_json_as_a_process(tmp_path: Path) -> None:
+    """The console script end to end: exit status 0 and every translation matched."""
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--only", "s1-64K", "--only", "s2-16K",
+                           "--json", "--log-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["ok"] is True
+    assert [r["scenario"] for r in data["reports"]] == ["s1-64K", "s2-16K"]
+    assert all(r["checked"] == r["matched"] > 1000 for r in data["reports"])
+    assert (tmp_path / "console.log").exists()
+
+
+@pytest.mark.hw
+def test_explain_and_dump(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "explain", "0x10008010", "--builtin", "s2-4K", "--json")
+    assert code == 0
+    res = json.loads(out)["results"]
+    assert [r["op"] for r in res] == ["S12E1R", "S12E1W"] and all(r["agree"] for r in res)
+    assert "PA 0x50008000" in res[0]["mmu"]
+    code, out, _ = run_cli(capsys, "dump", "--builtin", "s1-4K", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["only_in_model"] == [] and data["only_live"] == []
+    assert any(r["va"] == 0x3_0000_0000 and r["AttrIndx"] == 1 for r in data["live"])  # the device mapping
+
+
+@pytest.mark.hw
+def test_check_inline_scenario_with_operations(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "check", "--stage", "2", "--granule", "64K", "--ia-bits", "40",
+                           "--map", "0x10000000:1M:0x50000000:rw", "--op", "wrprotect:0x10000000:64K",
+                           "--op", "mkold:0x10010000", "--access", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["ok"]
+    rep = data["reports"][0]
+    assert rep["probes"]["load"] > 0 and rep["withheld_from_at"]
