@@ -44,7 +44,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 )
 def test_bad_arguments_exit_2_with_a_specific_message(capsys: pytest.CaptureFixture[str], argv: list[str],
                                                      needle: str) -> None:
-    code, out, err = run_cli(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert needle in err, err
 
