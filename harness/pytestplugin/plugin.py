@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from harness.check.engine import CheckReport, check_built
+from harness.check.scenario import Scenario, build
 from harness.target.errors import TargetError, ToolMissing
 from harness.target.firmware import choose_toolchain
 from harness.target.qemu import check_qemu
@@ -137,3 +140,36 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     info = item.stash.get(_TARGET_KEY, None)
     if info and report.failed:
         report.sections.append(("pgtable-harness target", "\n".join(f"{k}: {v}" for k, v in info.items())))
+        report.sections.append(("pgtable-harness serial console (tail)", _tail(Path(info["console log"]))))
+    if report.failed:
+        for key, value in item.user_properties:
+            if key == MISMATCH_REPORT_KEY:
+                report.sections.append(("pgtable-harness mismatch report", str(value)))
+
+
+MISMATCH_REPORT_KEY = "mismatch report"
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(console log unreadable: {exc})"
+
+
+CheckScenario = Callable[[Scenario], CheckReport]
+
+
+@pytest.fixture
+def check_scenario(target: Target, request: pytest.FixtureRequest) -> CheckScenario:
+    """Build a scenario with the model, install it, check every probe on the MMU, uninstall.
+
+    Returns the :class:`~harness.check.engine.CheckReport`; its text is attached to the test's
+    report (and to JUnit XML as a property) so a failure shows every mismatch walk by walk."""
+
+    def run(sc: Scenario, seed: int = 1) -> CheckReport:
+        rep = check_built(build(sc, target.layout), target, np.random.default_rng(seed))
+        request.node.user_properties.append((MISMATCH_REPORT_KEY, rep.text()))
+        return rep
+
+    return run

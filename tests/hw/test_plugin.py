@@ -27,3 +27,35 @@ def test_missing_tool_skips_or_errors(pytester: pytest.Pytester, monkeypatch: py
     monkeypatch.setenv("HARNESS_REQUIRE_HW", "1")
     by_env = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     by_env.assert_outcomes(errors=1)
+
+
+FAILING_CHECK = """
+import pytest
+from harness.arch.geometry import Granule, Stage
+from harness.check.scenario import SCRATCH, MapSpec, Scenario
+from harness.core.prot import Prot
+
+@pytest.mark.hw
+def test_fails_after_a_check(check_scenario):
+    rep = check_scenario(Scenario("demo", Stage.S2, Granule.K4, 40, 48,
+                                  maps=(MapSpec(0x10000000, 0x2000, SCRATCH, Prot.R),)))
+    assert rep.ok
+    assert rep.checked == -1, "deliberate failure"
+"""
+
+
+@pytest.mark.hw
+def test_failure_report_carries_the_mismatch_report_and_serial_log(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(FAILING_CHECK)
+    junit = pytester.path / "junit.xml"
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--junitxml={junit}")
+    res.assert_outcomes(failed=1)
+    res.stdout.fnmatch_lines([
+        "*QEMU command: qemu-system-aarch64*",
+        "*pgtable-harness serial console (tail)*",
+        "*pgtable-harness firmware: EL2*",
+        "*pgtable-harness mismatch report*",
+        "OK demo: * matched*",
+    ])
+    xml = junit.read_text()
+    assert 'name="mismatch report"' in xml and 'name="console log"' in xml
