@@ -59,7 +59,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
     log "installing pgtable-harness[test] into $venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"
+    PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"
     echo "$want_stamp" > "$stamp"
 fi
 log "ready: $(qemu-system-aarch64 --version | head -n1)"
