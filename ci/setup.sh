@@ -49,6 +49,20 @@ if [ "${#missing[@]}" -gt 0 ] || [ "$want_qemu" = 1 ]; then
     fi
 fi
 
+# Debian 12's own QEMU 7.2, unpacked beside the tree (not installed): the tests check that the
+# harness still runs on it and that its known translation bugs are reported as such.
+legacy="$root/.cache/qemu-7.2"
+if [ "${HARNESS_SKIP_QEMU72:-0}" != 1 ] && [ ! -x "$legacy/usr/bin/qemu-system-aarch64" ]; then
+    log "unpacking Debian 12's QEMU 7.2 into $legacy (reference for the declared QEMU 7.2 divergences)"
+    tmp=$(mktemp -d)
+    ver=$(apt-cache madison qemu-system-arm | awk '$3 ~ /^1:7\.2/ {print $3; exit}')
+    if [ -z "$ver" ]; then as_root apt-get update -q; ver=$(apt-cache madison qemu-system-arm | awk '$3 ~ /^1:7\.2/ {print $3; exit}'); fi
+    (cd "$tmp" && apt-get download -q "qemu-system-arm=$ver" >/dev/null 2>&1 || \
+        { chmod 777 "$tmp"; apt-get download -q "qemu-system-arm=$ver"; })
+    mkdir -p "$legacy" && dpkg -x "$tmp"/qemu-system-arm_*.deb "$legacy"
+    rm -rf "$tmp"
+fi
+
 # Python environment: reinstall only when pyproject.toml changed.
 stamp="$venv/.pgtable-harness-stamp"
 want_stamp=$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)

@@ -148,6 +148,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 MISMATCH_REPORT_KEY = "mismatch report"
+LEGACY_ENV = "HARNESS_QEMU_LEGACY"
+
+
+@pytest.fixture(scope="session")
+def legacy_qemu(pytestconfig: pytest.Config) -> str:
+    """Debian 12's QEMU 7.2 (unpacked by ci/setup.sh into .cache/qemu-7.2, or $HARNESS_QEMU_LEGACY):
+    the harness must still run on it, with its known divergences reported as such."""
+    path = os.environ.get(LEGACY_ENV) or str(pytestconfig.rootpath / ".cache/qemu-7.2/usr/bin/qemu-system-aarch64")
+    if not os.access(path, os.X_OK):
+        why = f"QEMU 7.2 not found at {path} (bash ci/setup.sh unpacks it; or set {LEGACY_ENV})"
+        if require_hw(pytestconfig):
+            pytest.fail(f"hardware tools required but missing: {why}", pytrace=False)
+        pytest.skip(why)
+    return path
 
 
 def _tail(path: Path, lines: int = 40) -> str:
