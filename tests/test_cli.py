@@ -152,3 +152,54 @@ def test_check_inline_scenario_with_operations(capsys: pytest.CaptureFixture[str
     assert code == 0 and data["ok"]
     rep = data["reports"][0]
     assert rep["probes"]["load"] > 0 and rep["withheld_from_at"]
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+@pytest.mark.hw
+def test_ctrl_c_reaps_qemu_and_gdb(tmp_path: Path) -> None:
+    """SIGINT in the middle of `harness bench`: exit status 130, no QEMU or gdb left behind."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "bench", "--probes", "20000000",
+                             "--log-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        kids: set[int] = set()
+        console = tmp_path / "console.log"
+        while time.monotonic() < deadline:
+            kids = _descendants(proc.pid)
+            names = {Path(f"/proc/{k}/exe").resolve().name for k in kids if Path(f"/proc/{k}").exists()}
+            booted = console.exists() and "ready" in console.read_text(errors="replace")
+            if booted and any("qemu" in n for n in names) and any("gdb" in n for n in names):
+                break
+            time.sleep(0.05)
+        assert kids, "harness bench started no child processes"
+        time.sleep(0.5)  # into the benchmark proper
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    alive = [k for k in kids if Path(f"/proc/{k}").exists()]
+    assert alive == [], f"left behind: {alive}"
