@@ -1,0 +1,498 @@
+"""The v3 review questions, settled on the MMU.
+
+Gavin Shan's review of v3 02/21 of the walker series (``../shared/seed``) asked two questions, and
+a later upstream fix (357ad203d45c) answered a third one nobody asked in that thread:
+
+1. **Concatenated PGD pages.** ``kvm_pgd_pages(ia_bits, start_level)`` as posted passes the start
+   level to ``__kvm_pgd_page_idx``; the review proposed ``KVM_PGTABLE_MAX_LEVELS - start_level + 1``.
+   The MMU is asked: with the model's PGD (as many pages as the architecture concatenates), the
+   last page of the input range translates through the last PGD page; zeroing the PGD pages the
+   proposal would not have allocated makes the MMU fault there.
+2. **Range check.** The posted walker rejects ``addr > limit || end > limit``; the review proposed
+   ``>=``. The end is exclusive: a walk that visits the last page has ``end == 2**ia_bits``.
+3. **Unaligned start** (357ad203d45c). After a leaf the seed advanced with ``addr += size``
+   without aligning down: a walk that starts inside a block skips the first entry after it.
+
+Each question becomes a :class:`Verdict` measured on a running :class:`~harness.target.Target`.
+Addresses are chosen so that no ``AT S12E1*`` meets a stage-2 permission fault (QEMU 10.0.2
+aborts, :data:`harness.check.divergences.AT_HAZARDS`): write protection is observed with real
+stores from the EL1 stub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness.arch import descriptors as d
+from harness.arch.geometry import (
+    MAX_PGD_PAGES,
+    MIN_IA_BITS,
+    Geometry,
+    Granule,
+    Stage,
+    max_ia_bits,
+    stage2_start_levels,
+)
+from harness.arch.registers import (
+    ESR_EC,
+    ISS_DFSC,
+    ExceptionClass,
+    FaultKind,
+    Par,
+    fault_status,
+)
+from harness.check.engine import used_image
+from harness.check.review_model import proposed_pgd_pages, proposed_range_rejects, seed_pgd_pages, seed_range_rejects
+from harness.core.memory import PagePool, PoolImage
+from harness.core.pgtable import Stage2Pgtable
+from harness.core.prot import Prot
+from harness.core.translate import READ, expected_par, par_compare_mask, translate
+from harness.core.walker import SEED_RULES, UPSTREAM_RULES, Walker, WalkFlags, WalkRules, walk, walk_range
+from harness.target.target import Target
+
+S2_PA_BITS = {Granule.K4: 48, Granule.K16: 48, Granule.K64: 52}
+
+Q_PGD = "kvm_pgd_pages(): how many concatenated PGD pages (posted vs Gavin's MAX_LEVELS - start_level + 1)?"
+Q_RANGE = "_kvm_pgtable_walk(): reject end > limit (posted) or end >= limit (Gavin)?"
+Q_ALIGN = "357ad203d45c: does a walk that starts inside a block skip the next entry (seed walker)?"
+
+
+@dataclass
+class Verdict:
+    """One review question, its answer as measured, the evidence, and whether the answer held."""
+
+    question: str
+    answer: str
+    evidence: list[str]
+    holds: bool
+    data: dict[str, Any] = field(default_factory=dict)  # the measured values, per configuration
+    title: str = ""  # a short name for tables
+
+    def to_json(self) -> dict[str, Any]:
+        return {"title": self.title, "question": self.question, "answer": self.answer, "holds": self.holds,
+                "evidence": list(self.evidence), "data": self.data}
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+
+def _pool(layout: Any, granule: Granule) -> PagePool:
+    return PagePool(int(layout.pool_base), int(layout.pool_size), granule.size)
+
+
+class _Overlay:
+    """Table memory as the MMU would see it with some pool ranges zeroed (for the model's PAR)."""
+
+    def __init__(self, pool: PagePool, zeroed: Sequence[tuple[int, int]]) -> None:
+        self.pool = pool
+        self.zeroed = list(zeroed)
+
+    def read64(self, pa: int) -> int:
+        if any(lo <= pa < hi for lo, hi in self.zeroed):
+            return 0
+        return self.pool.read64(pa)
+
+    def contains(self, pa: int) -> bool:
+        return self.pool.contains(pa)
+
+
+def _zeroed_image(image: PoolImage, zeroed: Sequence[tuple[int, int]]) -> PoolImage:
+    data = bytearray(image.data)
+    for lo, hi in zeroed:
+        data[lo - image.base : hi - image.base] = bytes(hi - lo)
+    return PoolImage(image.base, bytes(data))
+
+
+def _expected(table: Stage2Pgtable, addr: int, zeroed: Sequence[tuple[int, int]] = ()) -> tuple[int, int]:
+    """(expected PAR_EL1, compare mask) for ``AT S12E1R`` at ``addr`` per the architectural walk."""
+    assert table.pgd is not None
+    mem = _Overlay(table.mem, zeroed) if zeroed else table.mem
+    t = translate(mem, table.geom, table.pgd, addr, READ)
+    return expected_par(t), par_compare_mask(t)
+
+
+@contextmanager
+def _installed(target: Target, table: Stage2Pgtable, image: PoolImage | None = None) -> Iterator[None]:
+    target.install(table.regs(), image if image is not None else used_image(table))
+    try:
+        yield
+    finally:
+        target.uninstall()
+
+
+def _par_text(par: int) -> str:
+    return str(Par(par))
+
+
+# -- 1. concatenated PGD pages ----------------------------------------------------------------------
+
+def pgd_configs() -> list[tuple[Granule, int, int]]:
+    """(granule, ia_bits, start_level): one per (start level, PGD pages) the architecture allows
+    (the smallest IPA that gives it), plus the configurations the review names."""
+    seen: dict[tuple[Granule, int, int], tuple[Granule, int, int]] = {}
+    for g in Granule:
+        pa = S2_PA_BITS[g]
+        for ia in range(MIN_IA_BITS, max_ia_bits(g) + 1):
+            for lvl in stage2_start_levels(g, ia, pa):
+                pages = Geometry.create(Stage.S2, g, ia, pa, lvl).pgd_pages
+                seen.setdefault((g, lvl, pages), (g, ia, lvl))
+    named = [(Granule.K64, 40, 2), (Granule.K64, 33, 3), (Granule.K4, 40, 1), (Granule.K4, 43, 1)]
+    return sorted(set(seen.values()) | set(named), key=lambda c: (c[0].shift, c[2], c[1]))
+
+
+@dataclass
+class PgdProbe:
+    """One stage-2 configuration's PGD pages, as the model and the MMU see them."""
+
+    granule: Granule
+    ia_bits: int
+    start_level: int
+    pages: int  # the model's geometry (the Arm ARM)
+    seed: int  # kvm_pgd_pages() as posted
+    proposed: int  # with Gavin's change
+    pgd: int
+    first_ipa: int
+    last_ipa: int
+    first_pa: int
+    last_pa: int
+    last_entry_pa: int  # the initial-level descriptor for the last page
+    last_entry_page: int  # which PGD page holds it
+    par_first: int
+    par_last: int
+    expected_last: int
+    matches: bool  # both PARs equal the model's under the compare mask
+    # the last PGD page zeroed in guest RAM: the MMU must fault on the last page
+    par_last_page_zeroed: int
+    expected_last_page_zeroed: int
+    last_page_needed: bool
+    # the pages beyond the proposal zeroed (only when the proposal allocates fewer)
+    par_proposed_only: int | None = None
+    par_first_proposed_only: int | None = None
+    proposal_refuted: bool | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.granule.label}/{self.ia_bits}-bit L{self.start_level}"
+
+    @property
+    def holds(self) -> bool:
+        ok = (self.matches and self.last_page_needed and self.seed == self.pages
+              and self.last_entry_page == self.pages - 1)
+        return ok and self.proposal_refuted is not False
+
+
+def probe_pgd(target: Target, granule: Granule, ia_bits: int, start_level: int) -> PgdProbe:
+    """Map the first and last pages of the IPA range; AT S12E1R both; then zero PGD pages."""
+    layout = target.layout
+    pa_bits = S2_PA_BITS[granule]
+    g = granule.size
+    table = Stage2Pgtable(_pool(layout, granule), granule, ia_bits, pa_bits, start_level)
+    geom = table.geom
+    pgd = table.pgd
+    assert pgd is not None
+    first, last = 0, geom.limit - g
+    first_pa, last_pa = int(layout.scratch_base), int(layout.scratch_base) + g
+    table.map(first, g, first_pa, Prot.RW)
+    table.map(last, g, last_pa, Prot.RW)
+    image = used_image(table)
+    with _installed(target, table, image):
+        par_first, par_last = (int(p) for p in target.at([first, last], "S12E1R"))
+    exp_first, mask_first = _expected(table, first)
+    exp_last, mask_last = _expected(table, last)
+    matches = (par_first ^ exp_first) & mask_first == 0 and (par_last ^ exp_last) & mask_last == 0
+
+    last_page = (pgd + (geom.pgd_pages - 1) * g, pgd + geom.pgd_pages * g)
+    with _installed(target, table, _zeroed_image(image, [last_page])):
+        (par_zeroed,) = (int(p) for p in target.at([last], "S12E1R"))
+    exp_zeroed, mask_zeroed = _expected(table, last, [last_page])
+    needed = (par_zeroed ^ exp_zeroed) & mask_zeroed == 0 and Par(par_zeroed).fault
+
+    probe = PgdProbe(
+        granule, ia_bits, geom.start_level, geom.pgd_pages, seed_pgd_pages(granule, ia_bits, geom.start_level),
+        proposed_pgd_pages(granule, ia_bits, geom.start_level), pgd, first, last, first_pa, last_pa,
+        pgd + 8 * geom.pgd_index(last), geom.pgd_page_index(last), par_first, par_last, exp_last, bool(matches),
+        par_zeroed, exp_zeroed, bool(needed),
+    )
+    if probe.proposed < probe.pages:
+        beyond = (pgd + probe.proposed * g, pgd + probe.pages * g)
+        with _installed(target, table, _zeroed_image(image, [beyond])):
+            pf, pl = (int(p) for p in target.at([first, last], "S12E1R"))
+        exp_l, mask_l = _expected(table, last, [beyond])
+        probe.par_first_proposed_only, probe.par_proposed_only = pf, pl
+        probe.proposal_refuted = bool(
+            Par(pl).fault and (pl ^ exp_l) & mask_l == 0 and (pf ^ exp_first) & mask_first == 0)
+    return probe
+
+
+def verdict_pgd_pages(target: Target, configs: Sequence[tuple[Granule, int, int]] | None = None) -> Verdict:
+    probes = [probe_pgd(target, *c) for c in (configs if configs is not None else pgd_configs())]
+    evidence = []
+    for p in probes:
+        line = (f"{p.label}: pages model {p.pages}, posted {p.seed}, proposed {p.proposed}; last IPA "
+                f"{p.last_ipa:#x} -> entry {p.last_entry_pa:#x} in PGD page {p.last_entry_page}; MMU "
+                f"{'PA ' + hex(Par(p.par_last).pa) if not Par(p.par_last).fault else _par_text(p.par_last)}"
+                f"{'' if p.matches else ' (MISMATCH: model ' + _par_text(p.expected_last) + ')'}; "
+                f"last PGD page zeroed -> {_par_text(p.par_last_page_zeroed)}")
+        if p.par_proposed_only is not None:
+            line += (f"; pages {p.proposed}..{p.pages - 1} zeroed (Gavin's count) -> last "
+                     f"{_par_text(p.par_proposed_only)}, first "
+                     f"{'PA ' + hex(Par(p.par_first_proposed_only or 0).pa)}")
+        if p.proposed > MAX_PGD_PAGES:
+            line += f"; proposed {p.proposed} > {MAX_PGD_PAGES}: more than the architecture can concatenate"
+        evidence.append(line)
+    differ = [p for p in probes if p.proposed != p.pages]
+    refuted = [p for p in probes if p.proposal_refuted]
+    holds = all(p.holds for p in probes) and bool(differ) and bool(refuted)
+    answer = (
+        f"posted kvm_pgd_pages() is right for all {len(probes)} configurations "
+        f"({sum(p.matches for p in probes)} translate the last IPA page through the last PGD page); "
+        f"Gavin's count differs in {len(differ)} ({sum(p.proposed > MAX_PGD_PAGES for p in probes)} above "
+        f"{MAX_PGD_PAGES} pages, {sum(p.proposed < p.pages for p in probes)} too few: the MMU faults on "
+        f"the last page in {len(refuted)} of them)"
+    )
+    data = {"configs": [
+        {"granule": p.granule.label, "ia_bits": p.ia_bits, "start_level": p.start_level, "pages": p.pages,
+         "posted": p.seed, "proposed": p.proposed, "last_ipa": p.last_ipa, "last_pa": Par(p.par_last).pa,
+         "last_pgd_page": p.last_entry_page, "matches": p.matches, "last_page_needed": p.last_page_needed,
+         "proposal_refuted": p.proposal_refuted} for p in probes]}
+    return Verdict(Q_PGD, answer, evidence, holds, data, "concatenated PGD pages")
+
+
+# -- 2. range check --------------------------------------------------------------------------------
+
+RANGE_CONFIGS: tuple[tuple[Granule, int, int], ...] = (
+    (Granule.K4, 40, 1), (Granule.K16, 36, 2), (Granule.K64, 40, 2), (Granule.K64, 33, 3),
+)
+
+
+@dataclass
+class RangeProbe:
+    granule: Granule
+    ia_bits: int
+    start_level: int
+    start: int
+    end: int  # == 2**ia_bits
+    visited: list[tuple[int, int, int]]  # (addr, level, ptep) of every LEAF visit
+    last_visit: tuple[int, int, int]
+    last_entry_page: int
+    posted_rejects: bool
+    proposed_rejects: bool
+    empty_walk_at_limit: int  # visits of a walk starting at addr == limit (Will: none)
+    pa: int
+    par: int
+    matches: bool
+
+    @property
+    def holds(self) -> bool:
+        return (self.end == 1 << self.ia_bits and self.last_visit[0] == self.end - self.granule.size
+                and self.last_visit[1] == 3 and not self.posted_rejects and self.proposed_rejects
+                and self.empty_walk_at_limit == 0 and self.matches and not Par(self.par).fault
+                and Par(self.par).pa == self.pa)
+
+
+def probe_range(target: Target, granule: Granule, ia_bits: int, start_level: int) -> RangeProbe:
+    """Map the last page (the map's own walk has end == 2**ia_bits), record a walk to the limit,
+    and AT S12E1R the last page."""
+    layout = target.layout
+    g = granule.size
+    table = Stage2Pgtable(_pool(layout, granule), granule, ia_bits, S2_PA_BITS[granule], start_level)
+    limit = table.geom.limit
+    last = limit - g
+    pa = int(layout.scratch_base) + 2 * g
+    table.map(last, g, pa, Prot.RW)  # walk(last, g): end == limit, accepted by the posted check
+    visited: list[tuple[int, int, int]] = []
+    rec = Walker(lambda a, e, lvl, ptep, f: visited.append((a, lvl, ptep)), WalkFlags.LEAF)
+    start, end = walk_range(table, last - 4 * g, 4 * g + g)  # the last five pages, up to the limit
+    walk(table, start, end - start, rec)
+    at_limit: list[tuple[int, int, int]] = []
+    walk(table, limit, 0, Walker(lambda a, e, lvl, ptep, f: at_limit.append((a, lvl, ptep)), WalkFlags.LEAF))
+    with _installed(target, table):
+        (par,) = (int(p) for p in target.at([last], "S12E1R"))
+    exp, mask = _expected(table, last)
+    pgd = table.pgd
+    assert pgd is not None
+    return RangeProbe(granule, ia_bits, table.geom.start_level, start, end, visited, visited[-1],
+                      table.geom.pgd_page_index(last), seed_range_rejects(start, end, ia_bits),
+                      proposed_range_rejects(start, end, ia_bits), len(at_limit), pa, par,
+                      (par ^ exp) & mask == 0)
+
+
+def verdict_range(target: Target, configs: Sequence[tuple[Granule, int, int]] = RANGE_CONFIGS) -> Verdict:
+    probes = [probe_range(target, *c) for c in configs]
+    evidence = []
+    for p in probes:
+        a, lvl, ptep = p.last_visit
+        evidence.append(
+            f"{p.granule.label}/{p.ia_bits}-bit L{p.start_level}: walk [{p.start:#x}, {p.end:#x}) (end == 2^"
+            f"{p.ia_bits}) visits {len(p.visited)} leaves, the last {a:#x} at level {lvl} (level-{lvl} entry "
+            f"{ptep:#x}; its PGD entry is in PGD page {p.last_entry_page}); posted '>' rejects: "
+            f"{p.posted_rejects}, Gavin's '>=' rejects: {p.proposed_rejects}; "
+            f"walk from addr == limit visits {p.empty_walk_at_limit}; MMU AT S12E1R "
+            f"{a:#x} -> {_par_text(p.par)} (mapped to {p.pa:#x})")
+    holds = all(p.holds for p in probes)
+    answer = ("keep '>': the end is exclusive, every walk that reaches the last page has end == 2^ia_bits; the "
+              "MMU translates that page, and '>=' would make it unmappable (the map of it is such a walk)")
+    data = {"configs": [
+        {"granule": p.granule.label, "ia_bits": p.ia_bits, "start_level": p.start_level, "end": p.end,
+         "last_visit": p.last_visit[0], "last_visit_level": p.last_visit[1], "posted_rejects": p.posted_rejects,
+         "proposed_rejects": p.proposed_rejects, "pa": Par(p.par).pa, "fault": Par(p.par).fault}
+        for p in probes]}
+    return Verdict(Q_RANGE, answer if holds else "the range check did not behave as Will described", evidence,
+                   holds, data, "range check (end == 2^ia_bits)")
+
+
+# -- 3. unaligned start (357ad203d45c) -----------------------------------------------------------------
+
+@dataclass
+class AlignProbe:
+    granule: Granule
+    block: int  # IPA of the level-2 block
+    block_size: int
+    next_region: int  # IPA of the level-3 table's first page (block + block_size)
+    walk_start: int
+    walk_end: int
+    seed_visits: list[tuple[int, int]]  # (addr passed to the visitor, level)
+    fixed_visits: list[tuple[int, int]]
+    skipped: list[int]  # leaf addresses (aligned) the fixed walk visits and the seed's does not
+    seed_writable: bool  # model: the seed's wrprotect left next_region writable
+    fixed_writable: bool
+    # real stores from the EL1 stub: [block + g, next_region, next_region + g]
+    probes: list[int]
+    seed_stores: list[bool]
+    fixed_stores: list[bool]
+    seed_esr: list[int]
+    fixed_esr: list[int]
+
+    @property
+    def holds(self) -> bool:
+        perm3 = fault_status(FaultKind.PERMISSION, 3)
+        fixed_fault_ok = all(
+            ESR_EC.get(e) == ExceptionClass.DABT_LOWER and ISS_DFSC.get(e) == perm3
+            for e, done in zip(self.fixed_esr[1:2], self.fixed_stores[1:2], strict=True) if not done)
+        return (self.skipped == [self.next_region] and self.seed_writable and not self.fixed_writable
+                and self.seed_stores == [False, True, True] and self.fixed_stores == [False, False, True]
+                and fixed_fault_ok)
+
+
+def _align_table(layout: Any, granule: Granule, rules: WalkRules) -> tuple[Stage2Pgtable, int, int]:
+    table = Stage2Pgtable(_pool(layout, granule), granule, 40, 48, rules=rules)
+    for r in layout.stage2_regions():
+        table.map(r.base, r.size, r.base, r.prot)
+    bsize = table.geom.size(2)
+    block = 1 << 32
+    block_pa = -(-int(layout.scratch_base) // bsize) * bsize  # the first block-aligned scratch PA
+    if block_pa + bsize > int(layout.scratch_base) + int(layout.scratch_size):
+        raise ValueError(f"layout: no {bsize:#x}-aligned block fits in scratch RAM")
+    pages_pa = int(layout.scratch_base) if block_pa != int(layout.scratch_base) else block_pa + bsize
+    table.map(block, bsize, block_pa, Prot.RW)
+    table.map(block + bsize, 16 * granule.size, pages_pa, Prot.RW)  # a level-3 table after the block
+    return table, block, bsize
+
+
+def probe_unaligned(target: Target, granule: Granule = Granule.K4) -> AlignProbe:
+    layout = target.layout
+    g = granule.size
+    seed, block, bsize = _align_table(layout, granule, SEED_RULES)
+    fixed, _, _ = _align_table(layout, granule, UPSTREAM_RULES)
+    nxt = block + bsize
+    lo, hi = block + g, nxt + g
+
+    def record(table: Stage2Pgtable, rules: WalkRules) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        table.walk(lo, hi - lo, Walker(lambda a, e, lvl, p, f: out.append((a, lvl)), WalkFlags.LEAF), rules)
+        return out
+
+    seed_visits, fixed_visits = record(seed, SEED_RULES), record(fixed, UPSTREAM_RULES)
+
+    def aligned(v: list[tuple[int, int]], table: Stage2Pgtable) -> set[int]:
+        return {a & ~(table.geom.size(lvl) - 1) for a, lvl in v}
+
+    skipped = sorted(aligned(fixed_visits, fixed) - aligned(seed_visits, seed))
+    seed.wrprotect(lo, hi - lo)
+    fixed.wrprotect(lo, hi - lo)
+
+    def writable(table: Stage2Pgtable) -> bool:
+        pte = table.get_leaf(nxt).pte
+        return d.is_valid(pte) and bool(d.S2_AP.get(pte) & d.S2AP.WO)
+
+    probes = [block + g, nxt, nxt + g]
+    results = []
+    for table in (seed, fixed):
+        with _installed(target, table):
+            rec = target.access(np.array(probes, dtype=np.uint64), write=True, stage=Stage.S2)
+        results.append(([bool(c) for c in rec["completed"]], [int(e) for e in rec["esr"]]))
+    return AlignProbe(granule, block, bsize, nxt, lo, hi, seed_visits, fixed_visits, skipped, writable(seed),
+                      writable(fixed), probes, results[0][0], results[1][0], results[0][1], results[1][1])
+
+
+def verdict_unaligned(target: Target, granules: Sequence[Granule] = tuple(Granule)) -> Verdict:
+    probes = [probe_unaligned(target, g) for g in granules]
+    evidence = []
+    for p in probes:
+        def store(done: bool, esr: int) -> str:
+            return "store completes" if done else f"store faults (DFSC {ISS_DFSC.get(esr):#x})"
+
+        evidence.append(
+            f"{p.granule.label}: block {p.block:#x}+{p.block_size:#x}, level-3 table at {p.next_region:#x}; "
+            f"wrprotect [{p.walk_start:#x}, {p.walk_end:#x}): seed visits {[hex(a) for a, _ in p.seed_visits]}, "
+            f"fixed visits {[hex(a) for a, _ in p.fixed_visits]}; skipped by the seed: "
+            f"{[hex(a) for a in p.skipped]}; MMU store to {p.next_region:#x}: seed "
+            f"{store(p.seed_stores[1], p.seed_esr[1])}, fixed {store(p.fixed_stores[1], p.fixed_esr[1])}; "
+            f"to {p.probes[0]:#x} (in the block): seed {store(p.seed_stores[0], p.seed_esr[0])}, fixed "
+            f"{store(p.fixed_stores[0], p.fixed_esr[0])}")
+    holds = all(p.holds for p in probes)
+    answer = ("yes: the seed's walk skips the first page after the block, which stays writable on the MMU; "
+              "with 357ad203d45c (align down, then advance) it is write-protected" if holds
+              else "the seed/fixed walks did not differ as 357ad203d45c describes")
+    data = {"configs": [
+        {"granule": p.granule.label, "block": p.block, "block_size": p.block_size, "next_region": p.next_region,
+         "skipped": p.skipped, "seed_stores": p.seed_stores, "fixed_stores": p.fixed_stores} for p in probes]}
+    return Verdict(Q_ALIGN, answer, evidence, holds, data, "unaligned start (357ad203d45c)")
+
+
+# -- all of it ---------------------------------------------------------------------------------------
+
+def run_review(target: Target) -> list[Verdict]:
+    return [verdict_pgd_pages(target), verdict_range(target), verdict_unaligned(target)]
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="harness review", description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    parser.add_argument("--timeout", type=float, default=30.0, help="QEMU boot timeout in seconds")
+    parser.add_argument("--verbose", "-v", action="store_true", help="every evidence line (default: the first 3)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    from harness.cli.output import emit_json, table
+
+    with Target.start(timeout=args.timeout) as t:
+        verdicts = run_review(t)
+        version = ".".join(map(str, t.qemu_version))
+    if args.json:
+        emit_json({"qemu": version, "ok": all(v.holds for v in verdicts), "verdicts": [v.to_json() for v in verdicts]})
+    else:
+        rows: list[list[str]] = []
+        for n, v in enumerate(verdicts, 1):
+            ev = v.evidence if args.verbose else v.evidence[:3]
+            verdict = "HOLDS" if v.holds else "FAILS"
+            rows.append([f"{n}. {v.title or v.question}", verdict, _short(ev[0], 110) if ev else ""])
+            rows += [["", "", _short(e, 110)] for e in ev[1:]]
+            if len(v.evidence) > len(ev):
+                rows.append(["", "", f"... {len(v.evidence) - len(ev)} more (-v)"])
+            rows.append(["", "", "=> " + v.answer])
+        table(["question", "verdict", "evidence"], rows)
+        print(f"QEMU {version}: {sum(v.holds for v in verdicts)}/{len(verdicts)} verdicts hold")
+    return 0 if all(v.holds for v in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
