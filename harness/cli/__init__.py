@@ -7,7 +7,6 @@
     harness dump ...             decode the live tables through gdb and diff them with the model
     harness review               the v3 review questions, settled on the MMU
     harness bench                end-to-end verified translations/s vs the raw AT rate
-    harness fuzz                 random raw tables against the MMU
     harness geometry             the geometry table for every granule and input size
 
 Every command takes --json. Exit status: 0 success, 1 a check failed, 2 bad arguments or set-up.
@@ -87,9 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="verified translations/s end to end, vs the raw AT rate")
     common(p)
     p.add_argument("--probes", type=int, default=1_000_000, help="addresses per pass (default 1e6)")
-
-    p = sub.add_parser("fuzz", help="random raw tables against the MMU")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of `python -m harness.check.fuzz`")
 
     p = sub.add_parser("geometry", help="geometry table for every granule and input size")
     common(p, target=False)

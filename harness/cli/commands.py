@@ -43,7 +43,7 @@ class UsageError(Exception):
 def dispatch(args: argparse.Namespace) -> int:
     handler = {
         "run": cmd_run, "check": cmd_check, "explain": cmd_explain, "export": cmd_export, "dump": cmd_dump,
-        "review": cmd_review, "bench": cmd_bench, "fuzz": cmd_fuzz, "geometry": cmd_geometry,
+        "review": cmd_review, "bench": cmd_bench, "geometry": cmd_geometry,
     }[args.command]
     try:
         return handler(args)
@@ -365,10 +365,6 @@ def cmd_review(args: argparse.Namespace) -> int:
     return review.main(["--json"] if args.json else [])
 
 
-def cmd_fuzz(args: argparse.Namespace) -> int:
-    from harness.check import fuzz
-
-    return fuzz.main(list(args.rest))
 
 
 # -- bench --------------------------------------------------------------------------------------
