@@ -238,7 +238,6 @@ def check_access(report: CheckReport, target: TargetLike, table: KvmPgtable, add
         completed = rec["completed"]
         good = completed == ok
         faulting = np.flatnonzero(~ok)
-        version = target.qemu_version
         for i in faulting:
             if not completed[i]:
                 t = _rewalk(table, int(chosen[i]), access)
@@ -263,7 +262,6 @@ def check_access(report: CheckReport, target: TargetLike, table: KvmPgtable, add
                 *_expected_esr_fields(t, table.stage, write)[:2])
             report.mismatches.append(Mismatch(addr, name, f"{t.summary()} -> {want}", got, t.explain()))
             report.mismatched += 1
-        del version
 
 
 def check_built(built: Built, target: TargetLike, rng: np.random.Generator | None = None,
