@@ -22,6 +22,8 @@ import enum
 from dataclasses import dataclass
 from functools import cached_property
 
+from harness.errors import InputError
+
 MAX_LEVELS = 4
 LAST_LEVEL = MAX_LEVELS - 1
 ENTRY_BYTES = 8
@@ -34,7 +36,7 @@ MAX_PA_BITS = 48  # 4K and 16K without FEAT_LPA2
 PA_SIZES = (32, 36, 40, 42, 44, 48, 52)  # TCR.PS / VTCR.PS encodings 0..6
 
 
-class GeometryError(ValueError):
+class GeometryError(InputError):
     """A configuration the architecture does not allow; the message names the argument."""
 
 

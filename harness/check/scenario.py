@@ -18,9 +18,10 @@ from harness.arch.geometry import Geometry, GeometryError, Granule, Stage, parse
 from harness.core.memory import PagePool
 from harness.core.pgtable import HypPgtable, KvmPgtable, PgtableError, Stage2Pgtable
 from harness.core.prot import Prot
+from harness.errors import InputError
 
 
-class ScenarioError(ValueError):
+class ScenarioError(InputError):
     """A scenario that cannot be built; the message names the field."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from harness.errors import MachineryError
 
-class TargetError(RuntimeError):
+
+class TargetError(MachineryError):
     """Base class: something went wrong with the QEMU/gdb target."""
 
 
