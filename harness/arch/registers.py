@@ -218,12 +218,14 @@ def describe_esr(esr: int) -> str:
 
 @dataclass(frozen=True)
 class Stage1Regs:
-    """What the firmware programs for the EL2 stage-1 regime, then SCTLR_EL2 |= sctlr_set."""
+    """What the firmware programs for the EL2 stage-1 regime: HCR_EL2 |= hcr_el2_set (E2H for the
+    EL2&0 "hVHE" regime; 0 for the non-VHE EL2 regime), MAIR/TCR/TTBR0, then SCTLR_EL2 |= sctlr_set."""
 
     mair_el2: int
     tcr_el2: int
     ttbr0_el2: int
     sctlr_el2_set: int
+    hcr_el2_set: int = 0
 
     stage = Stage.S1
 
