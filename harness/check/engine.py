@@ -57,6 +57,7 @@ MAX_ACCESS_PROBES = 20_000
 
 SKIP_UNMODELLED = "walk leaves the modelled memory (no prediction)"
 SKIP_UNMODELLED_WITHHELD = "walk leaves the modelled memory, AT withheld (target cannot report an AT abort)"
+SKIP_NO_ACCESS = "withheld from AT, and real accesses cannot run on this table"
 SKIP_AT_ABORT = "AT took an external abort: walk leaves the modelled memory"
 
 
@@ -96,7 +97,8 @@ class Subject:
 
     ``image`` is what gets written into guest RAM (it must cover every byte of ``mem`` the model
     reads, so that both sides see the same tables); ``no_access`` lists input ranges real loads
-    and stores must never touch (the firmware's own regions)."""
+    and stores must never touch (the firmware's own regions); ``accesses`` is False where real
+    accesses cannot run (a stage-2 table that cannot map the EL1 stub)."""
 
     name: str
     geom: Geometry
@@ -106,6 +108,7 @@ class Subject:
     image: PoolImage
     mair: int = DEFAULT_MAIR
     no_access: tuple[tuple[int, int], ...] = ()
+    accesses: bool = True
 
     @property
     def stage(self) -> Stage:
@@ -498,7 +501,9 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
     report.time("install", time.perf_counter() - t0)
     try:
         withheld = check_at(report, target, subject, addrs)
-        if withheld or access:
+        if not subject.accesses:
+            report.count(report.skipped, SKIP_NO_ACCESS, sum(int(v.size) for v in withheld.values()))
+        elif withheld or access:
             check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld)
     finally:
         if target.alive:
