@@ -79,6 +79,7 @@ class TargetLike(Protocol):
     def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None) -> Any: ...
     def read_pa(self, pa: int, n: int) -> bytes: ...
     def write_pa(self, pa: int, data: bytes) -> None: ...
+    def ram_u64(self, pa: int, count: int) -> U64: ...
 
 
 class TableMemory(Protocol):
@@ -298,8 +299,8 @@ def reports_at_aborts() -> bool:
 def _at_abort_text(value: int) -> str:
     from harness.target import mailbox
 
-    esr_of = cast("Callable[[int], int] | None", getattr(mailbox, "at_exception_esr", None))
-    return f"AT took an exception: {describe_esr(esr_of(value))}" if esr_of else f"AT abort {value:#x}"
+    esr_of = cast("Callable[[int], Any] | None", getattr(mailbox, "at_exception_esr", None))
+    return f"AT took an exception: {describe_esr(int(esr_of(value)))}" if esr_of else f"AT abort {value:#x}"
 
 
 def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, addrs: U64, actual: U64,
@@ -424,8 +425,62 @@ def _access_agrees(pred: BatchResult, rec: Any, addrs: U64, stage: Stage, write:
     if stage is Stage.S2:
         same &= (rec["hpfar"].astype(np.uint64) >> np.uint64(4)) == (addrs >> np.uint64(12))
     else:
-        same &= rec["far"].astype(np.uint64) == addrs
+        same &= rec["far"].astype(np.uint64) == addrs & ~np.uint64(7)
     return np.asarray(np.where(ok, completed, ~completed & same), dtype=np.bool_)
+
+
+def _in_scratch(pred: BatchResult, scratch: Any) -> Bools:
+    base = np.uint64(scratch.base)
+    return np.asarray(pred.ok & (pred.pa >= base) & (pred.pa < base + np.uint64(scratch.size)), dtype=np.bool_)
+
+
+def _scratch_words(target: TargetLike, scratch: Any) -> U64:
+    return target.ram_u64(int(scratch.base), int(scratch.size) // 8)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Unique 64-bit values planted at the expected PAs of loads (one per distinct word)."""
+
+    index: npt.NDArray[np.intp]  # per lane: which planted value it must read (-1: none expected)
+    values: U64
+
+    @classmethod
+    def plant(cls, target: TargetLike, pred: BatchResult, scratch: Any, salt: int) -> Tokens:
+        words = _scratch_words(target, scratch)
+        ok = _in_scratch(pred, scratch)
+        offs = (pred.pa[ok] - np.uint64(scratch.base)) >> np.uint64(3)
+        uniq, inverse = np.unique(offs, return_inverse=True)
+        values = np.uint64(LOAD_TOKEN_BASE | (salt & 0xFFFF) << 32) | np.arange(uniq.size, dtype=np.uint64)
+        words[uniq.astype(np.intp)] = values
+        index = np.full(len(pred), -1, dtype=np.intp)
+        index[np.flatnonzero(ok)] = inverse.reshape(-1)
+        return cls(index, values)
+
+    def loaded(self, rec: Any) -> Bools:
+        """Per lane: the load read the value planted at its expected PA (or none was expected)."""
+        want = np.where(self.index >= 0, self.values[np.maximum(self.index, 0)] if self.values.size else 0, 0)
+        return np.asarray((self.index < 0) | (rec["value"].astype(np.uint64) == want), dtype=np.bool_)
+
+
+LOAD_TOKEN_BASE = 0x10AD_0000_0000_0000
+
+
+def _stores_landed(target: TargetLike, pred: BatchResult, rec: Any, scratch: Any) -> Bools:
+    """Per lane: the value the store carried is at its expected PA (where several stores share
+    a word, the last one's value), or no store was expected to complete."""
+    words = _scratch_words(target, scratch)
+    ok = np.flatnonzero(_in_scratch(pred, scratch))
+    out = np.ones(len(pred), dtype=np.bool_)
+    if not ok.size:
+        return out
+    offs = ((pred.pa[ok] - np.uint64(scratch.base)) >> np.uint64(3)).astype(np.intp)
+    carried = rec["value"].astype(np.uint64)[ok]
+    last = {int(o): int(v) for o, v in zip(offs, carried, strict=True)}  # the last store to a word wins
+    found = words[offs]
+    want = np.array([last[int(o)] for o in offs], dtype=np.uint64)
+    out[ok] = found == want
+    return out
 
 
 def _outside(addrs: U64, ranges: tuple[tuple[int, int], ...]) -> Bools:
@@ -450,8 +505,7 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
             continue
         pred = Prediction.of(subj, cand, access, version)
         a, q = pred.arm, pred.qemu
-        in_scratch = (a.pa >= np.uint64(scratch.base)) & (a.pa < np.uint64(scratch.base + scratch.size))
-        safe = (a.ok & q.ok & in_scratch & (a.pa == q.pa)) | (~a.ok & ~q.ok & ~a.unmodelled & ~q.unmodelled)
+        safe = (_in_scratch(a, scratch) & q.ok & (a.pa == q.pa)) | (~a.ok & ~q.ok & ~a.unmodelled & ~q.unmodelled)
         safe &= _outside(cand, subj.no_access)
         eligible = np.flatnonzero(safe & ~np.isin(cand, forced))
         if eligible.size > MAX_ACCESS_PROBES:
@@ -460,12 +514,16 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         if not idx.size:
             continue
         chosen, pred = cand[idx], pred.take(idx)
+        tokens = Tokens.plant(target, pred.arm, scratch, report.checked) if not write else None
         t0 = time.perf_counter()
         rec = target.access(chosen, write=write, stage=subj.stage)
         report.time("access", time.perf_counter() - t0)
         name = "store" if write else "load"
         report.count(report.probes, name, int(chosen.size))
         good = _access_agrees(pred.arm, rec, chosen, subj.stage, write)
+        if "value" in (rec.dtype.names or ()):
+            landed = tokens.loaded(rec) if tokens is not None else _stores_landed(target, pred.arm, rec, scratch)
+            good &= landed
         bad = np.flatnonzero(~good)
         report.matched += int(chosen.size - bad.size)
         if not bad.size:
