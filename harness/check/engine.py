@@ -580,3 +580,61 @@ def check_built(built: Built, target: TargetLike, rng: np.random.Generator | Non
     report.timings["addresses"] = time.perf_counter() - t0
     subject = subject_of_built(built)
     return check_subject(subject, target, addrs, rng, sc.access if access is None else access, report)
+
+
+@dataclass
+class AddressVerdict:
+    """One AT form at one address: the model's walk beside the MMU's answer (harness explain)."""
+
+    probe: str  # AT op, or the real access that replaced a withheld AT
+    model_walk: str
+    mmu: str
+    agree: bool
+    divergence: str | None = None
+
+
+def check_address(built: Built | Subject, target: TargetLike, addr: int) -> list[AddressVerdict]:
+    """Install the tables, ask the MMU about one address with each AT form of the stage (a real
+    access where the AT is withheld for a QEMU hazard), compare with the model, uninstall."""
+    subject = built if isinstance(built, Subject) else subject_of_built(built)
+    one = np.array([addr], dtype=np.uint64)
+    version = target.qemu_version
+    out: list[AddressVerdict] = []
+    target.install(subject.regs, subject.image)
+    try:
+        for op, access in AT_OPS[subject.stage]:
+            pred = Prediction.of(subject, one, access, version)
+            model = subject.walk(addr, access)
+            unsafe, keys = divergences.at_unsafe(pred.qemu, version)
+            write = access is WRITE
+            if unsafe.any():
+                rec = target.access(one, write=write, stage=subject.stage)
+                r = rec[0]
+                mmu = ("access completed" if r["completed"] else
+                       f"access faulted: {describe_esr(int(r['esr']))} FAR {int(r['far']):#x} "
+                       f"HPFAR {int(r['hpfar']):#x}") + f" (AT withheld: {', '.join(keys)})"
+                agree = bool(_access_agrees(pred.arm, rec, one, subject.stage, write)[0])
+                known = not agree and pred.qemu is not pred.arm and \
+                    bool(_access_agrees(pred.qemu, rec, one, subject.stage, write)[0])
+                probe = "store" if write else "load"
+            else:
+                target.at_start(one, op)
+                actual = target.at_wait()
+                aborted = bool(_at_aborts(actual)[0])
+                mmu = _at_abort_text(int(actual[0])) if aborted else str(Par(int(actual[0])))
+                unmodelled = bool(pred.arm.unmodelled[0] or pred.qemu.unmodelled[0])
+                agree = unmodelled or (not aborted and bool(_matches(pred.arm, actual)[0]))
+                known = not agree and not aborted and bool(_matches(pred.qemu, actual)[0])
+                probe = op
+            key = None
+            if known:
+                key = divergences.semantic_departures(version, subject.geom)[0][0].key
+            elif not agree and probe == op:
+                found = divergences.explain(model, int(actual[0]), subject.geom, partial(subject.walk, addr, access),
+                                            version)
+                key = found.key if found else None
+            out.append(AddressVerdict(probe, model.explain(), mmu, agree, key))
+    finally:
+        if target.alive:
+            target.uninstall()
+    return out
