@@ -283,6 +283,16 @@ def _protected_base(geom: Geometry, layout: LayoutLike, regions: list[RegionLike
     return pool, pgd
 
 
+def firmware_only(geom: Geometry, layout: LayoutLike) -> RawTables:
+    """The builder's identity map of the firmware's regions and nothing else (no random content)."""
+    regions = list(layout.stage1_regions() if geom.stage is Stage.S1 else layout.stage2_regions())
+    protected = [r for r in regions if r.base + r.size <= geom.limit]
+    pool, root = _protected_base(geom, layout, protected)
+    spans = np.array([(r.base, r.size) for r in protected], dtype=np.uint64).reshape(-1, 2)
+    return RawTables(geom, pool, root, regime_regs(geom, root), spans, tuple(protected), {},
+                     geom.stage is Stage.S1 or len(protected) == len(regions))
+
+
 def random_tables(rng: np.random.Generator, geom: Geometry, layout: LayoutLike, outside_ram: bool = False,
                   max_depth: int = 4) -> RawTables:
     """Random raw tables for ``geom`` in a window at the layout's pool address (see the module notes).
