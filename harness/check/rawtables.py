@@ -117,7 +117,7 @@ class _Filler:
         self.layout = layout
         self.outside_ram = outside_ram
         self.tables: list[int] = []  # table pages written so far
-        self.spans: list[tuple[int, int]] = []
+        self.spans: list[U64] = []  # (n, 2) arrays of (input base, size)
         self.stats: dict[str, int] = {}
         self.reserve = 3  # pages kept zero for TABLE_ZERO pointers
         kinds = dict(_KIND_WEIGHTS)
@@ -234,7 +234,8 @@ class _Filler:
             self.count(name, int((kinds == k).sum()))
         words[first + slots] = desc
         shift = g.shift(level)
-        self.spans.extend((va + (int(s) << shift), 1 << shift) for s in slots[kinds != INVALID])
+        used = slots[kinds != INVALID].astype(np.uint64)
+        self.spans.append(np.stack([_U(va) + (used << _U(shift)), np.full(used.size, 1 << shift, dtype=np.uint64)], 1))
         for pa, slot in new_tables:
             self.tables.append(pa)
             self.fill(pa, level + 1, va + (slot << shift), ptrs_per_table(g.granule), depth_budget - 1)
@@ -255,11 +256,12 @@ def _builder_tables(pool: PagePool, geom: Geometry, root: int) -> list[tuple[int
         i += 1
         if level == LAST_LEVEL:
             continue
-        for k in range(n):
-            pte = pool.read64(table + k * ENTRY_BYTES)
-            if d.is_table(pte, level):
-                out.append((d.pte_to_phys(pte, geom.granule), level + 1, va + (k << geom.shift(level)),
-                            ptrs_per_table(geom.granule)))
+        first = (table - pool.base) // ENTRY_BYTES
+        entries = pool.words()[first : first + n]
+        tab = _U(d.VALID.mask | d.TYPE.mask)
+        for k in np.flatnonzero((entries & tab) == tab):
+            out.append((d.pte_to_phys(int(entries[k]), geom.granule), level + 1, va + (int(k) << geom.shift(level)),
+                        ptrs_per_table(geom.granule)))
     return out
 
 
@@ -325,7 +327,7 @@ def random_tables(rng: np.random.Generator, geom: Geometry, layout: LayoutLike, 
     filler.tables = [t for t, *_ in built]
     for tpa, level, va, n in built:
         filler.fill(tpa, level, va, n, max_depth)
-    spans = np.array(filler.spans or [(0, geom.granule.size)], dtype=np.uint64).reshape(-1, 2)
+    spans = np.concatenate([*filler.spans, np.array([[0, geom.granule.size]], dtype=np.uint64)])
     return RawTables(geom, pool, root, regs, spans, tuple(protected), filler.stats, can_access)
 
 
