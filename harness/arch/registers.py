@@ -80,6 +80,15 @@ HCR_DC = bit("DC", 12)  # EL1&0 stage 1 off behaves as Normal write-back (expose
 HCR_TGE = bit("TGE", 27)
 HCR_E2H = bit("E2H", 34)
 
+# ID_AA64MMFR0_EL1: the PE's physical address size and granule support.
+MMFR0_PARANGE = Field("PARange", 3, 0)  # PA_SIZES encoding (0b0110: 52 bits)
+MMFR0_TGRAN16 = Field("TGran16", 23, 20)  # 0: no, 1: yes, 2: yes with 52-bit (FEAT_LPA2)
+MMFR0_TGRAN64 = Field("TGran64", 27, 24)  # 0: yes, 0xF: no
+MMFR0_TGRAN4 = Field("TGran4", 31, 28)  # 0: yes, 1: yes with 52-bit (FEAT_LPA2), 0xF: no
+MMFR0_TGRAN16_2 = Field("TGran16_2", 35, 32)  # stage 2: 0 as TGran16, 1 no, 2 yes, 3 yes 52-bit
+MMFR0_TGRAN64_2 = Field("TGran64_2", 39, 36)  # stage 2: 0 as TGran64, 1 no, 2 yes
+MMFR0_TGRAN4_2 = Field("TGran4_2", 43, 40)  # stage 2: 0 as TGran4, 1 no, 2 yes, 3 yes 52-bit
+
 # SCTLR_EL2 / SCTLR_EL1.
 SCTLR_M = bit("M", 0)
 SCTLR_A = bit("A", 1)
