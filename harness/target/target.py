@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import shutil
@@ -28,6 +29,7 @@ from harness.arch.geometry import Stage
 from harness.arch.registers import Stage1Regs, Stage2Regs, describe_esr
 from harness.core.memory import PoolImage
 from harness.target import mailbox as mbx
+from harness.target import process
 from harness.target.errors import (
     FirmwareException,
     GdbLost,
@@ -37,7 +39,7 @@ from harness.target.errors import (
     ToolMissing,
 )
 from harness.target.firmware import build
-from harness.target.gdbmi import GdbError, GdbMI, kill_group
+from harness.target.gdbmi import GdbError, GdbMI
 from harness.target.layout import LAYOUT, Layout
 from harness.target.qemu import Qemu
 
@@ -53,10 +55,6 @@ def gdb_binary() -> str:
     return os.environ.get("HARNESS_GDB", "gdb-multiarch")
 
 
-def _runtime_parent() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-
-
 class _Resources:
     """What must be released even if the Target is never closed (weakref/atexit backstop)."""
 
@@ -67,17 +65,25 @@ class _Resources:
         self.workdir: Path | None = None
 
     def release(self) -> None:
-        if self.gdb is not None:
-            self.gdb.close()
-        if self.qemu is not None:
-            self.qemu.close()
-        if self.mm is not None:
-            with contextlib.suppress(BufferError):  # numpy views still alive: the mapping goes with them
-                self.mm.close()
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        """QEMU first (nothing may skip its kill: not gdb's close raising, not a second Ctrl-C,
+        which is held until the release is over), then gdb, the mapping, the run-time dir."""
+        qemu, gdb, mm, workdir = self.qemu, self.gdb, self.mm, self.workdir
         self.gdb = self.qemu = self.mm = None
         self.workdir = None
+        with process.signals_deferred():
+            try:
+                if qemu is not None:
+                    qemu.close()
+            finally:
+                try:
+                    if gdb is not None:
+                        gdb.close()
+                finally:
+                    if mm is not None:
+                        with contextlib.suppress(BufferError):  # numpy views alive: the mapping goes with them
+                            mm.close()
+                    if workdir is not None:
+                        process.remove_runtime_dir(workdir)
 
 
 def _release(res: _Resources) -> None:
@@ -88,6 +94,8 @@ class Target:
     """A booted target, idle at the firmware's ``idle`` breakpoint. Use :meth:`start`."""
 
     def __init__(self, layout: Layout, timeout: float, request_timeout: float, log_dir: Path) -> None:
+        if not (timeout > 0 and math.isfinite(timeout) and request_timeout > 0 and math.isfinite(request_timeout)):
+            raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r} / {request_timeout!r}")
         self.layout = layout
         self.timeout = timeout
         self.request_timeout = request_timeout
@@ -103,10 +111,15 @@ class Target:
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
-    def start(cls, timeout: float = 30.0, request_timeout: float = 120.0, layout: Layout = LAYOUT,
+    def start(cls, timeout: float = 30.0, request_timeout: float | None = None, layout: Layout = LAYOUT,
               log_dir: Path | str | None = None, cc: str | None = None,
               qemu_args: tuple[str, ...] = ()) -> Target:
-        """Build the firmware if needed, boot QEMU, wait for the banner; returns an idle target."""
+        """Build the firmware if needed, boot QEMU, wait for the banner; returns an idle target.
+
+        ``timeout`` bounds the boot (and each of its gdb commands); ``request_timeout`` (default:
+        ``timeout``) bounds every request and every gdb command afterwards. A target that does not
+        answer in time raises :class:`TargetTimeout` (a MachineryError)."""
+        request_timeout = timeout if request_timeout is None else request_timeout
         t0 = time.perf_counter()
         elf = build(cc=cc, layout=layout)
         if not shutil.which(gdb_binary()):
@@ -125,25 +138,30 @@ class Target:
 
     def _boot(self, elf: Path, qemu_args: tuple[str, ...]) -> None:
         res = self._res
-        res.workdir = Path(tempfile.mkdtemp(prefix="pgtable-harness-", dir=_runtime_parent()))
-        os.chmod(res.workdir, 0o700)
+        res.workdir = process.make_runtime_dir()
         res.qemu = Qemu(elf, res.workdir, self.log_dir, self.layout, extra_args=qemu_args)
         res.qemu.wait_sockets(self.timeout)
         with open(res.qemu.ram_path, "r+b") as f:
             res.mm = mmap.mmap(f.fileno(), self.layout.ram_size, mmap.MAP_SHARED)
-        res.gdb = GdbMI(gdb_binary(), self.log_dir / "gdb-mi.log")
+        res.gdb = GdbMI(gdb_binary(), self.log_dir / "gdb-mi.log", default_timeout=self.timeout)
         g = res.gdb
+        remote = max(1, math.ceil(min(self.timeout, self.request_timeout)))
         for setting in ("pagination off", "confirm off", "mi-async on", "breakpoint pending off",
-                        "remotetimeout 10", *(("debug remote 1",) if os.environ.get("HARNESS_GDB_DEBUG") else ())):
+                        f"remotetimeout {remote}",
+                        *(("debug remote 1",) if os.environ.get("HARNESS_GDB_DEBUG") else ())):
             g.command(f"-gdb-set {setting}")
         g.command(f"-file-exec-and-symbols {elf}")
-        g.command(f"-target-select remote {res.qemu.gdb_socket}", timeout=self.timeout)
+        g.command(f"-target-select remote {res.qemu.gdb_socket}")
         g.discard_async()
         for sym in ("idle", "panic"):
             rec = g.command(f"-break-insert -h {sym}")
             self._bp[int(rec["payload"]["bkpt"]["number"])] = sym
+        # Everything in the run-time dir is open now (RAM mapped by QEMU and here, both sockets
+        # connected): remove it, so that not even a SIGKILL of the harness leaves it behind.
+        process.remove_runtime_dir(res.workdir)
         self._resume(self.timeout, "the firmware to reach idle after boot")
         res.qemu.expect_console(BANNER, self.timeout)
+        g.default_timeout = self.request_timeout
         if self._mb("magic") != mbx.MAGIC or self._mb("boot_el") != 2:
             raise TargetError(f"firmware did not come up: magic {self._mb('magic'):#x}, "
                               f"boot EL {self._mb('boot_el')}\n{res.qemu.console_tail()}")
@@ -307,21 +325,28 @@ class Target:
         raise TargetError(f"unexpected stop while waiting for {awaited}: {payload}\n{self.qemu.console_tail()}")
 
     def _interrupt_evidence(self) -> dict[str, str]:
+        """What the CPU was doing when a wait timed out; bounded by ~2 s (less for short timeouts)."""
         evidence: dict[str, str] = {"QEMU command": self.qemu.cmdline, "console log": str(self.console_log)}
+        budget = min(2.0, max(0.2, self.request_timeout / 2))
         try:
             if self.qemu.poll() is not None:
                 evidence["QEMU"] = f"exited with {self.qemu.poll()}"
                 return evidence
-            self.gdb.command("-exec-interrupt", timeout=2)
-            self.gdb.wait_stopped(2)
-            regs = self.gdb.read_registers(["pc", "cpsr", "ESR_EL2", "FAR_EL2", "ELR_EL2", "SCTLR_EL2"])
+            if process.process_state(self.qemu.pid) == "T":
+                evidence["QEMU"] = f"process {self.qemu.pid} is stopped (SIGSTOP or a tracer): it cannot answer"
+                return evidence
+            self.gdb.command("-exec-interrupt", timeout=budget)
+            self.gdb.wait_stopped(budget)
+            regs = self.gdb.read_registers(["pc", "cpsr", "ESR_EL2", "FAR_EL2", "ELR_EL2", "SCTLR_EL2"],
+                                           timeout=budget)
             evidence.update({k: f"{v:#x}" for k, v in regs.items()})
             evidence["exception level"] = f"EL{(regs['cpsr'] >> 2) & 3}"
             evidence["ESR_EL2 decoded"] = describe_esr(regs["ESR_EL2"])
             evidence["around pc"] = self._disassemble(regs["pc"])
         except Exception as exc:  # evidence is best effort; the timeout is the error
             evidence["evidence collection"] = f"failed: {exc!r}"
-        self.qemu.drain_console()
+        finally:
+            self.qemu.drain_console()
         evidence["console tail"] = self.qemu.console_tail(600)
         return evidence
 
@@ -488,9 +513,3 @@ class Target:
 
     def describe(self) -> dict[str, Any]:
         return {"qemu": self.cmdline, "console_log": str(self.console_log), "log_dir": str(self.log_dir)}
-
-
-def kill_target_processes(t: Target) -> None:
-    """Kill QEMU and gdb without closing (tests: simulate a crash)."""
-    if t._res.qemu:
-        kill_group(t._res.qemu.proc)
