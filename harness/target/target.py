@@ -44,7 +44,9 @@ from harness.target.layout import LAYOUT, Layout
 from harness.target.qemu import Qemu
 
 BANNER = r"pgtable-harness firmware: EL2, mailbox 0x[0-9a-f]+, ready"
-ACCESS_DTYPE = np.dtype([("status", "<u8"), ("esr", "<u8"), ("far", "<u8"), ("hpfar", "<u8")])
+ACCESS_DTYPE = mbx.ACCESS_RECORD.dtype
+ACCESS_RESULT_DTYPE = np.dtype([("status", "<u8"), ("completed", "?"), ("esr", "<u8"), ("far", "<u8"),
+                                ("hpfar", "<u8"), ("value", "<u8")])
 AccessRecords = npt.NDArray[np.void]
 U64Array = npt.NDArray[np.uint64]
 
@@ -106,6 +108,7 @@ class Target:
         self._pending: tuple[str, int, int, float] | None = None  # (what, count, result pa, timeout)
         self._installed: Stage | None = None
         self._bp: dict[int, str] = {}
+        self._access_requests = 0
         self.elf: Path | None = None
         self.timings: dict[str, float] = {}
 
@@ -373,7 +376,7 @@ class Target:
         extra = {k: get(f"panic_{k}") for k in ("sp", "sctlr", "hcr", "esr_el1", "far_el1", "elr_el1")}
         extra.update({f"x{i}": get(f"panic_x{i}") for i in (0, 1, 19)})
         text = describe_esr(esr)
-        if vector == 16:
+        if vector == mbx.VECTOR_EL1_FORWARDED:
             text += f"; at EL1: ESR_EL1={extra['esr_el1']:#x} FAR_EL1={extra['far_el1']:#x} " \
                     f"ELR_EL1={extra['elr_el1']:#x}"
         return FirmwareException(
@@ -420,7 +423,8 @@ class Target:
                     raise ValueError(f"image: [{image.base:#x}, {end:#x}) overlaps the firmware's {r}")
             self.write_pa(image.base, image.data)
         if isinstance(regs, Stage1Regs):
-            self.request(mbx.Cmd.INSTALL_S1, regs.mair_el2, regs.tcr_el2, regs.ttbr0_el2, regs.sctlr_el2_set)
+            self.request(mbx.Cmd.INSTALL_S1, regs.mair_el2, regs.tcr_el2, regs.ttbr0_el2, regs.sctlr_el2_set,
+                         regs.hcr_el2_set)
             self._installed = Stage.S1
         else:
             self.request(mbx.Cmd.INSTALL_S2, regs.vtcr_el2, regs.vttbr_el2, regs.hcr_el2_set)
@@ -428,7 +432,7 @@ class Target:
         self.timings["install"] = time.perf_counter() - t0
 
     def uninstall(self) -> None:
-        """Stage 1 off, stage 2 off, TLBs invalidated (safe to call at any time)."""
+        """Stage 1 off, HCR_EL2.E2H off, stage 2 off, TLBs invalidated (safe to call at any time)."""
         self.request(mbx.Cmd.UNINSTALL)
         self._installed = None
 
@@ -477,31 +481,52 @@ class Target:
             out[i : i + chunk.size] = self.at_wait()
         return out
 
-    def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None) -> AccessRecords:
-        """Real loads (``ldrb``) or stores (``strb`` of the address's low byte), one per address.
+    def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None,
+               values: npt.ArrayLike | None = None) -> AccessRecords:
+        """Real 64-bit loads (``ldr``) or stores (``str``), one per address, that prove where they land.
 
-        Stage 1 runs at EL2 on its stage 1; stage 2 runs from the EL1 stub through stage 2. The
-        default is the installed regime (stage 1 when none). Returns records with fields
-        ``status`` (:class:`AccessStatus`), ``completed``, ``esr``, ``far``, ``hpfar``.
+        Each probe accesses the naturally aligned 64-bit word holding its address (``addr & ~7``;
+        FAR reports that address). A store writes ``values[i]`` (default: :func:`mailbox.store_tokens`,
+        unique per request and probe), so the host can look for it at the expected PA
+        (:meth:`read_pa`, :meth:`ram_u64`); a load returns what it read, so a value planted at the
+        expected PA (:meth:`write_pa`) shows whether it read there. Stage 1 runs at EL2 on its stage 1
+        (the EL2 or EL2&0 regime installed); stage 2 runs from the EL1 stub through stage 2. The
+        default is the installed regime (stage 1 when none). Returns records with fields ``status``
+        (:class:`AccessStatus`), ``completed``, ``esr``, ``far``, ``hpfar`` and ``value`` (the value
+        loaded, 0 when the load faulted; or the value the store carried).
         """
         st = int(stage) if stage is not None else int(self._installed or Stage.S1)
-        addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
-        raw = np.zeros(addrs.size, dtype=ACCESS_DTYPE)
+        addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1) & ~np.uint64(7)
+        if values is None:
+            self._access_requests += 1
+            vals = mbx.store_tokens(self._access_requests, addrs.size) if write else np.zeros_like(addrs)
+        else:
+            vals = np.ascontiguousarray(values, dtype=np.uint64).reshape(-1)
+            if vals.shape != addrs.shape:
+                raise ValueError(f"values: expected {addrs.size} values (one per address), got {vals.size}")
+        out = np.zeros(addrs.size, dtype=ACCESS_RESULT_DTYPE)
         step = self.layout.max_access
+        values_pa = self.layout.probe_values
         for i in range(0, addrs.size, step):
             chunk = self._put_addresses(addrs[i : i + step], step)
             n = int(chunk.size)
-            self.request(mbx.Cmd.ACCESS, int(write), st, n, self.layout.probe_addrs, self.layout.probe_results)
+            vview = self.ram_u64(values_pa, n)
+            vview[:] = vals[i : i + n]
+            del vview
+            self.request(mbx.Cmd.ACCESS, int(write), st, n, self.layout.probe_addrs, self.layout.probe_results,
+                         values_pa)
             off = self._ram_offset(self.layout.probe_results, n * mbx.ACCESS_RECORD_SIZE)
             view = np.frombuffer(self._mm, dtype=ACCESS_DTYPE, count=n, offset=off)
-            raw[i : i + n] = view
+            for name in ("status", "esr", "far", "hpfar", "value"):
+                out[name][i : i + n] = view[name]
             del view
-        out = np.zeros(addrs.size, dtype=[("status", "<u8"), ("completed", "?"), ("esr", "<u8"),
-                                          ("far", "<u8"), ("hpfar", "<u8")])
-        for name in ("status", "esr", "far", "hpfar"):
-            out[name] = raw[name]
-        out["completed"] = raw["status"] == mbx.AccessStatus.COMPLETED
+        out["completed"] = out["status"] == mbx.AccessStatus.COMPLETED
         return out
+
+    @property
+    def at_exceptions(self) -> int:
+        """How many AT probes took an exception since boot (the mailbox counter)."""
+        return self._mb("at_exceptions")
 
     def request_nop(self) -> None:
         """A NOP request: one full continue / breakpoint round trip."""

@@ -110,16 +110,26 @@ def test_at_many_and_nonblocking(target: Target) -> None:
 def test_access_s1(target: Target) -> None:
     tab = s1_identity(LAYOUT, "4K", extra=[SCRATCH, SCRATCH_RO])
     target.install(tab.s1_regs(), tab.image())
-    target.write_pa(SCRATCH.base, bytes(16))
-    rec = target.access([SCRATCH.base + 8, UNMAPPED, SCRATCH.base + 9], write=True)
+    target.write_pa(SCRATCH.base, bytes(32))
+    tokens = [0x1111_2222_3333_4444, 0x5555, 0xAAAA_BBBB_CCCC_DDDD]
+    rec = target.access([SCRATCH.base + 8, UNMAPPED, SCRATCH.base + 17], write=True, values=tokens)
     assert rec["completed"].tolist() == [True, False, True]
+    assert rec["value"].tolist() == tokens
     assert ESR_EC.get(int(rec["esr"][1])) == ExceptionClass.DABT_SAME
     assert ISS_DFSC.get(int(rec["esr"][1])) >> 2 == FaultKind.TRANSLATION.value
     assert ISS_WNR.get(int(rec["esr"][1]))
     assert int(rec["far"][1]) == UNMAPPED
-    assert target.read_pa(SCRATCH.base + 8, 2) == bytes([(SCRATCH.base + 8) & 0xFF, (SCRATCH.base + 9) & 0xFF])
-    ro = target.access([SCRATCH_RO.base, SCRATCH_RO.base], write=False)
-    assert ro["completed"].all()
+    # 64-bit stores at the aligned word: the tokens are in RAM where the identity map says
+    assert target.ram_u64(SCRATCH.base + 8, 2).tolist() == [tokens[0], tokens[2]]
+    # loads read what is planted there
+    target.write_pa(SCRATCH_RO.base, (0x0123_4567_89AB_CDEF).to_bytes(8, "little"))
+    ro = target.access([SCRATCH_RO.base, SCRATCH_RO.base + 4, UNMAPPED], write=False)
+    assert ro["completed"].tolist() == [True, True, False]
+    assert ro["value"].tolist() == [0x0123_4567_89AB_CDEF, 0x0123_4567_89AB_CDEF, 0]
+    # default store values: unique tokens, reported in the record
+    dflt = target.access([SCRATCH.base + 0x100, SCRATCH.base + 0x108], write=True)
+    assert len(set(dflt["value"].tolist())) == 2
+    assert target.ram_u64(SCRATCH.base + 0x100, 2).tolist() == dflt["value"].tolist()
     rw = target.access([SCRATCH_RO.base], write=True)
     assert ISS_DFSC.get(int(rw["esr"][0])) >> 2 == FaultKind.PERMISSION.value
 
@@ -132,8 +142,12 @@ def test_install_s2_at_and_access(target: Target) -> None:
     assert not pars[0].fault and pars[0].pa == SCRATCH.base + 0x2000
     assert pars[1].fault and pars[1].stage2
     assert pars[1].fst == fault_status(FaultKind.TRANSLATION, 2)  # 4K, 40-bit IPA: level-2 table missing
+    target.write_pa(SCRATCH.base + 16, (0xFEED_FACE_CAFE_BEEF).to_bytes(8, "little"))
     rec = target.access([SCRATCH.base + 16, UNMAPPED + 0x123], write=False)
     assert rec["completed"].tolist() == [True, False]
+    assert rec["value"].tolist() == [0xFEED_FACE_CAFE_BEEF, 0]
+    st = target.access([SCRATCH.base + 0x40], write=True, values=[0x0BAD_C0DE_0000_0001])
+    assert st["completed"].all() and target.ram_u64(SCRATCH.base + 0x40, 1)[0] == 0x0BAD_C0DE_0000_0001
     esr = int(rec["esr"][1])
     assert ESR_EC.get(esr) == ExceptionClass.DABT_LOWER
     assert ISS_DFSC.get(esr) == fault_status(FaultKind.TRANSLATION, 2)
