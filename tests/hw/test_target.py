@@ -34,6 +34,7 @@ from harness.target import mailbox as mbx
 from harness.target.errors import FirmwareException, QemuExited, RequestFailed, TargetTimeout
 from harness.target.firmware import available_toolchains, build, choose_toolchain
 from harness.target.layout import LAYOUT, Region
+from harness.target.physmem import GdbPhysMemory
 from harness.target.target import Target
 
 pytestmark = pytest.mark.hw
@@ -375,3 +376,16 @@ def test_no_process_outlives_target(tmp_path: Path, how: str) -> None:
     for name, pid in pids.items():
         assert _gone(pid), f"{name} (pid {pid}) outlived the target ({how})"
     assert workdir is not None and not workdir.exists()
+
+
+def test_gdb_physical_memory_reads_tables(target: Target) -> None:
+    tab = s1_identity(LAYOUT, "4K", extra=[SCRATCH])
+    target.install(tab.s1_regs(), tab.image())
+    target.write_pa(SCRATCH.base + 0xFF8, (0x0102_0304_0506_0708).to_bytes(8, "little") + b"\xAA" * 8)
+    with GdbPhysMemory(target.gdb, 0x1000) as mem:
+        assert mem.read64(tab.pgd) == tab.pool.read64(tab.pgd)
+        assert mem.read64(SCRATCH.base + 0xFF8) == 0x0102_0304_0506_0708
+        assert mem.read(SCRATCH.base + 0xFFC, 8) == bytes([4, 3, 2, 1]) + b"\xAA" * 4  # spans two pages
+        reads = mem.reads
+        mem.read64(tab.pgd + 8)
+        assert mem.reads == reads  # cached
