@@ -33,7 +33,7 @@ def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
     binary = binary or qemu_binary()
     if not shutil.which(binary):
         raise ToolMissing(f"{binary} is not on PATH (bash ci/setup.sh installs QEMU 10.0)")
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False, timeout=60).stdout
     m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
     if not m:
         raise ToolMissing(f"cannot parse the version of {binary}: {out.strip()!r}")

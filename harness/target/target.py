@@ -50,6 +50,7 @@ ACCESS_RESULT_DTYPE = np.dtype([("status", "<u8"), ("completed", "?"), ("esr", "
 AccessRecords = npt.NDArray[np.void]
 U64Array = npt.NDArray[np.uint64]
 
+MIN_RAM_BACKING = 256 << 20  # the pages a run touches: firmware, probe buffers, table pool
 _AT_OPS = {op.name: op for op in mbx.AtOp}
 
 
@@ -142,6 +143,10 @@ class Target:
     def _boot(self, elf: Path, qemu_args: tuple[str, ...]) -> None:
         res = self._res
         res.workdir = process.make_runtime_dir()
+        free = process.free_bytes(res.workdir)
+        if free < MIN_RAM_BACKING:
+            raise TargetError(f"only {free >> 20} MiB free in {res.workdir.parent}, which backs guest RAM; "
+                              f"need at least {MIN_RAM_BACKING >> 20} MiB (QEMU would die of SIGBUS)")
         res.qemu = Qemu(elf, res.workdir, self.log_dir, self.layout, extra_args=qemu_args)
         res.qemu.wait_sockets(self.timeout)
         with open(res.qemu.ram_path, "r+b") as f:

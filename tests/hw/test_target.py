@@ -389,3 +389,14 @@ def test_gdb_physical_memory_reads_tables(target: Target) -> None:
         reads = mem.reads
         mem.read64(tab.pgd + 8)
         assert mem.reads == reads  # cached
+
+
+def test_qemu_sigbus_names_the_ram_backing(tmp_path: Path) -> None:
+    """QEMU dies of SIGBUS when tmpfs cannot back a guest RAM page (/dev/shm full): say so."""
+    with Target.start(log_dir=tmp_path) as t:
+        os.kill(t.pids["qemu"], signal.SIGBUS)
+        with pytest.raises(QemuExited) as info:
+            t.uninstall()
+        assert info.value.returncode == -signal.SIGBUS
+        msg = str(info.value)
+        assert "SIGBUS" in msg and "full" in msg and ("/dev/shm" in msg or "tmp" in msg)
