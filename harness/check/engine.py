@@ -30,11 +30,11 @@ from harness.arch.registers import (
 )
 from harness.check import divergences
 from harness.check.addresses import probe_addresses
-from harness.check.scenario import Built
+from harness.check.scenario import BuiltScenario
 from harness.core.batch import BatchResult, expected_par_batch, par_compare_mask_batch, translate_batch
 from harness.core.memory import PoolImage
 from harness.core.pgtable import KvmPgtable
-from harness.core.translate import READ, WRITE, Access, Translation, expected_par, translate
+from harness.core.translate import READ, WRITE, Access, Translation, expected_par, par_compare_mask, translate
 
 U64 = npt.NDArray[np.uint64]
 
@@ -264,7 +264,7 @@ def check_access(report: CheckReport, target: TargetLike, table: KvmPgtable, add
             report.mismatched += 1
 
 
-def check_built(built: Built, target: TargetLike, rng: np.random.Generator | None = None,
+def check_built(built: BuiltScenario, target: TargetLike, rng: np.random.Generator | None = None,
                 access: bool | None = None, addresses: U64 | None = None) -> CheckReport:
     """Install a built scenario's table, probe it, compare, uninstall."""
     rng = rng or np.random.default_rng(0)
@@ -285,3 +285,41 @@ def check_built(built: Built, target: TargetLike, rng: np.random.Generator | Non
     finally:
         target.uninstall()
     return report
+
+
+@dataclass
+class AddressVerdict:
+    """One AT form at one address: the model's walk beside the MMU's answer (harness explain)."""
+
+    probe: str  # AT op
+    model_walk: str
+    mmu: str
+    agree: bool
+
+
+def check_address(built: BuiltScenario, target: TargetLike, addr: int) -> list[AddressVerdict]:
+    """Install a built scenario, ask the MMU about one address with each AT form of its stage
+    (with a real access where AT is withheld for a QEMU hazard), compare, uninstall."""
+    table = built.table
+    one = np.array([addr], dtype=np.uint64)
+    out: list[AddressVerdict] = []
+    target.install(table.regs(), used_image(table))
+    try:
+        for op, access in AT_OPS[table.stage]:
+            model = _rewalk(table, addr, access)
+            unsafe, keys = divergences.at_unsafe(predict(table, one, access), target.qemu_version)
+            if unsafe.any():
+                rec = target.access(one, write=access is WRITE, stage=table.stage)[0]
+                mmu = ("access completed" if rec["completed"] else
+                       f"access faulted: ESR {int(rec['esr']):#x} FAR {int(rec['far']):#x} "
+                       f"HPFAR {int(rec['hpfar']):#x}") + f" (AT withheld: {', '.join(keys)})"
+                agree = bool(rec["completed"]) == model.ok
+            else:
+                target.at_start(one, op)
+                par = int(target.at_wait()[0])
+                mmu = str(Par(par))
+                agree = not model.unmodelled and (expected_par(model) ^ par) & par_compare_mask(model) == 0
+            out.append(AddressVerdict(op, model.explain(), mmu, agree))
+    finally:
+        target.uninstall()
+    return out

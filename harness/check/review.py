@@ -21,8 +21,6 @@ stores from the EL1 stub.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -460,39 +458,3 @@ def verdict_unaligned(target: Target, granules: Sequence[Granule] = tuple(Granul
 
 def run_review(target: Target) -> list[Verdict]:
     return [verdict_pgd_pages(target), verdict_range(target), verdict_unaligned(target)]
-
-
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="harness review", description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--json", action="store_true", help="print the verdicts as JSON")
-    parser.add_argument("--timeout", type=float, default=30.0, help="QEMU boot timeout in seconds")
-    parser.add_argument("--verbose", "-v", action="store_true", help="every evidence line (default: the first 3)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    from harness.cli.output import emit_json, table
-
-    with Target.start(timeout=args.timeout) as t:
-        verdicts = run_review(t)
-        version = ".".join(map(str, t.qemu_version))
-    if args.json:
-        emit_json({"qemu": version, "ok": all(v.holds for v in verdicts), "verdicts": [v.to_json() for v in verdicts]})
-    else:
-        rows: list[list[str]] = []
-        for n, v in enumerate(verdicts, 1):
-            ev = v.evidence if args.verbose else v.evidence[:3]
-            verdict = "HOLDS" if v.holds else "FAILS"
-            rows.append([f"{n}. {v.title or v.question}", verdict, _short(ev[0], 110) if ev else ""])
-            rows += [["", "", _short(e, 110)] for e in ev[1:]]
-            if len(v.evidence) > len(ev):
-                rows.append(["", "", f"... {len(v.evidence) - len(ev)} more (-v)"])
-            rows.append(["", "", "=> " + v.answer])
-        table(["question", "verdict", "evidence"], rows)
-        print(f"QEMU {version}: {sum(v.holds for v in verdicts)}/{len(verdicts)} verdicts hold")
-    return 0 if all(v.holds for v in verdicts) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,6 +32,7 @@ from harness.arch.registers import ESR_EC, ISS_DFSC, ExceptionClass, FaultKind, 
 from harness.check import review
 from harness.check.review import RANGE_CONFIGS, pgd_configs, probe_pgd, probe_range, probe_unaligned
 from harness.check.review_model import proposed_pgd_pages
+from harness.cli import main
 from harness.target.target import Target
 
 pytestmark = pytest.mark.hw
@@ -164,6 +165,6 @@ def test_run_review_verdicts_hold(target: Target) -> None:
 
 
 def test_review_main_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert review.main(["--json"]) == 0
+    assert main(["review", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True and len(out["verdicts"]) == 3
