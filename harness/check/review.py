@@ -35,6 +35,7 @@ from harness.arch.geometry import (
     Geometry,
     Granule,
     Stage,
+    level_size,
     max_ia_bits,
     stage2_start_levels,
 )
@@ -48,6 +49,7 @@ from harness.arch.registers import (
 )
 from harness.check.engine import used_image
 from harness.check.review_model import proposed_pgd_pages, proposed_range_rejects, seed_pgd_pages, seed_range_rejects
+from harness.check.scenario import MapSpec, Scenario, build
 from harness.core.memory import PagePool, PoolImage
 from harness.core.pgtable import Stage2Pgtable
 from harness.core.prot import Prot
@@ -80,8 +82,13 @@ class Verdict:
 
 # -- shared helpers -------------------------------------------------------------------------------
 
-def _pool(layout: Any, granule: Granule) -> PagePool:
-    return PagePool(int(layout.pool_base), int(layout.pool_size), granule.size)
+def _stage2_table(layout: Any, name: str, granule: Granule, ia_bits: int, pa_bits: int, start_level: int | None,
+                  maps: Sequence[MapSpec], access: bool = False, rules: WalkRules = UPSTREAM_RULES) -> Stage2Pgtable:
+    """A stage-2 table through the one scenario builder (firmware regions included)."""
+    sc = Scenario(name, Stage.S2, granule, ia_bits, pa_bits, start_level, maps=tuple(maps), access=access)
+    table = build(sc, layout, rules).table
+    assert isinstance(table, Stage2Pgtable)
+    return table
 
 
 class _Overlay:
@@ -190,14 +197,13 @@ def probe_pgd(target: Target, granule: Granule, ia_bits: int, start_level: int) 
     layout = target.layout
     pa_bits = S2_PA_BITS[granule]
     g = granule.size
-    table = Stage2Pgtable(_pool(layout, granule), granule, ia_bits, pa_bits, start_level)
+    first, last = 0, (1 << ia_bits) - g
+    first_pa, last_pa = int(layout.scratch_base), int(layout.scratch_base) + g
+    table = _stage2_table(layout, "review-pgd", granule, ia_bits, pa_bits, start_level,
+                          (MapSpec(first, g, first_pa, Prot.RW), MapSpec(last, g, last_pa, Prot.RW)))
     geom = table.geom
     pgd = table.pgd
     assert pgd is not None
-    first, last = 0, geom.limit - g
-    first_pa, last_pa = int(layout.scratch_base), int(layout.scratch_base) + g
-    table.map(first, g, first_pa, Prot.RW)
-    table.map(last, g, last_pa, Prot.RW)
     image = used_image(table)
     with _installed(target, table, image):
         par_first, par_last = (int(p) for p in target.at([first, last], "S12E1R"))
@@ -299,11 +305,12 @@ def probe_range(target: Target, granule: Granule, ia_bits: int, start_level: int
     and AT S12E1R the last page."""
     layout = target.layout
     g = granule.size
-    table = Stage2Pgtable(_pool(layout, granule), granule, ia_bits, S2_PA_BITS[granule], start_level)
-    limit = table.geom.limit
+    limit = 1 << ia_bits
     last = limit - g
     pa = int(layout.scratch_base) + 2 * g
-    table.map(last, g, pa, Prot.RW)  # walk(last, g): end == limit, accepted by the posted check
+    # the map's walk(last, g) has end == limit, accepted by the posted check
+    table = _stage2_table(layout, "review-range", granule, ia_bits, S2_PA_BITS[granule], start_level,
+                          (MapSpec(last, g, pa, Prot.RW),))
     visited: list[tuple[int, int, int]] = []
     rec = Walker(lambda a, e, lvl, ptep, f: visited.append((a, lvl, ptep)), WalkFlags.LEAF)
     start, end = walk_range(table, last - 4 * g, 4 * g + g)  # the last five pages, up to the limit
@@ -379,17 +386,16 @@ class AlignProbe:
 
 
 def _align_table(layout: Any, granule: Granule, rules: WalkRules) -> tuple[Stage2Pgtable, int, int]:
-    table = Stage2Pgtable(_pool(layout, granule), granule, 40, 48, rules=rules)
-    for r in layout.stage2_regions():
-        table.map(r.base, r.size, r.base, r.prot)
-    bsize = table.geom.size(2)
+    bsize = level_size(granule, 2)
     block = 1 << 32
     block_pa = -(-int(layout.scratch_base) // bsize) * bsize  # the first block-aligned scratch PA
     if block_pa + bsize > int(layout.scratch_base) + int(layout.scratch_size):
         raise ValueError(f"layout: no {bsize:#x}-aligned block fits in scratch RAM")
     pages_pa = int(layout.scratch_base) if block_pa != int(layout.scratch_base) else block_pa + bsize
-    table.map(block, bsize, block_pa, Prot.RW)
-    table.map(block + bsize, 16 * granule.size, pages_pa, Prot.RW)  # a level-3 table after the block
+    maps = (MapSpec(block, bsize, block_pa, Prot.RW),
+            MapSpec(block + bsize, 16 * granule.size, pages_pa, Prot.RW))  # a level-3 table after the block
+    # real stores from the EL1 stub: access=True maps it
+    table = _stage2_table(layout, "review-align", granule, 40, 48, None, maps, access=True, rules=rules)
     return table, block, bsize
 
 

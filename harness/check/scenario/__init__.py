@@ -1,7 +1,7 @@
 """Scenarios: plain data (:mod:`.data`), strict parsing from JSON/TOML (:mod:`.parse`), the
-built-in catalogue (:mod:`.catalogue`), and the one route to a model table (:mod:`.build`)."""
+built-in catalogue (:mod:`.catalogue`), and the one route to a model table (:mod:`.builder`)."""
 
-from harness.check.scenario.build import (
+from harness.check.scenario.builder import (
     BuiltScenario,
     LayoutLike,
     RegionLike,

@@ -1,7 +1,7 @@
 """Scenario data: a regime (stage, granule, sizes), the mappings to make, the operations to apply.
 
 Plain frozen values; :mod:`.parse` makes them from JSON/TOML/dicts (strictly), :mod:`.catalogue`
-holds the built-in ones, :mod:`.build` turns one into a model table.
+holds the built-in ones, :mod:`.builder` turns one into a model table.
 """
 
 from __future__ import annotations

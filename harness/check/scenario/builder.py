@@ -16,6 +16,7 @@ from harness.check.scenario.data import OPS, MapSpec, OpSpec, Scenario, Scenario
 from harness.core.memory import PagePool
 from harness.core.pgtable import HypPgtable, KvmPgtable, PgtableError, Stage2Pgtable
 from harness.core.prot import Prot
+from harness.core.walker import UPSTREAM_RULES, WalkRules
 
 
 class RegionLike(Protocol):
@@ -50,14 +51,17 @@ class BuiltScenario:
     regions: list[RegionLike] = field(default_factory=list)
 
 
-def build(scenario: Scenario, layout: LayoutLike) -> BuiltScenario:
-    """Model the scenario: pool at the layout's pool address, firmware regions, maps, ops."""
+def build(scenario: Scenario, layout: LayoutLike, rules: WalkRules = UPSTREAM_RULES) -> BuiltScenario:
+    """Model the scenario: pool at the layout's pool address, firmware regions, maps, ops.
+
+    ``rules``: which upstream walker fixes the table operations apply (the review compares the
+    posted v3 walker with the fixed one)."""
     try:
         geom = scenario.geometry()
     except GeometryError as e:
         raise ScenarioError(f"{scenario.name}: {e}") from e
     pool = PagePool(layout.pool_base, layout.pool_size, geom.granule.size)
-    table = empty_table(pool, geom)
+    table = empty_table(pool, geom, rules)
     regions = firmware_regions(scenario, geom, layout)
     for r in regions:
         try:
@@ -75,11 +79,11 @@ def build(scenario: Scenario, layout: LayoutLike) -> BuiltScenario:
     return BuiltScenario(scenario, table, pool, list(regions))
 
 
-def empty_table(pool: PagePool, geom: Geometry) -> KvmPgtable:
+def empty_table(pool: PagePool, geom: Geometry, rules: WalkRules = UPSTREAM_RULES) -> KvmPgtable:
     """The table KVM would create for the geometry: hyp stage 1 or guest stage 2."""
     if geom.stage is Stage.S1:
-        return HypPgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits)
-    return Stage2Pgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, geom.start_level)
+        return HypPgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, rules=rules)
+    return Stage2Pgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, geom.start_level, rules=rules)
 
 
 def firmware_regions(scenario: Scenario, geom: Geometry, layout: LayoutLike) -> list[RegionLike]:
