@@ -186,8 +186,7 @@ class PgdProbe:
     par_first_proposed_only: int | None = None
     proposal_refuted: bool | None = None
 
-    @property
-    def label(self) -> str:
+    def describe(self) -> str:
         return f"{self.granule.label}/{self.ia_bits}-bit L{self.start_level}"
 
     @property
@@ -243,7 +242,7 @@ def verdict_pgd_pages(target: Target, configs: Sequence[tuple[Granule, int, int]
     probes = [probe_pgd(target, *c) for c in (configs if configs is not None else pgd_configs())]
     evidence = []
     for p in probes:
-        line = (f"{p.label}: pages model {p.pages}, posted {p.posted}, proposed {p.proposed}; last IPA "
+        line = (f"{p.describe()}: pages model {p.pages}, posted {p.posted}, proposed {p.proposed}; last IPA "
                 f"{p.last_ipa:#x} -> entry {p.last_entry_pa:#x} in PGD page {p.last_entry_page}; MMU "
                 f"{'PA ' + hex(Par(p.par_last).pa) if not Par(p.par_last).fault else _par_text(p.par_last)}"
                 f"{'' if p.matches else ' (MISMATCH: model ' + _par_text(p.expected_last) + ')'}; "

@@ -78,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
             t.uninstall()
     only_model, only_live = diff_ranges(model, live)
     if args.json:
-        print_json({"scenario": sc.label(), "root": root, "live": [r.to_json() for r in live],
+        print_json({"scenario": sc.describe(), "root": root, "live": [r.to_json() for r in live],
                     "only_in_model": [r.to_json() for r in only_model],
                     "only_live": [r.to_json() for r in only_live], "gdb_page_reads": mem.reads, "seconds": dt})
     else:
-        print(f"{sc.label()}\nlive tables at {regname}={root:#x} ({mem.reads} table pages read through gdb "
+        print(f"{sc.describe()}\nlive tables at {regname}={root:#x} ({mem.reads} table pages read through gdb "
               f"in {dt:.2f} s):")
         for r in live:
             print("  " + r.describe())

@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
     with open_target(args) as t:
         verdicts = check_address(built, t, addr)
     if args.json:
-        print_json({"address": addr, "scenario": sc.label(), "results": [
+        print_json({"address": addr, "scenario": sc.describe(), "results": [
             {"op": v.probe, "model": v.model_walk, "mmu": v.mmu, "agree": v.agree} for v in verdicts]})
     else:
-        print(sc.label())
+        print(sc.describe())
         for v in verdicts:
             print(f"\n== {v.probe} {addr:#x}: {'agree' if v.agree else 'DISAGREE'}")
             print("model: " + v.model_walk.replace("\n", "\n       "))

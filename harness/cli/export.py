@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
     else:
-        print(f"exported {sc.label()} to {directory}: tables.bin ({info['image_size']} bytes at "
+        print(f"exported {sc.describe()} to {directory}: tables.bin ({info['image_size']} bytes at "
               f"{info['image_base']:#x}), config.json, expected.json ({info['addresses']} addresses)")
         for k, v in info["registers"].items():
             print(f"  {k:<14} {v:#018x}")

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         progress = Progress(len(selected), enabled=None if not args.json else False)
         try:
             for s in selected:
-                progress.print_step(s.label())
+                progress.print_step(s.describe())
                 reports.append(check_built(scenarios.build(s, t.layout), t, rng))
                 progress.advance()
         finally:

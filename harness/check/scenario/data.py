@@ -82,7 +82,7 @@ class Scenario:
                 raise ScenarioError(f"{self.name}: {key}: not supported by this model yet")
         return wanted
 
-    def label(self) -> str:
+    def describe(self) -> str:
         return f"{self.name}: {self.geometry().describe()}"
 
 
