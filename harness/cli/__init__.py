@@ -32,6 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 from harness.errors import EXIT_INTERRUPTED, EXIT_MACHINERY, EXIT_OK, HarnessError, InputError
+from harness.target.errors import ToolMissing
 
 # One module per command, in `harness --help` order: each exposes add_parser(sub) and run(args).
 COMMANDS: tuple[str, ...] = ("run", "check", "explain", "export", "dump", "review", "bench", "geometry")
@@ -72,6 +73,8 @@ def _report_error(args: argparse.Namespace, e: BaseException, expected: bool) ->
         print(f"{prog}: error: {e}", file=sys.stderr)
         return
     what = _first_line(e) if expected else f"internal error: {type(e).__name__}: {_first_line(e)}"
+    if isinstance(e, ToolMissing):
+        what += " (bash ci/setup.sh installs what the harness needs)"
     logs = [str(d) for d in args.log_dirs]
     for d in args.log_dirs:
         _write_error_file(d, e)

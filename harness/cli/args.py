@@ -228,6 +228,7 @@ def open_target(args: argparse.Namespace) -> Iterator[Target]:
     ``harness.cli.main`` removes after success and names after a failure."""
     if args.log_dir is not None:
         log_dir = Path(args.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
     else:
         log_dir = Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
         args.temporary_log_dirs.append(log_dir)
