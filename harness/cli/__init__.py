@@ -97,10 +97,6 @@ def _finish_logs(args: argparse.Namespace, code: int) -> None:
             print(f"harness {args.command}: logs kept in {d}", file=sys.stderr)
 
 
-def _install_signal_handlers() -> None:
-    """SIGTERM/SIGHUP end QEMU and gdb before the harness goes (harness.target.process)."""
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -109,13 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["run", *argv])
     args.log_dirs = []  # log directories the command used (harness.cli.args.open_target) ...
     args.temporary_log_dirs = []  # ... and those of them it created: removed after success
-    _install_signal_handlers()
     code = EXIT_MACHINERY
     try:
         code = int(args.command_module.run(args))
     except HarnessError as e:
         code = e.exit_code
         _report_error(args, e, expected=True)
+    except SystemExit as e:  # SIGTERM/SIGHUP become SystemExit(128 + signal) after QEMU/gdb are killed
+        code = e.code if isinstance(e.code, int) else EXIT_MACHINERY
+        raise
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
         print(f"harness {args.command}: interrupted", file=sys.stderr)
