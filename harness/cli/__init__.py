@@ -18,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from harness.cli import commands
+from harness.cli import attach, commands
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, target=False)
     p.add_argument("--stage", default="both", help="1, 2 or both")
     p.add_argument("--pa-bits", type=int, default=48, help="PA size for stage-2 start levels (default 48)")
+    attach.add_parser(sub)
     return ap
 
 
@@ -98,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         args = build_parser().parse_args(["run", *(argv or [])])
+    if args.command == "attach":
+        return attach.run(args)
     try:
         return commands.dispatch(args)
     except commands.UsageError as e:
