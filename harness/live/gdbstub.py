@@ -14,10 +14,12 @@ already stopped keeps its reason (``paused (prelaunch)``, ``paused (debug)`` ...
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +37,10 @@ _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port
 
 class TargetSpecError(InputError):
     """A TARGET argument that is neither HOST:PORT, a unix socket nor a snapshot file."""
+
+
+class UndecodableRegisters(InputError):
+    """The live registers describe a regime the decoder refuses (the message has the values)."""
 
 
 class AttachFailed(MachineryError):
@@ -133,18 +139,16 @@ def gdb_binary() -> str:
     return os.environ.get("HARNESS_GDB", "gdb-multiarch")
 
 
-def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = None) -> Capture:
-    """Snapshot the registers and every reachable table page of a live target (see module doc)."""
+@contextlib.contextmanager
+def session(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = None) -> Iterator[Session]:
+    """gdb connected to the gdbstub (the VM stopped); on exit the target is left as it was found."""
     if spec.kind != "gdb":
         raise TargetSpecError(f"TARGET: {spec.where} is a snapshot file, not a gdbstub")
-    t0 = time.perf_counter()
     try:
         gdb = _LiveGdb(gdb_binary(), log_path)
     except OSError as exc:
         raise AttachFailed(f"cannot start {gdb_binary()}: {exc} (apt-get install gdb-multiarch)") from None
-    was_running = False
-    connected = False
-    pages: dict[int, bytes] = {}
+    sess = Session(gdb, spec, timeout)
     try:
         for setting in ("pagination off", "confirm off", "architecture aarch64", "remotetimeout 10"):
             gdb.command(f"-gdb-set {setting}")
@@ -152,30 +156,64 @@ def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = Non
             gdb.command(f"-target-select remote {spec.where}", timeout)
         except GdbError as exc:
             raise AttachFailed(f"connecting gdb to {spec}: {exc}") from None
-        connected = True
+        sess.connected = True
         gdb.discard_async()
-        status = gdb.monitor("info status").strip()
-        was_running = status == "VM status: paused"
-        t1 = time.perf_counter()
-        regs = _read_registers(gdb)
-        regimes = regimes_from_registers(regs)
-        reader = _PageReader(gdb, pages, timeout)
-        gdb.physical_mode(True)
-        try:
-            for regime in regimes:
-                mapped_ranges(reader, regime.geom, regime.root)  # reads every reachable table page
-        finally:
-            gdb.physical_mode(False)
-        t2 = time.perf_counter()
-        snap = Snapshot(regs, pages, CAPTURE_PAGE, source=str(spec),
-                        captured=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        notes={"vm_status": status})
-        return Capture(snap, regimes, was_running, status,
-                       {"connect": t1 - t0, "read": t2 - t1})
+        sess.vm_status = gdb.monitor("info status").strip()
+        sess.was_running = sess.vm_status == "VM status: paused"
+        yield sess
     except GdbError as exc:
         raise AttachFailed(f"gdb on {spec}: {exc}") from None
     finally:
-        _release(gdb, connected, was_running)
+        _release(gdb, sess.connected, sess.was_running)
+
+
+@dataclass
+class Session:
+    gdb: _LiveGdb
+    spec: TargetSpec
+    timeout: float
+    connected: bool = False
+    was_running: bool = False
+    vm_status: str = ""
+
+    @contextlib.contextmanager
+    def physical(self) -> Iterator[None]:
+        """gdb memory reads are physical inside (``Qqemu.PhyMemMode:1``), back to 0 after."""
+        self.gdb.physical_mode(True)
+        try:
+            yield
+        finally:
+            self.gdb.physical_mode(False)
+
+    def read_physical(self, pa: int, length: int) -> bytes:
+        with self.physical():
+            try:
+                return self.gdb.read_memory(pa, length)
+            except GdbError as exc:
+                raise AttachFailed(f"reading {length} bytes at physical {pa:#x}: {exc}") from None
+
+
+def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = None) -> Capture:
+    """Snapshot the registers and every reachable table page of a live target (see module doc)."""
+    t0 = time.perf_counter()
+    pages: dict[int, bytes] = {}
+    with session(spec, timeout, log_path) as sess:
+        t1 = time.perf_counter()
+        regs = _read_registers(sess.gdb)
+        try:
+            regimes = regimes_from_registers(regs)
+        except InputError as exc:
+            values = " ".join(f"{k}={v:#x}" for k, v in regs.items())
+            raise UndecodableRegisters(f"{exc} (registers read: {values})") from exc
+        reader = _PageReader(sess.gdb, pages, timeout)
+        with sess.physical():
+            for regime in regimes:
+                mapped_ranges(reader, regime.geom, regime.root)  # reads every reachable table page
+        t2 = time.perf_counter()
+        snap = Snapshot(regs, pages, CAPTURE_PAGE, source=str(spec),
+                        captured=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        notes={"vm_status": sess.vm_status})
+        return Capture(snap, regimes, sess.was_running, sess.vm_status, {"connect": t1 - t0, "read": t2 - t1})
 
 
 def _read_registers(gdb: GdbMI) -> dict[str, int]:

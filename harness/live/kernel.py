@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -100,6 +101,37 @@ class KernelImage:
         """The first bytes of the Image (its arm64 boot header: finds it in guest memory)."""
         with open(self.vmlinuz, "rb") as f:
             return f.read(n)
+
+    def section(self, start: str, end: str) -> tuple[int, int]:
+        """``[start, end)`` of two System.map symbols as offsets from ``_text`` (the Image's start)."""
+        syms = self.symbols
+        missing = [n for n in ("_text", start, end) if n not in syms]
+        if missing:
+            raise KernelImageError(f"System.map: no symbol {', '.join(missing)} in {self.system_map} "
+                                   "(the image package ships a placeholder; ci/kernel.sh takes the real "
+                                   "one from the -dbg package)")
+        return syms[start] - syms["_text"], syms[end] - syms["_text"]
+
+
+# Sections of the kernel image the hypervisor runs from (nVHE/hVHE hyp object), as System.map
+# names them: [start, end) symbol pairs.
+HYP_TEXT = ("__hyp_text_start", "__hyp_text_end")
+HYP_IDMAP_TEXT = ("__hyp_idmap_text_start", "__hyp_idmap_text_end")
+HYP_RODATA = ("__hyp_rodata_start", "__hyp_rodata_end")
+ARM64_IMAGE_MAGIC_OFFSET = 0x38  # "ARM\x64" in the arm64 Image header
+
+
+def find_image_pa(read_physical: Callable[[int, int], bytes], image: KernelImage,
+                  ram_base: int = 0x4000_0000, ram_size: int = 1 << 30, step: int = 2 << 20) -> int | None:
+    """The physical address the Image was loaded at: its 64-byte boot header, found in RAM at a
+    ``step``-aligned address (the arm64 boot protocol places it 2 MiB-aligned, plus text_offset 0)."""
+    header = image.image_header(64)
+    if header[ARM64_IMAGE_MAGIC_OFFSET : ARM64_IMAGE_MAGIC_OFFSET + 4] != b"ARM\x64":
+        raise KernelImageError(f"{image.vmlinuz}: not an arm64 Image (no 'ARM\\x64' magic at 0x38)")
+    for pa in range(ram_base, ram_base + ram_size, step):
+        if read_physical(pa, len(header)) == header:
+            return pa
+    return None
 
 
 class KernelBoot:

@@ -26,6 +26,7 @@ from harness.target.qemu import check_qemu
 from harness.target.target import Target, gdb_binary
 
 REQUIRE_ENV = "HARNESS_REQUIRE_HW"
+pytest_plugins = ["harness.pytestplugin.kernel"]  # live_kernel: a real kernel's live tables
 _TARGET_KEY = pytest.StashKey[dict[str, str]]()
 
 
