@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.arch.registers import Stage1Regs
+from harness.core.pgtable import KvmPgtable
 from harness.errors import InputError
 
 FORMAT = "pgtable-harness-snapshot"
@@ -166,3 +168,29 @@ class SnapshotMemory:
         if page is None or pa & 7:
             raise KeyError(f"pa {pa:#x} is not an aligned word of a captured page")
         return int(_U64.unpack_from(page, pa - base)[0])
+
+
+# ID_AA64MMFR0_EL1 of QEMU's -cpu max (10.0): PARange 52 bits, 4K/16K/64K at both stages, LPA2.
+QEMU_MAX_MMFR0 = 0x2100032310201126
+
+
+def from_tables(table: KvmPgtable, mmfr0: int = QEMU_MAX_MMFR0, source: str = "model") -> Snapshot:
+    """A snapshot of tables the model built: the register values that install them (as a live
+    target would show them) and every page of the pool in use, in 4K pieces."""
+    pool = table.mem
+    regs: dict[str, int] = {"ID_AA64MMFR0_EL1": mmfr0, "SCTLR_EL2": 0, "HCR_EL2": 0, "TCR_EL2": 0,
+                            "TTBR0_EL2": 0, "VTCR_EL2": 0, "VTTBR_EL2": 0, "MAIR_EL2": 0}
+    r = table.regs()
+    if isinstance(r, Stage1Regs):
+        regs.update(SCTLR_EL2=r.sctlr_el2_set, HCR_EL2=r.hcr_el2_set, TCR_EL2=r.tcr_el2, TTBR0_EL2=r.ttbr0_el2,
+                    MAIR_EL2=r.mair_el2)
+    else:
+        regs.update(HCR_EL2=r.hcr_el2_set, VTCR_EL2=r.vtcr_el2, VTTBR_EL2=r.vttbr_el2)
+    data = pool.export().data
+    pages: dict[int, bytes] = {}
+    unit = 4096
+    for off in range(0, pool.used_extent(), pool.page_size):
+        if pool.refcount(pool.base + off):
+            for piece in range(off, off + pool.page_size, unit):
+                pages[pool.base + piece] = data[piece : piece + unit]
+    return Snapshot(regs, pages, unit, source=source)
