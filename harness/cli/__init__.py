@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from harness.cli import attach, commands
+from harness.cli import fuzz as fuzz_cmd
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, target=False)
     p.add_argument("--stage", default="both", help="1, 2 or both")
     p.add_argument("--pa-bits", type=int, default=48, help="PA size for stage-2 start levels (default 48)")
+    fuzz_cmd.add_parser(sub)
     attach.add_parser(sub)
     return ap
 
@@ -102,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "attach":
         return attach.run(args)
     try:
+        if args.command == "fuzz":
+            return fuzz_cmd.run(args)
         return commands.dispatch(args)
     except commands.UsageError as e:
         print(f"harness {args.command}: error: {e}", file=sys.stderr)

@@ -57,7 +57,7 @@ def dispatch(args: argparse.Namespace) -> int:
 def _target(args: argparse.Namespace) -> Iterator[Target]:
     if args.timeout <= 0:
         raise UsageError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
-    with Target.start(timeout=args.timeout, request_timeout=max(args.timeout, 60.0), log_dir=args.log_dir) as t:
+    with Target.start(timeout=args.timeout, log_dir=args.log_dir) as t:
         yield t
 
 
