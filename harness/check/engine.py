@@ -39,7 +39,7 @@ from harness.arch.registers import (
 )
 from harness.check import divergences
 from harness.check.addresses import probe_addresses
-from harness.check.scenario import Built
+from harness.check.scenario import BuiltScenario
 from harness.core.batch import BatchResult, expected_par_batch, par_compare_mask_batch, translate_batch
 from harness.core.memory import PoolImage
 from harness.core.pgtable import KvmPgtable
@@ -138,7 +138,7 @@ def subject_of_table(table: KvmPgtable, name: str, no_access: tuple[tuple[int, i
     return Subject(name, table.geom, table.mem, table.pgd, regs, used_image(table), mair, no_access)
 
 
-def subject_of_built(built: Built) -> Subject:
+def subject_of_built(built: BuiltScenario) -> Subject:
     no_access = tuple((r.base, r.size) for r in built.regions)
     return subject_of_table(built.table, built.scenario.name, no_access)
 
@@ -569,7 +569,7 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
     return report
 
 
-def check_built(built: Built, target: TargetLike, rng: np.random.Generator | None = None,
+def check_built(built: BuiltScenario, target: TargetLike, rng: np.random.Generator | None = None,
                 access: bool | None = None, addresses: U64 | None = None) -> CheckReport:
     """Install a built scenario's table, probe it, compare, uninstall."""
     rng = rng or np.random.default_rng(0)
@@ -593,7 +593,7 @@ class AddressVerdict:
     divergence: str | None = None
 
 
-def check_address(built: Built | Subject, target: TargetLike, addr: int) -> list[AddressVerdict]:
+def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int) -> list[AddressVerdict]:
     """Install the tables, ask the MMU about one address with each AT form of the stage (a real
     access where the AT is withheld for a QEMU hazard), compare with the model, uninstall."""
     subject = built if isinstance(built, Subject) else subject_of_built(built)
