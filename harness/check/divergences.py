@@ -116,6 +116,14 @@ def _lpa_oa_bits(c: Context) -> bool:
 LPA_OA_SEMANTICS: Mapping[str, Any] = {"qemu_lpa_oa": True}
 
 
+FINAL_OA_SEMANTICS: Mapping[str, Any] = {"qemu_final_oa_unchecked": True}
+
+
+def _blocks_beyond_ps(geom: Geometry) -> bool:
+    """Whether some block of this geometry is larger than the PA space."""
+    return any(geom.size(level) > 1 << geom.pa_bits for level in geom.block_levels)
+
+
 def _final_oa_beyond_ps(c: Context) -> bool:
     """The model (the ASL) faults a leaf whose descriptor address fits the PA size because the
     final output address does not; the MMU translated it to exactly that address."""
@@ -169,7 +177,7 @@ DIVERGENCES: tuple[Divergence, ...] = (
         "also when it comes from the input address bits inside a block (a 64K level-1 block is "
         "4 TiB: with PS < 42 at stage 1 its upper part lies beyond the PA size)",
         "QEMU 10.0.2 checks only descriptor bits [47:PS] and translates to the out-of-range address",
-        _always, _final_oa_beyond_ps,
+        _always, _final_oa_beyond_ps, FINAL_OA_SEMANTICS, _blocks_beyond_ps,
     ),
 )
 

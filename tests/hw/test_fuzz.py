@@ -13,7 +13,7 @@ from harness.arch.geometry import Geometry, Granule, Stage
 from harness.check import divergences, rawtables
 from harness.check.engine import SKIP_AT_ABORT, reports_at_aborts
 from harness.check.fuzz import FuzzOptions, FuzzReport, fuzz
-from harness.core import batch
+from harness.core import batch, translate
 from harness.target.target import Target
 
 pytestmark = pytest.mark.hw
@@ -67,7 +67,7 @@ def _af_ignored(mp: pytest.MonkeyPatch) -> None:
 
 
 def _ap2_read_as_ap1(mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(batch, "S1_AP", Field("AP", d.S1_AP.hi - 1, d.S1_AP.lo - 1))
+    mp.setattr(translate, "S1_AP", Field("AP", d.S1_AP.hi - 1, d.S1_AP.lo - 1))  # the walks' shared predicate
 
 
 def _root_rounded_to_64(mp: pytest.MonkeyPatch) -> None:
