@@ -240,6 +240,16 @@ def semantic_departures(version: QemuVersion, geom: Geometry) -> list[tuple[Dive
     return [(dv, dict(dv.semantics)) for dv in active(version) if dv.semantics and dv.concerns(geom)]
 
 
+def semantic_explanations(version: QemuVersion, geom: Geometry) -> list[tuple[str, dict[str, Any]]]:
+    """What may explain a disagreement by walk semantics, tried in order: each departure alone,
+    then all of them together (a key joined with "+": one descriptor can meet two departures)."""
+    deps = semantic_departures(version, geom)
+    out = [(dv.key, kw) for dv, kw in deps]
+    if len(deps) > 1:
+        out.append(("+".join(dv.key for dv, _ in deps), qemu_semantics(version, geom)))
+    return out
+
+
 def qemu_semantics(version: QemuVersion, geom: Geometry) -> dict[str, Any]:
     """The model's keywords that make it walk as this QEMU does on this geometry ({} when the
     Arm ARM's walk and QEMU's agree)."""
@@ -259,4 +269,4 @@ def explain(model: Translation, actual: int, geom: Geometry, rewalk: Callable[..
 
 
 __all__ = ["AT_HAZARDS", "DIVERGENCES", "AtHazard", "Context", "Divergence", "active", "at_unsafe", "explain",
-           "qemu_semantics", "semantic_departures", "translate"]
+           "qemu_semantics", "semantic_departures", "semantic_explanations", "translate"]

@@ -309,12 +309,12 @@ def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, 
     change the model's walk; the rest one by one (text for the first :data:`MAX_EXPLAINED`)."""
     key = np.full(bad.size, "", dtype=object)
     sub_actual = actual[bad]
-    for dv, kw in divergences.semantic_departures(version, subject.geom):
+    for name, kw in divergences.semantic_explanations(version, subject.geom):
         todo = np.flatnonzero(key == "")
         if not todo.size:
             break
         alt = subject.predict(addrs[bad[todo]], access, **kw)
-        key[todo[_matches(alt, sub_actual[todo])]] = dv.key
+        key[todo[_matches(alt, sub_actual[todo])]] = name
     for n, i in enumerate(bad):
         addr = int(addrs[i])
         k = str(key[n]) or None
@@ -483,6 +483,18 @@ def _stores_landed(target: TargetLike, pred: BatchResult, rec: Any, scratch: Any
     return out
 
 
+def _access_departures(subject: Subject, addrs: U64, access: Access, rec: Any, write: bool,
+                       version: divergences.QemuVersion) -> list[str | None]:
+    """For accesses that disagree with the Arm ARM's walk: the declared departure (if any) whose
+    walk they agree with."""
+    keys: list[str | None] = [None] * addrs.size
+    for name, kw in divergences.semantic_explanations(version, subject.geom):
+        alt = subject.predict(addrs, access, **kw)
+        for i in np.flatnonzero(_access_agrees(alt, rec, addrs, subject.stage, write)):
+            keys[i] = keys[i] or name
+    return keys
+
+
 def _outside(addrs: U64, ranges: tuple[tuple[int, int], ...]) -> Bools:
     out = np.ones(addrs.size, dtype=np.bool_)
     for base, size in ranges:
@@ -528,12 +540,10 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         report.matched += int(chosen.size - bad.size)
         if not bad.size:
             continue
-        qemu_good = _access_agrees(pred.qemu, rec, chosen, subj.stage, write) if pred.qemu is not pred.arm \
-            else np.zeros(chosen.size, dtype=np.bool_)
-        departures = divergences.semantic_departures(version, subj.geom)
-        for i in bad:
+        keys = _access_departures(subj, chosen[bad], access, rec[bad], write, version)
+        for n, i in enumerate(bad):
             addr = int(chosen[i])
-            key = departures[0][0].key if qemu_good[i] and departures else None
+            key = keys[n]
             m = None
             if report.room:
                 t = subj.walk(addr, access)
@@ -614,8 +624,7 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
                        f"access faulted: {describe_esr(int(r['esr']))} FAR {int(r['far']):#x} "
                        f"HPFAR {int(r['hpfar']):#x}") + f" (AT withheld: {', '.join(keys)})"
                 agree = bool(_access_agrees(pred.arm, rec, one, subject.stage, write)[0])
-                known = not agree and pred.qemu is not pred.arm and \
-                    bool(_access_agrees(pred.qemu, rec, one, subject.stage, write)[0])
+                key = None if agree else _access_departures(subject, one, access, rec, write, version)[0]
                 probe = "store" if write else "load"
             else:
                 target.at_start(one, op)
@@ -624,15 +633,14 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
                 mmu = _at_abort_text(int(actual[0])) if aborted else str(Par(int(actual[0])))
                 unmodelled = bool(pred.arm.unmodelled[0] or pred.qemu.unmodelled[0])
                 agree = unmodelled or (not aborted and bool(_matches(pred.arm, actual)[0]))
-                known = not agree and not aborted and bool(_matches(pred.qemu, actual)[0])
                 probe = op
-            key = None
-            if known:
-                key = divergences.semantic_departures(version, subject.geom)[0][0].key
-            elif not agree and probe == op:
-                found = divergences.explain(model, int(actual[0]), subject.geom, partial(subject.walk, addr, access),
-                                            version)
-                key = found.key if found else None
+                key = None
+                if not agree and not aborted:
+                    key = next((name for name, kw in divergences.semantic_explanations(version, subject.geom)
+                                if _matches(subject.predict(one, access, **kw), actual)[0]), None)
+                    found = None if key else divergences.explain(
+                        model, int(actual[0]), subject.geom, partial(subject.walk, addr, access), version)
+                    key = key or (found.key if found else None)
             out.append(AddressVerdict(probe, model.explain(), mmu, agree, key))
     finally:
         if target.alive:
