@@ -46,6 +46,7 @@ class FuzzOptions:
     granule: Granule | None = None
     per_table: int = DEFAULT_PER_TABLE
     min_tables: int = 1
+    max_deaths: int = 10  # stop the run after this many targets died (each is a finding)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class FuzzReport:
     examples: list[str] = field(default_factory=list)  # text of disagreements (unexplained first)
     findings: list[Finding] = field(default_factory=list)
     restarts: int = 0
+    stopped: str = ""  # why the run ended early, if it did
 
     @property
     def probes_per_s(self) -> float:
@@ -119,7 +121,7 @@ class FuzzReport:
             "disagreements": self.disagreements, "unexplained": self.unexplained, "skipped": self.skipped,
             "withheld_from_at": self.withheld, "probes_per_s": self.probes_per_s,
             "raw_at_per_s": self.raw_at_per_s, "seconds": self.seconds, "by_config": self.by_config,
-            "findings": [f.__dict__ for f in self.findings], "restarts": self.restarts,
+            "findings": [f.__dict__ for f in self.findings], "restarts": self.restarts, "stopped": self.stopped,
             "examples": self.examples,
         }
 
@@ -134,6 +136,7 @@ class FuzzReport:
         lines += [f"  {k}: {v['tables']} tables, {v['probes']} probes, {v['unexplained']} unexplained, "
                   f"{v['known']} known" for k, v in sorted(self.by_config.items())]
         lines += [f"  finding: {f.text()}" for f in self.findings]
+        lines += [f"  {self.stopped}"] if self.stopped else []
         shown = self.examples if full else self.examples[:20]
         lines += shown
         if len(shown) < len(self.examples):
@@ -196,7 +199,11 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
                                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
                 report.unexplained += 1
                 _bump(report.disagreements, "target died", 1)
-                target.close()
+                if target is not first:
+                    target.close()
+                if len(report.findings) >= opts.max_deaths:
+                    report.stopped = f"stopped after {len(report.findings)} targets died"
+                    break
                 target = start()
                 report.restarts += 1
             else:

@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--per-table", type=int, default=DEFAULT_PER_TABLE,
                    help=f"addresses per table, each probed with both AT forms (default {DEFAULT_PER_TABLE})")
     p.add_argument("--min-tables", type=int, default=1, help="run at least this many tables")
+    p.add_argument("--max-deaths", type=int, default=10, help="stop after QEMU died this many times (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--report", metavar="FILE", help="write every disagreement's walk here")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for boot and each request")
@@ -46,13 +47,15 @@ def _options(args: argparse.Namespace) -> FuzzOptions:
         raise bad("--probes", "a positive number of probes", args.probes)
     if args.per_table <= 0:
         raise bad("--per-table", "a positive number of addresses", args.per_table)
+    if args.max_deaths < 1:
+        raise bad("--max-deaths", "a positive number", args.max_deaths)
     if args.min_tables < 0:
         raise bad("--min-tables", "a non-negative number", args.min_tables)
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise bad("--timeout", "a positive number of seconds", args.timeout)
     stage = parse_stage(args.stage) if args.stage is not None else None
     granule = Granule.parse(args.granule) if args.granule is not None else None
-    return FuzzOptions(args.seed, args.probes, stage, granule, args.per_table, args.min_tables)
+    return FuzzOptions(args.seed, args.probes, stage, granule, args.per_table, args.min_tables, args.max_deaths)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,11 @@ that it must catch."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,8 +27,8 @@ PERMISSION_HAZARD = divergences.AT_HAZARDS[0].key
 
 
 def run(target: Target, seed: int, probes: int, stage: Stage | None = None, granule: Granule | None = None,
-        per_table: int = 800) -> FuzzReport:
-    opts = FuzzOptions(seed, probes, stage, granule, per_table=per_table)
+        per_table: int = 800, max_deaths: int = 10) -> FuzzReport:
+    opts = FuzzOptions(seed, probes, stage, granule, per_table=per_table, max_deaths=max_deaths)
     return fuzz(lambda: Target.start(), opts, first=target)
 
 
@@ -103,3 +107,31 @@ def test_planted_model_bug_is_caught(target: Target, planted: tuple[Stage | None
     rep = run(target, 31, 40_000, stage, granule)
     assert rep.unexplained > 0, rep.text()
     assert rep.disagreements.get("unexplained", 0) > 0  # (QEMU may also die: withholding trusts the model)
+
+
+def test_qemu_death_is_a_finding_and_the_run_goes_on(target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the AT hazard list emptied, AT S12E1W meets stage-2 permission faults and QEMU 10
+    aborts: each death is recorded (table and addresses), the target restarted, the run goes on."""
+    if target.qemu_version < (8, 0, 0):
+        pytest.skip("QEMU 7.2 answers AT S12E1W at a stage-2 permission fault")
+    monkeypatch.setattr(divergences, "AT_HAZARDS", ())
+    rep = run(target, 5, 6_000, Stage.S2, Granule.K4, max_deaths=3)
+    assert len(rep.findings) == 3 and rep.restarts == 2, rep.text()  # the run went on after each death
+    assert rep.stopped and rep.disagreements["target died"] == 3 and rep.unexplained >= 3
+    f = rep.findings[0]
+    assert "QemuExited" in f.error and f.addresses and "stage 2 4K" in f.table
+
+
+def test_fuzz_command(tmp_path: Path) -> None:
+    """`harness fuzz`: exit 0, the JSON figures, the report file."""
+    report = tmp_path / "fuzz.txt"
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "fuzz", "--seed", "2", "--probes", "15000",
+                          "--json", "--report", str(report)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    js = json.loads(out.stdout)
+    assert js["unexplained"] == 0 and js["probes"] >= 15000 and js["tables"] >= 1
+    assert js["raw_at_per_s"] > 0 and js["probes_per_s"] > 0
+    assert report.read_text().startswith("OK: fuzz seed 2")
+    bad = subprocess.run([sys.executable, "-m", "harness.cli", "fuzz", "--granule", "8K"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "granule" in bad.stderr and "Traceback" not in bad.stderr
