@@ -194,6 +194,7 @@ class AtHazard:
     qemu: str
     applies_to: Callable[[QemuVersion], bool]
     select: Callable[[BatchResult], npt.NDArray[np.bool_]]
+    stage: Stage  # the stage whose AT forms it concerns
 
 
 def _s2_permission_fault(pred: BatchResult) -> npt.NDArray[np.bool_]:
@@ -212,9 +213,14 @@ AT_HAZARDS: tuple[AtHazard, ...] = (
         "the stage-2 fault with stage-2-format cache attributes. Translation and access-flag faults "
         "are reported correctly. QEMU 7.2.22 reports the permission fault correctly; versions in "
         "between are not measured and treated as affected.",
-        _after_7_2, _s2_permission_fault,
+        _after_7_2, _s2_permission_fault, Stage.S2,
     ),
 )
+
+
+def hazards(version: QemuVersion, stage: Stage) -> tuple[AtHazard, ...]:
+    """The AT hazards of this QEMU for the AT forms of ``stage``."""
+    return tuple(hz for hz in AT_HAZARDS if hz.stage is stage and hz.applies_to(version))
 
 
 def at_unsafe(pred: BatchResult, version: QemuVersion) -> tuple[npt.NDArray[np.bool_], list[str]]:
@@ -269,4 +275,4 @@ def explain(model: Translation, actual: int, geom: Geometry, rewalk: Callable[..
 
 
 __all__ = ["AT_HAZARDS", "DIVERGENCES", "AtHazard", "Context", "Divergence", "active", "at_unsafe", "explain",
-           "qemu_semantics", "semantic_departures", "semantic_explanations", "translate"]
+           "hazards", "qemu_semantics", "semantic_departures", "semantic_explanations", "translate"]

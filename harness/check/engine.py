@@ -362,16 +362,23 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
         for lo in range(0, addrs.size, max_at):
             chunk = addrs[lo : lo + max_at]
             t0 = time.perf_counter()
-            pred = Prediction.of(subj, chunk, access, version)
-            hold, unsafe = _at_hazards(report, pred, version, at_aborts)
-            if hold.any():
-                withheld.setdefault(access, []).append(chunk[unsafe])
-                chunk, pred = chunk[~hold], pred.take(~hold)
-            t1 = time.perf_counter()
-            if not chunk.size:
-                continue
-            target.at_start(chunk, op)
-            t2 = time.perf_counter()
+            early = at_aborts and not divergences.hazards(version, subj.stage)
+            if early:  # nothing to withhold: predict while the firmware probes
+                t1 = time.perf_counter()
+                target.at_start(chunk, op)
+                t2 = time.perf_counter()
+                pred = Prediction.of(subj, chunk, access, version)
+            else:
+                pred = Prediction.of(subj, chunk, access, version)
+                hold, unsafe = _at_hazards(report, pred, version, at_aborts)
+                if hold.any():
+                    withheld.setdefault(access, []).append(chunk[unsafe])
+                    chunk, pred = chunk[~hold], pred.take(~hold)
+                t1 = time.perf_counter()
+                if not chunk.size:
+                    continue
+                target.at_start(chunk, op)
+                t2 = time.perf_counter()
             expected = expected_par_batch(pred.arm)
             mask = par_compare_mask_batch(pred.arm)
             t3 = time.perf_counter()
