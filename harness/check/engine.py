@@ -173,6 +173,7 @@ class CheckReport:
     withheld: dict[str, int] = field(default_factory=dict)  # AT hazard key -> addresses checked by access
     known_by: dict[str, int] = field(default_factory=dict)  # divergence key -> disagreements
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> probes with no comparison
+    explain_limit: int = MAX_EXPLAINED  # disagreements kept with their full walk
 
     @property
     def checked(self) -> int:
@@ -202,7 +203,7 @@ class CheckReport:
 
     @property
     def room(self) -> bool:
-        return len(self.mismatches) < MAX_EXPLAINED
+        return len(self.mismatches) < self.explain_limit
 
     def merge(self, other: CheckReport) -> None:
         for mine, theirs in ((self.probes, other.probes), (self.withheld, other.withheld),

@@ -32,6 +32,7 @@ from harness.errors import MachineryError
 
 DEFAULT_PER_TABLE = 1600  # addresses per table (each probed with both AT forms)
 RAW_AT_PROBES = 1 << 19
+EXPLAIN_PER_TABLE = 16  # disagreements of one table re-walked in full (all are counted and classified)
 
 
 class FuzzTarget(TargetLike, Protocol):
@@ -47,6 +48,7 @@ class FuzzOptions:
     per_table: int = DEFAULT_PER_TABLE
     min_tables: int = 1
     max_deaths: int = 10  # stop the run after this many targets died (each is a finding)
+    tables_per_config: int = 2  # consecutive tables share a configuration (and its builder tables)
 
 
 @dataclass
@@ -188,12 +190,14 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
         index = 0
         while report.probes < opts.probes or report.tables < opts.min_tables:
             rng = np.random.default_rng([opts.seed, index])
-            geom = rawtables.random_geometry(rng, opts.stage, opts.granule)
+            geom = rawtables.random_geometry(np.random.default_rng([opts.seed, index // opts.tables_per_config]),
+                                             opts.stage, opts.granule)
             raw = rawtables.random_tables(rng, geom, target.layout, outside_ram=outside)
             addrs = rawtables.probe_addresses(rng, raw, opts.per_table)
             name = f"fuzz {opts.seed}/{index}"
+            rep = CheckReport(name, geom.describe(), report.qemu, explain_limit=EXPLAIN_PER_TABLE)
             try:
-                rep = check_subject(raw.subject(name), target, addrs, rng)
+                check_subject(raw.subject(name), target, addrs, rng, report=rep)
             except MachineryError as exc:
                 report.findings.append(Finding(opts.seed, index, raw.describe(), [int(a) for a in addrs],
                                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
