@@ -3,6 +3,17 @@
 These are QEMU bugs or QEMU choices where the architecture leaves room, not model bugs. The check
 and the fuzzer classify a disagreement that one of these explains as a known divergence (shown,
 counted, not failed); anything else is a mismatch. Each entry names the Arm ARM rule.
+
+A departure of walk semantics also carries the model's keywords that make the model walk as QEMU
+does (``semantics``): the check predicts both ways, so a disagreement is classified in batch,
+also when one descriptor meets two departures (the keys joined with "+"), and what must not be
+pointed at with ``AT`` (:data:`AT_HAZARDS`) is decided on *QEMU's* walk.
+
+Not a divergence: an ``AT`` whose walk reads a physical address with nothing behind it takes a
+synchronous external abort (ESR_EL2 EC 0x25, DFSC "external abort on translation table walk")
+on QEMU instead of reporting it in PAR_EL1. The firmware records it as that probe's result; the
+check expects it where the model's walk leaves the memory it models, and counts it apart
+(``engine.SKIP_AT_ABORT``); elsewhere it is an unexplained disagreement.
 """
 
 from __future__ import annotations

@@ -511,7 +511,8 @@ def _outside(addrs: U64, ranges: tuple[tuple[int, int], ...]) -> Bools:
 
 
 def check_access(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64,
-                 rng: np.random.Generator, must: Mapping[Access, U64] | None = None) -> None:
+                 rng: np.random.Generator, must: Mapping[Access, U64] | None = None,
+                 sample: int = MAX_ACCESS_PROBES) -> None:
     """Real loads and stores on the addresses that fault (on both the Arm ARM's and QEMU's walk)
     or translate into scratch RAM; the addresses in ``must`` (withheld from AT) are always
     included."""
@@ -526,10 +527,12 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         pred = Prediction.of(subj, cand, access, version)
         a, q = pred.arm, pred.qemu
         safe = (_in_scratch(a, scratch) & q.ok & (a.pa == q.pa)) | (~a.ok & ~q.ok & ~a.unmodelled & ~q.unmodelled)
+        if subj.stage is Stage.S2:  # a stage-1 fault of EL1 (above PAMax) is taken at EL1, not reported
+            safe &= a.ok | (a.fault_stage2 & q.fault_stage2)
         safe &= _outside(cand, subj.no_access)
         eligible = np.flatnonzero(safe & ~np.isin(cand, forced))
-        if eligible.size > MAX_ACCESS_PROBES:
-            eligible = rng.choice(eligible, MAX_ACCESS_PROBES, replace=False)
+        if eligible.size > sample:
+            eligible = rng.choice(eligible, sample, replace=False)
         idx = np.union1d(eligible, np.flatnonzero(np.isin(cand, forced)))
         if not idx.size:
             continue
@@ -567,7 +570,8 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
 
 
 def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.random.Generator | None = None,
-                  access: bool = False, report: CheckReport | None = None) -> CheckReport:
+                  access: bool = False, report: CheckReport | None = None,
+                  access_sample: int = MAX_ACCESS_PROBES) -> CheckReport:
     """Install the subject's tables, probe ``addrs`` with AT (and real accesses where asked or
     where AT is withheld), compare, uninstall."""
     rng = rng or np.random.default_rng(0)
@@ -580,7 +584,7 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
         if not subject.accesses:
             report.count(report.skipped, SKIP_NO_ACCESS, sum(int(v.size) for v in withheld.values()))
         elif withheld or access:
-            check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld)
+            check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld, access_sample)
     finally:
         if target.alive:
             target.uninstall()

@@ -30,7 +30,7 @@ from harness.check.engine import (
 )
 from harness.errors import MachineryError
 
-DEFAULT_PER_TABLE = 1600  # addresses per table (each probed with both AT forms)
+DEFAULT_PER_TABLE = 1500  # addresses per table (each probed with both AT forms)
 RAW_AT_PROBES = 1 << 19
 EXPLAIN_PER_TABLE = 16  # disagreements of one table re-walked in full (all are counted and classified)
 
@@ -49,6 +49,7 @@ class FuzzOptions:
     min_tables: int = 1
     max_deaths: int = 10  # stop the run after this many targets died (each is a finding)
     tables_per_config: int = 2  # consecutive tables share a configuration (and its builder tables)
+    accesses_per_table: int = 32  # real loads and stores (each) besides those withheld from AT
 
 
 @dataclass
@@ -197,7 +198,9 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
             name = f"fuzz {opts.seed}/{index}"
             rep = CheckReport(name, geom.describe(), report.qemu, explain_limit=EXPLAIN_PER_TABLE)
             try:
-                check_subject(raw.subject(name), target, addrs, rng, report=rep)
+                check_subject(raw.subject(name), target, addrs, rng, report=rep,
+                              access=opts.accesses_per_table > 0 and raw.can_access,
+                              access_sample=opts.accesses_per_table)
             except MachineryError as exc:
                 report.findings.append(Finding(opts.seed, index, raw.describe(), [int(a) for a in addrs],
                                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
