@@ -15,7 +15,7 @@ import pytest
 from handmade import HVHE_AP_RO, leaf_attrs, s1_hvhe_identity, s1_identity, s2_identity
 
 from harness.arch import descriptors as d
-from harness.arch.geometry import Stage
+from harness.arch.geometry import Geometry, Granule, Stage
 from harness.arch.registers import (
     ESR_EC,
     HCR_E2H,
@@ -28,6 +28,7 @@ from harness.arch.registers import (
     FaultKind,
     Par,
     fault_status,
+    stage1_regs,
 )
 from harness.core.prot import Prot
 from harness.target import mailbox as mbx
@@ -400,3 +401,18 @@ def test_qemu_sigbus_names_the_ram_backing(tmp_path: Path) -> None:
         assert info.value.returncode == -signal.SIGBUS
         msg = str(info.value)
         assert "SIGBUS" in msg and "full" in msg and ("/dev/shm" in msg or "tmp" in msg)
+
+
+@pytest.mark.parametrize("granule", ["4K", "16K", "64K"])
+def test_model_hvhe_registers_drive_the_firmware(target: Target, granule: str) -> None:
+    """The model's hVHE register values (Geometry e2h=True) on a hand-built EL2&0 table."""
+    tab = s1_hvhe_identity(LAYOUT, granule, 48, extra=[SCRATCH, SCRATCH_RO])
+    geom = Geometry.create(Stage.S1, Granule.parse(granule), 48, 48, e2h=True)
+    regs = stage1_regs(geom, tab.pgd)
+    common = 0x7_0080_FF3F  # IPS, EPD1, TG0, SH0, ORGN0, IRGN0, T0SZ: what both layouts must agree on
+    assert regs.tcr_el2 & common == tab.s1_regs().tcr_el2 & common
+    target.install(regs, tab.image())
+    assert target.sysreg("HCR_EL2") & HCR_E2H.mask
+    par = [Par(int(p)) for p in target.at([SCRATCH.base + 0x18, SCRATCH_RO.base], "S1E2W")]
+    assert not par[0].fault and par[0].pa == SCRATCH.base
+    assert par[1].fault and par[1].fst >> 2 == FaultKind.PERMISSION.value
