@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -416,3 +417,21 @@ def test_model_hvhe_registers_drive_the_firmware(target: Target, granule: str) -
     par = [Par(int(p)) for p in target.at([SCRATCH.base + 0x18, SCRATCH_RO.base], "S1E2W")]
     assert not par[0].fault and par[0].pa == SCRATCH.base
     assert par[1].fault and par[1].fst >> 2 == FaultKind.PERMISSION.value
+
+
+def test_own_log_dir_removed_after_clean_close_kept_after_failure() -> None:
+    with Target.start() as t:
+        clean = t.log_dir
+        t.uninstall()
+        assert clean.is_dir()
+    assert not clean.exists()
+    t = Target.start()
+    try:
+        with pytest.raises(TargetTimeout):
+            t.spin(timeout=0.3)
+    finally:
+        t.close()
+    try:
+        assert (t.log_dir / "console.log").is_file()  # kept for the error message's paths
+    finally:
+        shutil.rmtree(t.log_dir, ignore_errors=True)
