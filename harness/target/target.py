@@ -322,7 +322,7 @@ class Target:
         except TargetTimeout:
             evidence = self._interrupt_evidence()
             self._dead = f"timed out waiting for {awaited}"
-            raise TargetTimeout(awaited, timeout, evidence) from None
+            raise TargetTimeout(awaited, timeout, evidence, evidence.get("QEMU")) from None
         except GdbLost:
             self._check_alive()
             self._dead = "gdb lost"
@@ -347,10 +347,10 @@ class Target:
         budget = min(2.0, max(0.2, self.request_timeout / 2))
         try:
             if self.qemu.poll() is not None:
-                evidence["QEMU"] = f"exited with {self.qemu.poll()}"
+                evidence["QEMU"] = f"QEMU exited with {self.qemu.poll()}"
                 return evidence
             if process.process_state(self.qemu.pid) == "T":
-                evidence["QEMU"] = f"process {self.qemu.pid} is stopped (SIGSTOP or a tracer): it cannot answer"
+                evidence["QEMU"] = f"QEMU (pid {self.qemu.pid}) is stopped (SIGSTOP or a tracer) and cannot answer"
                 return evidence
             self.gdb.command("-exec-interrupt", timeout=budget)
             self.gdb.wait_stopped(budget)
