@@ -435,3 +435,31 @@ def test_own_log_dir_removed_after_clean_close_kept_after_failure() -> None:
         assert (t.log_dir / "console.log").is_file()  # kept for the error message's paths
     finally:
         shutil.rmtree(t.log_dir, ignore_errors=True)
+
+
+def test_qemu_killed_even_when_closing_gdb_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.target import process
+    from harness.target.gdbmi import GdbMI
+
+    t = Target.start(log_dir=tmp_path)
+    pids = dict(t.pids)
+    gdb_proc = t.gdb.proc
+
+    def broken_close(self: GdbMI) -> None:
+        raise RuntimeError("gdb close failed")
+
+    monkeypatch.setattr(GdbMI, "close", broken_close)
+    with pytest.raises(RuntimeError, match="gdb close failed"):
+        t.close()
+    assert wait_gone(pids["qemu"]), "QEMU outlived a failing gdb close"
+    process.kill(gdb_proc)  # the test's own cleanup of the gdb whose close was broken
+    assert _gone(pids["gdb"])
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.02)
+    return _gone(pid)
