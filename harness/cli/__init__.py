@@ -32,6 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 from harness.errors import EXIT_INTERRUPTED, EXIT_MACHINERY, EXIT_OK, HarnessError, InputError
+from harness.target import process
 from harness.target.errors import ToolMissing
 
 # One module per command, in `harness --help` order: each exposes add_parser(sub) and run(args).
@@ -131,3 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         _finish_logs(args, code)
     return code
+
+
+def console_main() -> None:
+    """The ``harness`` executable: SIGTERM and SIGHUP reap QEMU and gdb before exiting."""
+    process.install_signal_handlers()
+    sys.exit(main())
