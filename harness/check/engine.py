@@ -27,6 +27,7 @@ from harness.arch.registers import (
     RegimeRegs,
     describe_esr,
     fault_status,
+    hpfar_ipa_page,
 )
 from harness.check import divergences
 from harness.check.addresses import probe_addresses
@@ -244,7 +245,7 @@ def check_access(report: CheckReport, target: TargetLike, table: KvmPgtable, add
                 ec, dfsc, wnr = _expected_esr_fields(t, table.stage, write)
                 same = (int(got_ec[i]), int(got_dfsc[i]), int(got_wnr[i])) == (ec, dfsc, wnr)
                 if table.stage is Stage.S2:
-                    same = same and int(rec["hpfar"][i]) >> 4 == int(chosen[i]) >> 12
+                    same = same and hpfar_ipa_page(int(rec["hpfar"][i])) == int(chosen[i]) & ~0xFFF
                 else:
                     same = same and int(rec["far"][i]) == int(chosen[i])
                 good[i] = same

@@ -21,7 +21,7 @@ from harness.arch.geometry import (
     max_ia_bits,
     stage2_start_levels,
 )
-from harness.arch.registers import Par, Stage1Regs
+from harness.arch.registers import Par, Stage1Regs, ttbr_table_base
 from harness.check import scenario as sc_mod
 from harness.check.addresses import probe_addresses
 from harness.check.divergences import at_unsafe
@@ -325,7 +325,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
         t.install(tb.regs(), used_image(tb))
         try:
             regname = "TTBR0_EL2" if tb.stage is Stage.S1 else "VTTBR_EL2"
-            root = t.sysreg(regname) & ((1 << 48) - 1) & ~1
+            root = ttbr_table_base(t.sysreg(regname), tb.geom)
             mem = _GdbPhysMemory(t, tb.granule.size)
             t.gdb.physical_mode(True)
             try:
