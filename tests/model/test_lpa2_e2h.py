@@ -181,6 +181,10 @@ def s1_leaf(pa: int, extra: int) -> int:
         (0, UXN_TABLE, PERM_R | PERM_W | PERM_X),
         (0, 1 << 62, PERM_R | PERM_X),  # APTable[1]: read-only below
         (0, 1 << 61, PERM_R | PERM_W | PERM_X),  # APTable[0]: no EL0 access below
+        # AP 0b01 below APTable[0] (no EL0 access) or APTable[1] (read-only): no longer
+        # EL0-writable after the table attributes, so EL2 may execute it.
+        (0b01 << 6, 1 << 61, PERM_R | PERM_W | PERM_X),
+        (0b01 << 6, 1 << 62, PERM_R | PERM_X),
     ],
 )
 def test_e2h_permissions(bits: int, table_bits: int, perms: int) -> None:
