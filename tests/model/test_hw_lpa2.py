@@ -113,3 +113,30 @@ def test_final_output_address_beyond_ps(target: Target) -> None:
     matches_arm = all((expected_par(m) ^ p) & par_compare_mask(m) == 0 for m, p in zip(arm, got, strict=True))
     matches_qemu = all((expected_par(m) ^ p) & par_compare_mask(m) == 0 for m, p in zip(qemu, got, strict=True))
     assert matches_qemu and not matches_arm, [str(Par(p)) for p in got]
+
+
+def test_small_root_alignment_and_pamax_start_level(target: Target) -> None:
+    """Issue 11: a 2-entry stage-2 root aligned to 16 bytes only (not 64) is read where it is;
+    4K with PS = 40 starts at level 0 (legal: PAMax is 52 bits)."""
+    from harness.arch.registers import stage2_regs
+
+    geom = Geometry.create(2, "4K", 31, 48, 1)
+    pool = pool_for(geom)
+    page = pool.alloc_page()
+    root = page + 0x30
+    block = 0x1 | (1 << 10) | (3 << 8) | (0b11 << 6) | (0xF << 2)  # RW normal WB, AF, inner
+    pool.write64(page, (0x7 << 30) | block)  # what a root rounded down to 64 bytes would read
+    pool.write64(page + 8, (0x8 << 30) | block)
+    pool.write64(root, (0x5 << 30) | block)
+    pool.write64(root + 8, (0x6 << 30) | block)
+    target.install(stage2_regs(geom, root), pool.export())
+    got = [Par(p).pa for p in target.at(np.array([0x1234_5000, (1 << 30) | 0x5000], dtype=np.uint64),
+                                        "S12E1R").tolist()]
+    target.uninstall()
+    assert got == [(0x5 << 30) | 0x1234_5000, (0x6 << 30) | 0x5000]
+    assert [translate(pool, geom, root, a).pa for a in (0x1234_5000, (1 << 30) | 0x5000)] == got
+
+    g0 = Geometry.create(2, "4K", 40, 40, 0)
+    t = Stage2Pgtable(pool_for(g0), "4K", 40, 40, 0)
+    t.map(0x80_0000_0000 - (1 << 30), 1 << 30, 0xC0_0000_0000 >> 4, Prot.RW)
+    assert check(target, t, [0x7F_C000_1234, 0x1000], (READ, WRITE)) == 4
