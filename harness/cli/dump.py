@@ -7,8 +7,8 @@ import argparse
 import time
 from typing import Any
 
-from harness.arch.geometry import Geometry, Granule, Stage
-from harness.arch.registers import TTBR_BADDR, TTBR_BADDR_51_48
+from harness.arch.geometry import Stage
+from harness.arch.registers import ttbr_table_base
 from harness.check import scenario as scenarios
 from harness.check.engine import used_image
 from harness.cli.args import add_scenario_args, add_target_args, check_log_dir, open_target, scenario_from_args
@@ -46,14 +46,6 @@ class GdbPhysicalMemory:
         return int.from_bytes(self.cache[base][off : off + 8], "little")
 
 
-def table_base_from_ttbr(ttbr: int, geom: Geometry) -> int:
-    """The PGD's physical address in a TTBR0_EL2/VTTBR_EL2 value (BADDR[51:48] with 64K/52-bit)."""
-    base = ttbr & TTBR_BADDR.mask
-    if geom.granule is Granule.K64 and geom.pa_bits == 52:
-        base |= TTBR_BADDR_51_48.get(ttbr) << 48
-    return base
-
-
 def run(args: argparse.Namespace) -> int:
     sc = scenario_from_args(args)
     built = scenarios.build(sc, LAYOUT)
@@ -65,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         t.install(table.regs(), used_image(table))
         try:
             regname = "TTBR0_EL2" if table.stage is Stage.S1 else "VTTBR_EL2"
-            root = table_base_from_ttbr(t.sysreg(regname), table.geom)
+            root = ttbr_table_base(t.sysreg(regname), table.geom)
             mem = GdbPhysicalMemory(t, table.granule.size)
             t.gdb.physical_mode(True)
             try:
