@@ -41,6 +41,21 @@ class LayoutLike(Protocol):
     def stage2_regions(self) -> Sequence[RegionLike]: ...
 
 
+@dataclass(frozen=True)
+class PoolOnlyLayout:
+    """A memory map with a page pool and no firmware: tables for the model alone (benchmarks,
+    offline decoding), with nothing of the payload's own to keep mapped."""
+
+    pool_base: int
+    pool_size: int
+
+    def stage1_regions(self) -> Sequence[RegionLike]:
+        return ()
+
+    def stage2_regions(self) -> Sequence[RegionLike]:
+        return ()
+
+
 @dataclass
 class BuiltScenario:
     """A scenario modelled: its table (in its page pool) and the firmware regions mapped into it."""
