@@ -76,4 +76,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
     PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"
     echo "$want_stamp" > "$stamp"
 fi
+bash "$root/ci/kernel.sh"  # Debian's arm64 6.12 kernel for the attach tests (.cache/kernel)
 log "ready: $(qemu-system-aarch64 --version | head -n1)"

@@ -1,18 +1,12 @@
 /* pgtable-harness firmware: UART, request loop, regime installation, exception reports. */
 #include <stdint.h>
+#include "gen/arch.h"
 #include "gen/layout.h"
 #include "gen/mailbox.h"
 
 typedef uint64_t u64;
 
-#define SCTLR_M (1UL << 0)
-#define SCTLR_C (1UL << 2)
-#define SCTLR_I (1UL << 12)
-/* SCTLR_EL1 RES1 bits in Armv8.0 (later features give them meanings; 1 is their safe value). */
-#define SCTLR_EL1_RES1 ((1UL << 29) | (1UL << 28) | (1UL << 23) | (1UL << 22) | (1UL << 20) | (1UL << 11))
-#define HCR_VM (1UL << 0)
-#define HCR_DC (1UL << 12)
-#define HCR_RW (1UL << 31)
+#define FIELD_GET(f, v) (((v) >> f##_SHIFT) & ((1UL << f##_WIDTH) - 1))
 
 #define READ_SYSREG(r) ({ u64 __v; __asm__ volatile("mrs %0, " #r : "=r"(__v)); __v; })
 #define WRITE_SYSREG(r, v) __asm__ volatile("msr " #r ", %0" : : "r"((u64)(v)) : "memory")
@@ -28,8 +22,8 @@ extern void at_loop_s1e2r(const u64 *, u64 *, u64);
 extern void at_loop_s1e2w(const u64 *, u64 *, u64);
 extern void at_loop_s12e1r(const u64 *, u64 *, u64);
 extern void at_loop_s12e1w(const u64 *, u64 *, u64);
-extern void s1_access_loop(const u64 *, u64 *, u64, u64);
-extern void s2_access_loop(const u64 *, u64 *, u64, u64);
+extern void s1_access_loop(const u64 *, struct access_record *, u64, u64, const u64 *);
+extern void s2_access_loop(const u64 *, struct access_record *, u64, u64, const u64 *);
 extern char el1_vectors[];
 
 /* ---- PL011 ---------------------------------------------------------------------------- */
@@ -70,15 +64,24 @@ static void putkv(const char *k, u64 v)
 }
 
 /* ---- regimes ---------------------------------------------------------------------------- */
+static void tlbi_el2_regime(void)
+{
+    DSB(ish);
+    __asm__ volatile("tlbi alle2" ::: "memory"); /* the EL2 (E2H = 0) or EL2&0 (E2H = 1) regime */
+    DSB(ish);
+    ISB();
+}
+
 static void stage1_off(void)
 {
-    u64 sctlr = READ_SYSREG(sctlr_el2);
-    WRITE_SYSREG(sctlr_el2, sctlr & ~(SCTLR_M | SCTLR_C | SCTLR_I));
+    WRITE_SYSREG(sctlr_el2, READ_SYSREG(sctlr_el2) & ~(SCTLR_M | SCTLR_C | SCTLR_I));
     ISB();
-    DSB(ish);
-    __asm__ volatile("tlbi alle2" ::: "memory");
-    DSB(ish);
-    ISB();
+    tlbi_el2_regime();
+    if (READ_SYSREG(hcr_el2) & HCR_E2H) { /* back to the EL2 regime, and drop what it cached */
+        WRITE_SYSREG(hcr_el2, READ_SYSREG(hcr_el2) & ~HCR_E2H);
+        ISB();
+        tlbi_el2_regime();
+    }
 }
 
 static void stage2_off(void)
@@ -92,23 +95,29 @@ static void stage2_off(void)
     ISB();
 }
 
-static void install_s1(u64 mair, u64 tcr, u64 ttbr0, u64 sctlr_set)
+/* hcr_set: HCR_EL2.E2H for the EL2&0 regime (hVHE), set before TCR_EL2 (read in its E2H = 1 layout). */
+static u64 install_s1(u64 mair, u64 tcr, u64 ttbr0, u64 sctlr_set, u64 hcr_set)
 {
+    if (hcr_set & ~HCR_E2H)
+        return STATUS_BAD_ARG;
     stage1_off();
+    if (hcr_set) {
+        WRITE_SYSREG(hcr_el2, READ_SYSREG(hcr_el2) | hcr_set);
+        ISB();
+    }
     WRITE_SYSREG(mair_el2, mair);
     WRITE_SYSREG(tcr_el2, tcr);
     WRITE_SYSREG(ttbr0_el2, ttbr0);
     ISB();
-    DSB(ish);
-    __asm__ volatile("tlbi alle2" ::: "memory");
-    DSB(ish);
-    ISB();
+    tlbi_el2_regime();
     WRITE_SYSREG(sctlr_el2, READ_SYSREG(sctlr_el2) | sctlr_set);
     ISB();
+    return STATUS_OK;
 }
 
 static void install_s2(u64 vtcr, u64 vttbr, u64 hcr_set)
 {
+    stage1_off(); /* E2H = 0: the *_el1 writes below must reach EL1's registers */
     stage2_off();
     WRITE_SYSREG(vtcr_el2, vtcr);
     WRITE_SYSREG(vttbr_el2, vttbr);
@@ -131,7 +140,7 @@ static int in_buffer(u64 pa, u64 len, u64 base, u64 size)
 
 static u64 do_at(void)
 {
-    u64 op = mb->arg0, n = mb->arg1, src = mb->arg2, dst = mb->arg3;
+    u64 op = mb->arg[0], n = mb->arg[1], src = mb->arg[2], dst = mb->arg[3];
     if (n > PROBE_ADDRS_SIZE / 8 || !in_buffer(src, n * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
         !in_buffer(dst, n * 8, PROBE_RESULTS_BASE, PROBE_RESULTS_SIZE))
         return STATUS_BAD_ARG;
@@ -150,16 +159,20 @@ static u64 do_at(void)
 
 static u64 do_access(void)
 {
-    u64 write = mb->arg0, stage = mb->arg1, n = mb->arg2, src = mb->arg3, dst = mb->arg4;
+    u64 write = mb->arg[0], stage = mb->arg[1], n = mb->arg[2], src = mb->arg[3], dst = mb->arg[4];
+    u64 vals = mb->arg[5];
     if (n > PROBE_ADDRS_SIZE / 8 || !in_buffer(src, n * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
+        !in_buffer(vals, n * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
         !in_buffer(dst, n * ACCESS_RECORD_SIZE, PROBE_RESULTS_BASE, PROBE_RESULTS_SIZE) || write > 1)
         return STATUS_BAD_ARG;
     if (stage == 1) {
-        s1_access_loop((const u64 *)src, (u64 *)dst, n, write);
+        s1_access_loop((const u64 *)src, (struct access_record *)dst, n, write, (const u64 *)vals);
     } else if (stage == 2) {
+        if (READ_SYSREG(hcr_el2) & HCR_E2H) /* the EL1 stub needs the EL1&0 regime */
+            return STATUS_BAD_ARG;
         WRITE_SYSREG(hcr_el2, READ_SYSREG(hcr_el2) | HCR_RW);
         ISB();
-        s2_access_loop((const u64 *)src, (u64 *)dst, n, write);
+        s2_access_loop((const u64 *)src, (struct access_record *)dst, n, write, (const u64 *)vals);
     } else {
         return STATUS_BAD_ARG;
     }
@@ -173,10 +186,9 @@ static u64 serve(u64 cmd)
     case CMD_NOP:
         return STATUS_OK;
     case CMD_INSTALL_S1:
-        install_s1(mb->arg0, mb->arg1, mb->arg2, mb->arg3);
-        return STATUS_OK;
+        return install_s1(mb->arg[0], mb->arg[1], mb->arg[2], mb->arg[3], mb->arg[4]);
     case CMD_INSTALL_S2:
-        install_s2(mb->arg0, mb->arg1, mb->arg2);
+        install_s2(mb->arg[0], mb->arg[1], mb->arg[2]);
         return STATUS_OK;
     case CMD_UNINSTALL:
         stage1_off();
@@ -214,7 +226,7 @@ void fw_main(u64 current_el)
         puts_("pgtable-harness firmware: entered at EL");
         putc_((char)('0' + current_el));
         puts_(", expected EL2 (QEMU needs -M virt,virtualization=on); parked\n");
-        mb->panic_vector = 17;
+        mb->panic_vector = MB_VECTOR_NOT_EL2;
         mb->panic_count = mb->panic_count + 1;
         panic();
         park();
@@ -228,8 +240,8 @@ void fw_main(u64 current_el)
     request_loop();
 }
 
-/* frame: x0..x30, then the interrupted SP; the MMU is already off. */
-void fw_unexpected(u64 *frame, u64 vector)
+/* The registers at the exception (the vector saved them); the MMU is already off. */
+void fw_unexpected(struct panic_frame *frame, u64 vector)
 {
     u64 esr = READ_SYSREG(esr_el2);
     mb->panic_vector = vector;
@@ -240,14 +252,15 @@ void fw_unexpected(u64 *frame, u64 vector)
     mb->panic_hpfar = READ_SYSREG(hpfar_el2);
     mb->panic_sctlr = READ_SYSREG(sctlr_el2);
     mb->panic_hcr = READ_SYSREG(hcr_el2);
-    mb->panic_sp = frame[31];
+    mb->panic_sp = frame->sp;
     mb->panic_esr_el1 = READ_SYSREG(esr_el1);
     mb->panic_far_el1 = READ_SYSREG(far_el1);
     mb->panic_elr_el1 = READ_SYSREG(elr_el1);
-    if (vector == 8 && (esr >> 26) == 0x16 && (esr & 0xffff) == MB_EL1_FORWARD_HVC)
-        mb->panic_vector = 16;
+    if (vector == VEC_LOWER_A64_SYNC && FIELD_GET(ESR_EC, esr) == EC_HVC64 &&
+        FIELD_GET(ISS_IMM16, esr) == MB_EL1_FORWARD_HVC)
+        mb->panic_vector = MB_VECTOR_EL1_FORWARDED;
     for (int i = 0; i < 31; i++)
-        mb->panic_x[i] = frame[i];
+        mb->panic_x[i] = frame->x[i];
     mb->panic_count = mb->panic_count + 1;
     puts_("\npgtable-harness firmware: UNEXPECTED EXCEPTION\n");
     putkv("vector", mb->panic_vector);

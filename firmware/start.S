@@ -1,13 +1,8 @@
 /* pgtable-harness firmware: entry, EL2 vectors, probe loops, EL1 stub.
  * Entered at EL2 (QEMU virt, virtualization=on) with the MMU off. */
+#include "gen/arch.h"
 #include "gen/layout.h"
 #include "gen/mailbox.h"
-
-#define SPSR_EL1H_DAIF 0x3c5
-#define EC_HVC64 0x16
-#define EC_DABT_LOWER 0x24
-#define EC_DABT_SAME 0x25
-#define SCTLR_MCI ((1 << 0) | (1 << 2) | (1 << 12))
 
     .section .text.start, "ax"
     .global _start
@@ -16,7 +11,7 @@ _start:
     add     x0, x0, :lo12:__stack_top
     mov     sp, x0
     mrs     x0, CurrentEL
-    lsr     x0, x0, #2
+    ubfx    x0, x0, #CURRENTEL_EL_SHIFT, #CURRENTEL_EL_WIDTH
     cmp     x0, #2
     b.ne    1f
     adrp    x1, el2_vectors
@@ -55,16 +50,22 @@ park:
     b       park
 
     .text
-/* u64 at_loop_<op>(const u64 *addrs, u64 *out, u64 count) */
+/* void at_loop_<op>(const u64 *addrs, u64 *out, u64 count)
+ * If the AT itself takes a synchronous exception (an external abort on a table walk outside RAM),
+ * el2_sync puts the AT_EXCEPTION_TAG form of ESR_EL2 in x5 and resumes at at_store_<op>. */
 .macro AT_LOOP name, op
     .global at_loop_\name
     .type at_loop_\name, %function
 at_loop_\name:
     cbz     x2, 2f
 1:  ldr     x4, [x0], #8
+    .global at_insn_\name
+at_insn_\name:
     at      \op, x4
     isb
     mrs     x5, par_el1
+    .global at_store_\name
+at_store_\name:
     str     x5, [x1], #8
     subs    x2, x2, #1
     b.ne    1b
@@ -75,9 +76,21 @@ at_loop_\name:
     AT_LOOP s12e1r, s12e1r
     AT_LOOP s12e1w, s12e1w
 
-/* void s1_access_loop(const u64 *addrs, u64 *records, u64 count, u64 write)
- * Loads or stores at EL2 through the installed stage 1. A data abort on the probe instruction is
- * recorded by the vector (x19 = current record) and the instruction skipped. */
+/* Clear one access record (x19) and mark it completed; the vector overwrites it on a fault. */
+.macro RECORD_START
+    mov     x1, #ACCESS_COMPLETED
+    str     x1, [x19, #ACCESS_RECORD_OFF_STATUS]
+    str     xzr, [x19, #ACCESS_RECORD_OFF_ESR]
+    str     xzr, [x19, #ACCESS_RECORD_OFF_FAR]
+    str     xzr, [x19, #ACCESS_RECORD_OFF_HPFAR]
+.endm
+
+/* void s1_access_loop(const u64 *addrs, struct access_record *records, u64 count, u64 write,
+ *                     const u64 *values)
+ * 64-bit loads or stores at EL2 through the installed stage 1 (EL2 or EL2&0 regime). A load
+ * records the value read (0 if it faulted), a store writes values[i] and records it. A data abort
+ * on the probe instruction is recorded by the vector (x19 = current record) and the instruction
+ * skipped. */
     .global s1_access_loop
     .type s1_access_loop, %function
 s1_access_loop:
@@ -86,26 +99,27 @@ s1_access_loop:
     mov     x19, x1
     mov     x20, x0
     mov     x21, x2
+    mov     x22, x4
     cbnz    x3, 5f
 1:  cbz     x21, 9f
     ldr     x0, [x20], #8
-    mov     x1, #ACCESS_COMPLETED
-    stp     x1, xzr, [x19]
-    stp     xzr, xzr, [x19, #16]
+    RECORD_START
+    mov     x1, xzr
     .global s1_probe_ld
 s1_probe_ld:
-    ldrb    w1, [x0]
+    ldr     x1, [x0]
+    str     x1, [x19, #ACCESS_RECORD_OFF_VALUE]
     add     x19, x19, #ACCESS_RECORD_SIZE
     sub     x21, x21, #1
     b       1b
 5:  cbz     x21, 9f
     ldr     x0, [x20], #8
-    mov     x1, #ACCESS_COMPLETED
-    stp     x1, xzr, [x19]
-    stp     xzr, xzr, [x19, #16]
+    RECORD_START
+    ldr     x1, [x22], #8
+    str     x1, [x19, #ACCESS_RECORD_OFF_VALUE]
     .global s1_probe_st
 s1_probe_st:
-    strb    w0, [x0]
+    str     x1, [x0]
     add     x19, x19, #ACCESS_RECORD_SIZE
     sub     x21, x21, #1
     b       5b
@@ -113,10 +127,12 @@ s1_probe_st:
     ldp     x19, x20, [sp], #32
     ret
 
-/* void s2_access_loop(const u64 *addrs, u64 *records, u64 count, u64 write)
- * For each address: eret into the EL1 stub (x0 = address), which accesses it and issues HVC #0;
- * a stage-2 fault arrives as a lower-EL data abort. Both come back through the lower-EL sync
- * vector to s2_resume with x19..x23 intact (EL1 only touches x0/x1). */
+/* void s2_access_loop(const u64 *addrs, struct access_record *records, u64 count, u64 write,
+ *                     const u64 *values)
+ * For each address: eret into the EL1 stub (x0 = address, x1 = value to store, 0 for a load),
+ * which accesses it and issues HVC #0; a stage-2 fault arrives as a lower-EL data abort. Both
+ * come back through the lower-EL sync vector to s2_resume (x0 = status, x1 = the stub's x1: the
+ * value loaded or stored) with x19..x24 intact (EL1 only touches x0/x1). */
     .global s2_access_loop
     .type s2_access_loop, %function
 s2_access_loop:
@@ -127,6 +143,8 @@ s2_access_loop:
     mov     x19, x1
     mov     x20, x0
     mov     x21, x2
+    mov     x24, x4
+    mov     x29, x3
     adrp    x22, el1_stub_ld
     add     x22, x22, :lo12:el1_stub_ld
     cbz     x3, 1f
@@ -139,15 +157,20 @@ s2_access_loop:
 s2_next:
     cbz     x21, 9f
     ldr     x0, [x20], #8
-    stp     xzr, xzr, [x19]
-    stp     xzr, xzr, [x19, #16]
+    RECORD_START
+    str     xzr, [x19, #ACCESS_RECORD_OFF_STATUS]
     msr     elr_el2, x22
-    mov     x1, #SPSR_EL1H_DAIF
+    mov     x1, #SPSR_EL1H_MASKED
     msr     spsr_el2, x1
+    ldr     x1, [x24], #8
+    cmp     x29, #0
+    csel    x1, xzr, x1, eq     /* a load starts from 0: a faulting load records 0 */
     eret
     .global s2_resume
-s2_resume:                      /* x0 = status, from the lower-EL sync vector */
-    str     x0, [x19], #ACCESS_RECORD_SIZE
+s2_resume:                      /* x0 = status, x1 = value, from the lower-EL sync vector */
+    str     x0, [x19, #ACCESS_RECORD_OFF_STATUS]
+    str     x1, [x19, #ACCESS_RECORD_OFF_VALUE]
+    add     x19, x19, #ACCESS_RECORD_SIZE
     sub     x21, x21, #1
     b       s2_next
 9:  str     xzr, [x23]
@@ -157,155 +180,193 @@ s2_resume:                      /* x0 = status, from the lower-EL sync vector */
     ldp     x29, x30, [sp], #64
     ret
 
-/* u64 read_current_el(void) etc. are in C with inline asm. */
-
 /* ---------------------------------------------------------------------------------------- */
 /* EL2 vectors. Each entry saves x0/x1 in TPIDR_EL2/TPIDR_EL0 (nothing else uses them), puts the
- * vector index in x1 and branches. Only two cases are expected: a data abort on an EL2 probe
- * instruction (index 4) and the EL1 stub returning or faulting during a stage-2 probe (index 8).
- * Everything else is reported through fw_unexpected with the MMU off. */
+ * vector index in x1 and branches. Expected: an AT in an AT loop taking a data abort (its walk
+ * read outside RAM), a data abort on an EL2 probe instruction (both current EL, SP_EL2), and the
+ * EL1 stub returning or faulting during a stage-2 probe (lower EL). Everything else is reported
+ * through fw_unexpected with the MMU off. */
 .macro VEC idx, target
-    .balign 0x80
+    .balign VECTOR_ENTRY_SIZE
     msr     tpidr_el2, x0
     msr     tpidr_el0, x1
     mov     x1, #\idx
     b       \target
 .endm
 
-    .balign 0x800
+    .balign VECTOR_TABLE_ALIGN
     .global el2_vectors
 el2_vectors:
-    VEC 0, unexpected
-    VEC 1, unexpected
-    VEC 2, unexpected
-    VEC 3, unexpected
-    VEC 4, el2_sync
-    VEC 5, unexpected
-    VEC 6, unexpected
-    VEC 7, unexpected
-    VEC 8, lower_sync
-    VEC 9, unexpected
-    VEC 10, unexpected
-    VEC 11, unexpected
-    VEC 12, unexpected
-    VEC 13, unexpected
-    VEC 14, unexpected
-    VEC 15, unexpected
+    VEC VEC_CUR_SP0_SYNC, unexpected
+    VEC VEC_CUR_SP0_IRQ, unexpected
+    VEC VEC_CUR_SP0_FIQ, unexpected
+    VEC VEC_CUR_SP0_SERROR, unexpected
+    VEC VEC_CUR_SPX_SYNC, el2_sync
+    VEC VEC_CUR_SPX_IRQ, unexpected
+    VEC VEC_CUR_SPX_FIQ, unexpected
+    VEC VEC_CUR_SPX_SERROR, unexpected
+    VEC VEC_LOWER_A64_SYNC, lower_sync
+    VEC VEC_LOWER_A64_IRQ, unexpected
+    VEC VEC_LOWER_A64_FIQ, unexpected
+    VEC VEC_LOWER_A64_SERROR, unexpected
+    VEC VEC_LOWER_A32_SYNC, unexpected
+    VEC VEC_LOWER_A32_IRQ, unexpected
+    VEC VEC_LOWER_A32_FIQ, unexpected
+    VEC VEC_LOWER_A32_SERROR, unexpected
 
-el2_sync:                       /* an EL2 probe instruction faulting? */
+/* x0 = ELR_EL2: if it is at_insn_<name>, resume at at_store_<name> with the exception as the result. */
+.macro AT_FIXUP name
+    adr     x1, at_insn_\name
+    cmp     x0, x1
+    b.ne    8f
+    adr     x1, at_store_\name
+    b       at_exception
+8:
+.endm
+
+el2_sync:
     mrs     x0, elr_el2
-    adr     x1, s1_probe_ld
+    AT_FIXUP s1e2r
+    AT_FIXUP s1e2w
+    AT_FIXUP s12e1r
+    AT_FIXUP s12e1w
+    adr     x1, s1_probe_ld     /* an EL2 probe instruction faulting? */
     cmp     x0, x1
     b.eq    1f
     adr     x1, s1_probe_st
     cmp     x0, x1
     b.ne    2f
 1:  mrs     x0, esr_el2
-    lsr     x1, x0, #26
+    ubfx    x1, x0, #ESR_EC_SHIFT, #ESR_EC_WIDTH
     cmp     x1, #EC_DABT_SAME
     b.ne    2f
-    str     x0, [x19, #ACCESS_OFF_ESR]
+    str     x0, [x19, #ACCESS_RECORD_OFF_ESR]
     mrs     x0, far_el2
-    str     x0, [x19, #ACCESS_OFF_FAR]
+    str     x0, [x19, #ACCESS_RECORD_OFF_FAR]
     mrs     x0, hpfar_el2
-    str     x0, [x19, #ACCESS_OFF_HPFAR]
+    str     x0, [x19, #ACCESS_RECORD_OFF_HPFAR]
     mov     x0, #ACCESS_FAULT
-    str     x0, [x19, #ACCESS_OFF_STATUS]
+    str     x0, [x19, #ACCESS_RECORD_OFF_STATUS]
     mrs     x0, elr_el2
     add     x0, x0, #4
     msr     elr_el2, x0
     mrs     x0, tpidr_el2
     mrs     x1, tpidr_el0
     eret
-2:  mov     x1, #4
+2:  mov     x1, #VEC_CUR_SPX_SYNC
     b       unexpected
+
+/* An AT took a data abort (x1 = where to resume): x5 = the AT_EXCEPTION_TAG form of ESR_EL2
+ * (stored by the loop as the probe's result), mailbox at_exceptions += 1. */
+at_exception:
+    mrs     x0, esr_el2
+    ubfx    x0, x0, #ESR_EC_SHIFT, #ESR_EC_WIDTH
+    cmp     x0, #EC_DABT_SAME
+    b.ne    2b
+    msr     elr_el2, x1
+    mrs     x0, esr_el2
+    ubfx    x0, x0, #0, #AT_EXCEPTION_ESR_WIDTH
+    lsl     x0, x0, #AT_EXCEPTION_ESR_SHIFT
+    orr     x0, x0, #AT_EXCEPTION_TAG
+    orr     x5, x0, #PAR_F
+    ldr     x0, =MAILBOX_BASE
+    ldr     x1, [x0, #MB_OFF_AT_EXCEPTIONS]
+    add     x1, x1, #1
+    str     x1, [x0, #MB_OFF_AT_EXCEPTIONS]
+    mrs     x0, tpidr_el2
+    mrs     x1, tpidr_el0
+    eret
 
 lower_sync:                     /* EL1 stub: HVC #0 (done) or a stage-2 data abort */
     adrp    x0, s2_probing
     ldr     x0, [x0, :lo12:s2_probing]
     cbz     x0, 3f
     mrs     x0, esr_el2
-    lsr     x1, x0, #26
+    ubfx    x1, x0, #ESR_EC_SHIFT, #ESR_EC_WIDTH
     cmp     x1, #EC_HVC64
     b.ne    1f
-    tst     x0, #0xffff         /* HVC immediate */
+    tst     x0, #ISS_IMM16
     b.ne    3f
     mov     x0, #ACCESS_COMPLETED
+    mrs     x1, tpidr_el0       /* the stub's x1: the value loaded or stored */
     b       s2_resume
 1:  cmp     x1, #EC_DABT_LOWER
     b.ne    3f
-    str     x0, [x19, #ACCESS_OFF_ESR]
+    str     x0, [x19, #ACCESS_RECORD_OFF_ESR]
     mrs     x0, far_el2
-    str     x0, [x19, #ACCESS_OFF_FAR]
+    str     x0, [x19, #ACCESS_RECORD_OFF_FAR]
     mrs     x0, hpfar_el2
-    str     x0, [x19, #ACCESS_OFF_HPFAR]
+    str     x0, [x19, #ACCESS_RECORD_OFF_HPFAR]
     mov     x0, #ACCESS_FAULT
+    mrs     x1, tpidr_el0
     b       s2_resume
-3:  mov     x1, #8
+3:  mov     x1, #VEC_LOWER_A64_SYNC
     b       unexpected
 
 /* Unexpected: MMU off first (the code is identity mapped, so execution continues), then a
- * private stack, a full frame, and C. x0/x1 are in TPIDR_EL2/TPIDR_EL0, x1 = vector index. */
+ * private stack, a panic frame, and C. x0/x1 are in TPIDR_EL2/TPIDR_EL0, x1 = vector index; the
+ * interrupted SP goes through SP_EL0 (unused otherwise; TPIDR_EL1 would be TPIDR_EL2 with E2H = 1). */
 unexpected:
     mrs     x0, sctlr_el2
-    bic     x0, x0, #(1 << 0)
-    bic     x0, x0, #(1 << 2)
-    bic     x0, x0, #(1 << 12)
+    bic     x0, x0, #SCTLR_M
+    bic     x0, x0, #SCTLR_C
+    bic     x0, x0, #SCTLR_I
     msr     sctlr_el2, x0
     isb
     mov     x0, sp
-    msr     tpidr_el1, x0       /* the interrupted SP */
+    msr     sp_el0, x0
     adrp    x0, __panic_stack_top
     add     x0, x0, :lo12:__panic_stack_top
     mov     sp, x0
-    sub     sp, sp, #(32 * 8)
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x19, [sp, #144]
-    stp     x20, x21, [sp, #160]
-    stp     x22, x23, [sp, #176]
-    stp     x24, x25, [sp, #192]
-    stp     x26, x27, [sp, #208]
-    stp     x28, x29, [sp, #224]
-    str     x30, [sp, #240]
+    sub     sp, sp, #PANIC_FRAME_SIZE
+    stp     x2, x3, [sp, #(PANIC_FRAME_OFF_X + 8 * 2)]
+    stp     x4, x5, [sp, #(PANIC_FRAME_OFF_X + 8 * 4)]
+    stp     x6, x7, [sp, #(PANIC_FRAME_OFF_X + 8 * 6)]
+    stp     x8, x9, [sp, #(PANIC_FRAME_OFF_X + 8 * 8)]
+    stp     x10, x11, [sp, #(PANIC_FRAME_OFF_X + 8 * 10)]
+    stp     x12, x13, [sp, #(PANIC_FRAME_OFF_X + 8 * 12)]
+    stp     x14, x15, [sp, #(PANIC_FRAME_OFF_X + 8 * 14)]
+    stp     x16, x17, [sp, #(PANIC_FRAME_OFF_X + 8 * 16)]
+    stp     x18, x19, [sp, #(PANIC_FRAME_OFF_X + 8 * 18)]
+    stp     x20, x21, [sp, #(PANIC_FRAME_OFF_X + 8 * 20)]
+    stp     x22, x23, [sp, #(PANIC_FRAME_OFF_X + 8 * 22)]
+    stp     x24, x25, [sp, #(PANIC_FRAME_OFF_X + 8 * 24)]
+    stp     x26, x27, [sp, #(PANIC_FRAME_OFF_X + 8 * 26)]
+    stp     x28, x29, [sp, #(PANIC_FRAME_OFF_X + 8 * 28)]
+    str     x30, [sp, #(PANIC_FRAME_OFF_X + 8 * 30)]
     mrs     x2, tpidr_el2
     mrs     x3, tpidr_el0
-    stp     x2, x3, [sp]
-    mrs     x2, tpidr_el1
-    str     x2, [sp, #248]      /* frame[31] = interrupted SP */
+    stp     x2, x3, [sp, #PANIC_FRAME_OFF_X]
+    mrs     x2, sp_el0
+    str     x2, [sp, #PANIC_FRAME_OFF_SP]
     mov     x0, sp
     bl      fw_unexpected       /* does not return: ends at panic */
     b       park
+    .ltorg
 
 /* ---------------------------------------------------------------------------------------- */
 /* The EL1 stub: its own 64K page, mapped R+X by the stage-2 table under test. EL1 runs with its
- * MMU off; x0 holds the address to probe. */
+ * MMU off; x0 holds the address to probe, x1 the value to store. */
     .section .el1stub, "ax"
-    .balign 0x800
+    .balign VECTOR_TABLE_ALIGN
     .global el1_stub_ld
 el1_stub_ld:
-    ldrb    w1, [x0]
+    ldr     x1, [x0]
     hvc     #0
     b       .
     .global el1_stub_st
 el1_stub_st:
-    strb    w0, [x0]
+    str     x1, [x0]
     hvc     #0
     b       .
 
 /* EL1 vectors: forward anything taken at EL1 to EL2 (reported there with ESR_EL1 etc.). */
 .macro VEC1
-    .balign 0x80
+    .balign VECTOR_ENTRY_SIZE
     hvc     #MB_EL1_FORWARD_HVC
     b       .
 .endm
-    .balign 0x800
+    .balign VECTOR_TABLE_ALIGN
     .global el1_vectors
 el1_vectors:
     .rept 16

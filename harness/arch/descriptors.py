@@ -1,18 +1,27 @@
-"""VMSAv8-64 translation table descriptors (Arm ARM D8.3), DS = 0.
+"""VMSAv8-64 translation table descriptors (Arm ARM D8.3), DS = 0 and DS = 1 (FEAT_LPA2).
 
-Bit 0 is valid. Bit 1 selects table (levels 0..2) or page (level 3) when set, block when clear
+Bit 0 is valid. Bit 1 selects table (levels -1..2) or page (level 3) when set, block when clear
 at a level that allows blocks. The output (or next-level table) address lives in bits [47:g];
-with the 64K granule and FEAT_LPA, PA[51:48] sits in bits [15:12]. Upper and lower attributes
-of leaves differ between stage 1 and stage 2; software may use bits [58:55].
+with the 64K granule and FEAT_LPA, OA[51:48] sits in bits [15:12]. With DS = 1 (4K and 16K),
+bits [49:g] hold OA[49:g] and bits [9:8] hold OA[51:50] (no SH field in the descriptor: the
+shareability is TCR/VTCR SH0's). Upper and lower attributes of leaves differ between stage 1
+and stage 2; software may use bits [58:55].
+
+The address helpers (:func:`descriptor_oa`) work on ints and on numpy ``uint64`` arrays alike,
+so the scalar and the batch walks share one definition.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
 
 from harness.arch.bits import Field, bit, genmask
-from harness.arch.geometry import LAST_LEVEL, Granule, Stage
+from harness.arch.geometry import LAST_LEVEL, Granule, Stage, oa_format_bits
 
 VALID = bit("valid", 0)
 TYPE = bit("type", 1)  # 1: table (level < 3) or page (level 3); 0: block
@@ -21,6 +30,9 @@ TYPE_PAGE = 1
 TYPE_BLOCK = 0
 
 OA_51_48 = Field("oa[51:48]", 15, 12)  # 64K granule only (FEAT_LPA)
+OA_51_50_LPA2 = Field("oa[51:50]", 9, 8)  # 4K/16K with DS = 1 (where SH is with DS = 0)
+OA_HI_LPA2 = 49  # with DS = 1, descriptor bits [49:g] are OA[49:g]
+OA_HI = 47  # otherwise bits [47:g]
 SW = Field("sw", 58, 55)
 
 # Table descriptor hierarchical attributes (stage 1 only; RES0/ignored at stage 2).
@@ -39,8 +51,8 @@ S1_ATTRINDX = Field("AttrIndx", 4, 2)
 S1_NS = bit("NS", 5)
 S1_AP = Field("AP", 7, 6)
 S1_NG = bit("nG", 11)
-S1_PXN = bit("PXN", 53)
-S1_XN = bit("XN", 54)  # UXN in two-range regimes; XN in the EL2 single-range regime
+S1_PXN = bit("PXN", 53)  # EL2's execute-never in the EL2&0 regime; RES0 in the EL2 regime
+S1_XN = bit("XN", 54)  # UXN (EL0) in the EL2&0 regime; XN in the EL2 single-range regime
 
 # Stage-2 leaf attributes.
 S2_MEMATTR = Field("MemAttr", 5, 2)
@@ -67,6 +79,16 @@ class S1AP(enum.IntEnum):
     RO = 0b11
 
 
+class S1AP_E2H(enum.IntEnum):
+    """Stage-1 AP[2:1] in the EL2&0 regime (E2H = 1): AP[2] read-only, AP[1] EL0 access.
+    KVM's hVHE hyp mappings use RW_EL0_NONE and RO_EL0_NONE."""
+
+    RW_EL0_NONE = 0b00
+    RW_EL0_RW = 0b01
+    RO_EL0_NONE = 0b10
+    RO_EL0_RO = 0b11
+
+
 class S2AP(enum.IntEnum):
     NONE = 0b00
     RO = 0b01
@@ -87,35 +109,48 @@ S2_XN_EXEC = 0b00
 S2_XN_NEVER = 0b10
 
 
-_OA_MASK = {g: genmask(47, g.value) for g in Granule}
+Word = TypeVar("Word", int, npt.NDArray[np.integer[Any]])
 
 
-def oa_mask(granule: Granule) -> int:
-    """Bits [47:g] of a descriptor that hold the output / next-level address."""
-    return _OA_MASK[granule]
+def oa_mask(granule: Granule, lpa2: bool = False) -> int:
+    """Bits [47:g] (DS = 1: [49:g]) of a descriptor that hold the output / next-level address."""
+    return genmask(OA_HI_LPA2 if lpa2 else OA_HI, granule.shift)
 
 
-def pte_to_phys(pte: int, granule: Granule) -> int:
-    pa = pte & _OA_MASK[granule]
-    if granule is Granule.K64:
-        pa |= OA_51_48.get(pte) << 48
-    return pa
+def descriptor_oa(desc: Word, granule: Granule, lpa2: bool = False, with_51_48: bool = True) -> Word:
+    """The output (or next-table) address a descriptor holds, as the walk reads it: bits [47:g];
+    with 64K, OA[51:48] from bits [15:12] (unless ``with_51_48`` is False: QEMU's reading below a
+    52-bit PA size); with DS = 1, bits [49:g] and OA[51:50] from bits [9:8]. The address is not
+    aligned to a block's size (its low RES0 bits are kept, as the raw-bits size check needs)."""
+    oa = desc & oa_mask(granule, lpa2)
+    if granule is Granule.K64 and with_51_48:
+        oa |= ((desc >> OA_51_48.lo) & OA_51_48.max) << 48
+    if lpa2:
+        oa |= ((desc >> OA_51_50_LPA2.lo) & OA_51_50_LPA2.max) << 50
+    return oa
 
 
-def phys_to_pte(pa: int, granule: Granule) -> int:
-    """Encode an output address; raises if it is unaligned or does not fit the granule's format."""
-    k64 = granule is Granule.K64
-    if pa & ((1 << granule.value) - 1):
+def pte_to_phys(pte: int, granule: Granule, lpa2: bool = False) -> int:
+    """``kvm_pte_to_phys``: the address in a descriptor (LPA2 form with ``lpa2``)."""
+    return descriptor_oa(pte, granule, lpa2)
+
+
+def phys_to_pte(pa: int, granule: Granule, lpa2: bool = False) -> int:
+    """``kvm_phys_to_pte``: encode an output address; raises if it is unaligned or does not fit
+    the descriptor format (52 bits with 64K or DS = 1, else 48)."""
+    if pa & ((1 << granule.shift) - 1):
         raise ValueError(f"pa: {pa:#x} is not aligned to the {granule.label} granule")
-    limit = 52 if k64 else 48
+    limit = oa_format_bits(granule, lpa2)
     if pa >> limit:
         raise ValueError(
-            f"pa: {pa:#x} needs more than {limit} bits; the {granule.label} granule without "
-            f"FEAT_LPA2 encodes output addresses up to {limit} bits"
+            f"pa: {pa:#x} needs more than {limit} bits; the {granule.label} granule "
+            f"{'with' if lpa2 else 'without'} FEAT_LPA2 encodes output addresses up to {limit} bits"
         )
-    pte = pa & _OA_MASK[granule]
-    if k64:
+    pte = pa & oa_mask(granule, lpa2)
+    if granule is Granule.K64:
         pte |= OA_51_48.prep(pa >> 48)
+    if lpa2:
+        pte |= OA_51_50_LPA2.prep(pa >> 50)
     return pte
 
 
@@ -146,23 +181,30 @@ def is_table(pte: int, level: int) -> bool:
     return level != LAST_LEVEL and is_valid(pte) and TYPE.get(pte) == TYPE_TABLE
 
 
-def table_pte(table_pa: int, granule: Granule) -> int:
-    return phys_to_pte(table_pa, granule) | TYPE.prep(TYPE_TABLE) | VALID.prep(1)
+def table_pte(table_pa: int, granule: Granule, lpa2: bool = False) -> int:
+    return phys_to_pte(table_pa, granule, lpa2) | TYPE.prep(TYPE_TABLE) | VALID.prep(1)
 
 
-def leaf_pte(pa: int, attrs: int, level: int, granule: Granule) -> int:
-    """A block (levels 0..2) or page (level 3) descriptor with the given attribute bits."""
+def leaf_attr_mask(lpa2: bool = False) -> int:
+    """Leaf attribute bits: [11:2] and [63:51]; with DS = 1 bits [9:8] are OA[51:50], not SH."""
+    mask = LEAF_ATTR_LO | LEAF_ATTR_HI
+    return mask & ~SH.mask if lpa2 else mask
+
+
+def leaf_pte(pa: int, attrs: int, level: int, granule: Granule, lpa2: bool = False) -> int:
+    """A block (levels -1..2) or page (level 3) descriptor with the given attribute bits."""
     typ = TYPE_PAGE if level == LAST_LEVEL else TYPE_BLOCK
-    attrs &= LEAF_ATTR_LO | LEAF_ATTR_HI
-    return phys_to_pte(pa, granule) | attrs | TYPE.prep(typ) | VALID.prep(1)
+    attrs &= leaf_attr_mask(lpa2)
+    return phys_to_pte(pa, granule, lpa2) | attrs | TYPE.prep(typ) | VALID.prep(1)
 
 
-def leaf_attrs(pte: int) -> int:
-    return pte & (LEAF_ATTR_LO | LEAF_ATTR_HI)
+def leaf_attrs(pte: int, lpa2: bool = False) -> int:
+    return pte & leaf_attr_mask(lpa2)
 
 
-def fields_of(stage: Stage) -> tuple[Field, ...]:
-    return S1_FIELDS if stage is Stage.S1 else S2_FIELDS
+def fields_of(stage: Stage, lpa2: bool = False) -> tuple[Field, ...]:
+    fields = S1_FIELDS if stage is Stage.S1 else S2_FIELDS
+    return tuple(f for f in fields if f is not SH) if lpa2 else fields
 
 
 def encode_fields(stage: Stage, **values: int) -> int:
@@ -196,12 +238,13 @@ class Decoded:
         return " ".join(parts)
 
 
-def decode(pte: int, level: int, granule: Granule, stage: Stage, block_levels: tuple[int, ...]) -> Decoded:
+def decode(pte: int, level: int, granule: Granule, stage: Stage, block_levels: tuple[int, ...],
+           lpa2: bool = False) -> Decoded:
     k = kind(pte, level, block_levels)
-    addr = pte_to_phys(pte, granule) if k is not Kind.INVALID else 0
+    addr = pte_to_phys(pte, granule, lpa2) if k is not Kind.INVALID else 0
     fields: dict[str, int] = {}
     if k in (Kind.BLOCK, Kind.PAGE):
-        fields = {f.name: f.get(pte) for f in fields_of(stage)}
+        fields = {f.name: f.get(pte) for f in fields_of(stage, lpa2)}
     elif k is Kind.TABLE and stage is Stage.S1:
         fields = {f.name: f.get(pte) for f in (PXN_TABLE, XN_TABLE, AP_TABLE, NS_TABLE)}
     return Decoded(pte, level, k, addr, fields)

@@ -7,17 +7,18 @@ counted, not failed); anything else is a mismatch. Each entry names the Arm ARM 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from harness.arch import descriptors as d
-from harness.arch.geometry import Geometry, Granule, Stage
+from harness.arch.geometry import WIDE_ADDRESS_BITS, Geometry, Granule, Stage
 from harness.arch.registers import FaultKind, Par, decode_fault_status
 from harness.core.batch import BatchResult
-from harness.core.translate import Translation, translate
+from harness.core.translate import Translation, expected_par, par_compare_mask, translate
 
 QemuVersion = tuple[int, int, int]
 
@@ -32,13 +33,24 @@ class Context:
     rewalk: Callable[..., Translation]  # translate(...) with keyword overrides (e.g. qemu_lpa_oa)
 
 
+def _every_geometry(geom: Geometry) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Divergence:
+    """One departure of QEMU from the Arm ARM. ``semantics`` are the keyword arguments of the
+    model's walk (``translate``/``translate_batch``) that make it walk as QEMU does, when the
+    departure is one of walk semantics (on the geometries ``concerns`` selects); the check then
+    predicts both ways, and decides what an ``AT`` may be pointed at with QEMU's walk."""
+
     key: str
     rule: str  # the Arm ARM rule
     qemu: str  # what QEMU does instead
     applies_to: Callable[[QemuVersion], bool]
     matches: Callable[[Context], bool]
+    semantics: Mapping[str, Any] = field(default_factory=dict)
+    concerns: Callable[[Geometry], bool] = _every_geometry
 
 
 def _before(v: QemuVersion) -> Callable[[QemuVersion], bool]:
@@ -79,16 +91,29 @@ def _sh_non_cacheable(c: Context) -> bool:
     return not normal_cacheable and par.pa == (m.pa or 0) & ~0xFFF and par.attr == m.attr
 
 
-def _lpa_oa_bits(c: Context) -> bool:
-    if c.geom.granule is not Granule.K64 or c.geom.pa_bits == 52 or c.model.fault is not FaultKind.ADDRESS_SIZE:
-        return False
-    from harness.core.translate import expected_par, par_compare_mask
+def _lpa_oa_concerns(geom: Geometry) -> bool:
+    return geom.granule is Granule.K64 and geom.pa_bits < WIDE_ADDRESS_BITS
 
-    alt = c.rewalk(qemu_lpa_oa=True)
-    if alt.unmodelled:
+
+def _walks_as_qemu(semantics: Mapping[str, Any]) -> Callable[[Context], bool]:
+    """A matcher: the MMU's answer is the model's walk with QEMU's ``semantics``."""
+
+    def matches(c: Context) -> bool:
+        alt = c.rewalk(**semantics)
+        if alt.unmodelled:
+            return False
+        return bool((expected_par(alt) ^ c.actual) & par_compare_mask(alt) == 0)
+
+    return matches
+
+
+def _lpa_oa_bits(c: Context) -> bool:
+    if not _lpa_oa_concerns(c.geom) or c.model.fault is not FaultKind.ADDRESS_SIZE:
         return False
-    mask = par_compare_mask(alt)
-    return (expected_par(alt) ^ c.actual) & mask == 0
+    return _walks_as_qemu(LPA_OA_SEMANTICS)(c)
+
+
+LPA_OA_SEMANTICS: Mapping[str, Any] = {"qemu_lpa_oa": True}
 
 
 DIVERGENCES: tuple[Divergence, ...] = (
@@ -116,8 +141,8 @@ DIVERGENCES: tuple[Divergence, ...] = (
         "Arm ARM D8.3 (FEAT_LPA): with the 64K granule, descriptor bits [15:12] are OA[51:48]; an "
         "output address beyond the configured PA size is an address size fault",
         "QEMU reads bits [15:12] as OA[51:48] only when the PA size is 52 bits; below that it "
-        "ignores them and translates",
-        _always, _lpa_oa_bits,
+        "ignores them and translates (or walks on to the table they would not point to)",
+        _always, _lpa_oa_bits, LPA_OA_SEMANTICS, _lpa_oa_concerns,
     ),
 )
 
@@ -172,6 +197,21 @@ def active(version: QemuVersion) -> tuple[Divergence, ...]:
     return tuple(dv for dv in DIVERGENCES if dv.applies_to(version))
 
 
+def semantic_departures(version: QemuVersion, geom: Geometry) -> list[tuple[Divergence, dict[str, Any]]]:
+    """The departures of walk semantics that apply to this QEMU and geometry, with the model's
+    keywords for each."""
+    return [(dv, dict(dv.semantics)) for dv in active(version) if dv.semantics and dv.concerns(geom)]
+
+
+def qemu_semantics(version: QemuVersion, geom: Geometry) -> dict[str, Any]:
+    """The model's keywords that make it walk as this QEMU does on this geometry ({} when the
+    Arm ARM's walk and QEMU's agree)."""
+    out: dict[str, Any] = {}
+    for _, kw in semantic_departures(version, geom):
+        out.update(kw)
+    return out
+
+
 def explain(model: Translation, actual: int, geom: Geometry, rewalk: Callable[..., Translation],
             version: QemuVersion) -> Divergence | None:
     ctx = Context(model, actual, geom, rewalk)
@@ -182,4 +222,4 @@ def explain(model: Translation, actual: int, geom: Geometry, rewalk: Callable[..
 
 
 __all__ = ["AT_HAZARDS", "DIVERGENCES", "AtHazard", "Context", "Divergence", "active", "at_unsafe", "explain",
-           "translate"]
+           "qemu_semantics", "semantic_departures", "translate"]

@@ -1,32 +1,41 @@
 """The differential check: the model's predicted translations against what the MMU did.
 
-One pass per AT form: the target probes every address in one firmware loop (results land in
-shared guest RAM) while the host predicts the same addresses with the batch translate; the
-comparison is one vectorised XOR under the mask of architecturally meaningful PAR bits. Only
-mismatches are re-walked one by one, to explain them and to classify known QEMU divergences.
-Real loads and stores are checked on the addresses that translate into scratch RAM or fault.
+What is checked is a :class:`Subject`: any translation tables in memory (built by the model, by
+the fuzzer from raw random bytes, or read from elsewhere) with their geometry, root, register
+values and the image to install. One pass per AT form and chunk: the model predicts the chunk
+once (with the Arm ARM's semantics, and with the running QEMU's where it departs from them); the
+target probes it in one firmware loop (results land in shared guest RAM); the comparison is one
+vectorised XOR under the mask of architecturally meaningful PAR bits, and every later question
+(what to withhold from AT, what a disagreement is, what ESR an access must raise) indexes that
+one prediction. Only disagreements are re-walked one by one, to explain them.
+
+Addresses an ``AT`` must not be pointed at on the running QEMU (:mod:`divergences` AT hazards,
+decided on QEMU's semantics) are checked with real loads and stores instead and counted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from harness.arch.geometry import Stage
+from harness.arch.geometry import Geometry, Stage
 from harness.arch.registers import (
     ESR_EC,
     ISS_DFSC,
+    ISS_S1PTW,
     ISS_WNR,
     ExceptionClass,
     Par,
     RegimeRegs,
+    Stage1Regs,
     describe_esr,
-    fault_status,
 )
 from harness.check import divergences
 from harness.check.addresses import probe_addresses
@@ -34,30 +43,104 @@ from harness.check.scenario import BuiltScenario
 from harness.core.batch import BatchResult, expected_par_batch, par_compare_mask_batch, translate_batch
 from harness.core.memory import PoolImage
 from harness.core.pgtable import KvmPgtable
-from harness.core.translate import READ, WRITE, Access, Translation, expected_par, par_compare_mask, translate
+from harness.core.translate import DEFAULT_MAIR, READ, WRITE, Access, Translation, expected_par, translate
 
 U64 = npt.NDArray[np.uint64]
+Bools = npt.NDArray[np.bool_]
 
 AT_OPS: dict[Stage, tuple[tuple[str, Access], ...]] = {
     Stage.S1: (("S1E2R", READ), ("S1E2W", WRITE)),
     Stage.S2: (("S12E1R", READ), ("S12E1W", WRITE)),
 }
-MAX_EXPLAINED = 200  # mismatches re-walked and reported in full (the rest are counted)
+MAX_EXPLAINED = 200  # disagreements re-walked and reported in full (the rest are counted)
 MAX_ACCESS_PROBES = 20_000
+
+SKIP_UNMODELLED = "walk leaves the modelled memory (no prediction)"
+SKIP_UNMODELLED_WITHHELD = "walk leaves the modelled memory, AT withheld (target cannot report an AT abort)"
+SKIP_NO_ACCESS = "withheld from AT, and real accesses cannot run on this table"
+SKIP_AT_ABORT = "AT took an external abort: walk leaves the modelled memory"
 
 
 class TargetLike(Protocol):
-    """What the check needs of a target (harness.target.Target satisfies it)."""
+    """What the check (and the review, bench, plugin and fuzzer) need of a target;
+    :class:`harness.target.Target` satisfies it."""
 
     @property
     def qemu_version(self) -> tuple[int, int, int]: ...
+    @property
+    def layout(self) -> Any: ...
+    @property
+    def alive(self) -> bool: ...
     def install(self, regs: RegimeRegs, image: PoolImage | None = None) -> None: ...
     def uninstall(self) -> None: ...
     def at_start(self, addresses: npt.ArrayLike, op: str) -> None: ...
     def at_wait(self) -> U64: ...
+    def at(self, addresses: npt.ArrayLike, op: str) -> U64: ...
     def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None) -> Any: ...
+    def read_pa(self, pa: int, n: int) -> bytes: ...
+    def write_pa(self, pa: int, data: bytes) -> None: ...
+    def ram_u64(self, pa: int, count: int) -> U64: ...
+
+
+class TableMemory(Protocol):
+    """Memory holding the tables: a :class:`harness.core.memory.PagePool` fits."""
+
     @property
-    def layout(self) -> Any: ...
+    def base(self) -> int: ...
+    def words(self) -> U64: ...
+    def read64(self, pa: int) -> int: ...
+    def contains(self, pa: int, length: int = 8) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What is checked: tables in memory and how the MMU is to use them.
+
+    ``image`` is what gets written into guest RAM (it must cover every byte of ``mem`` the model
+    reads, so that both sides see the same tables); ``no_access`` lists input ranges real loads
+    and stores must never touch (the firmware's own regions); ``accesses`` is False where real
+    accesses cannot run (a stage-2 table that cannot map the EL1 stub)."""
+
+    name: str
+    geom: Geometry
+    mem: TableMemory
+    root: int
+    regs: RegimeRegs
+    image: PoolImage
+    mair: int = DEFAULT_MAIR
+    no_access: tuple[tuple[int, int], ...] = ()
+    accesses: bool = True
+
+    @property
+    def stage(self) -> Stage:
+        return self.geom.stage
+
+    def predict(self, addrs: npt.ArrayLike, access: Access, **semantics: Any) -> BatchResult:
+        return translate_batch(self.mem.words(), self.mem.base, self.geom, self.root, addrs, access, self.mair,
+                               **semantics)
+
+    def walk(self, addr: int, access: Access, **semantics: Any) -> Translation:
+        return translate(self.mem, self.geom, self.root, addr, access, self.mair, **semantics)
+
+
+def used_image(table: KvmPgtable) -> PoolImage:
+    """The pool's bytes up to its highest page in use: what the MMU needs in guest RAM (only
+    that extent is copied)."""
+    extent = max(table.mem.used_extent(), table.granule.size)
+    return PoolImage(table.mem.base, table.mem.words()[: extent // 8].tobytes())
+
+
+def subject_of_table(table: KvmPgtable, name: str, no_access: tuple[tuple[int, int], ...] = ()) -> Subject:
+    """The subject for a table the model built (its pool's used extent is the image)."""
+    assert table.pgd is not None
+    regs = table.regs()
+    mair = regs.mair_el2 if isinstance(regs, Stage1Regs) else DEFAULT_MAIR
+    return Subject(name, table.geom, table.mem, table.pgd, regs, used_image(table), mair, no_access)
+
+
+def subject_of_built(built: BuiltScenario) -> Subject:
+    no_access = tuple((r.base, r.size) for r in built.regions)
+    return subject_of_table(built.table, built.scenario.name, no_access)
 
 
 @dataclass
@@ -88,6 +171,8 @@ class CheckReport:
     mismatches: list[Mismatch] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     withheld: dict[str, int] = field(default_factory=dict)  # AT hazard key -> addresses checked by access
+    known_by: dict[str, int] = field(default_factory=dict)  # divergence key -> disagreements
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> probes with no comparison
 
     @property
     def checked(self) -> int:
@@ -97,15 +182,52 @@ class CheckReport:
     def ok(self) -> bool:
         return self.mismatched == 0
 
+    def count(self, what: dict[str, int], key: str, n: int = 1) -> None:
+        if n:
+            what[key] = what.get(key, 0) + n
+
+    def time(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+    def add(self, m: Mismatch | None, divergence: str | None) -> None:
+        """One disagreement: explained by ``divergence`` (a key) or not; ``m`` is its full text
+        (None once :data:`MAX_EXPLAINED` are kept)."""
+        if divergence:
+            self.known += 1
+            self.count(self.known_by, divergence)
+        else:
+            self.mismatched += 1
+        if m is not None:
+            self.mismatches.append(m)
+
+    @property
+    def room(self) -> bool:
+        return len(self.mismatches) < MAX_EXPLAINED
+
+    def merge(self, other: CheckReport) -> None:
+        for mine, theirs in ((self.probes, other.probes), (self.withheld, other.withheld),
+                             (self.known_by, other.known_by), (self.skipped, other.skipped)):
+            for k, v in theirs.items():
+                self.count(mine, k, v)
+        for k, t in other.timings.items():
+            self.time(k, t)
+        self.matched += other.matched
+        self.mismatched += other.mismatched
+        self.known += other.known
+        self.mismatches += other.mismatches[: max(0, MAX_EXPLAINED - len(self.mismatches))]
+
     def summary(self) -> str:
         verdict = "OK" if self.ok else "MISMATCH"
         extra = f", {self.known} known QEMU divergence(s)" if self.known else ""
+        skipped = sum(self.skipped.values())
+        extra += f", {skipped} without a prediction" if skipped else ""
         return f"{verdict} {self.scenario}: {self.matched}/{self.checked} matched{extra} ({self.geometry})"
 
     def text(self) -> str:
         lines = [self.summary()]
         lines += [f"  {k}: {v} probes" for k, v in self.probes.items()]
         lines += [f"  withheld from AT ({k}): {v}, checked with real accesses" for k, v in self.withheld.items()]
+        lines += [f"  skipped ({k}): {v}" for k, v in self.skipped.items()]
         shown = [m for m in self.mismatches if not m.divergence] + [m for m in self.mismatches if m.divergence]
         for m in shown:
             lines.append("  " + m.text().replace("\n", "\n  "))
@@ -120,206 +242,399 @@ class CheckReport:
             "checked": self.checked, "matched": self.matched, "mismatched": self.mismatched,
             "known_divergences": self.known, "probes": self.probes, "timings": self.timings,
             "withheld_from_at": self.withheld, "mismatches": [m.__dict__ for m in self.mismatches],
+            "known_by_divergence": self.known_by, "skipped": self.skipped,
         }
 
 
-def used_image(table: KvmPgtable) -> PoolImage:
-    """The pool's bytes up to its highest page in use: what the MMU needs in guest RAM."""
-    full = table.mem.export()
-    return PoolImage(full.base, full.data[: max(table.mem.used_extent(), table.granule.size)])
+# ---------------------------------------------------------------------------------------------
+# One prediction per chunk, indexed.
 
 
-def _rewalk(table: KvmPgtable, addr: int, access: Access, **kw: Any) -> Translation:
-    assert table.pgd is not None
-    return translate(table.mem, table.geom, table.pgd, addr, access, **kw)
+def take(result: BatchResult, idx: npt.NDArray[Any]) -> BatchResult:
+    """The lanes ``idx`` (indices or a mask) of a batch result."""
+    values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    return BatchResult(**{k: v[idx] if isinstance(v, np.ndarray) else v for k, v in values.items()})
 
 
-def _classify(report: CheckReport, table: KvmPgtable, probe: str, access: Access, addrs: U64, actual: U64,
-              bad: npt.NDArray[np.intp], version: tuple[int, int, int]) -> None:
+@dataclass(frozen=True)
+class Prediction:
+    """A chunk predicted once: by the Arm ARM (``arm``) and as the running QEMU walks it
+    (``qemu``: the same object where no declared departure changes the walk)."""
+
+    arm: BatchResult
+    qemu: BatchResult
+
+    @classmethod
+    def of(cls, subject: Subject, addrs: U64, access: Access, version: divergences.QemuVersion) -> Prediction:
+        arm = subject.predict(addrs, access)
+        kw = divergences.qemu_semantics(version, subject.geom)
+        return cls(arm, subject.predict(addrs, access, **kw) if kw else arm)
+
+    def take(self, idx: npt.NDArray[Any]) -> Prediction:
+        arm = take(self.arm, idx)
+        return Prediction(arm, arm if self.qemu is self.arm else take(self.qemu, idx))
+
+
+def _matches(pred: BatchResult, actual: U64) -> Bools:
+    return np.asarray(((expected_par_batch(pred) ^ actual) & par_compare_mask_batch(pred)) == 0, dtype=np.bool_)
+
+
+def _at_aborts(actual: U64) -> Bools:
+    """PAR slots the firmware tagged as "the AT took a synchronous exception" (when it can)."""
+    from harness.target import mailbox
+
+    tagged = cast("Callable[[U64], Any] | None", getattr(mailbox, "is_at_exception", None))
+    if tagged is None:
+        return np.zeros(actual.size, dtype=np.bool_)
+    return np.asarray(tagged(actual), dtype=np.bool_)
+
+
+def reports_at_aborts() -> bool:
+    """Whether the firmware records an AT's synchronous exception as that probe's result."""
+    from harness.target import mailbox
+
+    return hasattr(mailbox, "is_at_exception")
+
+
+def _at_abort_text(value: int) -> str:
+    from harness.target import mailbox
+
+    esr_of = cast("Callable[[int], Any] | None", getattr(mailbox, "at_exception_esr", None))
+    return f"AT took an exception: {describe_esr(int(esr_of(value)))}" if esr_of else f"AT abort {value:#x}"
+
+
+def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, addrs: U64, actual: U64,
+                pred: Prediction, bad: npt.NDArray[np.intp], version: divergences.QemuVersion) -> None:
+    """Classify the AT disagreements ``bad``: first in batch, by the declared departures that
+    change the model's walk; the rest one by one (text for the first :data:`MAX_EXPLAINED`)."""
+    key = np.full(bad.size, "", dtype=object)
+    sub_actual = actual[bad]
+    for dv, kw in divergences.semantic_departures(version, subject.geom):
+        todo = np.flatnonzero(key == "")
+        if not todo.size:
+            break
+        alt = subject.predict(addrs[bad[todo]], access, **kw)
+        key[todo[_matches(alt, sub_actual[todo])]] = dv.key
     for n, i in enumerate(bad):
         addr = int(addrs[i])
-        if n >= MAX_EXPLAINED:
-            report.mismatched += len(bad) - n
-            return
-        model = _rewalk(table, addr, access)
-        dv = divergences.explain(model, int(actual[i]), table.geom, partial(_rewalk, table, addr, access), version)
-        exp = expected_par(model) if not model.unmodelled else 0
-        report.mismatches.append(Mismatch(addr, probe, f"{model.summary()} (PAR {exp:#x})", str(Par(int(actual[i]))),
-                                          model.explain(), dv.key if dv else None))
-        if dv:
-            report.known += 1
+        k = str(key[n]) or None
+        if k is None or report.room:
+            model = subject.walk(addr, access)
+            if k is None:
+                found = divergences.explain(model, int(actual[i]), subject.geom,
+                                            partial(subject.walk, addr, access), version)
+                k = found.key if found else None
+            m = None
+            if report.room:
+                exp = expected_par(model) if not model.unmodelled else 0
+                m = Mismatch(addr, op, f"{model.summary()} (PAR {exp:#x})", str(Par(int(actual[i]))),
+                             model.explain(), k)
+            report.add(m, k)
         else:
-            report.mismatched += 1
+            report.add(None, k)
 
 
-def predict(table: KvmPgtable, addrs: U64, access: Access) -> BatchResult:
-    assert table.pgd is not None
-    return translate_batch(table.mem.words(), table.mem.base, table.geom, table.pgd, addrs, access)
+def _at_hazards(report: CheckReport, pred: Prediction, version: divergences.QemuVersion,
+                at_aborts: bool) -> tuple[Bools, Bools]:
+    """(addresses to withhold from AT, of which those to check with real accesses)."""
+    unsafe, keys = divergences.at_unsafe(pred.qemu, version)
+    for k in keys:
+        report.count(report.withheld, k, int(unsafe.sum()))
+    hold = unsafe.copy()
+    if not at_aborts:
+        lost = (pred.qemu.unmodelled | pred.arm.unmodelled) & ~unsafe
+        report.count(report.skipped, SKIP_UNMODELLED_WITHHELD, int(lost.sum()))
+        hold |= lost
+    return hold, unsafe
 
 
-def check_at(report: CheckReport, target: TargetLike, table: KvmPgtable, addrs: U64) -> dict[Access, U64]:
-    """Probe ``addrs`` with each AT form of the table's stage and compare with the model.
+def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64) -> dict[Access, U64]:
+    """Probe ``addrs`` with each AT form of the subject's stage and compare with the model.
 
     Returns, per access type, the addresses withheld from AT because of a known QEMU hazard
-    (they are checked with real accesses instead)."""
+    (they are to be checked with real accesses)."""
+    subj = subject if isinstance(subject, Subject) else subject_of_table(subject, report.scenario)
     max_at = int(target.layout.max_at)
     version = target.qemu_version
-    withheld: dict[Access, U64] = {}
-    for op, access in AT_OPS[table.stage]:
+    at_aborts = reports_at_aborts()
+    withheld: dict[Access, list[U64]] = {}
+    for op, access in AT_OPS[subj.stage]:
         for lo in range(0, addrs.size, max_at):
             chunk = addrs[lo : lo + max_at]
             t0 = time.perf_counter()
-            pred: BatchResult | None = None
-            if table.stage is Stage.S2:  # hazards exist at stage 2: predict before probing
-                pred = predict(table, chunk, access)
-                unsafe, keys = divergences.at_unsafe(pred, version)
-                if unsafe.any():
-                    withheld[access] = np.concatenate([withheld.get(access, chunk[:0]), chunk[unsafe]])
-                    for k in keys:
-                        report.withheld[k] = report.withheld.get(k, 0) + int(unsafe.sum())
-                    chunk = chunk[~unsafe]
-                    pred = predict(table, chunk, access)
+            pred = Prediction.of(subj, chunk, access, version)
+            hold, unsafe = _at_hazards(report, pred, version, at_aborts)
+            if hold.any():
+                withheld.setdefault(access, []).append(chunk[unsafe])
+                chunk, pred = chunk[~hold], pred.take(~hold)
             t1 = time.perf_counter()
             if not chunk.size:
                 continue
             target.at_start(chunk, op)
             t2 = time.perf_counter()
-            if pred is None:
-                pred = predict(table, chunk, access)  # overlaps with the firmware's AT loop
-            expected = expected_par_batch(pred, table.stage)
-            mask = par_compare_mask_batch(pred)
+            expected = expected_par_batch(pred.arm)
+            mask = par_compare_mask_batch(pred.arm)
             t3 = time.perf_counter()
             actual = target.at_wait()
             t4 = time.perf_counter()
-            bad = np.flatnonzero((expected ^ actual) & mask)
-            report.probes[op] = report.probes.get(op, 0) + int(chunk.size)
-            report.matched += int(chunk.size - bad.size)
+            report.count(report.probes, op, int(chunk.size))
+            aborted = _at_aborts(actual)
+            unmodelled = pred.arm.unmodelled | pred.qemu.unmodelled
+            differs = (((expected ^ actual) & mask) != 0) & ~aborted & ~unmodelled
+            bad = np.flatnonzero(differs)
+            report.count(report.skipped, SKIP_UNMODELLED, int((unmodelled & ~aborted).sum()))
+            report.matched += int(chunk.size - bad.size - unmodelled.sum() - (aborted & ~unmodelled).sum())
+            report.count(report.skipped, SKIP_AT_ABORT, int((aborted & unmodelled).sum()))
             t5 = time.perf_counter()
-            _classify(report, table, op, access, chunk, actual, bad, version)
-            for k, v in (("predict", t1 - t0 + t3 - t2), ("submit", t2 - t1), ("wait", t4 - t3),
-                         ("compare", t5 - t4), ("classify", time.perf_counter() - t5)):
-                report.timings[k] = report.timings.get(k, 0.0) + v
-    return withheld
+            for i in np.flatnonzero(aborted & ~unmodelled):  # an abort where the model reads tables
+                addr = int(chunk[i])
+                model = subj.walk(addr, access)
+                report.add(Mismatch(addr, op, model.summary(), _at_abort_text(int(actual[i])), model.explain())
+                           if report.room else None, None)
+            _explain_at(report, subj, op, access, chunk, actual, pred, bad, version)
+            report.time("predict", t1 - t0 + t3 - t2)
+            report.time("submit", t2 - t1)
+            report.time("wait", t4 - t3)
+            report.time("compare", t5 - t4)
+            report.time("classify", time.perf_counter() - t5)
+    return {a: np.concatenate(v) for a, v in withheld.items()}
 
 
-def _expected_esr_fields(t: Translation, stage: Stage, write: bool) -> tuple[int, int, int]:
-    """(EC, DFSC, WnR) of the data abort the model predicts for a faulting access."""
-    assert t.fault is not None and t.fault_level is not None
+# ---------------------------------------------------------------------------------------------
+# Real loads and stores.
+
+
+def _expected_esr(pred: BatchResult, stage: Stage, write: bool) -> tuple[U64, U64, int]:
+    """(EC, DFSC, WnR) of the data aborts the model predicts, per lane."""
     ec = ExceptionClass.DABT_SAME if stage is Stage.S1 else ExceptionClass.DABT_LOWER
-    return int(ec), fault_status(t.fault, t.fault_level), int(write)
+    dfsc = (pred.fault.astype(np.uint64) << np.uint64(2)) | (pred.fault_level.astype(np.uint64) & np.uint64(3))
+    return np.full(len(pred), int(ec), dtype=np.uint64), dfsc, int(write)
 
 
-def check_access(report: CheckReport, target: TargetLike, table: KvmPgtable, addrs: U64,
-                 rng: np.random.Generator, must: dict[Access, U64] | None = None) -> None:
-    """Real loads and stores on the addresses that fault or translate into scratch RAM; the
-    addresses in ``must`` (withheld from AT) are always included."""
+def _access_agrees(pred: BatchResult, rec: Any, addrs: U64, stage: Stage, write: bool) -> Bools:
+    """Per lane: the access completed where the model translates, or raised exactly the data
+    abort the model predicts (EC, DFSC, WnR, S1PTW = 0, FAR, and HPFAR at stage 2)."""
+    esr = rec["esr"].astype(np.uint64)
+    completed = np.asarray(rec["completed"], dtype=np.bool_)
+    ok = pred.ok
+    ec, dfsc, wnr = _expected_esr(pred, stage, write)
+    same = (((esr >> np.uint64(ESR_EC.lo)) & np.uint64(ESR_EC.max)) == ec)
+    same &= (esr & np.uint64(ISS_DFSC.max)) == dfsc
+    same &= ((esr >> np.uint64(ISS_WNR.lo)) & np.uint64(1)) == np.uint64(wnr)
+    same &= ((esr >> np.uint64(ISS_S1PTW.lo)) & np.uint64(1)) == 0
+    if stage is Stage.S2:
+        same &= (rec["hpfar"].astype(np.uint64) >> np.uint64(4)) == (addrs >> np.uint64(12))
+    else:
+        same &= rec["far"].astype(np.uint64) == addrs & ~np.uint64(7)
+    return np.asarray(np.where(ok, completed, ~completed & same), dtype=np.bool_)
+
+
+def _in_scratch(pred: BatchResult, scratch: Any) -> Bools:
+    base = np.uint64(scratch.base)
+    return np.asarray(pred.ok & (pred.pa >= base) & (pred.pa < base + np.uint64(scratch.size)), dtype=np.bool_)
+
+
+def _scratch_words(target: TargetLike, scratch: Any) -> U64:
+    return target.ram_u64(int(scratch.base), int(scratch.size) // 8)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Unique 64-bit values planted at the expected PAs of loads (one per distinct word)."""
+
+    index: npt.NDArray[np.intp]  # per lane: which planted value it must read (-1: none expected)
+    values: U64
+
+    @classmethod
+    def plant(cls, target: TargetLike, pred: BatchResult, scratch: Any, salt: int) -> Tokens:
+        words = _scratch_words(target, scratch)
+        ok = _in_scratch(pred, scratch)
+        offs = (pred.pa[ok] - np.uint64(scratch.base)) >> np.uint64(3)
+        uniq, inverse = np.unique(offs, return_inverse=True)
+        values = np.uint64(LOAD_TOKEN_BASE | (salt & 0xFFFF) << 32) | np.arange(uniq.size, dtype=np.uint64)
+        words[uniq.astype(np.intp)] = values
+        index = np.full(len(pred), -1, dtype=np.intp)
+        index[np.flatnonzero(ok)] = inverse.reshape(-1)
+        return cls(index, values)
+
+    def loaded(self, rec: Any) -> Bools:
+        """Per lane: the load read the value planted at its expected PA (or none was expected)."""
+        want = np.where(self.index >= 0, self.values[np.maximum(self.index, 0)] if self.values.size else 0, 0)
+        return np.asarray((self.index < 0) | (rec["value"].astype(np.uint64) == want), dtype=np.bool_)
+
+
+LOAD_TOKEN_BASE = 0x10AD_0000_0000_0000
+
+
+def _stores_landed(target: TargetLike, pred: BatchResult, rec: Any, scratch: Any) -> Bools:
+    """Per lane: the value the store carried is at its expected PA (where several stores share
+    a word, the last one's value), or no store was expected to complete."""
+    words = _scratch_words(target, scratch)
+    ok = np.flatnonzero(_in_scratch(pred, scratch))
+    out = np.ones(len(pred), dtype=np.bool_)
+    if not ok.size:
+        return out
+    offs = ((pred.pa[ok] - np.uint64(scratch.base)) >> np.uint64(3)).astype(np.intp)
+    carried = rec["value"].astype(np.uint64)[ok]
+    last = {int(o): int(v) for o, v in zip(offs, carried, strict=True)}  # the last store to a word wins
+    found = words[offs]
+    want = np.array([last[int(o)] for o in offs], dtype=np.uint64)
+    out[ok] = found == want
+    return out
+
+
+def _outside(addrs: U64, ranges: tuple[tuple[int, int], ...]) -> Bools:
+    out = np.ones(addrs.size, dtype=np.bool_)
+    for base, size in ranges:
+        out &= ~((addrs >= np.uint64(base)) & (addrs < np.uint64(base + size)))
+    return out
+
+
+def check_access(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64,
+                 rng: np.random.Generator, must: Mapping[Access, U64] | None = None) -> None:
+    """Real loads and stores on the addresses that fault (on both the Arm ARM's and QEMU's walk)
+    or translate into scratch RAM; the addresses in ``must`` (withheld from AT) are always
+    included."""
+    subj = subject if isinstance(subject, Subject) else subject_of_table(subject, report.scenario)
     scratch = target.layout.scratch
+    version = target.qemu_version
     for write, access in ((False, READ), (True, WRITE)):
-        pred = predict(table, addrs, access)
-        in_scratch = (pred.pa >= np.uint64(scratch.base)) & (pred.pa < np.uint64(scratch.base + scratch.size))
-        eligible = np.flatnonzero((pred.ok & in_scratch) | (~pred.ok & ~pred.unmodelled))
+        forced = (must or {}).get(access, addrs[:0])
+        cand = np.unique(np.concatenate([addrs, forced]))
+        if not cand.size:
+            continue
+        pred = Prediction.of(subj, cand, access, version)
+        a, q = pred.arm, pred.qemu
+        safe = (_in_scratch(a, scratch) & q.ok & (a.pa == q.pa)) | (~a.ok & ~q.ok & ~a.unmodelled & ~q.unmodelled)
+        safe &= _outside(cand, subj.no_access)
+        eligible = np.flatnonzero(safe & ~np.isin(cand, forced))
         if eligible.size > MAX_ACCESS_PROBES:
             eligible = rng.choice(eligible, MAX_ACCESS_PROBES, replace=False)
-        chosen = np.unique(np.concatenate([addrs[eligible], (must or {}).get(access, addrs[:0])]))
-        if not chosen.size:
+        idx = np.union1d(eligible, np.flatnonzero(np.isin(cand, forced)))
+        if not idx.size:
             continue
-        pred = predict(table, chosen, access)
-        eligible = np.arange(chosen.size)
+        chosen, pred = cand[idx], pred.take(idx)
+        tokens = Tokens.plant(target, pred.arm, scratch, report.checked) if not write else None
         t0 = time.perf_counter()
-        rec = target.access(chosen, write=write, stage=table.stage)
-        report.timings["access"] = report.timings.get("access", 0.0) + time.perf_counter() - t0
+        rec = target.access(chosen, write=write, stage=subj.stage)
+        report.time("access", time.perf_counter() - t0)
         name = "store" if write else "load"
-        report.probes[name] = report.probes.get(name, 0) + int(chosen.size)
-        ok = pred.ok[eligible]
-        esr = rec["esr"].astype(np.uint64)
-        got_ec = (esr >> np.uint64(ESR_EC.lo)) & np.uint64(ESR_EC.max)
-        got_dfsc = esr & np.uint64(ISS_DFSC.max)
-        got_wnr = (esr >> np.uint64(ISS_WNR.lo)) & np.uint64(1)
-        completed = rec["completed"]
-        good = completed == ok
-        faulting = np.flatnonzero(~ok)
-        for i in faulting:
-            if not completed[i]:
-                t = _rewalk(table, int(chosen[i]), access)
-                ec, dfsc, wnr = _expected_esr_fields(t, table.stage, write)
-                same = (int(got_ec[i]), int(got_dfsc[i]), int(got_wnr[i])) == (ec, dfsc, wnr)
-                if table.stage is Stage.S2:
-                    same = same and int(rec["hpfar"][i]) >> 4 == int(chosen[i]) >> 12
-                else:
-                    same = same and int(rec["far"][i]) == int(chosen[i])
-                good[i] = same
+        report.count(report.probes, name, int(chosen.size))
+        good = _access_agrees(pred.arm, rec, chosen, subj.stage, write)
+        if "value" in (rec.dtype.names or ()):
+            landed = tokens.loaded(rec) if tokens is not None else _stores_landed(target, pred.arm, rec, scratch)
+            good &= landed
         bad = np.flatnonzero(~good)
         report.matched += int(chosen.size - bad.size)
-        for n, i in enumerate(bad):
-            if n >= MAX_EXPLAINED:
-                report.mismatched += bad.size - n
-                break
+        if not bad.size:
+            continue
+        qemu_good = _access_agrees(pred.qemu, rec, chosen, subj.stage, write) if pred.qemu is not pred.arm \
+            else np.zeros(chosen.size, dtype=np.bool_)
+        departures = divergences.semantic_departures(version, subj.geom)
+        for i in bad:
             addr = int(chosen[i])
-            t = _rewalk(table, addr, access)
-            got = "completed" if completed[i] else (
-                f"{describe_esr(int(esr[i]))} FAR {int(rec['far'][i]):#x} HPFAR {int(rec['hpfar'][i]):#x}")
-            want = "completes" if t.ok else "data abort {}/DFSC {:#x}".format(
-                *_expected_esr_fields(t, table.stage, write)[:2])
-            report.mismatches.append(Mismatch(addr, name, f"{t.summary()} -> {want}", got, t.explain()))
-            report.mismatched += 1
+            key = departures[0][0].key if qemu_good[i] and departures else None
+            m = None
+            if report.room:
+                t = subj.walk(addr, access)
+                got = "completed" if rec["completed"][i] else (
+                    f"{describe_esr(int(rec['esr'][i]))} FAR {int(rec['far'][i]):#x} HPFAR {int(rec['hpfar'][i]):#x}")
+                want = "completes" if t.ok else f"data abort, {t.summary()}"
+                m = Mismatch(addr, name, f"{t.summary()} -> {want}", got, t.explain(), key)
+            report.add(m, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole check.
+
+
+def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.random.Generator | None = None,
+                  access: bool = False, report: CheckReport | None = None) -> CheckReport:
+    """Install the subject's tables, probe ``addrs`` with AT (and real accesses where asked or
+    where AT is withheld), compare, uninstall."""
+    rng = rng or np.random.default_rng(0)
+    report = report or CheckReport(subject.name, subject.geom.describe(), ".".join(map(str, target.qemu_version)))
+    t0 = time.perf_counter()
+    target.install(subject.regs, subject.image)
+    report.time("install", time.perf_counter() - t0)
+    try:
+        withheld = check_at(report, target, subject, addrs)
+        if not subject.accesses:
+            report.count(report.skipped, SKIP_NO_ACCESS, sum(int(v.size) for v in withheld.values()))
+        elif withheld or access:
+            check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld)
+    finally:
+        if target.alive:
+            target.uninstall()
+    return report
 
 
 def check_built(built: BuiltScenario, target: TargetLike, rng: np.random.Generator | None = None,
                 access: bool | None = None, addresses: U64 | None = None) -> CheckReport:
     """Install a built scenario's table, probe it, compare, uninstall."""
     rng = rng or np.random.default_rng(0)
-    table = built.table
     sc = built.scenario
-    report = CheckReport(sc.name, table.geom.describe(), ".".join(map(str, target.qemu_version)))
+    report = CheckReport(sc.name, built.table.geom.describe(), ".".join(map(str, target.qemu_version)))
     t0 = time.perf_counter()
-    addrs = probe_addresses(table, rng, sc.sample) if addresses is None else addresses
+    addrs = probe_addresses(built.table, rng, sc.sample) if addresses is None else addresses
     report.timings["addresses"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    target.install(table.regs(), used_image(table))
-    report.timings["install"] = time.perf_counter() - t0
-    try:
-        withheld = check_at(report, target, table, addrs)
-        if withheld or (sc.access if access is None else access):
-            check_access(report, target, table, addrs if (sc.access if access is None else access) else addrs[:0],
-                         rng, withheld)
-    finally:
-        target.uninstall()
-    return report
+    subject = subject_of_built(built)
+    return check_subject(subject, target, addrs, rng, sc.access if access is None else access, report)
 
 
 @dataclass
 class AddressVerdict:
     """One AT form at one address: the model's walk beside the MMU's answer (harness explain)."""
 
-    probe: str  # AT op
+    probe: str  # AT op, or the real access that replaced a withheld AT
     model_walk: str
     mmu: str
     agree: bool
+    divergence: str | None = None
 
 
-def check_address(built: BuiltScenario, target: TargetLike, addr: int) -> list[AddressVerdict]:
-    """Install a built scenario, ask the MMU about one address with each AT form of its stage
-    (with a real access where AT is withheld for a QEMU hazard), compare, uninstall."""
-    table = built.table
+def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int) -> list[AddressVerdict]:
+    """Install the tables, ask the MMU about one address with each AT form of the stage (a real
+    access where the AT is withheld for a QEMU hazard), compare with the model, uninstall."""
+    subject = built if isinstance(built, Subject) else subject_of_built(built)
     one = np.array([addr], dtype=np.uint64)
+    version = target.qemu_version
     out: list[AddressVerdict] = []
-    target.install(table.regs(), used_image(table))
+    target.install(subject.regs, subject.image)
     try:
-        for op, access in AT_OPS[table.stage]:
-            model = _rewalk(table, addr, access)
-            unsafe, keys = divergences.at_unsafe(predict(table, one, access), target.qemu_version)
+        for op, access in AT_OPS[subject.stage]:
+            pred = Prediction.of(subject, one, access, version)
+            model = subject.walk(addr, access)
+            unsafe, keys = divergences.at_unsafe(pred.qemu, version)
+            write = access is WRITE
             if unsafe.any():
-                rec = target.access(one, write=access is WRITE, stage=table.stage)[0]
-                mmu = ("access completed" if rec["completed"] else
-                       f"access faulted: ESR {int(rec['esr']):#x} FAR {int(rec['far']):#x} "
-                       f"HPFAR {int(rec['hpfar']):#x}") + f" (AT withheld: {', '.join(keys)})"
-                agree = bool(rec["completed"]) == model.ok
+                rec = target.access(one, write=write, stage=subject.stage)
+                r = rec[0]
+                mmu = ("access completed" if r["completed"] else
+                       f"access faulted: {describe_esr(int(r['esr']))} FAR {int(r['far']):#x} "
+                       f"HPFAR {int(r['hpfar']):#x}") + f" (AT withheld: {', '.join(keys)})"
+                agree = bool(_access_agrees(pred.arm, rec, one, subject.stage, write)[0])
+                known = not agree and pred.qemu is not pred.arm and \
+                    bool(_access_agrees(pred.qemu, rec, one, subject.stage, write)[0])
+                probe = "store" if write else "load"
             else:
                 target.at_start(one, op)
-                par = int(target.at_wait()[0])
-                mmu = str(Par(par))
-                agree = not model.unmodelled and (expected_par(model) ^ par) & par_compare_mask(model) == 0
-            out.append(AddressVerdict(op, model.explain(), mmu, agree))
+                actual = target.at_wait()
+                aborted = bool(_at_aborts(actual)[0])
+                mmu = _at_abort_text(int(actual[0])) if aborted else str(Par(int(actual[0])))
+                unmodelled = bool(pred.arm.unmodelled[0] or pred.qemu.unmodelled[0])
+                agree = unmodelled or (not aborted and bool(_matches(pred.arm, actual)[0]))
+                known = not agree and not aborted and bool(_matches(pred.qemu, actual)[0])
+                probe = op
+            key = None
+            if known:
+                key = divergences.semantic_departures(version, subject.geom)[0][0].key
+            elif not agree and probe == op:
+                found = divergences.explain(model, int(actual[0]), subject.geom, partial(subject.walk, addr, access),
+                                            version)
+                key = found.key if found else None
+            out.append(AddressVerdict(probe, model.explain(), mmu, agree, key))
     finally:
-        target.uninstall()
+        if target.alive:
+            target.uninstall()
     return out

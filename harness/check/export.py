@@ -17,7 +17,7 @@ import numpy as np
 
 from harness.arch.registers import Stage1Regs
 from harness.check.addresses import probe_addresses
-from harness.check.engine import AT_OPS, predict, used_image
+from harness.check.engine import AT_OPS, subject_of_built, used_image
 from harness.check.scenario import BuiltScenario
 from harness.core.batch import UNMODELLED, BatchResult, expected_par_batch, par_compare_mask_batch
 
@@ -52,7 +52,8 @@ def export_built(built: BuiltScenario, directory: Path, rng: np.random.Generator
     regs = table.regs()
     reg_values = {k: getattr(regs, k) for k in regs.__dataclass_fields__}
     addrs = probe_addresses(table, rng, built.scenario.sample)
-    probes = [_expected_probes(op, access.value, predict(table, addrs, access), built)
+    subject = subject_of_built(built)
+    probes = [_expected_probes(op, access.value, subject.predict(addrs, access), built)
               for op, access in AT_OPS[table.stage]]
     geom = table.geom
     config = {

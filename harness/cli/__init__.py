@@ -35,7 +35,9 @@ from harness.errors import EXIT_INTERRUPTED, EXIT_MACHINERY, EXIT_OK, HarnessErr
 from harness.target.errors import ToolMissing
 
 # One module per command, in `harness --help` order: each exposes add_parser(sub) and run(args).
-COMMANDS: tuple[str, ...] = ("run", "check", "explain", "export", "dump", "review", "bench", "geometry")
+COMMANDS: tuple[str, ...] = (
+    "run", "check", "explain", "export", "dump", "review", "bench", "geometry", "fuzz", "attach",
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,7 +1,9 @@
 """The architectural walk of :mod:`harness.core.translate`, vectorised over many addresses.
 
-:func:`translate_batch` loops over the (at most four) levels, not over addresses: each level
-gathers every still-walking address's descriptor from the pool's words at once. The outcome
+:func:`translate_batch` loops over the (at most five) levels, not over addresses: each level
+step gathers every still-walking address's descriptor from the pool's words at once, and one leaf
+stage finishes them. Both use the scalar walk's named predicates (:func:`descriptor_faults`,
+:func:`descriptor_oa`, :func:`s1_perms` ...), which work on ints and arrays alike. The outcome
 agrees field for field with :func:`harness.core.translate.translate` (same fault kinds, levels
 and conventions; the attribute and shareability rules are the scalar functions tabulated).
 """
@@ -13,24 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from harness.arch.descriptors import (
-    AF,
-    AP_TABLE,
-    OA_51_48,
-    S1_AP,
-    S1_ATTRINDX,
-    S1_XN,
-    S2_AP,
-    S2_MEMATTR,
-    S2_XN,
-    S2AP,
-    SH,
-    TYPE,
-    VALID,
-    XN_TABLE,
-    oa_mask,
-)
-from harness.arch.geometry import ENTRY_BYTES, LAST_LEVEL, MAX_LEVELS, Geometry, Stage, ptrs_per_table
+from harness.arch.descriptors import AF, S1_ATTRINDX, S2_MEMATTR, SH, descriptor_oa
+from harness.arch.geometry import ENTRY_BYTES, MAX_LEVELS, MIN_LEVEL, Geometry, Stage, ptrs_per_table
 from harness.arch.registers import (
     PAR_ATTR,
     PAR_F,
@@ -40,28 +26,33 @@ from harness.arch.registers import (
     PAR_RES1,
     PAR_S,
     PAR_SH,
+    SH_INNER,
     FaultKind,
+    fault_status,
     mair_attr,
 )
 from harness.core.translate import (
     DEFAULT_MAIR,
-    OA_HI_SHIFT,
     PAR_COMPARE_MASK_FAULT,
     PAR_COMPARE_MASK_OK,
-    PERM_R,
-    PERM_W,
-    PERM_X,
     READ,
     Access,
     Translation,
     access_perm,
+    descriptor_faults,
+    descriptor_is_table,
+    leaf_oa,
     oa_hi_included,
+    oa_out_of_range,
     pamax,
     par_sh,
     root_table_base,
+    s1_perms,
     s2_attr,
     s2_attr_reserved,
+    s2_perms,
     sh_unpredictable,
+    table_restrictions,
 )
 
 U64 = npt.NDArray[np.uint64]
@@ -73,8 +64,6 @@ NO_FAULT = -1
 UNMODELLED = 16  # fault code of a descriptor read outside the modelled memory (not an FST class)
 
 _U = np.uint64
-_T_XN = 1
-_T_RO = 2
 
 
 def fault_code(t: Translation) -> int:
@@ -124,8 +113,183 @@ _SH_UNPRED = np.array([[sh_unpredictable(a, s) for s in range(4)] for a in range
                       dtype=np.bool_)
 
 
+# FST per (fault code, level + 1): the scalar fault_status tabulated (level -1 has its own codes).
+_FST = np.zeros((UNMODELLED + 1, 5), dtype=np.uint64)
+for _kind in FaultKind:
+    for _lvl in range(-1, 4):
+        if _lvl >= 0 or _kind in (FaultKind.ADDRESS_SIZE, FaultKind.TRANSLATION):
+            _FST[_kind.value, _lvl + 1] = fault_status(_kind, _lvl)
+
+
 def _field(words: U64, f_lo: int, f_width: int) -> U64:
     return (words >> _U(f_lo)) & _U((1 << f_width) - 1)
+
+
+class _Outcome:
+    """Per-address outcome arrays being filled in by the walk."""
+
+    def __init__(self, n: int) -> None:
+        self.fault = np.full(n, NO_FAULT, dtype=np.int8)
+        self.fault_level = np.full(n, -1, dtype=np.int8)
+        self.fault_stage2 = np.zeros(n, dtype=np.bool_)
+        self.pa = np.zeros(n, dtype=np.uint64)
+        self.level = np.full(n, -1, dtype=np.int8)
+        self.descriptor = np.zeros(n, dtype=np.uint64)
+        self.attr = np.zeros(n, dtype=np.uint8)
+        self.sh = np.zeros(n, dtype=np.uint8)
+        self.par_sh = np.zeros(n, dtype=np.uint8)
+        self.perms = np.zeros(n, dtype=np.uint8)
+        self.attr_unpredictable = np.zeros(n, dtype=np.bool_)
+        self.sh_unpredictable = np.zeros(n, dtype=np.bool_)
+
+    def set_fault(self, lanes: Bools | npt.NDArray[np.intp], code: int | npt.NDArray[np.int8],
+                  level: int | I8, stage2: bool) -> None:
+        self.fault[lanes] = code
+        self.fault_level[lanes] = level
+        self.fault_stage2[lanes] = stage2
+
+
+@dataclass
+class _Lanes:
+    """The addresses still walking: their lane numbers, addresses, current table and the stage-1
+    hierarchical restrictions gathered so far."""
+
+    lanes: npt.NDArray[np.intp]
+    addr: U64
+    table: U64
+    restrictions: U64
+
+    def keep(self, mask: Bools) -> _Lanes:
+        return _Lanes(self.lanes[mask], self.addr[mask], self.table[mask], self.restrictions[mask])
+
+
+@dataclass
+class _Leaves:
+    """Valid leaves found so far, per level."""
+
+    lanes: list[npt.NDArray[np.intp]]
+    desc: list[U64]
+    oa: list[U64]
+    level: list[I8]
+    restrictions: list[U64]
+
+
+@dataclass(frozen=True)
+class _Params:
+    geom: Geometry
+    access: Access
+    mair: int
+    sh0: int
+    with_51_48: bool
+    check_final_oa: bool
+
+
+def _level_step(p: _Params, out: _Outcome, words: U64, base_pa: int, cur: _Lanes, level: int,
+                found: _Leaves) -> _Lanes:
+    """One level of the walk for every lane: read the descriptor, fault or collect leaves, and
+    return the lanes that go on to the next level."""
+    geom = p.geom
+    is_s2 = geom.stage is Stage.S2
+    # Byte offset of the descriptor in the pool. Below the pool it wraps to a huge value, so one
+    # unsigned compare checks both ends.
+    if level == geom.start_level:
+        off = ((cur.addr & _U(geom.limit - 1)) >> _U(geom.shift(level)))
+    else:
+        off = (cur.addr >> _U(geom.shift(level))) & _U(ptrs_per_table(geom.granule) - 1)
+    off = (off << _U(3)) + cur.table - _U(base_pa)
+    inside = off < _U(words.size * ENTRY_BYTES)
+    if not inside.all():
+        out.set_fault(cur.lanes[~inside], UNMODELLED, level, is_s2)
+        cur, off = cur.keep(inside), off[inside]
+    desc = words[(off >> _U(3)).view(np.int64)]
+
+    bad = descriptor_faults(desc, level, geom.block_levels) != 0
+    if bad.any():
+        out.set_fault(cur.lanes[bad], FaultKind.TRANSLATION.value, level, is_s2)
+    good = ~bad
+    oa = descriptor_oa(desc, geom.granule, geom.lpa2, p.with_51_48).astype(np.uint64)
+    too_big = good & (oa_out_of_range(oa, geom.pa_bits) != 0)
+    if too_big.any():
+        out.set_fault(cur.lanes[too_big], FaultKind.ADDRESS_SIZE.value, level, is_s2)
+    good &= ~too_big
+    is_table = good & (descriptor_is_table(desc, level) != 0)
+    is_leaf = good & ~is_table
+    if is_leaf.any():
+        found.lanes.append(cur.lanes[is_leaf])
+        found.desc.append(desc[is_leaf])
+        found.oa.append(oa[is_leaf])
+        found.level.append(np.full(int(is_leaf.sum()), level, dtype=np.int8))
+        found.restrictions.append(cur.restrictions[is_leaf])
+    restrictions = cur.restrictions
+    if not is_s2:
+        restrictions = restrictions | table_restrictions(desc, geom.e2h).astype(np.uint64)
+    return _Lanes(cur.lanes, cur.addr, oa, restrictions).keep(is_table)
+
+
+def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> None:
+    """Final addresses, permissions and attributes of the leaves, with the final-OA, AF and
+    permission faults in the scalar walk's order."""
+    geom = p.geom
+    is_s2 = geom.stage is Stage.S2
+    lanes = np.concatenate(found.lanes)
+    desc = np.concatenate(found.desc)
+    oa = np.concatenate(found.oa)
+    level = np.concatenate(found.level)
+
+    if is_s2:
+        perms = s2_perms(desc).astype(np.uint8)
+    else:
+        perms = s1_perms(desc, np.concatenate(found.restrictions), geom.e2h).astype(np.uint8)
+    shifts = np.array([geom.shift(lvl) for lvl in range(MIN_LEVEL, MAX_LEVELS)], dtype=np.uint64)
+    size_mask = (_U(1) << shifts[level.astype(np.intp) - MIN_LEVEL]) - _U(1)
+    pa = leaf_oa(oa, addr[lanes], size_mask).astype(np.uint64)
+
+    oa_big = (oa_out_of_range(pa, geom.pa_bits) != 0) if p.check_final_oa else np.zeros_like(lanes, dtype=np.bool_)
+    no_af = ~oa_big & ((desc & _U(AF.mask)) == 0)
+    denied = ~oa_big & ~no_af & ((perms & np.uint8(access_perm(p.access))) == 0)
+    for mask, kind in ((oa_big, FaultKind.ADDRESS_SIZE), (no_af, FaultKind.ACCESS_FLAG),
+                       (denied, FaultKind.PERMISSION)):
+        if mask.any():
+            out.set_fault(lanes[mask], kind.value, level[mask], is_s2)
+    ok = ~(oa_big | no_af | denied)
+    lanes, desc, level, perms, pa = lanes[ok], desc[ok], level[ok], perms[ok], pa[ok]
+
+    out.pa[lanes] = pa
+    out.level[lanes] = level
+    out.descriptor[lanes] = desc
+    sh = _field(desc, SH.lo, SH.width).astype(np.intp)
+    if geom.lpa2:  # bits [9:8] are OA[51:50]: the shareability is SH0's
+        sh[:] = p.sh0
+    if is_s2:
+        memattr = _field(desc, S2_MEMATTR.lo, S2_MEMATTR.width).astype(np.intp)
+        attr = _S2_ATTR[memattr]
+        out.attr_unpredictable[lanes] = _S2_ATTR_RESERVED[memattr]
+    else:
+        mair_table = np.array([mair_attr(p.mair, i) for i in range(8)], dtype=np.uint8)
+        attr = mair_table[_field(desc, S1_ATTRINDX.lo, S1_ATTRINDX.width).astype(np.intp)]
+    out.attr[lanes] = attr
+    out.sh[lanes] = sh
+    out.par_sh[lanes] = _PAR_SH[attr, sh]
+    out.sh_unpredictable[lanes] = _SH_UNPRED[attr, sh] | out.attr_unpredictable[lanes]
+    out.perms[lanes] = perms
+
+
+def _prechecks(p: _Params, out: _Outcome, addr: U64, root_pa: int) -> Bools:
+    """Faults before the walk starts (as the scalar walk); returns the lanes that walk."""
+    geom = p.geom
+    is_s2 = geom.stage is Stage.S2
+    active = np.ones(addr.size, dtype=np.bool_)
+    if is_s2:
+        bad = (addr >> _U(pamax(geom))) != 0
+        out.set_fault(bad, FaultKind.ADDRESS_SIZE.value, 0, False)
+        active &= ~bad
+    bad = active & ((addr >> _U(geom.ia_bits)) != 0)
+    out.set_fault(bad, FaultKind.TRANSLATION.value, 0, is_s2)
+    active &= ~bad
+    if oa_out_of_range(root_pa, geom.pa_bits):
+        out.set_fault(active, FaultKind.ADDRESS_SIZE.value, 0, is_s2)
+        active[:] = False
+    return active
 
 
 def translate_batch(
@@ -137,174 +301,33 @@ def translate_batch(
     access: Access = READ,
     mair: int = DEFAULT_MAIR,
     *,
+    sh0: int = SH_INNER,
     qemu_lpa_oa: bool = False,
+    qemu_final_oa_unchecked: bool = False,
 ) -> BatchResult:
     """Translate every address in ``addresses`` through the tables at ``root_pa``.
 
     ``words`` is the modelled memory as little-endian 64-bit words starting at ``base_pa``
-    (``PagePool.words()``); a descriptor outside it is :data:`UNMODELLED`.
+    (``PagePool.words()``); a descriptor outside it is :data:`UNMODELLED`. The keywords are
+    :func:`harness.core.translate.translate`'s.
     """
     addr = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
     words = np.asarray(words, dtype=np.uint64)
-    n = addr.size
-    stage = geom.stage
-    is_s2 = stage is Stage.S2
-
-    fault = np.full(n, NO_FAULT, dtype=np.int8)
-    fault_level = np.full(n, -1, dtype=np.int8)
-    fault_stage2 = np.zeros(n, dtype=np.bool_)
-    active = np.ones(n, dtype=np.bool_)
-
-    def set_fault(mask: Bools | npt.NDArray[np.intp], code: int, level: int, s2: bool) -> None:
-        fault[mask] = code
-        fault_level[mask] = level
-        fault_stage2[mask] = s2
-
-    if is_s2:
-        bad = (addr >> _U(pamax(geom))) != 0
-        set_fault(bad, FaultKind.ADDRESS_SIZE.value, 0, False)
-        active &= ~bad
-    bad = active & ((addr >> _U(geom.ia_bits)) != 0)
-    set_fault(bad, FaultKind.TRANSLATION.value, 0, is_s2)
-    active &= ~bad
-    if root_pa >> geom.pa_bits:
-        set_fault(active, FaultKind.ADDRESS_SIZE.value, 0, is_s2)
-        active[:] = False
-
-    addr_mask = _U(oa_mask(geom.granule))
-    with_hi = oa_hi_included(geom, qemu_lpa_oa)
-    base = _U(base_pa)
-    pool_bytes = _U(words.size * ENTRY_BYTES)
-    type_valid = _U(TYPE.mask | VALID.mask)
-    idx_mask = _U(ptrs_per_table(geom.granule) - 1)
-    limit_mask = _U(geom.limit - 1)
-
-    lanes = np.flatnonzero(active)
-    a = addr[lanes]
-    table = np.full(lanes.size, root_table_base(geom, root_pa), dtype=np.uint64)
-    # Stage-1 hierarchical attributes gathered so far: _T_XN | _T_RO (unused at stage 2).
-    tattr = np.zeros(0 if is_s2 else lanes.size, dtype=np.uint8)
-
-    leaf_lanes: list[npt.NDArray[np.intp]] = []
-    leaf_desc: list[U64] = []
-    leaf_oa: list[U64] = []
-    leaf_level: list[I8] = []
-    leaf_tattr: list[U8] = []
-
+    p = _Params(geom, access, mair, sh0, oa_hi_included(geom, qemu_lpa_oa), not qemu_final_oa_unchecked)
+    out = _Outcome(addr.size)
+    lanes = np.flatnonzero(_prechecks(p, out, addr, root_pa))
+    cur = _Lanes(lanes, addr[lanes], np.full(lanes.size, root_table_base(geom, root_pa), dtype=np.uint64),
+                 np.zeros(lanes.size, dtype=np.uint64))
+    found = _Leaves([], [], [], [], [])
     for level in range(geom.start_level, MAX_LEVELS):
-        if lanes.size == 0:
+        if cur.lanes.size == 0:
             break
-        shift = _U(geom.shift(level))
-        # Byte offset of the descriptor in the pool (in place: few temporaries). Below the pool
-        # it wraps to a huge value, so one unsigned compare checks both ends.
-        if level == geom.start_level:
-            off = a & limit_mask
-            off >>= shift
-        else:
-            off = a >> shift
-            off &= idx_mask
-        off <<= _U(3)
-        off += table
-        off -= base
-        inside = off < pool_bytes
-        if not inside.all():
-            set_fault(lanes[~inside], UNMODELLED, level, is_s2)
-            lanes, a, off = lanes[inside], a[inside], off[inside]
-            if not is_s2:
-                tattr = tattr[inside]
-        off >>= _U(3)
-        desc = words[off.view(np.int64)]
-
-        low = desc & type_valid
-        typ = low >= _U(TYPE.mask)
-        good = (low & _U(VALID.mask)) != 0 if level in geom.block_levels else low == type_valid
-        if not good.all():
-            set_fault(lanes[~good], FaultKind.TRANSLATION.value, level, is_s2)
-        oa = desc & addr_mask
-        if with_hi:
-            oa |= _field(desc, OA_51_48.lo, OA_51_48.width) << _U(OA_HI_SHIFT)
-        too_big = good & ((oa >> _U(geom.pa_bits)) != 0)
-        if too_big.any():
-            set_fault(lanes[too_big], FaultKind.ADDRESS_SIZE.value, level, is_s2)
-        good &= ~too_big
-        is_table = good & typ if level < LAST_LEVEL else np.zeros_like(good)
-        is_leaf = good & ~is_table
-        if is_leaf.any():
-            leaf_lanes.append(lanes[is_leaf])
-            leaf_desc.append(desc[is_leaf])
-            leaf_oa.append(oa[is_leaf])
-            leaf_level.append(np.full(int(is_leaf.sum()), level, dtype=np.int8))
-            if not is_s2:
-                leaf_tattr.append(tattr[is_leaf])
-        if not is_s2:
-            tattr = tattr | (_field(desc, XN_TABLE.lo, 1).astype(np.uint8) * np.uint8(_T_XN)
-                             | _field(desc, AP_TABLE.lo + 1, 1).astype(np.uint8) * np.uint8(_T_RO))
-        if is_table.all():
-            table = oa
-        else:
-            lanes, a, table = lanes[is_table], a[is_table], oa[is_table]
-            if not is_s2:
-                tattr = tattr[is_table]
-
-    pa = np.zeros(n, dtype=np.uint64)
-    out_level = np.full(n, -1, dtype=np.int8)
-    descriptor = np.zeros(n, dtype=np.uint64)
-    attr = np.zeros(n, dtype=np.uint8)
-    sh = np.zeros(n, dtype=np.uint8)
-    psh = np.zeros(n, dtype=np.uint8)
-    perms = np.zeros(n, dtype=np.uint8)
-    attr_unpred = np.zeros(n, dtype=np.bool_)
-    sh_unpred = np.zeros(n, dtype=np.bool_)
-
-    if leaf_lanes:
-        ll = np.concatenate(leaf_lanes)
-        d = np.concatenate(leaf_desc)
-        loa = np.concatenate(leaf_oa)
-        lv = np.concatenate(leaf_level)
-
-        if is_s2:
-            s2ap = _field(d, S2_AP.lo, S2_AP.width)
-            xn2 = _field(d, S2_XN.lo, S2_XN.width)
-            lperm = (np.where((s2ap & _U(S2AP.RO)) != 0, PERM_R, 0)
-                     | np.where((s2ap & _U(S2AP.WO)) != 0, PERM_W, 0)
-                     | np.where((xn2 == 0) | (xn2 == 3), PERM_X, 0)).astype(np.uint8)
-        else:
-            ltattr = np.concatenate(leaf_tattr)
-            ro = ((d & _U(1 << (S1_AP.lo + 1))) != 0) | ((ltattr & np.uint8(_T_RO)) != 0)
-            xn = ((d & _U(S1_XN.mask)) != 0) | ((ltattr & np.uint8(_T_XN)) != 0)
-            lperm = (PERM_R | np.where(ro, 0, PERM_W) | np.where(xn, 0, PERM_X)).astype(np.uint8)
-
-        no_af = (d & _U(AF.mask)) == 0
-        denied = ~no_af & ((lperm & np.uint8(access_perm(access))) == 0)
-        for mask, kind in ((no_af, FaultKind.ACCESS_FLAG), (denied, FaultKind.PERMISSION)):
-            if mask.any():
-                fault[ll[mask]] = kind.value
-                fault_level[ll[mask]] = lv[mask]
-                fault_stage2[ll[mask]] = is_s2
-        okm = ~(no_af | denied)
-        ll, d, loa, lv, lperm = ll[okm], d[okm], loa[okm], lv[okm], lperm[okm]
-
-        shifts = np.array([geom.shift(lvl) for lvl in range(MAX_LEVELS)], dtype=np.uint64)
-        size_mask = (_U(1) << shifts[lv]) - _U(1)
-        pa[ll] = (loa & ~size_mask) | (addr[ll] & size_mask)
-        out_level[ll] = lv
-        descriptor[ll] = d
-        lsh = _field(d, SH.lo, SH.width).astype(np.intp)
-        if is_s2:
-            memattr = _field(d, S2_MEMATTR.lo, S2_MEMATTR.width).astype(np.intp)
-            lattr = _S2_ATTR[memattr]
-            attr_unpred[ll] = _S2_ATTR_RESERVED[memattr]
-        else:
-            mair_table = np.array([mair_attr(mair, i) for i in range(8)], dtype=np.uint8)
-            lattr = mair_table[_field(d, S1_ATTRINDX.lo, S1_ATTRINDX.width).astype(np.intp)]
-        attr[ll] = lattr
-        sh[ll] = lsh
-        psh[ll] = _PAR_SH[lattr, lsh]
-        sh_unpred[ll] = _SH_UNPRED[lattr, lsh] | attr_unpred[ll]
-        perms[ll] = lperm
-
-    return BatchResult(stage, access, addr, fault, fault_level, fault_stage2, pa, out_level,
-                       descriptor, attr, sh, psh, perms, attr_unpred, sh_unpred)
+        cur = _level_step(p, out, words, base_pa, cur, level, found)
+    if found.lanes:
+        _leaf_stage(p, out, addr, found)
+    return BatchResult(geom.stage, access, addr, out.fault, out.fault_level, out.fault_stage2,
+                       out.pa, out.level, out.descriptor, out.attr, out.sh, out.par_sh, out.perms,
+                       out.attr_unpredictable, out.sh_unpredictable)
 
 
 def expected_par_batch(result: BatchResult, stage: Stage | None = None) -> U64:
@@ -317,7 +340,8 @@ def expected_par_batch(result: BatchResult, stage: Stage | None = None) -> U64:
                     | (result.par_sh.astype(np.uint64) << _U(PAR_SH.lo))
                     | (result.attr.astype(np.uint64) << _U(PAR_ATTR.lo)), _U(0))
     faulted = ~ok & ~result.unmodelled
-    fst = (result.fault.astype(np.uint64) << _U(2)) | (result.fault_level.astype(np.uint64) & _U(3))
+    fst = _FST[np.where(faulted, result.fault, 0).astype(np.intp),
+               np.where(faulted, result.fault_level + 1, 0).astype(np.intp)]
     par |= np.where(faulted, _U(PAR_F.mask) | (fst << _U(PAR_FST.lo))
                     | (result.fault_stage2.astype(np.uint64) << _U(PAR_S.lo)), _U(0))
     par[result.unmodelled] = 0

@@ -13,6 +13,11 @@ Regimes (see :mod:`harness.arch.registers` for the register values the harness p
   SCTLR_EL2.WXN = 0, no hardware AF/dirty update. AP[1] is RES1 (only AP[2], read-only,
   matters), XN is bit 54, PXN and PXNTable are RES0 (ignored); the table attributes APTable[1]
   (bit 62: subtree read-only) and XNTable (bit 60) apply hierarchically. ``AT S1E2R/W``.
+* Stage 1 with ``geom.e2h`` is the EL2&0 regime (HCR_EL2.E2H = 1, TGE = 0: KVM's hVHE), the
+  accesses being EL2's (privileged) with PSTATE.PAN = 0: AP[2] selects read-only, AP[1] grants
+  EL0 access and does not restrict EL2 reads or writes; EL2 fetches obey PXN (bit 53) and
+  PXNTable (bit 59), and memory writable at EL0 (AP = 0b01) is never executable at EL2; UXN
+  (bit 54) and UXNTable (bit 60) concern EL0 only.
 * Stage 2 is the EL1&0 stage 2 with EL1's stage 1 off and HCR_EL2.DC = 1, so the IPA is the VA
   and the stage-1 attributes are Normal write-back non-shareable: the combined attributes are
   stage 2's. S2AP[0] allows reads, S2AP[1] writes; XN[54:53] (FEAT_XNX) for EL1 fetches.
@@ -29,6 +34,14 @@ Fault and level conventions (Arm ARM pseudocode, and QEMU 10.0 ``get_phys_addr_l
   (:attr:`Geometry.block_levels`): Translation fault at that level.
 * Output or next-table address bits at or above the PA size (raw descriptor bits [47:pa_bits],
   before aligning a block's address): Address size fault at the level of that descriptor.
+* The final output address (a block's base plus the input's offset in it) at or above the PA
+  size: Address size fault at the leaf level (``AArch64.OAOutOfRange`` on the stage's output
+  address; reachable only with blocks larger than 2**PS, e.g. a 64K level-1 block with PS = 36).
+  QEMU 10 checks only the descriptor's bits: pass ``qemu_final_oa_unchecked=True`` to model it.
+* FEAT_LPA2 (``geom.lpa2``, DS = 1): OA[51:50] in descriptor bits [9:8], OA[49:48] in [49:48],
+  for next-table addresses too; the shareability is TCR/VTCR SH0 (``sh0``), not the descriptor.
+* The initial table's base is aligned to the table's size (at least 64 bytes for a 52-bit base):
+  :attr:`Geometry.root_align`.
 * 4K/16K granule (DS = 0): descriptor bits [50:48] are RES0 and take no part in the address
   (bit 51 is DBM); nonzero values are ignored by the Arm ARM pseudocode (``AArch64.LeafBase``,
   ``NextTableBase`` take bits [47:g]) and by QEMU 10.
@@ -53,27 +66,30 @@ from typing import Protocol
 from harness.arch.descriptors import (
     AF,
     AP_TABLE,
-    OA_51_48,
+    PXN_TABLE,
     S1_AP,
     S1_ATTRINDX,
-    S1_NG,
+    S1_PXN,
     S1_XN,
+    S1AP_E2H,
     S2_AP,
     S2_MEMATTR,
     S2_XN,
     S2AP,
     SH,
+    TYPE,
+    VALID,
     XN_TABLE,
     Decoded,
-    Kind,
     Shareability,
+    Word,
     decode,
-    oa_mask,
+    descriptor_oa,
 )
 from harness.arch.geometry import (
     ENTRY_BYTES,
-    MAX_PA_BITS,
-    MAX_PA_BITS_LPA,
+    LAST_LEVEL,
+    WIDE_ADDRESS_BITS,
     Geometry,
     Granule,
     Stage,
@@ -88,6 +104,7 @@ from harness.arch.registers import (
     PAR_RES1,
     PAR_S,
     PAR_SH,
+    SH_INNER,
     FaultKind,
     fault_status,
     mair_attr,
@@ -99,12 +116,6 @@ DEFAULT_MAIR = mair_value()
 # PAR_EL1 bits an AT defines in this setting: the ones a differential check compares.
 PAR_COMPARE_MASK_OK = PAR_F.mask | PAR_PA.mask | PAR_ATTR.mask | PAR_SH.mask | PAR_NS.mask
 PAR_COMPARE_MASK_FAULT = PAR_F.mask | PAR_FST.mask | PAR_S.mask | PAR_PTW.mask
-
-# The 64K granule's OA[51:48] field starts at PA bit 48.
-OA_HI_SHIFT = 48
-# TTBR / table bases: at least 64-byte aligned (TTBR BADDR low bits are RES0).
-_MIN_TABLE_ALIGN = 64
-
 
 class Access(enum.Enum):
     """The access being translated. AT S1E2R/S12E1R read; S1E2W/S12E1W write."""
@@ -118,7 +129,9 @@ READ = Access.READ
 WRITE = Access.WRITE
 EXEC = Access.EXEC
 
-# Permission bits as carried in the batch form (and :attr:`Translation.perms`).
+# The effective permissions of a translation (:attr:`Translation.perms`, the batch ``perms``):
+# which accesses the regime grants, after hierarchical table attributes. Not the requested
+# mapping protection (:class:`harness.core.prot.Prot`) nor a descriptor field (``S2AP``).
 PERM_R = 1
 PERM_W = 2
 PERM_X = 4
@@ -138,22 +151,82 @@ class Memory(Protocol):
 
 
 def pamax(geom: Geometry) -> int:
-    """The PE's physical address size: 52 bits with FEAT_LPA (QEMU ``-cpu max``), else 48."""
-    return MAX_PA_BITS_LPA if geom.feat_lpa else MAX_PA_BITS
+    """The PE's physical address size (ID_AA64MMFR0_EL1.PARange; 52 bits on QEMU ``-cpu max``)."""
+    return geom.pamax
 
 
 def oa_hi_included(geom: Geometry, qemu_lpa_oa: bool = False) -> bool:
     """Whether descriptor bits [15:12] form OA[51:48] (64K granule only, see module notes)."""
     if geom.granule is not Granule.K64 or not geom.feat_lpa:
         return False
-    return geom.pa_bits > MAX_PA_BITS or not qemu_lpa_oa
+    return geom.pa_bits == WIDE_ADDRESS_BITS or not qemu_lpa_oa
 
 
 def root_table_base(geom: Geometry, root_pa: int) -> int:
-    """The initial table's base as the walk uses it: the bits the index occupies are cleared
-    (a misaligned base's low bits are RES0; QEMU masks them the same way)."""
-    span = max(geom.pgd_entries * ENTRY_BYTES, _MIN_TABLE_ALIGN)
-    return root_pa & ~(span - 1)
+    """The initial table's base as the walk uses it: aligned down to the table's own size (at
+    least 64 bytes for a 52-bit base); the low bits of a misaligned base are RES0."""
+    return root_pa & ~(geom.root_align - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Named predicates of the walk, shared by the scalar and the batch form (ints or uint64 arrays).
+
+_TABLE_XN = 1  # hierarchical restriction: no execution below (XNTable; PXNTable with E2H = 1)
+_TABLE_RO = 2  # hierarchical restriction: read-only below (APTable[1])
+
+
+def descriptor_faults(desc: Word, level: int, block_levels: tuple[int, ...]) -> Word:
+    """Nonzero where the descriptor gives a Translation fault at ``level``: invalid (bit 0
+    clear), or bit 1 clear where the level has no blocks (level 3 included)."""
+    low = desc & (TYPE.mask | VALID.mask)
+    if level in block_levels:
+        return (low & VALID.mask) ^ VALID.mask
+    return low ^ (TYPE.mask | VALID.mask)
+
+
+def descriptor_is_table(desc: Word, level: int) -> Word:
+    """Nonzero where a valid descriptor points to a next-level table (bit 1 set above level 3)."""
+    if level == LAST_LEVEL:
+        return desc & 0
+    return (desc >> TYPE.lo) & 1
+
+
+def oa_out_of_range(oa: Word, pa_bits: int) -> Word:
+    """Nonzero where an address has bits at or above the PA size (``AArch64.OAOutOfRange``)."""
+    return oa >> pa_bits
+
+
+def table_restrictions(desc: Word, e2h: bool) -> Word:
+    """The stage-1 hierarchical restrictions a table descriptor adds (_TABLE_XN | _TABLE_RO)."""
+    xn = PXN_TABLE if e2h else XN_TABLE
+    return ((desc >> xn.lo) & 1) * _TABLE_XN | ((desc >> (AP_TABLE.lo + 1)) & 1) * _TABLE_RO
+
+
+def s1_perms(desc: Word, restrictions: Word, e2h: bool) -> Word:
+    """EL2's effective permissions for a stage-1 leaf (PERM_R | PERM_W | PERM_X): AP[2] read-only;
+    XN (E2H = 0) or PXN, or EL0-writable memory (AP = 0b01), forbid EL2 fetches (E2H = 1)."""
+    ro = ((desc >> (S1_AP.lo + 1)) & 1) | ((restrictions >> 1) & 1)
+    if e2h:
+        not_el0_rw = (desc >> S1_AP.lo) & S1_AP.max ^ int(S1AP_E2H.RW_EL0_RW)  # 0 where AP = 0b01
+        el0_writable = ((not_el0_rw | (not_el0_rw >> 1)) & 1) ^ 1
+        xn = ((desc >> S1_PXN.lo) & 1) | (restrictions & _TABLE_XN) | el0_writable
+    else:
+        xn = ((desc >> S1_XN.lo) & 1) | (restrictions & _TABLE_XN)
+    return PERM_R | (ro ^ 1) * PERM_W | (xn ^ 1) * PERM_X
+
+
+def s2_perms(desc: Word) -> Word:
+    """EL1's stage-2 permissions: S2AP[0] read, S2AP[1] write; XN[54:53] 0b00 and 0b11 allow
+    EL1 fetches (FEAT_XNX)."""
+    s2ap = (desc >> S2_AP.lo) & S2_AP.max
+    xn = (desc >> S2_XN.lo) & S2_XN.max
+    return (s2ap & int(S2AP.RO)) * PERM_R | ((s2ap & int(S2AP.WO)) >> 1) * PERM_W \
+        | (((xn ^ (xn >> 1)) & 1) ^ 1) * PERM_X
+
+
+def leaf_oa(oa: Word, address: Word, size_mask: Word) -> Word:
+    """The final output address: the block's (or page's) base and the input's offset in it."""
+    return (oa & ~size_mask) | (address & size_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,13 +314,12 @@ class Translation:
     size: int | None = None
     pa: int | None = None
     attr: int | None = None  # combined attribute byte, MAIR encoding (PAR_EL1.ATTR)
-    sh: int | None = None  # descriptor SH
+    sh: int | None = None  # descriptor SH (with lpa2: TCR/VTCR SH0)
     perms: int = 0  # PERM_R | PERM_W | PERM_X, effective (table attributes applied)
     # Stage-1 leaf fields.
     attr_index: int | None = None
     ap: int | None = None
-    xn: int | None = None  # stage 1: XN | XNTable; stage 2: XN[1:0]
-    ng: int | None = None
+    xn: int | None = None  # stage 1: XN | XNTable (E2H = 1: PXN | PXNTable); stage 2: XN[1:0]
     # Stage-2 leaf fields.
     memattr: int | None = None
     s2ap: int | None = None
@@ -315,19 +387,55 @@ class Translation:
 # The walk.
 
 
-def _allowed(stage: Stage, raw: int, xn_table: bool, ro_table: bool) -> tuple[int, int]:
-    """(effective permissions, xn field) of a leaf."""
-    if stage is Stage.S1:
-        ro = bool(S1_AP.get(raw) >> 1) or ro_table
-        xn = S1_XN.get(raw) | int(xn_table)
-        perms = PERM_R | (0 if ro else PERM_W) | (0 if xn else PERM_X)
-        return perms, xn
-    s2ap = S2_AP.get(raw)
-    xn = S2_XN.get(raw)
-    perms = (PERM_R if s2ap & S2AP.RO else 0) | (PERM_W if s2ap & S2AP.WO else 0)
-    if xn in (0b00, 0b11):  # FEAT_XNX: 0b01 and 0b10 forbid EL1 fetches
-        perms |= PERM_X
-    return perms, xn
+@dataclass(frozen=True)
+class _Walk:
+    """The parameters of one walk beyond the geometry (the QEMU switches included)."""
+
+    geom: Geometry
+    mair: int
+    sh0: int
+    with_51_48: bool
+    check_final_oa: bool
+
+
+def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, level: int,
+          oa: int, restrictions: int) -> Translation:
+    """The leaf stage: final address, attributes and permissions, then the AF, final-OA and
+    permission faults in the Arm ARM's order."""
+    geom = w.geom
+    is_s2 = geom.stage is Stage.S2
+    size = geom.size(level)
+    pa = leaf_oa(oa, address, size - 1)
+    if is_s2:
+        perms, xn = s2_perms(raw), S2_XN.get(raw)
+        memattr: int | None = S2_MEMATTR.get(raw)
+        attr_index = None
+        attr = s2_attr(S2_MEMATTR.get(raw))
+    else:
+        perms = s1_perms(raw, restrictions, geom.e2h)
+        xn = (S1_PXN if geom.e2h else S1_XN).get(raw) | (restrictions & _TABLE_XN)
+        memattr = None
+        attr_index = S1_ATTRINDX.get(raw)
+        attr = mair_attr(w.mair, attr_index)
+    leaf = Translation(
+        geom.stage, address, access, tuple(steps), descriptor=raw, level=level, size=size, pa=pa,
+        attr=attr, sh=w.sh0 if geom.lpa2 else SH.get(raw), perms=perms, xn=xn,
+        attr_index=attr_index, ap=None if is_s2 else S1_AP.get(raw), memattr=memattr,
+        s2ap=S2_AP.get(raw) if is_s2 else None,
+    )
+    if w.check_final_oa and oa_out_of_range(pa, geom.pa_bits):
+        return _with_fault(leaf, FaultKind.ADDRESS_SIZE, level, is_s2,
+                           f"output address {pa:#x} beyond the {geom.pa_bits}-bit PA size")
+    if not AF.get(raw):
+        return _with_fault(leaf, FaultKind.ACCESS_FLAG, level, is_s2, "AF = 0 (no hardware AF)")
+    if not perms & access_perm(access):
+        why = f"{access.value} not permitted"
+        if restrictions & _TABLE_RO and access is Access.WRITE:
+            why += " (APTable[1] set on the way down)"
+        if restrictions & _TABLE_XN and access is Access.EXEC:
+            why += " (XNTable set on the way down)"
+        return _with_fault(leaf, FaultKind.PERMISSION, level, is_s2, why)
+    return leaf
 
 
 def translate(
@@ -338,9 +446,14 @@ def translate(
     access: Access = READ,
     mair: int = DEFAULT_MAIR,
     *,
+    sh0: int = SH_INNER,
     qemu_lpa_oa: bool = False,
+    qemu_final_oa_unchecked: bool = False,
 ) -> Translation:
-    """Walk the tables at ``root_pa`` for ``address`` as the MMU does (see the module notes)."""
+    """Walk the tables at ``root_pa`` for ``address`` as the MMU does (see the module notes).
+
+    ``sh0`` is TCR_EL2/VTCR_EL2.SH0 (the shareability with lpa2). ``qemu_lpa_oa`` and
+    ``qemu_final_oa_unchecked`` model QEMU's declared departures from the Arm ARM."""
     if not 0 <= address < 1 << 64:
         raise ValueError(f"address: expected a 64-bit value, got {address!r}")
     stage = geom.stage
@@ -356,16 +469,15 @@ def translate(
                      "EL1's stage 1 off: stage-1 address size fault", stage2=False)
     if address >> geom.ia_bits:
         return fault(FaultKind.TRANSLATION, 0, f"input address beyond 2**{geom.ia_bits}")
-    if root_pa >> geom.pa_bits:
+    if oa_out_of_range(root_pa, geom.pa_bits):
         return fault(FaultKind.ADDRESS_SIZE, 0,
                      f"table base {root_pa:#x} beyond the {geom.pa_bits}-bit PA size")
 
+    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu_lpa_oa), not qemu_final_oa_unchecked)
     granule = geom.granule
-    addr_mask = oa_mask(granule)
-    with_hi = oa_hi_included(geom, qemu_lpa_oa)
     table = root_table_base(geom, root_pa)
     level = geom.start_level
-    xn_table = ro_table = False
+    restrictions = 0
     while True:
         index = geom.pgd_index(address) if level == geom.start_level else geom.index(level, address)
         desc_pa = table + index * ENTRY_BYTES
@@ -375,51 +487,24 @@ def translate(
                                fault_stage2=is_s2, unmodelled=True,
                                note=f"descriptor at {desc_pa:#x} is outside modelled memory")
         raw = mem.read64(desc_pa)
-        dec = decode(raw, level, granule, stage, geom.block_levels)
-        steps.append(Step(level, table, index, desc_pa, raw, dec))
-        if dec.kind is Kind.INVALID:
-            return fault(FaultKind.TRANSLATION, level, "invalid descriptor (bit 0 clear)")
-        if dec.kind is Kind.RESERVED:
+        steps.append(Step(level, table, index, desc_pa, raw,
+                          decode(raw, level, granule, stage, geom.block_levels, geom.lpa2)))
+        if descriptor_faults(raw, level, geom.block_levels):
+            if not VALID.get(raw):
+                return fault(FaultKind.TRANSLATION, level, "invalid descriptor (bit 0 clear)")
             return fault(FaultKind.TRANSLATION, level,
                          f"reserved encoding: bit 1 clear at level {level}, which has no blocks "
                          f"for the {granule.label} granule")
-        oa = raw & addr_mask
-        if with_hi:
-            oa |= OA_51_48.get(raw) << OA_HI_SHIFT
-        if oa >> geom.pa_bits:
+        oa = descriptor_oa(raw, granule, geom.lpa2, w.with_51_48)
+        if oa_out_of_range(oa, geom.pa_bits):
             return fault(FaultKind.ADDRESS_SIZE, level,
                          f"address {oa:#x} beyond the {geom.pa_bits}-bit PA size")
-        if dec.kind is Kind.TABLE:
-            if not is_s2:
-                xn_table = xn_table or bool(XN_TABLE.get(raw))
-                ro_table = ro_table or bool(AP_TABLE.get(raw) >> 1)
-            table = oa
-            level += 1
-            continue
-
-        # Block or page.
-        size = geom.size(level)
-        pa = (oa & ~(size - 1)) | (address & (size - 1))
-        perms, xn = _allowed(stage, raw, xn_table, ro_table)
-        memattr = S2_MEMATTR.get(raw) if is_s2 else None
-        attr_index = None if is_s2 else S1_ATTRINDX.get(raw)
-        attr = s2_attr(memattr) if memattr is not None else mair_attr(mair, attr_index or 0)
-        leaf = Translation(
-            stage, address, access, tuple(steps), descriptor=raw, level=level, size=size, pa=pa,
-            attr=attr, sh=SH.get(raw), perms=perms, xn=xn, attr_index=attr_index,
-            ap=None if is_s2 else S1_AP.get(raw), ng=None if is_s2 else S1_NG.get(raw),
-            memattr=memattr, s2ap=S2_AP.get(raw) if is_s2 else None,
-        )
-        if not AF.get(raw):
-            return _with_fault(leaf, FaultKind.ACCESS_FLAG, level, is_s2, "AF = 0 (no hardware AF)")
-        if not perms & access_perm(access):
-            why = f"{access.value} not permitted"
-            if ro_table and access is Access.WRITE:
-                why += " (APTable[1] set on the way down)"
-            if xn_table and access is Access.EXEC:
-                why += " (XNTable set on the way down)"
-            return _with_fault(leaf, FaultKind.PERMISSION, level, is_s2, why)
-        return leaf
+        if not descriptor_is_table(raw, level):
+            return _leaf(w, address, access, steps, raw, level, oa, restrictions)
+        if not is_s2:
+            restrictions |= table_restrictions(raw, geom.e2h)
+        table = oa
+        level += 1
 
 
 def _with_fault(t: Translation, kind: FaultKind, level: int, stage2: bool, note: str) -> Translation:

@@ -14,4 +14,5 @@ pytest_plugins = [
     "harness.pytestplugin.hooks",
     "harness.pytestplugin.reporter",
     "harness.pytestplugin.fixtures",  # imports the two above: registered after them
+    "harness.pytestplugin.kernel",  # live_kernel: a real kernel's live tables
 ]

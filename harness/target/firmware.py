@@ -3,8 +3,9 @@
     python -m harness.target.firmware [--force] [--cc CC]
 
 The compiler is ``$CC`` if set, else ``${CROSS_COMPILE}gcc`` (``CROSS_COMPILE`` defaults to
-``aarch64-linux-gnu-``), else clang with ld.lld. The C header and the linker script are generated
-from :mod:`harness.target.mailbox` and :mod:`harness.target.layout`; they, the sources, the compiler
+``aarch64-linux-gnu-``), else clang with ld.lld. The C headers and the linker script are generated
+from :mod:`harness.arch` (``gen/arch.h``), :mod:`harness.target.mailbox` and
+:mod:`harness.target.layout`; they, the sources, the compiler
 command and the flags are hashed. The result lands in
 ``$XDG_CACHE_HOME/pgtable-harness/firmware/<hash>/payload.elf`` (``~/.cache`` by default), built
 in a private temp dir and renamed into place, so parallel builders never see a half-written file.
@@ -23,6 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.arch import el2, registers
+from harness.arch.bits import Field
 from harness.target import mailbox
 from harness.target.errors import ToolMissing
 from harness.target.layout import LAYOUT, Layout
@@ -86,13 +89,41 @@ def choose_toolchain(cc: str | None = None) -> Toolchain:
     return found[0]
 
 
+def _field_defines(name: str, field: Field) -> list[str]:
+    return [f"#define {name} {field.mask:#x}", f"#define {name}_SHIFT {field.lo}",
+            f"#define {name}_WIDTH {field.width}"]
+
+
+def arch_header() -> str:
+    """The firmware's ``arch.h`` for C and assembly, generated from :mod:`harness.arch` (plain
+    integer literals: valid in both)."""
+    fields = {
+        "SCTLR_M": registers.SCTLR_M, "SCTLR_C": registers.SCTLR_C, "SCTLR_I": registers.SCTLR_I,
+        "HCR_VM": registers.HCR_VM, "HCR_DC": registers.HCR_DC, "HCR_RW": registers.HCR_RW,
+        "HCR_E2H": registers.HCR_E2H, "HCR_TGE": registers.HCR_TGE,
+        "PAR_F": registers.PAR_F, "ESR_EC": registers.ESR_EC, "ESR_ISS": registers.ESR_ISS, "ISS_IMM16": el2.ISS_IMM16,
+        "CURRENTEL_EL": el2.CURRENTEL_EL,
+    }
+    out = ["/* GENERATED from harness/arch: do not edit. */", "#ifndef HARNESS_ARCH_H", "#define HARNESS_ARCH_H"]
+    for name, field in fields.items():
+        out += _field_defines(name, field)
+    out += [f"#define EC_{ec.name} {ec.value:#x}" for ec in registers.ExceptionClass]
+    out += [f"#define VEC_{v.name} {v.value}" for v in el2.Vector]
+    out += [f"#define VECTOR_ENTRY_SIZE {el2.VECTOR_ENTRY_SIZE:#x}",
+            f"#define VECTOR_TABLE_ALIGN {el2.VECTOR_TABLE_ALIGN:#x}",
+            f"#define SPSR_EL1H_MASKED {el2.spsr_el1h_masked():#x}",
+            f"#define SCTLR_EL1_RES1 {el2.SCTLR_EL1_RES1:#x}", "#endif", ""]
+    return "\n".join(out)
+
+
 def generated_files(layout: Layout = LAYOUT) -> dict[str, str]:
     consts = "\n".join(f"#define {k} {v:#x}" for k, v in layout.constants().items())
     header = (
         "/* GENERATED from harness/target/layout.py: do not edit. */\n"
         f"#ifndef HARNESS_LAYOUT_H\n#define HARNESS_LAYOUT_H\n{consts}\n#endif\n"
     )
-    return {"gen/layout.h": header, "gen/mailbox.h": mailbox.c_header(), "gen/link.ld": layout.linker_script()}
+    return {"gen/layout.h": header, "gen/arch.h": arch_header(), "gen/mailbox.h": mailbox.c_header(),
+            "gen/link.ld": layout.linker_script()}
 
 
 def cache_root() -> Path:

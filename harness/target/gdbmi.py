@@ -9,7 +9,6 @@ token (~0.1-1 ms per round trip). Asynchronous records (``*stopped`` ...) are qu
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import select
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 
 from pygdbmi.gdbmiparser import parse_response
 
+from harness.target import process
 from harness.target.errors import GdbLost, TargetTimeout
 
 Record = dict[str, Any]
@@ -34,16 +34,16 @@ def mi_quote(text: str) -> str:
 
 
 class GdbMI:
-    """One gdb process in MI3 mode."""
+    """One gdb process in MI3 mode. Every command waits at most ``timeout`` seconds (per call, or
+    :attr:`default_timeout`); a command that gets no answer in time raises TargetTimeout."""
 
-    def __init__(self, binary: str = "gdb-multiarch", log_path: Path | None = None) -> None:
+    def __init__(self, binary: str = "gdb-multiarch", log_path: Path | None = None,
+                 default_timeout: float = 10.0) -> None:
         self.binary = binary
-        self.proc = subprocess.Popen(
-            [binary, "--interpreter=mi3", "-nx", "-q"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.default_timeout = default_timeout
+        self.proc = process.spawn(
+            [binary, "--interpreter=mi3", "-nx", "-q"], name="gdb",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         self._buf = b""
         self._token = 100
@@ -100,8 +100,9 @@ class GdbMI:
             self._async.append(rec)
         return rec
 
-    def command(self, cmd: str, timeout: float = 10.0) -> Record:
+    def command(self, cmd: str, timeout: float | None = None) -> Record:
         """Run one MI command and return its result record; ``^error`` raises GdbError."""
+        timeout = self.default_timeout if timeout is None else timeout
         self._token += 1
         token = self._token
         self._send(f"{token}{cmd}")
@@ -118,7 +119,7 @@ class GdbMI:
                 raise GdbError(f"{cmd}: {msg}")
             return rec
 
-    def console_command(self, text: str, timeout: float = 10.0) -> str:
+    def console_command(self, text: str, timeout: float | None = None) -> str:
         """A CLI command through ``-interpreter-exec console``; returns its console output."""
         mark = len(self.console)
         self.command(f"-interpreter-exec console {mi_quote(text)}", timeout)
@@ -146,19 +147,19 @@ class GdbMI:
         self._async.clear()
 
     # -- conveniences ---------------------------------------------------------------------
-    def register_numbers(self) -> dict[str, int]:
+    def register_numbers(self, timeout: float | None = None) -> dict[str, int]:
         if self._regnums is None:
-            names = self.command("-data-list-register-names")["payload"]["register-names"]
+            names = self.command("-data-list-register-names", timeout)["payload"]["register-names"]
             self._regnums = {n: i for i, n in enumerate(names) if n}
         return self._regnums
 
-    def read_registers(self, names: list[str]) -> dict[str, int]:
-        nums = self.register_numbers()
+    def read_registers(self, names: list[str], timeout: float | None = None) -> dict[str, int]:
+        nums = self.register_numbers(timeout)
         missing = [n for n in names if n not in nums]
         if missing:
             raise GdbError(f"unknown register(s) {', '.join(missing)}")
         by_num = {nums[n]: n for n in names}
-        rec = self.command(f"-data-list-register-values x {' '.join(str(nums[n]) for n in names)}")
+        rec = self.command(f"-data-list-register-values x {' '.join(str(nums[n]) for n in names)}", timeout)
         out: dict[str, int] = {}
         for item in rec["payload"]["register-values"]:
             out[by_num[int(item["number"])]] = int(item["value"], 16)
@@ -178,31 +179,16 @@ class GdbMI:
         self.console_command(f"maint packet Qqemu.PhyMemMode:{int(on)}")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self._send("-gdb-exit")
-                self.proc.wait(timeout=0.5)
-            except (GdbLost, subprocess.TimeoutExpired):
-                pass
-        kill_group(self.proc)
-        if self._log:
-            self._log.close()
-            self._log = None
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a process started with ``start_new_session`` (and its group), then reap it."""
-    import signal
-
-    if proc.poll() is None:
+        """Ask gdb to exit (briefly), then SIGKILL its group whatever happened."""
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream:
-            with contextlib.suppress(OSError):
-                stream.close()
+            if self.proc.poll() is None:
+                try:
+                    self._send("-gdb-exit")
+                    self.proc.wait(timeout=min(0.5, self.default_timeout))
+                except (GdbLost, subprocess.TimeoutExpired):
+                    pass
+        finally:
+            process.kill(self.proc)
+            if self._log:
+                self._log.close()
+                self._log = None

@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass
 
 from harness.core.prot import Prot
+from harness.target.mailbox import ACCESS_RECORD
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -57,9 +58,9 @@ class Layout:
     data_size: int = 1 * MIB
     mailbox: int = 0x4040_0000
     mailbox_size: int = 64 * KIB
-    probe_addrs: int = 0x4100_0000  # u64 addresses to probe
+    probe_addrs: int = 0x4100_0000  # u64 addresses to probe (access probes: values in the upper half)
     probe_addrs_size: int = 32 * MIB
-    probe_results: int = 0x4300_0000  # u64 PAR_EL1 values or 32-byte access records
+    probe_results: int = 0x4300_0000  # u64 PAR_EL1 values or access records
     probe_results_size: int = 64 * MIB
     pool_base: int = 0x4800_0000  # translation-table pages of the model
     pool_size: int = 128 * MIB
@@ -84,9 +85,14 @@ class Layout:
         return min(self.probe_addrs_size // 8, self.probe_results_size // 8)
 
     @property
+    def probe_values(self) -> int:
+        """Where an ACCESS request's values go: the upper half of the address buffer."""
+        return self.probe_addrs + self.probe_addrs_size // 2
+
+    @property
     def max_access(self) -> int:
-        """Addresses one ACCESS request can take (records are 32 bytes each)."""
-        return min(self.probe_addrs_size // 8, self.probe_results_size // 32)
+        """Addresses one ACCESS request can take (address and value: 16 bytes; one record each)."""
+        return min(self.probe_addrs_size // 16, self.probe_results_size // ACCESS_RECORD.size)
 
     def stage1_regions(self) -> list[Region]:
         """What an EL2 stage-1 table must map (identity) for the firmware to run on it."""

@@ -9,55 +9,114 @@ stops at ``panic`` instead.
 
 Request arguments:
 
-* INSTALL_S1: arg0 MAIR_EL2, arg1 TCR_EL2, arg2 TTBR0_EL2, arg3 SCTLR_EL2 bits to set.
+* INSTALL_S1: arg0 MAIR_EL2, arg1 TCR_EL2, arg2 TTBR0_EL2, arg3 SCTLR_EL2 bits to set, arg4 HCR_EL2
+  bits to set first (0: the EL2 regime; HCR_EL2.E2H: the EL2&0 "hVHE" regime, TCR_EL2 in its
+  E2H = 1 layout; any other bit is refused).
 * INSTALL_S2: arg0 VTCR_EL2, arg1 VTTBR_EL2, arg2 HCR_EL2 bits to set.
-* UNINSTALL: none (stage 1 off, HCR_EL2.VM/DC off, all EL2 and EL1 TLB entries invalidated).
-* AT: arg0 op (:class:`AtOp`), arg1 count, arg2 address buffer PA, arg3 result buffer PA.
+* UNINSTALL: none (stage 1 off, HCR_EL2.VM/DC/E2H off, all EL2 and EL1 TLB entries invalidated).
+* AT: arg0 op (:class:`AtOp`), arg1 count, arg2 address buffer PA, arg3 result buffer PA. A probe
+  whose AT takes a synchronous exception (e.g. an external abort on a table walk outside RAM)
+  gets the :data:`AT_EXCEPTION_TAG` form in its result slot (see :func:`is_at_exception`), counted
+  in ``at_exceptions``; the loop goes on.
 * ACCESS: arg0 write (0/1), arg1 stage (1: EL2 with its stage 1; 2: EL1 through stage 2),
-  arg2 count, arg3 address buffer PA, arg4 record buffer PA (:data:`ACCESS_RECORD` each).
+  arg2 count, arg3 address buffer PA, arg4 record buffer PA (:data:`ACCESS_RECORD` each), arg5
+  value buffer PA (one u64 per address: what a store writes). Each probe is a 64-bit ``ldr``/``str``
+  at the (8-byte aligned) address; the record's ``value`` is the loaded value (0 if the load
+  faulted) or the stored value.
 * SPIN: loop forever (tests of the host's timeout handling).
 """
 
 from __future__ import annotations
 
 import enum
-import struct
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from harness.arch.bits import genmask
+from harness.arch.el2 import PAR_RES0_55_52, Vector
+from harness.arch.registers import PAR_F
 
 MAGIC = 0x5047_5441_424C_4521  # "PGTABLE!"
-VERSION = 1
+VERSION = 2
 
-_ARGS = [f"arg{i}" for i in range(8)]
-_X = [f"panic_x{i}" for i in range(31)]
+U64Array = npt.NDArray[np.uint64]
+BoolArray = npt.NDArray[np.bool_]
 
-FIELDS: list[str] = [
-    "magic",
-    "version",
-    "seq",
-    "cmd",
-    "status",
-    *_ARGS,
-    "ret0",
-    "ret1",
-    "boot_el",
-    "requests",
-    "panic_count",
-    "panic_vector",
-    "panic_esr",
-    "panic_far",
-    "panic_elr",
-    "panic_spsr",
-    "panic_hpfar",
-    "panic_sp",
-    "panic_sctlr",
-    "panic_hcr",
-    "panic_esr_el1",
-    "panic_far_el1",
-    "panic_elr_el1",
-    *_X,
-]
 
-OFFSET: dict[str, int] = {name: 8 * i for i, name in enumerate(FIELDS)}
-SIZE = 8 * len(FIELDS)
+@dataclass(frozen=True)
+class Record:
+    """A binary record of little-endian u64 fields, declared once: the numpy dtype, the C struct
+    and the assembler offsets (``<PREFIX>_OFF_<FIELD>``, ``<PREFIX>_SIZE``) all come from here."""
+
+    name: str  # C struct name
+    fields: tuple[tuple[str, int], ...]  # (field, number of u64s)
+    macro_prefix: str | None = None  # default: the name in upper case
+
+    @property
+    def prefix(self) -> str:
+        return self.macro_prefix or self.name.upper()
+
+    @property
+    def size(self) -> int:
+        return 8 * sum(n for _, n in self.fields)
+
+    def offset(self, field: str) -> int:
+        off = 0
+        for name, n in self.fields:
+            if name == field:
+                return off
+            off += 8 * n
+        raise KeyError(field)
+
+    def flat_offsets(self) -> dict[str, int]:
+        """Every u64 by name (arrays as ``name0``, ``name1`` ...)."""
+        out: dict[str, int] = {}
+        for name, n in self.fields:
+            base = self.offset(name)
+            if n == 1:
+                out[name] = base
+            else:
+                out.update({f"{name}{i}": base + 8 * i for i in range(n)})
+        return out
+
+    @property
+    def dtype(self) -> np.dtype[np.void]:
+        return np.dtype([(name, "<u8") if n == 1 else (name, "<u8", (n,)) for name, n in self.fields])
+
+    def c_defines(self) -> list[str]:
+        out = [f"#define {self.prefix}_SIZE {self.size}"]
+        out += [f"#define {self.prefix}_OFF_{name.upper()} {self.offset(name)}" for name, _ in self.fields]
+        return out
+
+    def c_struct(self) -> list[str]:
+        out = [f"struct {self.name} {{"]
+        out += [f"    volatile uint64_t {name}{f'[{n}]' if n > 1 else ''};" for name, n in self.fields]
+        out += ["};", f"_Static_assert(sizeof(struct {self.name}) == {self.prefix}_SIZE, \"{self.name} size\");"]
+        return out
+
+
+MAILBOX = Record("mailbox", (
+    ("magic", 1), ("version", 1), ("seq", 1), ("cmd", 1), ("status", 1), ("arg", 8), ("ret0", 1), ("ret1", 1),
+    ("boot_el", 1), ("requests", 1), ("at_exceptions", 1),
+    ("panic_count", 1), ("panic_vector", 1), ("panic_esr", 1), ("panic_far", 1), ("panic_elr", 1),
+    ("panic_spsr", 1), ("panic_hpfar", 1), ("panic_sp", 1), ("panic_sctlr", 1), ("panic_hcr", 1),
+    ("panic_esr_el1", 1), ("panic_far_el1", 1), ("panic_elr_el1", 1), ("panic_x", 31),
+), macro_prefix="MB")
+"""The mailbox at ``Layout.mailbox``."""
+
+ACCESS_RECORD = Record("access_record", (("status", 1), ("esr", 1), ("far", 1), ("hpfar", 1), ("value", 1)))
+"""One access probe's outcome: :class:`AccessStatus`, ESR_EL2, FAR_EL2, HPFAR_EL2 and the value
+loaded or stored."""
+
+PANIC_FRAME = Record("panic_frame", (("x", 31), ("sp", 1)))
+"""The registers the EL2 vector saves before reporting an unexpected exception (x0..x30, SP)."""
+
+OFFSET: dict[str, int] = MAILBOX.flat_offsets()
+SIZE = MAILBOX.size
+ACCESS_RECORD_SIZE = ACCESS_RECORD.size
+FIELDS: list[str] = list(OFFSET)
 
 
 class Cmd(enum.IntEnum):
@@ -91,38 +150,53 @@ class AccessStatus(enum.IntEnum):
     FAULT = 2
 
 
-# One access-probe record: status, ESR_EL2, FAR_EL2, HPFAR_EL2 (u64 each).
-ACCESS_RECORD = ("status", "esr", "far", "hpfar")
-ACCESS_RECORD_SIZE = 8 * len(ACCESS_RECORD)
-
-# Vector indices reported in panic_vector (VBAR_EL2 offset / 0x80), plus firmware-detected events.
+# panic_vector: the EL2 vector taken (harness.arch.el2.Vector), or one of these firmware events.
+VECTOR_EL1_FORWARDED = 16  # an exception at EL1, forwarded by the EL1 vectors with HVC #EL1_FORWARD_HVC
+VECTOR_NOT_EL2 = 17  # the firmware was not entered at EL2
 VECTOR_NAMES = {
-    0: "sync, EL2 with SP_EL0",
-    1: "IRQ, EL2 with SP_EL0",
-    2: "FIQ, EL2 with SP_EL0",
-    3: "SError, EL2 with SP_EL0",
-    4: "sync, EL2 with SP_EL2",
-    5: "IRQ, EL2 with SP_EL2",
-    6: "FIQ, EL2 with SP_EL2",
-    7: "SError, EL2 with SP_EL2",
-    8: "sync, from EL1 (AArch64)",
-    9: "IRQ, from EL1 (AArch64)",
-    10: "FIQ, from EL1 (AArch64)",
-    11: "SError, from EL1 (AArch64)",
-    12: "sync, from EL1 (AArch32)",
-    13: "IRQ, from EL1 (AArch32)",
-    14: "FIQ, from EL1 (AArch32)",
-    15: "SError, from EL1 (AArch32)",
-    16: "exception at EL1 (forwarded by the EL1 vectors with HVC #0xE1)",
-    17: "not entered at EL2",
+    **{int(v): v.describe() for v in Vector},
+    VECTOR_EL1_FORWARDED: "exception at EL1 (forwarded by the EL1 vectors with HVC #0xE1)",
+    VECTOR_NOT_EL2: "not entered at EL2",
 }
 
 EL1_FORWARD_HVC = 0xE1
 
+# -- AT that takes an exception -------------------------------------------------------------------
+# An AT whose walk takes a synchronous exception at EL2 (e.g. an external abort reading a table
+# outside RAM, ESR_EL2 EC 0x25) leaves PAR_EL1 unwritten. The firmware stores, in that probe's
+# result slot, PAR bits [55:52] all set (RES0 in every real PAR_EL1), PAR.F set, and ESR_EL2[31:0]
+# in bits [32:1], so a reader that only looks at F/FST sees a fault whose FST is the ESR's DFSC.
+AT_EXCEPTION_TAG = PAR_RES0_55_52.mask
+AT_EXCEPTION_ESR_SHIFT = 1
+AT_EXCEPTION_ESR_MASK = genmask(31, 0)
 
-def pack(values: dict[str, int]) -> dict[int, bytes]:
-    """Byte patches (offset -> 8 bytes) for named fields."""
-    return {OFFSET[k]: struct.pack("<Q", v & (1 << 64) - 1) for k, v in values.items()}
+
+def at_exception_value(esr: int) -> int:
+    """The result-slot value the firmware writes for an AT that took exception ``esr``."""
+    return AT_EXCEPTION_TAG | ((esr & AT_EXCEPTION_ESR_MASK) << AT_EXCEPTION_ESR_SHIFT) | PAR_F.mask
+
+
+def is_at_exception(par: npt.ArrayLike) -> BoolArray:
+    """Which result slots hold an AT exception instead of a PAR_EL1 value."""
+    p = np.asarray(par, dtype=np.uint64)
+    return np.asarray((p & np.uint64(AT_EXCEPTION_TAG)) == np.uint64(AT_EXCEPTION_TAG))
+
+
+def at_exception_esr(par: npt.ArrayLike) -> U64Array:
+    """ESR_EL2[31:0] of each AT exception slot (meaningful where :func:`is_at_exception`)."""
+    p = np.asarray(par, dtype=np.uint64)
+    return np.asarray((p >> np.uint64(AT_EXCEPTION_ESR_SHIFT)) & np.uint64(AT_EXCEPTION_ESR_MASK))
+
+
+# -- access tokens ----------------------------------------------------------------------------
+STORE_TOKEN_BASE = 0x7E57_0000_0000_0000
+
+
+def store_tokens(request: int, count: int) -> U64Array:
+    """Default values for ``count`` stores of request number ``request``: unique within 2^16
+    requests of up to 2^32 probes, ``STORE_TOKEN_BASE | (request mod 2^16) << 32 | index``."""
+    idx = np.arange(count, dtype=np.uint64)
+    return np.uint64(STORE_TOKEN_BASE | (request & 0xFFFF) << 32) | idx
 
 
 def c_header() -> str:
@@ -131,20 +205,23 @@ def c_header() -> str:
         "/* GENERATED from harness/target/mailbox.py: do not edit. */",
         "#ifndef HARNESS_MAILBOX_H",
         "#define HARNESS_MAILBOX_H",
-        f"#define MB_MAGIC {MAGIC:#x}ULL",
+        f"#define MB_MAGIC {MAGIC:#x}",
         f"#define MB_VERSION {VERSION}",
-        f"#define MB_SIZE {SIZE}",
         f"#define MB_EL1_FORWARD_HVC {EL1_FORWARD_HVC:#x}",
-        f"#define ACCESS_RECORD_SIZE {ACCESS_RECORD_SIZE}",
+        f"#define MB_VECTOR_EL1_FORWARDED {VECTOR_EL1_FORWARDED}",
+        f"#define MB_VECTOR_NOT_EL2 {VECTOR_NOT_EL2}",
+        f"#define AT_EXCEPTION_TAG {AT_EXCEPTION_TAG:#x}",
+        f"#define AT_EXCEPTION_ESR_SHIFT {AT_EXCEPTION_ESR_SHIFT}",
+        f"#define AT_EXCEPTION_ESR_WIDTH {AT_EXCEPTION_ESR_MASK.bit_length()}",
     ]
-    out += [f"#define MB_OFF_{n.upper()} {o}" for n, o in OFFSET.items()]
+    for rec in (MAILBOX, ACCESS_RECORD, PANIC_FRAME):
+        out += rec.c_defines()
     out += [f"#define CMD_{c.name} {c.value}" for c in Cmd]
     out += [f"#define STATUS_{s.name} {s.value}" for s in Status]
     out += [f"#define AT_{a.name} {a.value}" for a in AtOp]
     out += [f"#define ACCESS_{a.name} {a.value}" for a in AccessStatus]
-    out += [f"#define ACCESS_OFF_{n.upper()} {8 * i}" for i, n in enumerate(ACCESS_RECORD)]
-    out += ["#ifndef __ASSEMBLER__", "#include <stdint.h>", "struct mailbox {"]
-    out += [f"    volatile uint64_t {n};" for n in FIELDS if not n.startswith("panic_x")]
-    out += ["    volatile uint64_t panic_x[31];", "};"]
+    out += ["#ifndef __ASSEMBLER__", "#include <stdint.h>"]
+    for rec in (MAILBOX, ACCESS_RECORD, PANIC_FRAME):
+        out += rec.c_struct()
     out += ["#endif", "#endif", ""]
     return "\n".join(out)

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -15,8 +16,8 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
+from harness.target import process
 from harness.target.errors import QemuExited, TargetTimeout, ToolMissing
-from harness.target.gdbmi import kill_group
 from harness.target.layout import LAYOUT, Layout
 
 MIN_VERSION = (7, 2, 1)
@@ -32,7 +33,7 @@ def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
     binary = binary or qemu_binary()
     if not shutil.which(binary):
         raise ToolMissing(f"{binary} is not on PATH (bash ci/setup.sh installs QEMU 10.0)")
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False, timeout=60).stdout
     m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
     if not m:
         raise ToolMissing(f"cannot parse the version of {binary}: {out.strip()!r}")
@@ -48,6 +49,18 @@ def check_qemu(binary: str | None = None) -> tuple[int, int, int]:
             "bash ci/setup.sh installs it from bookworm-backports)"
         )
     return version
+
+
+def ram_backing_hint(ram_path: Path) -> str:
+    """Why QEMU may have died of SIGBUS: the file backing guest RAM could not get a page."""
+    where = str(ram_path.parent.parent)
+    try:
+        st = os.statvfs(where)
+        free = f"{st.f_bavail * st.f_frsize >> 20} MiB free now"
+    except OSError:
+        free = "free space unknown"
+    return (f"guest RAM is a file in {where} (tmpfs) that could not be backed by memory; "
+            f"{where} is probably full ({free}): free space there or set TMPDIR")
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -94,8 +107,7 @@ class Qemu:
         with open(self.ram_path, "wb") as f:
             f.truncate(layout.ram_size)
         self._stderr = open(self.stderr_log, "wb")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self._stderr,
-                                     stderr=self._stderr, start_new_session=True, cwd=workdir)
+        self.proc = process.spawn(self.args, name="QEMU", stdout=self._stderr, stderr=self._stderr, cwd=workdir)
         self._sock: socket.socket | None = None
         self._logfile = open(self.console_log, "ab")  # noqa: SIM115
         self.console: pexpect.fdpexpect.fdspawn | None = None
@@ -111,6 +123,8 @@ class Qemu:
         code = self.proc.poll()
         if code is not None:
             self.drain_console()
+            if code == -signal.SIGBUS:
+                what = f"{what}: QEMU died of SIGBUS: {ram_backing_hint(self.ram_path)}"
             raise QemuExited(what, code, self.console_tail(), self.stderr_tail())
 
     def wait_sockets(self, timeout: float) -> None:
@@ -120,8 +134,20 @@ class Qemu:
             if time.monotonic() > deadline:
                 raise TargetTimeout("QEMU's gdb and console sockets", timeout, {"command": self.cmdline})
             time.sleep(0.005)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.connect(str(self.console_socket))
+        # QEMU binds the socket file before it listens: a connect in between is refused. Retry.
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.console_socket))
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                sock.close()
+                self.check_alive("QEMU failed to start")
+                if time.monotonic() > deadline:
+                    raise TargetTimeout("QEMU's console socket to accept", timeout,
+                                        {"command": self.cmdline}) from None
+                time.sleep(0.005)
+        self._sock = sock
         self.console = pexpect.fdpexpect.fdspawn(self._sock.fileno(), logfile=self._logfile, timeout=timeout)
 
     def expect_console(self, pattern: str, timeout: float) -> str:
@@ -164,10 +190,15 @@ class Qemu:
         return _tail(self.stderr_log, limit)
 
     def close(self) -> None:
-        kill_group(self.proc)
-        self.drain_console()
-        if self._sock:
-            self._sock.close()
-            self._sock = None
-        self._logfile.close()
-        self._stderr.close()
+        """SIGKILL QEMU's group first, then close the console and logs."""
+        try:
+            process.kill(self.proc)
+        finally:
+            try:
+                self.drain_console()
+            finally:
+                if self._sock:
+                    self._sock.close()
+                    self._sock = None
+                self._logfile.close()
+                self._stderr.close()

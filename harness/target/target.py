@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import shutil
@@ -28,6 +29,7 @@ from harness.arch.geometry import Stage
 from harness.arch.registers import Stage1Regs, Stage2Regs, describe_esr
 from harness.core.memory import PoolImage
 from harness.target import mailbox as mbx
+from harness.target import process
 from harness.target.errors import (
     FirmwareException,
     GdbLost,
@@ -37,24 +39,23 @@ from harness.target.errors import (
     ToolMissing,
 )
 from harness.target.firmware import build
-from harness.target.gdbmi import GdbError, GdbMI, kill_group
+from harness.target.gdbmi import GdbError, GdbMI
 from harness.target.layout import LAYOUT, Layout
 from harness.target.qemu import Qemu
 
 BANNER = r"pgtable-harness firmware: EL2, mailbox 0x[0-9a-f]+, ready"
-ACCESS_DTYPE = np.dtype([("status", "<u8"), ("esr", "<u8"), ("far", "<u8"), ("hpfar", "<u8")])
+ACCESS_DTYPE = mbx.ACCESS_RECORD.dtype
+ACCESS_RESULT_DTYPE = np.dtype([("status", "<u8"), ("completed", "?"), ("esr", "<u8"), ("far", "<u8"),
+                                ("hpfar", "<u8"), ("value", "<u8")])
 AccessRecords = npt.NDArray[np.void]
 U64Array = npt.NDArray[np.uint64]
 
+MIN_RAM_BACKING = 256 << 20  # the pages a run touches: firmware, probe buffers, table pool
 _AT_OPS = {op.name: op for op in mbx.AtOp}
 
 
 def gdb_binary() -> str:
     return os.environ.get("HARNESS_GDB", "gdb-multiarch")
-
-
-def _runtime_parent() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 class _Resources:
@@ -67,17 +68,25 @@ class _Resources:
         self.workdir: Path | None = None
 
     def release(self) -> None:
-        if self.gdb is not None:
-            self.gdb.close()
-        if self.qemu is not None:
-            self.qemu.close()
-        if self.mm is not None:
-            with contextlib.suppress(BufferError):  # numpy views still alive: the mapping goes with them
-                self.mm.close()
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        """QEMU first (nothing may skip its kill: not gdb's close raising, not a second Ctrl-C,
+        which is held until the release is over), then gdb, the mapping, the run-time dir."""
+        qemu, gdb, mm, workdir = self.qemu, self.gdb, self.mm, self.workdir
         self.gdb = self.qemu = self.mm = None
         self.workdir = None
+        with process.signals_deferred():
+            try:
+                if qemu is not None:
+                    qemu.close()
+            finally:
+                try:
+                    if gdb is not None:
+                        gdb.close()
+                finally:
+                    if mm is not None:
+                        with contextlib.suppress(BufferError):  # numpy views alive: the mapping goes with them
+                            mm.close()
+                    if workdir is not None:
+                        process.remove_runtime_dir(workdir)
 
 
 def _release(res: _Resources) -> None:
@@ -88,6 +97,8 @@ class Target:
     """A booted target, idle at the firmware's ``idle`` breakpoint. Use :meth:`start`."""
 
     def __init__(self, layout: Layout, timeout: float, request_timeout: float, log_dir: Path) -> None:
+        if not (timeout > 0 and math.isfinite(timeout) and request_timeout > 0 and math.isfinite(request_timeout)):
+            raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r} / {request_timeout!r}")
         self.layout = layout
         self.timeout = timeout
         self.request_timeout = request_timeout
@@ -98,15 +109,21 @@ class Target:
         self._pending: tuple[str, int, int, float] | None = None  # (what, count, result pa, timeout)
         self._installed: Stage | None = None
         self._bp: dict[int, str] = {}
+        self._access_requests = 0
         self.elf: Path | None = None
         self.timings: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
-    def start(cls, timeout: float = 30.0, request_timeout: float = 120.0, layout: Layout = LAYOUT,
+    def start(cls, timeout: float = 30.0, request_timeout: float | None = None, layout: Layout = LAYOUT,
               log_dir: Path | str | None = None, cc: str | None = None,
               qemu_args: tuple[str, ...] = ()) -> Target:
-        """Build the firmware if needed, boot QEMU, wait for the banner; returns an idle target."""
+        """Build the firmware if needed, boot QEMU, wait for the banner; returns an idle target.
+
+        ``timeout`` bounds the boot (and each of its gdb commands); ``request_timeout`` (default:
+        ``timeout``) bounds every request and every gdb command afterwards. A target that does not
+        answer in time raises :class:`TargetTimeout` (a MachineryError)."""
+        request_timeout = timeout if request_timeout is None else request_timeout
         t0 = time.perf_counter()
         elf = build(cc=cc, layout=layout)
         if not shutil.which(gdb_binary()):
@@ -125,25 +142,34 @@ class Target:
 
     def _boot(self, elf: Path, qemu_args: tuple[str, ...]) -> None:
         res = self._res
-        res.workdir = Path(tempfile.mkdtemp(prefix="pgtable-harness-", dir=_runtime_parent()))
-        os.chmod(res.workdir, 0o700)
+        res.workdir = process.make_runtime_dir()
+        free = process.free_bytes(res.workdir)
+        if free < MIN_RAM_BACKING:
+            raise TargetError(f"only {free >> 20} MiB free in {res.workdir.parent}, which backs guest RAM; "
+                              f"need at least {MIN_RAM_BACKING >> 20} MiB (QEMU would die of SIGBUS)")
         res.qemu = Qemu(elf, res.workdir, self.log_dir, self.layout, extra_args=qemu_args)
         res.qemu.wait_sockets(self.timeout)
         with open(res.qemu.ram_path, "r+b") as f:
             res.mm = mmap.mmap(f.fileno(), self.layout.ram_size, mmap.MAP_SHARED)
-        res.gdb = GdbMI(gdb_binary(), self.log_dir / "gdb-mi.log")
+        res.gdb = GdbMI(gdb_binary(), self.log_dir / "gdb-mi.log", default_timeout=self.timeout)
         g = res.gdb
+        remote = max(1, math.ceil(min(self.timeout, self.request_timeout)))
         for setting in ("pagination off", "confirm off", "mi-async on", "breakpoint pending off",
-                        "remotetimeout 10", *(("debug remote 1",) if os.environ.get("HARNESS_GDB_DEBUG") else ())):
+                        f"remotetimeout {remote}",
+                        *(("debug remote 1",) if os.environ.get("HARNESS_GDB_DEBUG") else ())):
             g.command(f"-gdb-set {setting}")
         g.command(f"-file-exec-and-symbols {elf}")
-        g.command(f"-target-select remote {res.qemu.gdb_socket}", timeout=self.timeout)
+        g.command(f"-target-select remote {res.qemu.gdb_socket}")
         g.discard_async()
         for sym in ("idle", "panic"):
             rec = g.command(f"-break-insert -h {sym}")
             self._bp[int(rec["payload"]["bkpt"]["number"])] = sym
+        # Everything in the run-time dir is open now (RAM mapped by QEMU and here, both sockets
+        # connected): remove it, so that not even a SIGKILL of the harness leaves it behind.
+        process.remove_runtime_dir(res.workdir)
         self._resume(self.timeout, "the firmware to reach idle after boot")
         res.qemu.expect_console(BANNER, self.timeout)
+        g.default_timeout = self.request_timeout
         if self._mb("magic") != mbx.MAGIC or self._mb("boot_el") != 2:
             raise TargetError(f"firmware did not come up: magic {self._mb('magic'):#x}, "
                               f"boot EL {self._mb('boot_el')}\n{res.qemu.console_tail()}")
@@ -307,21 +333,28 @@ class Target:
         raise TargetError(f"unexpected stop while waiting for {awaited}: {payload}\n{self.qemu.console_tail()}")
 
     def _interrupt_evidence(self) -> dict[str, str]:
+        """What the CPU was doing when a wait timed out; bounded by ~2 s (less for short timeouts)."""
         evidence: dict[str, str] = {"QEMU command": self.qemu.cmdline, "console log": str(self.console_log)}
+        budget = min(2.0, max(0.2, self.request_timeout / 2))
         try:
             if self.qemu.poll() is not None:
                 evidence["QEMU"] = f"exited with {self.qemu.poll()}"
                 return evidence
-            self.gdb.command("-exec-interrupt", timeout=2)
-            self.gdb.wait_stopped(2)
-            regs = self.gdb.read_registers(["pc", "cpsr", "ESR_EL2", "FAR_EL2", "ELR_EL2", "SCTLR_EL2"])
+            if process.process_state(self.qemu.pid) == "T":
+                evidence["QEMU"] = f"process {self.qemu.pid} is stopped (SIGSTOP or a tracer): it cannot answer"
+                return evidence
+            self.gdb.command("-exec-interrupt", timeout=budget)
+            self.gdb.wait_stopped(budget)
+            regs = self.gdb.read_registers(["pc", "cpsr", "ESR_EL2", "FAR_EL2", "ELR_EL2", "SCTLR_EL2"],
+                                           timeout=budget)
             evidence.update({k: f"{v:#x}" for k, v in regs.items()})
             evidence["exception level"] = f"EL{(regs['cpsr'] >> 2) & 3}"
             evidence["ESR_EL2 decoded"] = describe_esr(regs["ESR_EL2"])
             evidence["around pc"] = self._disassemble(regs["pc"])
         except Exception as exc:  # evidence is best effort; the timeout is the error
             evidence["evidence collection"] = f"failed: {exc!r}"
-        self.qemu.drain_console()
+        finally:
+            self.qemu.drain_console()
         evidence["console tail"] = self.qemu.console_tail(600)
         return evidence
 
@@ -348,7 +381,7 @@ class Target:
         extra = {k: get(f"panic_{k}") for k in ("sp", "sctlr", "hcr", "esr_el1", "far_el1", "elr_el1")}
         extra.update({f"x{i}": get(f"panic_x{i}") for i in (0, 1, 19)})
         text = describe_esr(esr)
-        if vector == 16:
+        if vector == mbx.VECTOR_EL1_FORWARDED:
             text += f"; at EL1: ESR_EL1={extra['esr_el1']:#x} FAR_EL1={extra['far_el1']:#x} " \
                     f"ELR_EL1={extra['elr_el1']:#x}"
         return FirmwareException(
@@ -395,7 +428,8 @@ class Target:
                     raise ValueError(f"image: [{image.base:#x}, {end:#x}) overlaps the firmware's {r}")
             self.write_pa(image.base, image.data)
         if isinstance(regs, Stage1Regs):
-            self.request(mbx.Cmd.INSTALL_S1, regs.mair_el2, regs.tcr_el2, regs.ttbr0_el2, regs.sctlr_el2_set)
+            self.request(mbx.Cmd.INSTALL_S1, regs.mair_el2, regs.tcr_el2, regs.ttbr0_el2, regs.sctlr_el2_set,
+                         regs.hcr_el2_set)
             self._installed = Stage.S1
         else:
             self.request(mbx.Cmd.INSTALL_S2, regs.vtcr_el2, regs.vttbr_el2, regs.hcr_el2_set)
@@ -403,7 +437,7 @@ class Target:
         self.timings["install"] = time.perf_counter() - t0
 
     def uninstall(self) -> None:
-        """Stage 1 off, stage 2 off, TLBs invalidated (safe to call at any time)."""
+        """Stage 1 off, HCR_EL2.E2H off, stage 2 off, TLBs invalidated (safe to call at any time)."""
         self.request(mbx.Cmd.UNINSTALL)
         self._installed = None
 
@@ -452,31 +486,52 @@ class Target:
             out[i : i + chunk.size] = self.at_wait()
         return out
 
-    def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None) -> AccessRecords:
-        """Real loads (``ldrb``) or stores (``strb`` of the address's low byte), one per address.
+    def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None,
+               values: npt.ArrayLike | None = None) -> AccessRecords:
+        """Real 64-bit loads (``ldr``) or stores (``str``), one per address, that prove where they land.
 
-        Stage 1 runs at EL2 on its stage 1; stage 2 runs from the EL1 stub through stage 2. The
-        default is the installed regime (stage 1 when none). Returns records with fields
-        ``status`` (:class:`AccessStatus`), ``completed``, ``esr``, ``far``, ``hpfar``.
+        Each probe accesses the naturally aligned 64-bit word holding its address (``addr & ~7``;
+        FAR reports that address). A store writes ``values[i]`` (default: :func:`mailbox.store_tokens`,
+        unique per request and probe), so the host can look for it at the expected PA
+        (:meth:`read_pa`, :meth:`ram_u64`); a load returns what it read, so a value planted at the
+        expected PA (:meth:`write_pa`) shows whether it read there. Stage 1 runs at EL2 on its stage 1
+        (the EL2 or EL2&0 regime installed); stage 2 runs from the EL1 stub through stage 2. The
+        default is the installed regime (stage 1 when none). Returns records with fields ``status``
+        (:class:`AccessStatus`), ``completed``, ``esr``, ``far``, ``hpfar`` and ``value`` (the value
+        loaded, 0 when the load faulted; or the value the store carried).
         """
         st = int(stage) if stage is not None else int(self._installed or Stage.S1)
-        addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
-        raw = np.zeros(addrs.size, dtype=ACCESS_DTYPE)
+        addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1) & ~np.uint64(7)
+        if values is None:
+            self._access_requests += 1
+            vals = mbx.store_tokens(self._access_requests, addrs.size) if write else np.zeros_like(addrs)
+        else:
+            vals = np.ascontiguousarray(values, dtype=np.uint64).reshape(-1)
+            if vals.shape != addrs.shape:
+                raise ValueError(f"values: expected {addrs.size} values (one per address), got {vals.size}")
+        out = np.zeros(addrs.size, dtype=ACCESS_RESULT_DTYPE)
         step = self.layout.max_access
+        values_pa = self.layout.probe_values
         for i in range(0, addrs.size, step):
             chunk = self._put_addresses(addrs[i : i + step], step)
             n = int(chunk.size)
-            self.request(mbx.Cmd.ACCESS, int(write), st, n, self.layout.probe_addrs, self.layout.probe_results)
+            vview = self.ram_u64(values_pa, n)
+            vview[:] = vals[i : i + n]
+            del vview
+            self.request(mbx.Cmd.ACCESS, int(write), st, n, self.layout.probe_addrs, self.layout.probe_results,
+                         values_pa)
             off = self._ram_offset(self.layout.probe_results, n * mbx.ACCESS_RECORD_SIZE)
             view = np.frombuffer(self._mm, dtype=ACCESS_DTYPE, count=n, offset=off)
-            raw[i : i + n] = view
+            for name in ("status", "esr", "far", "hpfar", "value"):
+                out[name][i : i + n] = view[name]
             del view
-        out = np.zeros(addrs.size, dtype=[("status", "<u8"), ("completed", "?"), ("esr", "<u8"),
-                                          ("far", "<u8"), ("hpfar", "<u8")])
-        for name in ("status", "esr", "far", "hpfar"):
-            out[name] = raw[name]
-        out["completed"] = raw["status"] == mbx.AccessStatus.COMPLETED
+        out["completed"] = out["status"] == mbx.AccessStatus.COMPLETED
         return out
+
+    @property
+    def at_exceptions(self) -> int:
+        """How many AT probes took an exception since boot (the mailbox counter)."""
+        return self._mb("at_exceptions")
 
     def request_nop(self) -> None:
         """A NOP request: one full continue / breakpoint round trip."""
@@ -488,9 +543,3 @@ class Target:
 
     def describe(self) -> dict[str, Any]:
         return {"qemu": self.cmdline, "console_log": str(self.console_log), "log_dir": str(self.log_dir)}
-
-
-def kill_target_processes(t: Target) -> None:
-    """Kill QEMU and gdb without closing (tests: simulate a crash)."""
-    if t._res.qemu:
-        kill_group(t._res.qemu.proc)

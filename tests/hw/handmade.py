@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from harness.arch import descriptors as d
-from harness.arch.geometry import Geometry, Granule, Stage, level_size
-from harness.arch.registers import MairIndex, Stage1Regs, Stage2Regs, stage1_regs, stage2_regs
+from harness.arch.geometry import Geometry, Granule, Stage, level_size, pa_size_encoding
+from harness.arch.registers import HCR_E2H, MairIndex, Stage1Regs, Stage2Regs, stage1_regs, stage2_regs
 from harness.core.memory import PagePool, PoolImage
 from harness.core.prot import Prot
 from harness.target.layout import Layout, Region
 
+# AP[2:1] in the EL2&0 regime (E2H = 1), written here from the Arm ARM: AP[1] = 0 keeps EL0 out,
+# AP[2] = 1 makes it read-only (privileged RW = 0b00, privileged RO = 0b10).
+HVHE_AP_RW = 0b00
+HVHE_AP_RO = 0b10
 
-def leaf_attrs(stage: Stage, prot: Prot) -> int:
+
+def leaf_attrs(stage: Stage, prot: Prot, hvhe: bool = False) -> int:
     if stage is Stage.S1:
         idx = MairIndex.DEVICE_nGnRE if prot & Prot.DEVICE else MairIndex.NORMAL
-        ap = d.S1AP.RW if prot & Prot.W else d.S1AP.RO
+        rw, ro = (HVHE_AP_RW, HVHE_AP_RO) if hvhe else (int(d.S1AP.RW), int(d.S1AP.RO))
+        ap = rw if prot & Prot.W else ro
         return d.encode_fields(Stage.S1, AttrIndx=int(idx), AP=int(ap), SH=int(d.Shareability.INNER), AF=1,
                                XN=0 if prot & Prot.X else 1)
     mem = d.S2MemAttr.DEVICE_nGnRE if prot & Prot.DEVICE else d.S2MemAttr.NORMAL_WB
@@ -25,8 +33,9 @@ def leaf_attrs(stage: Stage, prot: Prot) -> int:
 class HandTable:
     """An identity map built with table_pte/leaf_pte: blocks at the last block level when aligned."""
 
-    def __init__(self, geom: Geometry, layout: Layout) -> None:
+    def __init__(self, geom: Geometry, layout: Layout, hvhe: bool = False) -> None:
         self.geom = geom
+        self.hvhe = hvhe
         self.pool = PagePool(layout.pool_base, 16 << 20, geom.granule.size)
         self.pgd = self.pool.alloc_pages(geom.pgd_pages, geom.pgd_pages)
 
@@ -37,7 +46,7 @@ class HandTable:
 
     def map(self, base: int, size: int, prot: Prot, output: int | None = None) -> None:
         g = self.geom.granule
-        attrs = leaf_attrs(self.geom.stage, prot)
+        attrs = leaf_attrs(self.geom.stage, prot, self.hvhe)
         block_level = max(self.geom.block_levels)
         addr, out = base, base if output is None else output
         while addr < base + size:
@@ -60,6 +69,15 @@ class HandTable:
             addr += step
             out += step
 
+    def entry_pa(self, addr: int, level: int) -> int:
+        """Where the level-``level`` entry for ``addr`` lives (the tables down to it must exist)."""
+        table = self.pgd
+        for lvl in range(self.geom.start_level, level):
+            pte = self.pool.read64(self._entry_pa(table, lvl, addr))
+            assert d.is_table(pte, lvl), f"no table at level {lvl} for {addr:#x}"
+            table = d.pte_to_phys(pte, self.geom.granule)
+        return self._entry_pa(table, level, addr)
+
     def map_regions(self, regions: list[Region], skip: tuple[str, ...] = ()) -> None:
         for r in regions:
             if r.name not in skip:
@@ -69,7 +87,8 @@ class HandTable:
         return self.pool.export()
 
     def s1_regs(self) -> Stage1Regs:
-        return stage1_regs(self.geom, self.pgd)
+        regs = stage1_regs(self.geom, self.pgd)
+        return replace(regs, tcr_el2=hvhe_tcr_el2(self.geom), hcr_el2_set=HCR_E2H.mask) if self.hvhe else regs
 
     def s2_regs(self) -> Stage2Regs:
         return stage2_regs(self.geom, self.pgd)
@@ -86,4 +105,21 @@ def s2_identity(layout: Layout, granule: str = "4K", ia_bits: int = 40, skip: tu
                 extra: list[Region] | None = None) -> HandTable:
     t = HandTable(Geometry.create(Stage.S2, Granule.parse(granule), ia_bits, 48), layout)
     t.map_regions(layout.stage2_regions() + (extra or []), skip)
+    return t
+
+
+def hvhe_tcr_el2(geom: Geometry) -> int:
+    """TCR_EL2 in its E2H = 1 layout (the TCR_EL1 layout), written here from the Arm ARM field
+    definitions as an independent check: T0SZ [5:0], IRGN0 [9:8], ORGN0 [11:10], SH0 [13:12],
+    TG0 [15:14] (4K 0b00, 64K 0b01, 16K 0b10), EPD1 bit 23 (no TTBR1 walks), TG1 [31:30] (4K 0b10,
+    set to a legal value though unused), IPS [34:32]."""
+    tg0 = {Granule.K4: 0b00, Granule.K64: 0b01, Granule.K16: 0b10}[geom.granule]
+    return ((64 - geom.ia_bits) | 0b01 << 8 | 0b01 << 10 | 0b11 << 12 | tg0 << 14 | 1 << 23 | 0b10 << 30
+            | pa_size_encoding(geom.pa_bits) << 32)
+
+
+def s1_hvhe_identity(layout: Layout, granule: str = "4K", ia_bits: int = 48,
+                     extra: list[Region] | None = None) -> HandTable:
+    t = HandTable(Geometry.create(Stage.S1, Granule.parse(granule), ia_bits, 48), layout, hvhe=True)
+    t.map_regions(layout.stage1_regions() + (extra or []))
     return t

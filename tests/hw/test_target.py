@@ -7,14 +7,19 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from handmade import s1_identity, s2_identity
+from handmade import HVHE_AP_RO, leaf_attrs, s1_hvhe_identity, s1_identity, s2_identity
 
+from harness.arch import descriptors as d
+from harness.arch.geometry import Stage
 from harness.arch.registers import (
     ESR_EC,
+    HCR_E2H,
+    HCR_TGE,
     HPFAR_FIPA,
     ISS_DFSC,
     ISS_WNR,
@@ -26,9 +31,10 @@ from harness.arch.registers import (
 )
 from harness.core.prot import Prot
 from harness.target import mailbox as mbx
-from harness.target.errors import FirmwareException, QemuExited, TargetTimeout
+from harness.target.errors import FirmwareException, QemuExited, RequestFailed, TargetTimeout
 from harness.target.firmware import available_toolchains, build, choose_toolchain
 from harness.target.layout import LAYOUT, Region
+from harness.target.physmem import GdbPhysMemory
 from harness.target.target import Target
 
 pytestmark = pytest.mark.hw
@@ -110,16 +116,26 @@ def test_at_many_and_nonblocking(target: Target) -> None:
 def test_access_s1(target: Target) -> None:
     tab = s1_identity(LAYOUT, "4K", extra=[SCRATCH, SCRATCH_RO])
     target.install(tab.s1_regs(), tab.image())
-    target.write_pa(SCRATCH.base, bytes(16))
-    rec = target.access([SCRATCH.base + 8, UNMAPPED, SCRATCH.base + 9], write=True)
+    target.write_pa(SCRATCH.base, bytes(32))
+    tokens = [0x1111_2222_3333_4444, 0x5555, 0xAAAA_BBBB_CCCC_DDDD]
+    rec = target.access([SCRATCH.base + 8, UNMAPPED, SCRATCH.base + 17], write=True, values=tokens)
     assert rec["completed"].tolist() == [True, False, True]
+    assert rec["value"].tolist() == tokens
     assert ESR_EC.get(int(rec["esr"][1])) == ExceptionClass.DABT_SAME
     assert ISS_DFSC.get(int(rec["esr"][1])) >> 2 == FaultKind.TRANSLATION.value
     assert ISS_WNR.get(int(rec["esr"][1]))
     assert int(rec["far"][1]) == UNMAPPED
-    assert target.read_pa(SCRATCH.base + 8, 2) == bytes([(SCRATCH.base + 8) & 0xFF, (SCRATCH.base + 9) & 0xFF])
-    ro = target.access([SCRATCH_RO.base, SCRATCH_RO.base], write=False)
-    assert ro["completed"].all()
+    # 64-bit stores at the aligned word: the tokens are in RAM where the identity map says
+    assert target.ram_u64(SCRATCH.base + 8, 2).tolist() == [tokens[0], tokens[2]]
+    # loads read what is planted there
+    target.write_pa(SCRATCH_RO.base, (0x0123_4567_89AB_CDEF).to_bytes(8, "little"))
+    ro = target.access([SCRATCH_RO.base, SCRATCH_RO.base + 4, UNMAPPED], write=False)
+    assert ro["completed"].tolist() == [True, True, False]
+    assert ro["value"].tolist() == [0x0123_4567_89AB_CDEF, 0x0123_4567_89AB_CDEF, 0]
+    # default store values: unique tokens, reported in the record
+    dflt = target.access([SCRATCH.base + 0x100, SCRATCH.base + 0x108], write=True)
+    assert len(set(dflt["value"].tolist())) == 2
+    assert target.ram_u64(SCRATCH.base + 0x100, 2).tolist() == dflt["value"].tolist()
     rw = target.access([SCRATCH_RO.base], write=True)
     assert ISS_DFSC.get(int(rw["esr"][0])) >> 2 == FaultKind.PERMISSION.value
 
@@ -132,8 +148,12 @@ def test_install_s2_at_and_access(target: Target) -> None:
     assert not pars[0].fault and pars[0].pa == SCRATCH.base + 0x2000
     assert pars[1].fault and pars[1].stage2
     assert pars[1].fst == fault_status(FaultKind.TRANSLATION, 2)  # 4K, 40-bit IPA: level-2 table missing
+    target.write_pa(SCRATCH.base + 16, (0xFEED_FACE_CAFE_BEEF).to_bytes(8, "little"))
     rec = target.access([SCRATCH.base + 16, UNMAPPED + 0x123], write=False)
     assert rec["completed"].tolist() == [True, False]
+    assert rec["value"].tolist() == [0xFEED_FACE_CAFE_BEEF, 0]
+    st = target.access([SCRATCH.base + 0x40], write=True, values=[0x0BAD_C0DE_0000_0001])
+    assert st["completed"].all() and target.ram_u64(SCRATCH.base + 0x40, 1)[0] == 0x0BAD_C0DE_0000_0001
     esr = int(rec["esr"][1])
     assert ESR_EC.get(esr) == ExceptionClass.DABT_LOWER
     assert ISS_DFSC.get(esr) == fault_status(FaultKind.TRANSLATION, 2)
@@ -169,6 +189,112 @@ def test_target_restarts_after_exception(target: Target) -> None:
     tab = s1_identity(LAYOUT, "4K", extra=[SCRATCH])
     target.install(tab.s1_regs(), tab.image())
     assert not Par(int(target.at([SCRATCH.base], "S1E2R")[0])).fault
+
+
+# -- accesses prove the physical address -------------------------------------------------------------
+
+PAGES = LAYOUT.scratch_base + (16 << 20)  # 64 KiB mapped with pages (not block aligned in size)
+
+
+@pytest.mark.parametrize("stage", [Stage.S1, Stage.S2])
+def test_redirected_page_is_caught_by_its_token(target: Target, stage: Stage) -> None:
+    """A descriptor corrupted to point one page further: the access completes (so completion alone
+    proves nothing), but the token lands at the wrong PA and a load reads the wrong PA's value."""
+    tab = s1_identity(LAYOUT, "4K") if stage is Stage.S1 else s2_identity(LAYOUT, "4K")
+    tab.map(PAGES, 0x10000, Prot.RW)
+    victim, wrong = PAGES + 0x3000, PAGES + 0x5000
+    entry = tab.entry_pa(victim, 3)
+    tab.pool.write64(entry, d.leaf_pte(wrong, leaf_attrs(stage, Prot.RW), 3, tab.geom.granule))
+    target.install(tab.s1_regs() if stage is Stage.S1 else tab.s2_regs(), tab.image())
+    target.write_pa(PAGES, bytes(0x10000))
+    token = 0x70CE_0000_0000_0001 + int(stage)
+    rec = target.access([victim + 0x18, PAGES + 0x2018], write=True, values=[token, token + 0x100])
+    assert rec["completed"].all()
+    assert target.ram_u64(victim + 0x18, 1)[0] == 0, "the token reached the expected PA through a wrong descriptor"
+    assert target.ram_u64(wrong + 0x18, 1)[0] == token  # a checker looking at the expected PA catches it
+    assert target.ram_u64(PAGES + 0x2018, 1)[0] == token + 0x100  # the intact neighbour is where it should be
+    target.write_pa(victim + 0x20, (0x1111).to_bytes(8, "little"))
+    target.write_pa(wrong + 0x20, (0x2222).to_bytes(8, "little"))
+    ld = target.access([victim + 0x20], write=False)
+    assert ld["completed"].all() and ld["value"].tolist() == [0x2222]
+
+
+# -- AT that takes an exception ---------------------------------------------------------------------
+
+NO_RAM = 0x8000_0000_0000  # below 2^48, nothing behind it on virt: a walk reading here aborts
+
+
+@pytest.mark.parametrize("stage", [Stage.S1, Stage.S2])
+def test_at_external_abort_is_recorded_and_the_loop_goes_on(target: Target, stage: Stage) -> None:
+    tab = s1_identity(LAYOUT, "4K", extra=[SCRATCH]) if stage is Stage.S1 else s2_identity(
+        LAYOUT, "4K", extra=[SCRATCH])
+    va = 0x40_0000_0000  # level-1 index 256: a table pointer to PA NO_RAM
+    tab.pool.write64(tab.entry_pa(va, 1), d.table_pte(NO_RAM, tab.geom.granule))
+    target.install(tab.s1_regs() if stage is Stage.S1 else tab.s2_regs(), tab.image())
+    before = target.at_exceptions
+    op = "S1E2R" if stage is Stage.S1 else "S12E1R"
+    par = target.at([SCRATCH.base, va + 0x1000, SCRATCH.base + 0x2000, va + 0x20_0000, UNMAPPED], op)
+    exc = mbx.is_at_exception(par)
+    assert exc.tolist() == [False, True, False, True, False]
+    esr = mbx.at_exception_esr(par)
+    for e in esr[exc]:
+        assert ESR_EC.get(int(e)) == ExceptionClass.DABT_SAME
+        assert ISS_DFSC.get(int(e)) == 0b010100 | 2  # synchronous external abort on the walk, level 2
+    assert [Par(int(p)).pa for p in par[[0, 2]]] == [SCRATCH.base, SCRATCH.base + 0x2000]
+    assert Par(int(par[4])).fault and not mbx.is_at_exception(par[4:5])[0]
+    assert target.at_exceptions == before + 2
+    assert all(Par(int(p)).fault for p in par[exc])  # a reader of PAR.F alone sees a fault
+    assert not Par(int(target.at([SCRATCH.base + 0x3000], op)[0])).fault  # the target is still usable
+
+
+def test_at_exception_helpers() -> None:
+    esr = (int(ExceptionClass.DABT_SAME) << ESR_EC.lo) | (1 << 25) | 0b010110
+    slot = mbx.at_exception_value(esr)
+    assert mbx.is_at_exception(np.array([slot, 0xFF00_0000_4000_1B80, 0x809], dtype=np.uint64)).tolist() == [
+        True, False, False]
+    assert int(mbx.at_exception_esr(np.array([slot], dtype=np.uint64))[0]) == esr
+    assert Par(slot).fault and Par(slot).fst == 0b010110
+
+
+# -- hVHE: the EL2&0 regime ------------------------------------------------------------------------
+
+
+def test_hvhe_stage1(target: Target) -> None:
+    """HCR_EL2.E2H = 1 with TCR_EL2 in its E2H = 1 layout; AT S1E2* and accesses in the EL2&0
+    regime; UNINSTALL returns to E2H = 0 and the plain EL2 regime works again."""
+    tab = s1_hvhe_identity(LAYOUT, "4K", 48, extra=[SCRATCH, SCRATCH_RO])
+    regs = tab.s1_regs()
+    assert regs.hcr_el2_set == HCR_E2H.mask
+    assert d.S1_AP.get(tab.pool.read64(tab.entry_pa(SCRATCH_RO.base, 2))) == HVHE_AP_RO
+    target.install(regs, tab.image())
+    assert target.sysreg("HCR_EL2") & HCR_E2H.mask
+    assert target.sysreg("TCR_EL2") == regs.tcr_el2
+    high = 0xFFFF_0000_0000  # a 48-bit VA: TTBR0's range with T0SZ = 16, nothing mapped
+    pars = [Par(int(p)) for p in target.at([SCRATCH.base + 0x1238, SCRATCH_RO.base, high], "S1E2R")]
+    assert not pars[0].fault and pars[0].pa == SCRATCH.base + 0x1000
+    assert not pars[1].fault and pars[1].pa == SCRATCH_RO.base
+    assert pars[2].fault and pars[2].fst == fault_status(FaultKind.TRANSLATION, 0)
+    w = [Par(int(p)) for p in target.at([SCRATCH_RO.base, SCRATCH.base], "S1E2W")]
+    assert w[0].fault and w[0].fst == fault_status(FaultKind.PERMISSION, 2)
+    assert not w[1].fault
+    rec = target.access([SCRATCH.base + 0x40, SCRATCH_RO.base], write=True, values=[0xE2E2, 0xBAD])
+    assert rec["completed"].tolist() == [True, False]
+    assert ISS_DFSC.get(int(rec["esr"][1])) == fault_status(FaultKind.PERMISSION, 2)
+    assert target.ram_u64(SCRATCH.base + 0x40, 1)[0] == 0xE2E2
+    target.uninstall()
+    assert not target.sysreg("HCR_EL2") & HCR_E2H.mask
+    assert not target.sysreg("SCTLR_EL2") & SCTLR_M.mask
+    plain = s1_identity(LAYOUT, "4K", extra=[SCRATCH])
+    target.install(plain.s1_regs(), plain.image())
+    assert not target.sysreg("HCR_EL2") & HCR_E2H.mask
+    assert Par(int(target.at([SCRATCH.base], "S1E2R")[0])).pa == SCRATCH.base
+
+
+def test_install_s1_refuses_other_hcr_bits(target: Target) -> None:
+    tab = s1_identity(LAYOUT, "4K")
+    with pytest.raises(RequestFailed):
+        target.install(replace(tab.s1_regs(), hcr_el2_set=HCR_TGE.mask), tab.image())
+    target.uninstall()
 
 
 # -- failure paths with private targets ---------------------------------------------------------------
@@ -250,3 +376,27 @@ def test_no_process_outlives_target(tmp_path: Path, how: str) -> None:
     for name, pid in pids.items():
         assert _gone(pid), f"{name} (pid {pid}) outlived the target ({how})"
     assert workdir is not None and not workdir.exists()
+
+
+def test_gdb_physical_memory_reads_tables(target: Target) -> None:
+    tab = s1_identity(LAYOUT, "4K", extra=[SCRATCH])
+    target.install(tab.s1_regs(), tab.image())
+    target.write_pa(SCRATCH.base + 0xFF8, (0x0102_0304_0506_0708).to_bytes(8, "little") + b"\xAA" * 8)
+    with GdbPhysMemory(target.gdb, 0x1000) as mem:
+        assert mem.read64(tab.pgd) == tab.pool.read64(tab.pgd)
+        assert mem.read64(SCRATCH.base + 0xFF8) == 0x0102_0304_0506_0708
+        assert mem.read(SCRATCH.base + 0xFFC, 8) == bytes([4, 3, 2, 1]) + b"\xAA" * 4  # spans two pages
+        reads = mem.reads
+        mem.read64(tab.pgd + 8)
+        assert mem.reads == reads  # cached
+
+
+def test_qemu_sigbus_names_the_ram_backing(tmp_path: Path) -> None:
+    """QEMU dies of SIGBUS when tmpfs cannot back a guest RAM page (/dev/shm full): say so."""
+    with Target.start(log_dir=tmp_path) as t:
+        os.kill(t.pids["qemu"], signal.SIGBUS)
+        with pytest.raises(QemuExited) as info:
+            t.uninstall()
+        assert info.value.returncode == -signal.SIGBUS
+        msg = str(info.value)
+        assert "SIGBUS" in msg and "full" in msg and ("/dev/shm" in msg or "tmp" in msg)

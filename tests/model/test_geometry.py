@@ -2,8 +2,9 @@
 
 Stage 1: levels = ceil((ia - g) / (g - 3)), start level = 4 - levels.
 Stage 2: the initial level resolves 1 .. (g - 3) + 4 bits (up to 16 concatenated tables); KVM
-picks the fewest levels; 4K level 0 needs PA > 42, 16K/64K never level 0, 16K level 1 needs
-PA > 40, 64K level 1 needs PA > 42.
+picks the fewest levels. Which levels exist depends on PAMax (ID_AA64MMFR0_EL1.PARange, the ASL's
+AArch64.S2InvalidSL), not on VTCR_EL2.PS: 4K level 0 needs PAMax > 42, 16K/64K level 0 never
+without DS = 1, 16K level 1 needs PAMax > 40, 64K level 1 needs PAMax > 42.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def test_review_configurations() -> None:
 
 
 @pytest.mark.parametrize(
-    ("granule", "ia", "pa", "levels"),
+    ("granule", "ia", "pa", "levels"),  # pa: the PE's PAMax
     [
-        ("4K", 40, 40, (1,)),  # level 0 would resolve 1 bit but needs PA > 42
+        ("4K", 40, 40, (1,)),  # level 0 would resolve 1 bit but needs PAMax > 42
         ("4K", 40, 48, (0, 1)),
         ("4K", 44, 44, (0,)),
         ("16K", 40, 40, (2,)),  # level 1 needs PA > 40
@@ -105,7 +106,6 @@ def test_explicit_start_level_gives_concatenation() -> None:
         ((1, "4K", 49), "ia_bits"),
         ((1, "64K", 53), "ia_bits"),
         ((1, "16K", 24), "ia_bits"),
-        ((2, "4K", 44, 42), "ia_bits"),  # IPA larger than PA
         ((2, "4K", 40, 47), "pa_bits"),
         ((2, "4K", 40, 52), "pa_bits"),  # 52-bit PA needs the 64K granule here
         ((1, "8K", 40), "granule"),
@@ -117,6 +117,47 @@ def test_invalid_configurations_name_the_argument(args: tuple[object, ...], need
         Geometry.create(*args)  # type: ignore[arg-type]
 
 
+def test_start_level_legality_uses_pamax_not_ps() -> None:
+    """AArch64.S2InvalidSL reads PAMax (52 bits on -cpu max): 4K with PS = 40 may start at level
+    0 for a 40-bit IPA, 16K with PS = 40 at level 1 for 37..40 bits; an IPA larger than PS is not
+    a fault in the ASL (only output addresses are checked against PS)."""
+    geom = Geometry.create(2, "4K", 40, 40, 0)
+    assert (geom.start_level, geom.pgd_pages, geom.pgd_entries) == (0, 1, 2)
+    assert Geometry.create(2, "16K", 38, 40, 1).pgd_entries == 4
+    assert Geometry.create(2, "4K", 44, 42).start_level == 0  # IPA 44 bits, PS 42 bits
+    with pytest.raises(GeometryError, match="start_level"):
+        Geometry.create(2, "4K", 40, 40, 0, pamax=42)
+    with pytest.raises(GeometryError, match="start_level"):
+        Geometry.create(2, "16K", 38, 40, 1, pamax=40)
+    with pytest.raises(GeometryError, match="pa_bits"):
+        Geometry.create(2, "4K", 40, 48, pamax=44)  # PS beyond PAMax
+
+
+@pytest.mark.parametrize(
+    ("stage", "granule", "ia", "start", "align"),
+    [
+        (2, "4K", 31, 1, 16),  # 2 entries: aligned to 16 bytes, not 64
+        (2, "4K", 32, 1, 32),
+        (2, "4K", 33, 1, 64),
+        (1, "4K", 31, 1, 16),
+        (1, "16K", 37, 1, 16),
+        (2, "4K", 43, 1, 16 * 4096),  # 16 concatenated pages
+        (1, "64K", 45, 1, 64),  # 8 entries, 64 bytes
+    ],
+)
+def test_root_alignment_is_the_table_size(stage: int, granule: str, ia: int, start: int, align: int) -> None:
+    geom = Geometry.create(stage, granule, ia, 48, start if stage == 2 else None)
+    assert geom.start_level == start
+    assert geom.root_align == align
+
+
+def test_52bit_bases_align_to_64_bytes() -> None:
+    # 64K, PS = 52, 36-bit IPA at stage 2 level 2: 2 entries (16 bytes), but a 52-bit base.
+    assert Geometry.create(2, "64K", 30, 52, 2).root_align == 64
+    assert Geometry.create(2, "64K", 30, 48, 2).root_align == 16
+    assert Geometry.create(1, "4K", 31, 48, lpa2=True).root_align == 64  # DS = 1
+
+
 def test_level_shifts() -> None:
     assert [level_shift(Granule.K4, lvl) for lvl in range(4)] == [39, 30, 21, 12]
     assert [level_shift(Granule.K16, lvl) for lvl in range(4)] == [47, 36, 25, 14]
@@ -126,8 +167,8 @@ def test_level_shifts() -> None:
 def test_block_levels() -> None:
     assert block_levels(Granule.K4) == (1, 2)
     assert block_levels(Granule.K16) == (2,)
-    assert block_levels(Granule.K64, feat_lpa=True) == (1, 2)
-    assert block_levels(Granule.K64, feat_lpa=False) == (2,)
+    assert block_levels(Granule.K64, pamax=52) == (1, 2)
+    assert block_levels(Granule.K64, pamax=48) == (2,)
 
 
 def test_pgd_page_index_of_last_address() -> None:

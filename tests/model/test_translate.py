@@ -168,7 +168,7 @@ def test_64k_level1_block_needs_feat_lpa() -> None:
     root = chain(pool, geom, addr, 1, BLOCK | S2_NORMAL)
     t = translate(pool, geom, root, addr)
     assert t.ok and t.level == 1 and t.size == 1 << 42 and t.pa == addr
-    t = translate(pool, replace(geom, feat_lpa=False), root, addr)
+    t = translate(pool, replace(geom, pamax=48), root, addr)
     assert fault_of(t) == (FaultKind.TRANSLATION, 1, True)
 
 

@@ -1,0 +1,571 @@
+"""Decode a live target's snapshot, and verify the decode on the harness's own MMU.
+
+* :func:`decode` - every regime in use, its registers and its mapped ranges (merged leaves, via
+  :func:`harness.core.dump.mapped_ranges` over the snapshot's pages), each with the permissions
+  and attributes the model's architectural walk gives its first address.
+* :func:`explain` - one address's walk in every regime (:func:`harness.core.translate.translate`).
+* :func:`verify` - replay: the snapshot's table pages are copied into the payload's page pool
+  (next-level pointers relocated, leaves untouched), the payload's own regions are spliced into
+  input-address space the snapshot leaves unmapped (the payload is moved, by choosing a memory
+  layout, until that is possible; refused with the reason otherwise), the same control register
+  values are programmed with the relocated root, and ``AT`` checks every mapped range (both
+  edges and samples inside) and the holes between them against the model's walk of the
+  *original* snapshot. The model's walk of the relocated copy must give the same answers (only
+  table addresses moved): that is checked too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from harness.arch import descriptors as d
+from harness.arch.geometry import ENTRY_BYTES, LAST_LEVEL, Geometry, Stage, ptrs_per_table
+from harness.arch.registers import (
+    HCR_DC,
+    HCR_E2H,
+    HCR_RW,
+    HCR_VM,
+    SCTLR_C,
+    SCTLR_I,
+    SCTLR_M,
+    TTBR_BADDR,
+    TTBR_BADDR_51_48,
+    Par,
+    Stage1Regs,
+    Stage2Regs,
+)
+from harness.check import divergences
+from harness.core.batch import expected_par_batch, translate_batch
+from harness.core.dump import MappedRange, mapped_ranges
+from harness.core.memory import PagePool, PoolImage
+from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
+from harness.core.prot import Prot
+from harness.core.translate import (
+    DEFAULT_MAIR,
+    PERM_R,
+    PERM_W,
+    PERM_X,
+    READ,
+    WRITE,
+    Access,
+    Translation,
+    expected_par,
+    par_compare_mask,
+    translate,
+)
+from harness.errors import InputError
+from harness.live.regimes import Regime, regimes_from_registers
+from harness.live.snapshot import Snapshot, SnapshotMemory
+from harness.target.layout import LAYOUT, MIB, Layout, Region
+
+U64 = npt.NDArray[np.uint64]
+
+
+class VerifyRefused(InputError):
+    """The snapshot cannot be replayed on the payload (the message says why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode.
+
+
+def perm_label(perms: int) -> str:
+    return "".join(c if perms & b else "-" for c, b in (("r", PERM_R), ("w", PERM_W), ("x", PERM_X)))
+
+
+@dataclass(frozen=True)
+class LiveRange:
+    """One merged range of a regime, with what the architectural walk says of it."""
+
+    range: MappedRange
+    perms: int
+    attr: int | None  # MAIR encoding of the memory type (PAR_EL1.ATTR)
+    level: int | None
+
+    @property
+    def va(self) -> int:
+        return self.range.va
+
+    @property
+    def end(self) -> int:
+        return self.range.end
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.range.to_json(), "perms": perm_label(self.perms), "attr": self.attr, "level": self.level}
+
+    def describe(self) -> str:
+        r = self.range
+        attr = f" attr={self.attr:#04x}" if self.attr is not None else ""
+        return (f"[{r.va:#018x}, {r.end:#018x}) {r.size:#12x} -> {r.pa:#014x} "
+                f"{perm_label(self.perms)}{attr} L{self.level}")
+
+
+@dataclass
+class RegimeDecode:
+    regime: Regime
+    ranges: list[LiveRange]
+
+    @property
+    def name(self) -> str:
+        return self.regime.name
+
+    def to_json(self) -> dict[str, Any]:
+        g = self.regime.geom
+        return {
+            "regime": self.regime.name,
+            "geometry": g.describe(),
+            "root": self.regime.root,
+            "registers": {k: f"{v:#x}" for k, v in self.regime.registers.items()},
+            "ranges": [r.to_json() for r in self.ranges],
+        }
+
+
+def walk(snapshot: Snapshot, regime: Regime, address: int, access: Access = READ) -> Translation:
+    mair = regime.mair if regime.mair is not None else DEFAULT_MAIR
+    return translate(snapshot.memory(), regime.geom, regime.root, address, access, mair)
+
+
+def decode(snapshot: Snapshot, regimes: Sequence[Regime] | None = None) -> list[RegimeDecode]:
+    """Every regime's merged ranges, with permissions and attributes."""
+    out = []
+    for regime in regimes if regimes is not None else regimes_from_registers(snapshot.registers):
+        mem = snapshot.memory()
+        ranges = []
+        for r in mapped_ranges(mem, regime.geom, regime.root):
+            t = walk(snapshot, regime, r.va)
+            ranges.append(LiveRange(r, t.perms, t.attr, t.level))
+        out.append(RegimeDecode(regime, ranges))
+    return out
+
+
+@dataclass(frozen=True)
+class PermFilter:
+    """``rx`` (all of these), ``!w`` (none of these), or both: ``x!w``."""
+
+    need: int
+    refuse: int
+
+    @classmethod
+    def parse(cls, text: str) -> PermFilter:
+        need = refuse = 0
+        negate = False
+        bits = {"r": PERM_R, "w": PERM_W, "x": PERM_X}
+        for ch in text.strip().lower():
+            if ch == "!":
+                negate = True
+                continue
+            if ch == "-":
+                continue
+            if ch not in bits:
+                raise InputError(f"--perm: expected letters r, w, x, each optionally preceded by '!' "
+                                 f"(e.g. 'x!w'), got {text!r}")
+            if negate:
+                refuse |= bits[ch]
+            else:
+                need |= bits[ch]
+            negate = False
+        return cls(need, refuse)
+
+    def __call__(self, perms: int) -> bool:
+        return perms & self.need == self.need and not perms & self.refuse
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """``START:END`` (END exclusive) or ``START+SIZE``; numbers in any base Python reads (0x...)."""
+    try:
+        if "+" in text:
+            a, b = text.split("+", 1)
+            start = int(a, 0)
+            return start, start + int(b, 0)
+        a, b = text.split(":", 1)
+        start, end = int(a, 0), int(b, 0)
+    except ValueError:
+        raise InputError(f"--range: expected START:END or START+SIZE (e.g. 0x40000000:0x80000000), "
+                         f"got {text!r}") from None
+    if end <= start:
+        raise InputError(f"--range: END must be above START, got {text!r}")
+    return start, end
+
+
+def filter_ranges(ranges: Iterable[LiveRange], window: tuple[int, int] | None = None,
+                  perms: PermFilter | None = None) -> list[LiveRange]:
+    """The ranges overlapping ``window`` (clipped to it) whose permissions pass ``perms``."""
+    out = []
+    for r in ranges:
+        if perms is not None and not perms(r.perms):
+            continue
+        if window is not None:
+            lo, hi = max(r.va, window[0]), min(r.end, window[1])
+            if lo >= hi:
+                continue
+            if (lo, hi) != (r.va, r.end):
+                m = r.range
+                r = replace(r, range=replace(m, va=lo, size=hi - lo, pa=m.pa + (lo - m.va)))
+        out.append(r)
+    return out
+
+
+def explain(snapshot: Snapshot, address: int, regimes: Sequence[Regime] | None = None) -> list[tuple[str, Translation]]:
+    return [(r.name, walk(snapshot, r, address))
+            for r in (regimes if regimes is not None else regimes_from_registers(snapshot.registers))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay: relocate the tables into the payload's pool.
+
+
+def _table_address(pte: int, geom: Geometry) -> int:
+    return d.pte_to_phys(pte, geom.granule)
+
+
+def _with_table_address(pte: int, pa: int, geom: Geometry) -> int:
+    keep = pte & ~d.table_pte(0, geom.granule) & ~_address_bits(geom)
+    return keep | d.table_pte(pa, geom.granule)
+
+
+def _address_bits(geom: Geometry) -> int:
+    bits = d.oa_mask(geom.granule)
+    if geom.granule.size == 1 << 16:
+        bits |= d.OA_51_48.mask
+    return bits
+
+
+class _Splice(KvmPgtable):
+    """The relocated tables as a KvmPgtable over the pool, so the payload's regions can be mapped
+    into them by the model's own map operation."""
+
+    def __init__(self, geom: Geometry, pool: PagePool) -> None:
+        super().__init__(geom, pool)
+        self.moved: dict[int, int] = {}  # original table page -> its copy in the pool
+
+    def leaf_attrs(self, prot: Prot) -> int:
+        if self.geom.stage is Stage.S1:
+            return HypPgtable.leaf_attrs(self, prot)  # type: ignore[arg-type]
+        return Stage2Pgtable.leaf_attrs(self, prot)  # type: ignore[arg-type]
+
+
+def relocate(snapshot: Snapshot, regime: Regime, layout: Layout) -> _Splice:
+    """Copy every table page reachable from the regime's root into a pool at ``layout.pool_base``."""
+    geom = regime.geom
+    gran = geom.granule.size
+    pool = PagePool(layout.pool_base, layout.pool_size, gran)
+    table = _Splice(geom, pool)
+    assert table.pgd is not None
+    src = snapshot.memory()
+    moved = table.moved
+
+    def copy(orig: int, new: int, level: int, entries: int) -> None:
+        for i in range(entries):
+            pte = _read(src, orig + i * ENTRY_BYTES)
+            if level < LAST_LEVEL and d.kind(pte, level, geom.block_levels) is d.Kind.TABLE:
+                child = _table_address(pte, geom)
+                if child not in moved:
+                    moved[child] = pool.alloc_page()
+                    copy(child, moved[child], level + 1, ptrs_per_table(geom.granule))
+                pte = _with_table_address(pte, moved[child], geom)
+            pool.write64(new + i * ENTRY_BYTES, pte)
+
+    copy(regime.root, table.pgd, geom.start_level, geom.pgd_entries)
+    return table
+
+
+def _read(mem: SnapshotMemory, pa: int) -> int:
+    if not mem.contains(pa):
+        raise VerifyRefused(f"table word {pa:#x} is not in the snapshot (capture incomplete)")
+    return mem.read64(pa)
+
+
+def splice(table: _Splice, regions: Sequence[Region], taken: Sequence[tuple[int, int]]) -> list[Region]:
+    """Map each region (identity) into the relocated tables; refuse when the snapshot maps any of it."""
+    for r in regions:
+        for lo, hi in taken:
+            if r.base < hi and lo < r.end:
+                raise VerifyRefused(f"the payload's {r.name} region [{r.base:#x}, {r.end:#x}) is mapped by "
+                                    f"the snapshot ([{lo:#x}, {hi:#x})): cannot splice it in")
+        if r.end > table.geom.limit:
+            raise VerifyRefused(f"the payload's {r.name} region ends above the {table.geom.ia_bits}-bit input range")
+        table.map(r.base, r.size, r.base, r.prot)
+    return list(regions)
+
+
+def layouts(base: Layout = LAYOUT) -> list[Layout]:
+    """Candidate payload layouts: the default, then the whole block (code .. pool) moved up RAM."""
+    out = [base]
+    span = base.pool_base + base.pool_size - base.code
+    step = 256 * MIB
+    for k in range(1, 4):
+        off = k * step
+        if base.code + off + span > base.ram_end:
+            break
+        moved = {name: getattr(base, name) + off for name in
+                 ("code", "el1_stub", "data", "mailbox", "probe_addrs", "probe_results", "pool_base")}
+        end = base.pool_base + base.pool_size + off
+        if end < base.ram_end:
+            scratch = {"scratch_base": end, "scratch_size": base.ram_end - end}
+        else:
+            scratch = {"scratch_base": base.code, "scratch_size": base.code + off - base.code}
+        cand = replace(base, **moved, **scratch)
+        cand.check()
+        out.append(cand)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe addresses.
+
+
+def probe_addresses(ranges: Sequence[MappedRange], limit: int, granule: int, rng: np.random.Generator,
+                    samples: int = 3) -> U64:
+    """Both edges of each range and ``samples`` addresses inside it; the same for every hole
+    between ranges (and before the first and after the last, up to ``limit``)."""
+    out: list[int] = []
+
+    def span(lo: int, hi: int) -> None:
+        if hi <= lo:
+            return
+        out.extend((lo, hi - 1))
+        if hi - lo > 2 * granule:
+            out.extend(int(x) for x in rng.integers(lo + granule, hi - granule, size=samples, dtype=np.uint64))
+        elif hi - lo > granule:
+            out.append(lo + granule)
+
+    prev = 0
+    for r in ranges:
+        span(prev, r.va)
+        span(r.va, r.end)
+        prev = r.end
+    span(prev, limit)
+    return np.unique(np.array(out, dtype=np.uint64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify.
+
+
+def _spliced_words(table: _Splice, regions: Sequence[Region], taken: Sequence[tuple[int, int]]) -> set[int]:
+    """Splice ``regions`` into ``table``; returns the physical addresses of the words it changed."""
+    pool = table.mem
+    used = pool.used_extent()
+    before = pool.words()[: used // ENTRY_BYTES].copy()
+    splice(table, regions, taken)
+    after = pool.words()[: used // ENTRY_BYTES]
+    return {pool.base + int(i) * ENTRY_BYTES for i in np.nonzero(before != after)[0]}
+
+
+@dataclass
+class Mismatch:
+    regime: str
+    op: str
+    address: int
+    expected: str
+    actual: str
+    walk: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"regime": self.regime, "op": self.op, "address": self.address, "expected": self.expected,
+                "actual": self.actual, "walk": self.walk}
+
+
+@dataclass
+class RegimeVerify:
+    regime: str
+    geometry: str
+    checked: int = 0
+    mismatched: int = 0
+    relocation_mismatched: int = 0  # the model's walk of the relocated copy differs (a harness bug)
+    withheld: int = 0  # AT would abort this QEMU (a known hazard): not probed
+    excluded: int = 0  # walks through tables the splice added: compared with the replayed model
+    pages: int = 0
+    ranges: int = 0
+    spliced: list[str] = field(default_factory=list)
+    layout_code: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"regime": self.regime, "geometry": self.geometry, "checked": self.checked,
+                "mismatched": self.mismatched, "relocation_mismatched": self.relocation_mismatched,
+                "withheld_from_at": self.withheld, "through_spliced_tables": self.excluded, "pages": self.pages,
+                "ranges": self.ranges, "spliced": self.spliced, "payload_code": f"{self.layout_code:#x}",
+                "mismatches": [m.to_json() for m in self.mismatches[:50]]}
+
+
+@dataclass
+class VerifyReport:
+    regimes: list[RegimeVerify]
+    qemu: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def checked(self) -> int:
+        return sum(r.checked for r in self.regimes)
+
+    @property
+    def mismatched(self) -> int:
+        return sum(r.mismatched + r.relocation_mismatched for r in self.regimes)
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatched == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checked": self.checked, "mismatched": self.mismatched, "qemu": self.qemu,
+                "regimes": [r.to_json() for r in self.regimes], "timings": self.timings}
+
+    def text(self) -> str:
+        lines = [f"verify: {'OK' if self.ok else 'MISMATCH'}: {self.checked} AT probes, "
+                 f"{self.mismatched} mismatched ({self.qemu})"]
+        for r in self.regimes:
+            lines.append(f"  {r.regime}: {r.checked} checked, {r.mismatched} mismatched, "
+                         f"{r.withheld} withheld (QEMU AT hazard), {r.excluded} through spliced tables; "
+                         f"{r.pages} table pages, {r.ranges} ranges; payload at {r.layout_code:#x}, "
+                         f"spliced {', '.join(r.spliced) or 'nothing'}")
+            for m in r.mismatches[:20]:
+                lines.append(f"    {m.op} {m.address:#x}: model {m.expected}; MMU {m.actual}")
+                lines.extend(f"      {ln}" for ln in m.walk.splitlines())
+        return "\n".join(lines)
+
+
+TargetFactory = Callable[[Layout], Any]  # a started harness.target.target.Target for a layout
+
+_AT_OPS: dict[Stage, tuple[tuple[str, Access], ...]] = {
+    Stage.S1: (("S1E2R", READ), ("S1E2W", WRITE)),
+    Stage.S2: (("S12E1R", READ), ("S12E1W", WRITE)),
+}
+
+
+def _regs_for(regime: Regime, root: int) -> Stage1Regs | Stage2Regs:
+    regs = regime.registers
+    if regime.geom.stage is Stage.S1:
+        ttbr = regs.get("TTBR0_EL2", 0)
+        new_ttbr = (ttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | _baddr(root, regime.geom)
+        hcr = HCR_E2H.prep(1) if regime.name == "el2&0" else 0
+        return Stage1Regs(mair_el2=regime.mair if regime.mair is not None else DEFAULT_MAIR,
+                          tcr_el2=regs["TCR_EL2"], ttbr0_el2=new_ttbr & ~1,
+                          sctlr_el2_set=SCTLR_M.prep(1) | SCTLR_C.prep(1) | SCTLR_I.prep(1), hcr_el2_set=hcr)
+    vttbr = regs.get("VTTBR_EL2", 0)
+    new_vttbr = (vttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | _baddr(root, regime.geom)
+    return Stage2Regs(vtcr_el2=regs["VTCR_EL2"], vttbr_el2=new_vttbr & ~1,
+                      hcr_el2_set=HCR_VM.prep(1) | HCR_RW.prep(1) | HCR_DC.prep(1))
+
+
+def _par(t: Translation) -> int:
+    return 0 if t.unmodelled else expected_par(t)
+
+
+def _baddr(root: int, geom: Geometry) -> int:
+    value = root & TTBR_BADDR.mask
+    if root >> 48:
+        value |= TTBR_BADDR_51_48.prep(root >> 48)
+    return value
+
+
+def _occupied(ranges: Sequence[MappedRange]) -> list[tuple[int, int]]:
+    return [(r.va, r.end) for r in ranges]
+
+
+def _prepare(snapshot: Snapshot, regime: Regime,
+             ranges: Sequence[MappedRange]) -> tuple[Layout, _Splice, list[Region], set[int]]:
+    """The first payload layout whose regions fit in the snapshot's unmapped input space."""
+    taken = _occupied(ranges)
+    reasons = []
+    for layout in layouts():
+        want = layout.stage1_regions() if regime.geom.stage is Stage.S1 else layout.stage2_regions()
+        table = relocate(snapshot, regime, layout)
+        if regime.geom.stage is Stage.S2:
+            # AT S12E1* runs at EL2: the EL1 stub is needed only for real accesses; splice it when
+            # the snapshot leaves its IPA unmapped, else leave the snapshot's mapping alone.
+            want = [r for r in want if not any(r.base < hi and lo < r.end for lo, hi in taken)]
+        try:
+            return layout, table, want, _spliced_words(table, want, taken)
+        except VerifyRefused as exc:
+            reasons.append(f"payload at {layout.code:#x}: {exc}")
+    raise VerifyRefused(f"{regime.name}: no payload layout fits the snapshot's unmapped input space: "
+                        + "; ".join(reasons))
+
+
+def verify(snapshot: Snapshot, start_target: TargetFactory, samples: int = 3, seed: int = 0,
+           regimes: Sequence[Regime] | None = None) -> VerifyReport:
+    """Replay every regime of ``snapshot`` on targets from ``start_target(layout)`` (see module doc)."""
+    t0 = time.perf_counter()
+    report = VerifyReport([])
+    rng = np.random.default_rng(seed)
+    targets: dict[Layout, Any] = {}
+    try:
+        for regime in regimes if regimes is not None else regimes_from_registers(snapshot.registers):
+            report.regimes.append(_verify_regime(snapshot, regime, targets, start_target, rng, samples, report))
+    finally:
+        for t in targets.values():
+            t.close()
+    report.timings["total"] = time.perf_counter() - t0
+    return report
+
+
+def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any], start_target: TargetFactory,
+                   rng: np.random.Generator, samples: int, report: VerifyReport) -> RegimeVerify:
+    geom = regime.geom
+    original = mapped_ranges(snapshot.memory(), geom, regime.root)
+    layout, table, spliced, changed = _prepare(snapshot, regime, original)
+    res = RegimeVerify(regime.name, geom.describe(), pages=len(table.moved) + geom.pgd_pages,
+                       ranges=len(original), spliced=[r.name for r in spliced], layout_code=layout.code)
+    pool = table.mem
+    root = table.pgd
+    assert root is not None
+    addrs = probe_addresses(original, geom.limit, geom.granule.size, rng, samples)
+    for r in spliced:  # the payload's own regions, edges and a sample inside (checked as replayed)
+        addrs = np.union1d(addrs, np.array([r.base, r.end - 1, r.base + r.size // 2], dtype=np.uint64))
+    if layout not in targets:
+        for t in targets.values():
+            t.close()
+        targets.clear()
+        targets[layout] = start_target(layout)
+    target = targets[layout]
+    report.qemu = ".".join(map(str, target.qemu_version))
+    image = pool.export()
+    used = max(pool.used_extent(), geom.granule.size)
+    copies = {root + i * geom.granule.size for i in range(geom.pgd_pages)} | set(table.moved.values())
+    mair = regime.mair if regime.mair is not None else DEFAULT_MAIR
+    mem = snapshot.memory()
+    target.install(_regs_for(regime, root), PoolImage(image.base, image.data[:used]))
+    try:
+        for op, access in _AT_OPS[geom.stage]:
+            replayed = [translate(pool, geom, root, int(a), access, mair) for a in addrs]
+            # A walk through a table page the splice added (the payload's regions and whatever
+            # shares their tables) is compared with the model's walk of the replayed tables; every
+            # other walk with the model's walk of the original snapshot, which the replayed one
+            # must equal (relocation moves table addresses only).
+            affected = np.array([any(s.table_pa not in copies or s.desc_pa in changed for s in t.steps)
+                                 for t in replayed], dtype=np.bool_)
+            model = [t if aff else translate(mem, geom, regime.root, int(a), access, mair)
+                     for t, aff, a in zip(replayed, affected, addrs, strict=True)]
+            exp = np.array([_par(t) for t in model], dtype=np.uint64)
+            mask = np.array([par_compare_mask(t) for t in model], dtype=np.uint64)
+            moved = translate_batch(pool.words(), pool.base, geom, root, addrs, access, mair)
+            moved_par = expected_par_batch(moved)
+            reloc_bad = np.nonzero(((moved_par ^ exp) & mask) != 0)[0]
+            res.relocation_mismatched += int(reloc_bad.size)
+            for i in reloc_bad[:20]:
+                res.mismatches.append(Mismatch(regime.name, f"model(replayed) {op}", int(addrs[i]),
+                                               str(Par(int(exp[i]))), str(Par(int(moved_par[i]))),
+                                               model[i].explain()))
+            unsafe, _ = divergences.at_unsafe(moved, target.qemu_version)
+            res.withheld += int(unsafe.sum())
+            res.excluded += int((affected & ~unsafe).sum())
+            probe = addrs[~unsafe]
+            actual = target.at(probe, op)
+            e, m = exp[~unsafe], mask[~unsafe]
+            bad = np.nonzero(((actual ^ e) & m) != 0)[0]
+            res.checked += int(probe.size)
+            res.mismatched += int(bad.size)
+            kept = [t for t, u in zip(model, unsafe, strict=True) if not u]
+            for i in bad[:20]:
+                res.mismatches.append(Mismatch(regime.name, op, int(probe[i]), str(Par(int(e[i]))),
+                                               str(Par(int(actual[i]))), kept[i].explain()))
+    finally:
+        target.uninstall()
+    return res

@@ -1,0 +1,213 @@
+"""The fuzzer: random raw tables against the MMU, every disagreement classified.
+
+Each table ``i`` of a run with seed ``S`` comes from ``numpy.random.default_rng([S, i])`` (a
+random configuration, random raw tables, random probe addresses), so any finding is reproduced
+by its seed and index. Tables are swapped through the mailbox without a reboot. A disagreement
+is either explained by a declared QEMU departure (:mod:`harness.check.divergences`) or it is
+unexplained (a model bug until shown otherwise). If QEMU itself dies, the table and the address
+chunk are recorded as a finding, a new target is started, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from harness.arch.geometry import Granule, Stage
+from harness.check import rawtables
+from harness.check.engine import (
+    AT_OPS,
+    MAX_EXPLAINED,
+    CheckReport,
+    Mismatch,
+    TargetLike,
+    check_subject,
+    reports_at_aborts,
+)
+from harness.errors import MachineryError
+
+DEFAULT_PER_TABLE = 1600  # addresses per table (each probed with both AT forms)
+RAW_AT_PROBES = 1 << 19
+
+
+class FuzzTarget(TargetLike, Protocol):
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class FuzzOptions:
+    seed: int
+    probes: int
+    stage: Stage | None = None
+    granule: Granule | None = None
+    per_table: int = DEFAULT_PER_TABLE
+    min_tables: int = 1
+
+
+@dataclass
+class Finding:
+    """QEMU or the firmware died on a table: enough to replay it."""
+
+    seed: int
+    index: int
+    table: str
+    addresses: list[int]
+    error: str
+
+    def text(self) -> str:
+        head = ", ".join(f"{a:#x}" for a in self.addresses[:8])
+        return f"table {self.seed}/{self.index} ({self.table}): {self.error}; addresses {head} ..."
+
+
+@dataclass
+class FuzzReport:
+    seed: int
+    qemu: str
+    probes: int = 0
+    tables: int = 0
+    disagreements: dict[str, int] = field(default_factory=dict)
+    unexplained: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    withheld: dict[str, int] = field(default_factory=dict)
+    by_config: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+    raw_at_per_s: float = 0.0
+    examples: list[str] = field(default_factory=list)  # text of disagreements (unexplained first)
+    findings: list[Finding] = field(default_factory=list)
+    restarts: int = 0
+
+    @property
+    def probes_per_s(self) -> float:
+        return self.probes / self.seconds if self.seconds else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.unexplained == 0
+
+    def add(self, key: str, rep: CheckReport, index: int, table: str) -> None:
+        self.tables += 1
+        self.probes += rep.checked
+        self.unexplained += rep.mismatched
+        row = self.by_config.setdefault(key, {"tables": 0, "probes": 0, "unexplained": 0, "known": 0})
+        row["tables"] += 1
+        row["probes"] += rep.checked
+        row["unexplained"] += rep.mismatched
+        row["known"] += rep.known
+        if rep.mismatched:
+            _bump(self.disagreements, "unexplained", rep.mismatched)
+        for k, v in rep.known_by.items():
+            _bump(self.disagreements, k, v)
+        for k, v in rep.skipped.items():
+            _bump(self.skipped, k, v)
+        for k, v in rep.withheld.items():
+            _bump(self.withheld, k, v)
+        seen = {e.split("]", 1)[0] for e in self.examples}
+        for m in sorted(rep.mismatches, key=lambda m: m.divergence is not None):
+            tag = f"[{m.divergence or 'unexplained'}"
+            if len(self.examples) >= MAX_EXPLAINED or (m.divergence and tag in seen):
+                continue  # every unexplained one (up to the cap), one example per known divergence
+            seen.add(tag)
+            self.examples.append(f"{tag}] table {self.seed}/{index} {table}\n{_indent(m)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed, "qemu": self.qemu, "ok": self.ok, "probes": self.probes, "tables": self.tables,
+            "disagreements": self.disagreements, "unexplained": self.unexplained, "skipped": self.skipped,
+            "withheld_from_at": self.withheld, "probes_per_s": self.probes_per_s,
+            "raw_at_per_s": self.raw_at_per_s, "seconds": self.seconds, "by_config": self.by_config,
+            "findings": [f.__dict__ for f in self.findings], "restarts": self.restarts,
+            "examples": self.examples,
+        }
+
+    def text(self, full: bool = False) -> str:
+        verdict = "OK" if self.ok else "UNEXPLAINED DISAGREEMENTS"
+        lines = [f"{verdict}: fuzz seed {self.seed} on QEMU {self.qemu}: {self.probes} probes over {self.tables} "
+                 f"tables in {self.seconds:.1f} s ({self.probes_per_s / 1e6:.2f} M probes/s; raw AT "
+                 f"{self.raw_at_per_s / 1e6:.2f} M/s), {self.unexplained} unexplained"]
+        lines += [f"  disagreements {k}: {v}" for k, v in sorted(self.disagreements.items())]
+        lines += [f"  withheld from AT ({k}): {v}" for k, v in self.withheld.items()]
+        lines += [f"  skipped ({k}): {v}" for k, v in self.skipped.items()]
+        lines += [f"  {k}: {v['tables']} tables, {v['probes']} probes, {v['unexplained']} unexplained, "
+                  f"{v['known']} known" for k, v in sorted(self.by_config.items())]
+        lines += [f"  finding: {f.text()}" for f in self.findings]
+        shown = self.examples if full else self.examples[:20]
+        lines += shown
+        if len(shown) < len(self.examples):
+            lines.append(f"  ... {len(self.examples) - len(shown)} more examples (--report FILE keeps them all)")
+        return "\n".join(lines)
+
+
+def _bump(d: dict[str, int], k: str, v: int) -> None:
+    d[k] = d.get(k, 0) + v
+
+
+def _indent(m: Mismatch) -> str:
+    return "  " + m.text().replace("\n", "\n  ")
+
+
+def config_key(stage: Stage, granule: Granule) -> str:
+    return f"stage {int(stage)} {granule.label}"
+
+
+def raw_at_rate(target: TargetLike, rng: np.random.Generator, probes: int = RAW_AT_PROBES) -> float:
+    """The firmware's bare AT loop rate (translations/s) on a random stage-1 table."""
+    geom = rawtables.random_geometry(rng, Stage.S1, Granule.K4)
+    raw = rawtables.random_tables(rng, geom, target.layout, outside_ram=False)
+    subject = raw.subject("raw AT rate")
+    addrs = rng.integers(0, geom.limit, size=probes, dtype=np.uint64)
+    addrs = addrs[~subject.predict(addrs, AT_OPS[Stage.S1][0][1]).unmodelled]
+    target.install(subject.regs, subject.image)
+    try:
+        target.at(addrs[:1000], AT_OPS[Stage.S1][0][0])
+        t0 = time.perf_counter()
+        for op, _ in AT_OPS[Stage.S1]:
+            target.at(addrs, op)
+        return 2 * addrs.size / (time.perf_counter() - t0)
+    finally:
+        target.uninstall()
+
+
+def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[[FuzzReport], None] | None = None,
+         first: FuzzTarget | None = None) -> FuzzReport:
+    """Run random tables until ``opts.probes`` probes (and ``opts.min_tables`` tables) are done.
+
+    ``start`` boots a target (again after QEMU died); ``first``, if given, is used first and
+    left open unless it died."""
+    target = first if first is not None else start()
+    try:
+        report = FuzzReport(opts.seed, ".".join(map(str, target.qemu_version)))
+        report.raw_at_per_s = raw_at_rate(target, np.random.default_rng([opts.seed, 1 << 40]))
+        t0 = time.perf_counter()
+        outside = reports_at_aborts()
+        index = 0
+        while report.probes < opts.probes or report.tables < opts.min_tables:
+            rng = np.random.default_rng([opts.seed, index])
+            geom = rawtables.random_geometry(rng, opts.stage, opts.granule)
+            raw = rawtables.random_tables(rng, geom, target.layout, outside_ram=outside)
+            addrs = rawtables.probe_addresses(rng, raw, opts.per_table)
+            name = f"fuzz {opts.seed}/{index}"
+            try:
+                rep = check_subject(raw.subject(name), target, addrs, rng)
+            except MachineryError as exc:
+                report.findings.append(Finding(opts.seed, index, raw.describe(), [int(a) for a in addrs],
+                                               f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
+                report.unexplained += 1
+                _bump(report.disagreements, "target died", 1)
+                target.close()
+                target = start()
+                report.restarts += 1
+            else:
+                report.add(config_key(geom.stage, geom.granule), rep, index, raw.describe())
+            index += 1
+            if progress is not None:
+                report.seconds = time.perf_counter() - t0
+                progress(report)
+        report.seconds = time.perf_counter() - t0
+        return report
+    finally:
+        if target is not first:
+            target.close()

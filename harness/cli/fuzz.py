@@ -1,0 +1,90 @@
+"""``harness fuzz``: random raw tables against QEMU's MMU; every disagreement classified.
+
+    harness fuzz --seed S --probes N [--stage 1|2] [--granule G] [--json] [--report FILE]
+
+Exit status 0 when every disagreement is explained by a declared QEMU divergence, 1 when any is
+unexplained (or QEMU died on a table), 2 for bad arguments, 3 when the machinery failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from harness.arch.geometry import GeometryError, Granule, parse_stage
+from harness.check.fuzz import DEFAULT_PER_TABLE, FuzzOptions, FuzzReport, fuzz
+from harness.errors import EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, HarnessError
+from harness.target.target import Target
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("fuzz", help="random raw tables against the MMU; disagreements classified",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="RNG seed (table i of a run is seed/i; default 0)")
+    p.add_argument("--probes", type=int, default=1_000_000, help="AT probes to run (default 1e6)")
+    p.add_argument("--stage", help="only stage 1 or 2 (default both)")
+    p.add_argument("--granule", help="only 4K, 16K or 64K (default all)")
+    p.add_argument("--per-table", type=int, default=DEFAULT_PER_TABLE,
+                   help=f"addresses per table, each probed with both AT forms (default {DEFAULT_PER_TABLE})")
+    p.add_argument("--min-tables", type=int, default=1, help="run at least this many tables")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--report", metavar="FILE", help="write every disagreement's walk here")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds for boot and each request")
+    p.add_argument("--log-dir", help="keep QEMU/gdb/console logs here")
+
+
+def _options(args: argparse.Namespace) -> FuzzOptions:
+    def bad(arg: str, want: str, got: object) -> ValueError:
+        return ValueError(f"{arg}: expected {want}, got {got!r}")
+
+    if args.seed < 0:
+        raise bad("--seed", "a non-negative integer", args.seed)
+    if args.probes <= 0:
+        raise bad("--probes", "a positive number of probes", args.probes)
+    if args.per_table <= 0:
+        raise bad("--per-table", "a positive number of addresses", args.per_table)
+    if args.min_tables < 0:
+        raise bad("--min-tables", "a non-negative number", args.min_tables)
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise bad("--timeout", "a positive number of seconds", args.timeout)
+    stage = parse_stage(args.stage) if args.stage is not None else None
+    granule = Granule.parse(args.granule) if args.granule is not None else None
+    return FuzzOptions(args.seed, args.probes, stage, granule, args.per_table, args.min_tables)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        opts = _options(args)
+        report_path = Path(args.report) if args.report else None
+        if report_path is not None and not report_path.parent.is_dir():
+            raise ValueError(f"--report: directory {str(report_path.parent)!r} does not exist")
+    except (ValueError, GeometryError) as exc:
+        print(f"harness fuzz: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    live = sys.stderr.isatty() and not args.json
+
+    def progress(rep: FuzzReport) -> None:
+        if live:
+            print(f"\r{rep.tables} tables, {rep.probes} probes, {rep.unexplained} unexplained", end="",
+                  file=sys.stderr, flush=True)
+
+    def start() -> Target:
+        return Target.start(timeout=args.timeout, request_timeout=max(args.timeout, 60.0), log_dir=args.log_dir)
+
+    try:
+        rep = fuzz(start, opts, progress)
+    except HarnessError as exc:
+        print(f"harness fuzz: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if live:
+        print(file=sys.stderr)
+    if report_path is not None:
+        report_path.write_text(rep.text(full=True) + "\n")
+    if args.json:
+        print(json.dumps(rep.to_json(), indent=2))
+    else:
+        print(rep.text())
+    return EXIT_OK if rep.ok else EXIT_MISMATCH

@@ -1,0 +1,137 @@
+"""pytest fixtures for tests against a real kernel's live translation tables.
+
+    @pytest.mark.hw
+    def test_hyp_text_is_not_writable(live_kernel):
+        k = live_kernel(mode="protected", cpu="max")      # booted, KVM up, tables live
+        cap = k.capture()                                  # registers + table pages, target resumed
+        for rd in decode(cap.snapshot, cap.regimes): ...
+
+* ``live_kernel``: a factory; each call boots (or reuses, per session, for the same mode, CPU and
+  extra command line) QEMU running the kernel until KVM reports ``initialized successfully`` and
+  the kernel settles (the root-fs panic that follows with no root file system). The result is a
+  :class:`LiveKernel`: ``gdb_socket`` (for ``harness attach``), ``capture()``, ``image`` (with the
+  package's System.map symbols), ``banner``, ``serial_log``. QEMU is killed at the end of the
+  session.
+* The kernel: ``--kernel PATH`` or ``HARNESS_KERNEL=PATH`` (a vmlinuz, or a directory holding
+  ``boot/vmlinuz-*``); default this tree's ``.cache/kernel`` (``bash ci/kernel.sh`` fetches
+  Debian's arm64 6.12). Tests using it carry the ``hw`` marker; without a kernel they are skipped,
+  or fail under ``--require-hw`` / ``HARNESS_REQUIRE_HW=1``.
+* A failing test's report gets a section with the kernel's serial log path and QEMU command.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from harness.live.gdbstub import Capture, capture, parse_target
+from harness.live.kernel import KernelBoot, KernelImage, KernelImageError
+
+REQUIRE_ENV = "HARNESS_REQUIRE_HW"
+_BOOTS_KEY = pytest.StashKey[dict[tuple[str, str, str], "LiveKernel"]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pgtable-harness")
+    group.addoption("--kernel", default=None, metavar="PATH",
+                    help="kernel for the live_kernel fixture: a vmlinuz or a directory with boot/vmlinuz-* "
+                         "(also HARNESS_KERNEL; default .cache/kernel from ci/kernel.sh)")
+    group.addoption("--kernel-timeout", type=float, default=120.0,
+                    help="seconds allowed for a kernel to bring KVM up (default 120)")
+
+
+@dataclass
+class LiveKernel:
+    """A booted kernel with its hypervisor up (see the module text)."""
+
+    boot: KernelBoot
+    captures: list[Capture] = field(default_factory=list)
+
+    @property
+    def image(self) -> KernelImage:
+        return self.boot.image
+
+    @property
+    def gdb_socket(self) -> Path:
+        return self.boot.gdb_socket
+
+    @property
+    def banner(self) -> str:
+        return self.boot.banner
+
+    @property
+    def serial_log(self) -> Path:
+        return self.boot.serial_log
+
+    def capture(self, timeout: float = 30.0) -> Capture:
+        """Registers and every reachable table page, through the gdbstub (target left running)."""
+        cap = capture(parse_target(str(self.boot.gdb_socket)), timeout=timeout)
+        self.captures.append(cap)
+        return cap
+
+
+def _require(config: pytest.Config) -> bool:
+    return bool(config.getoption("--require-hw", default=False)) or os.environ.get(REQUIRE_ENV, "") not in ("", "0")
+
+
+@pytest.fixture(scope="session")
+def kernel_image(request: pytest.FixtureRequest) -> KernelImage:
+    """The kernel the live_kernel fixture boots (``--kernel`` / ``HARNESS_KERNEL`` / .cache/kernel)."""
+    try:
+        return KernelImage.find(request.config.getoption("--kernel"), what="--kernel / HARNESS_KERNEL")
+    except KernelImageError as exc:
+        if _require(request.config):
+            pytest.fail(f"a kernel is required ({REQUIRE_ENV}) but: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def _kernel_boots(request: pytest.FixtureRequest) -> Iterator[dict[tuple[str, str, str], LiveKernel]]:
+    boots: dict[tuple[str, str, str], LiveKernel] = {}
+    request.config.stash[_BOOTS_KEY] = boots
+    try:
+        yield boots
+    finally:
+        for k in boots.values():
+            k.boot.close()
+        boots.clear()
+
+
+@pytest.fixture
+def live_kernel(request: pytest.FixtureRequest, kernel_image: KernelImage,
+                _kernel_boots: dict[tuple[str, str, str], LiveKernel]) -> Callable[..., LiveKernel]:
+    """``live_kernel(mode="nvhe", cpu="max", append="")`` -> a :class:`LiveKernel` (session-cached)."""
+    timeout = float(request.config.getoption("--kernel-timeout"))
+
+    def get(mode: str = "nvhe", cpu: str = "max", append: str = "") -> LiveKernel:
+        key = (mode, cpu, append)
+        k = _kernel_boots.get(key)
+        if k is not None and k.boot.pid is not None and _alive(k):
+            return k
+        boot = KernelBoot(kernel_image, mode=mode, cpu=cpu, append=append, timeout=timeout).start()
+        k = _kernel_boots[key] = LiveKernel(boot)
+        return k
+
+    return get
+
+
+def _alive(k: LiveKernel) -> bool:
+    proc = k.boot._proc
+    return proc is not None and proc.poll() is None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, object, None]:
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    if rep.when != "call" or not rep.failed or "live_kernel" not in getattr(item, "fixturenames", ()):
+        return
+    boots = item.config.stash.get(_BOOTS_KEY, {})
+    for (mode, cpu, _), k in boots.items():
+        rep.sections.append((f"kernel {mode} on -cpu {cpu}",
+                             f"serial log: {k.serial_log}\nQEMU: {k.boot.cmdline}\n"
+                             f"--- serial tail ---\n{k.boot.console_tail(1500)}"))

@@ -1,0 +1,114 @@
+"""``harness attach --verify`` on hand-made snapshots: the cases other decoders get wrong, replayed
+on the payload's MMU (tables relocated into the pool, payload spliced in) with 0 mismatches; a
+wrong model is caught; a snapshot that leaves no room for the payload is refused."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from harness.check import attach
+from harness.check.attach import VerifyRefused, verify
+from harness.cli import main
+from harness.core.memory import PagePool
+from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
+from harness.core.prot import Prot
+from harness.core.translate import Translation
+from harness.live.snapshot import from_tables
+from harness.target.layout import Layout
+from harness.target.target import Target
+
+pytestmark = pytest.mark.hw
+MIB = 1 << 20
+
+
+def _start(layout: Layout) -> Target:
+    return Target.start(timeout=60, layout=layout)
+
+
+def _pool(size: int) -> PagePool:
+    return PagePool(0x4800_0000, 256 * size, size)
+
+
+def _s2_concat() -> KvmPgtable:
+    t = Stage2Pgtable(_pool(4096), "4K", 43, 44, start_level=1)  # 16 concatenated PGD pages
+    t.map(0x4000_0000, 2 * MIB, 0x5000_0000, Prot.RW)
+    t.map((1 << 43) - 2 * MIB, 2 * MIB, 0x6000_0000, Prot.RX)
+    t.map(0x8000_0000, 64 * 1024, 0x0900_0000, Prot.RW | Prot.DEVICE)
+    return t
+
+
+def _s1_4k_40() -> KvmPgtable:
+    t = HypPgtable(_pool(4096), "4K", 40)
+    t.map(0x1000, 4096, 0x5000_0000, Prot.RX)
+    t.map((1 << 40) - 4096, 4096, 0x5000_1000, Prot.R)
+    t.map(0x80_0000_0000, 2 * MIB, 0x5020_0000, Prot.RW)
+    return t
+
+
+def _s1_16k_ds0() -> KvmPgtable:
+    t = HypPgtable(_pool(16384), "16K", 48, 48)
+    t.map(0x1_0000_0000, 32 * MIB, 0xFFFF_FE00_0000, Prot.RW)
+    return t
+
+
+def _s64k(stage: int) -> Callable[[], KvmPgtable]:
+    def build() -> KvmPgtable:
+        pool = _pool(65536)
+        t: KvmPgtable = HypPgtable(pool, "64K", 48, 52) if stage == 1 else Stage2Pgtable(pool, "64K", 48, 52)
+        t.map(0x1_0000_0000, 512 * MIB, 0xF_FFFF_E000_0000, Prot.RW)
+        t.map(0x2_0000_0000, 64 * 1024, 0xA_0000_0001_0000, Prot.R)
+        return t
+    return build
+
+
+CASES = {"s2-4K-43bit-16-concatenated": _s2_concat, "s1-4K-40bit": _s1_4k_40, "s1-16K-DS0-SH": _s1_16k_ds0,
+         "s1-64K-PA52": _s64k(1), "s2-64K-PA52": _s64k(2)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_verify_handmade(name: str) -> None:
+    snap = from_tables(CASES[name]())
+    report = verify(snap, _start)
+    (r,) = report.regimes
+    assert r.checked > 20 and r.ranges >= 1
+    assert report.mismatched == 0, report.text()
+
+
+def test_cli_verify_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s.json"
+    from_tables(_s2_concat()).save(path)
+    assert main(["attach", str(path), "--verify", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["checked"] > 0 and out["mismatched"] == 0
+    assert out["verify"]["regimes"][0]["regime"] == "stage2"
+
+
+def test_verify_catches_a_wrong_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real = attach._par
+
+    def off_by_a_page(t: Translation) -> int:
+        par = real(t)
+        return par ^ (1 << 12) if t.ok else par
+
+    monkeypatch.setattr(attach, "_par", off_by_a_page)
+    path = tmp_path / "s.json"
+    from_tables(_s1_4k_40()).save(path)
+    report = verify(from_tables(_s1_4k_40()), _start)
+    assert report.regimes[0].mismatched > 0
+    assert main(["attach", str(path), "--verify"]) == 1
+
+
+def test_verify_refuses_when_no_room_for_the_payload() -> None:
+    t = HypPgtable(_pool(4096), "4K", 39)
+    t.map(0x0800_0000, 32 * MIB, 0x0800_0000, Prot.RW | Prot.DEVICE)  # the UART's address taken
+    with pytest.raises(VerifyRefused, match="uart"):
+        verify(from_tables(t), _start)
+
+
+def test_attach_refused_connection_is_machinery_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["attach", "127.0.0.1:1"]) == 3
+    assert "connecting gdb" in capsys.readouterr().err

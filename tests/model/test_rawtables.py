@@ -1,0 +1,115 @@
+"""Random raw tables: legal configurations, the firmware's regions kept identity, one walk."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+from harness.arch import descriptors as d
+from harness.arch.geometry import PA_SIZES, Geometry, GeometryError, Granule, Stage
+from harness.check import rawtables
+from harness.core.batch import fault_code
+from harness.core.prot import Prot
+from harness.core.translate import READ, WRITE
+from harness.target.layout import LAYOUT
+
+SEEDS = range(40)
+
+
+def tables(seed: int, **kw: object) -> rawtables.RawTables:
+    rng = np.random.default_rng([seed, 7])
+    geom = rawtables.random_geometry(rng, **kw)  # type: ignore[arg-type]
+    return rawtables.random_tables(rng, geom, LAYOUT, outside_ram=True)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_configuration_is_legal(seed: int) -> None:
+    g = rawtables.random_geometry(np.random.default_rng(seed))
+    assert Geometry.create(g.stage, g.granule, g.ia_bits, g.pa_bits,
+                           g.start_level if g.stage is Stage.S2 else None) == g
+
+
+def test_configurations_cover_every_stage_granule_and_start_level() -> None:
+    seen = {(g.stage, g.granule, g.start_level)
+            for g in (rawtables.random_geometry(np.random.default_rng(s)) for s in range(3000))}
+    legal = set()
+    for gr in Granule:
+        for ia in range(25, 53):
+            for pa in PA_SIZES:
+                for sl in range(4):
+                    try:
+                        g = Geometry.create(Stage.S2, gr, ia, pa, sl)
+                    except GeometryError:
+                        continue
+                    legal.add((Stage.S2, gr, g.start_level))
+                if ia >= 31:
+                    with contextlib.suppress(GeometryError):
+                        legal.add((Stage.S1, gr, Geometry.create(Stage.S1, gr, ia, pa).start_level))
+    assert seen == legal
+    pgd = {rawtables.random_geometry(np.random.default_rng(s), Stage.S2).pgd_pages for s in range(2000)}
+    assert {1, 2, 16} <= pgd
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_firmware_regions_stay_identity(seed: int) -> None:
+    """Whatever is random, the firmware's own regions translate to themselves with their
+    permissions (so the firmware keeps running on the table under test)."""
+    raw = tables(seed, stage=Stage.S1)
+    subject = raw.subject("t")
+    for r in raw.protected:
+        addrs = np.arange(r.base, r.base + r.size, raw.geom.granule.size, dtype=np.uint64) + np.uint64(8)
+        for access in (READ, WRITE):
+            pred = subject.predict(addrs, access)
+            if access is WRITE and not r.prot & Prot.W:
+                assert not pred.ok.any()
+                continue
+            assert pred.ok.all(), r
+            assert (pred.pa == addrs).all()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_batch_and_scalar_walks_agree_on_random_tables(seed: int) -> None:
+    raw = tables(seed)
+    rng = np.random.default_rng(seed)
+    addrs = rawtables.probe_addresses(rng, raw, 400)
+    subject = raw.subject("t")
+    for access in (READ, WRITE):
+        pred = subject.predict(addrs, access)
+        for i in range(0, addrs.size, 7):
+            t = subject.walk(int(addrs[i]), access)
+            assert fault_code(t) == pred.fault[i], t.explain()
+            if t.ok:
+                assert t.pa == pred.pa[i] and t.attr == pred.attr[i]
+
+
+def test_random_content_is_varied_and_reproducible() -> None:
+    a, b = tables(3), tables(3)
+    assert a.root == b.root and (a.pool.words() == b.pool.words()).all()
+    stats: dict[str, int] = {}
+    for s in SEEDS:
+        for k, v in tables(s).stats.items():
+            stats[k] = stats.get(k, 0) + v
+    for kind in rawtables.KIND_NAMES:
+        assert stats.get(kind, 0) > 0, kind
+
+
+def test_roots_at_every_legal_alignment() -> None:
+    """Roots smaller than a page land at sub-page offsets, down to their own size (16 bytes)."""
+    offsets = set()
+    for s in range(300):
+        rng = np.random.default_rng(s)
+        g = Geometry.create(Stage.S2, Granule.K4, 31, 48, 1)  # two entries: a 16-byte root
+        raw = rawtables.random_tables(rng, g, LAYOUT)
+        offsets.add(raw.root % 64)
+        reg = raw.regs
+        assert reg.vttbr_el2 & 0xFFFF_FFFF_FFFF == raw.root
+    assert offsets >= {16, 32, 48}
+
+
+def test_leaves_carry_every_kind_of_bit() -> None:
+    words = np.concatenate([tables(s, granule=Granule.K64).pool.words() for s in range(10)])
+    valid = words[(words & np.uint64(1)) == 1]
+    for field in (d.AF, d.CONTIG, d.S1_NG, d.SW, d.OA_51_48, d.AP_TABLE, d.XN_TABLE):
+        assert ((valid & np.uint64(field.mask)) != 0).any(), field.name

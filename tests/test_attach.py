@@ -1,0 +1,214 @@
+"""``harness attach`` on hand-made snapshots: the file format, filters, explain, bad input, and the
+cases today's decoders get wrong (facts file): concatenated stage-2 PGD pages (gef walks only the
+first), 4K/16K outputs on a 52-bit-capable CPU with DS = 0 (gef turns SH into PA[51:50]), a 4K
+40-bit stage 1 (gdb-pt-dump is one level short when (ia - 12) mod 9 = 1), 64K PA[51:48]
+(gdb-pt-dump drops them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.arch.geometry import Stage
+from harness.check.attach import PermFilter, decode, filter_ranges, parse_window
+from harness.cli import main
+from harness.core.memory import PagePool
+from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
+from harness.core.prot import Prot
+from harness.errors import InputError
+from harness.live.gdbstub import TargetSpecError, parse_target
+from harness.live.regimes import regimes_from_registers
+from harness.live.snapshot import FORMAT, QEMU_MAX_MMFR0, Snapshot, SnapshotError, from_tables
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def pool_for(granule: str) -> PagePool:
+    size = {"4K": 4096, "16K": 16384, "64K": 65536}[granule]
+    return PagePool(0x4800_0000, 256 * size, size)
+
+
+def ranges_of(table: KvmPgtable) -> list[tuple[int, int, int, str]]:
+    snap = from_tables(table)
+    (rd,) = decode(snap)
+    return [(r.va, r.range.size, r.range.pa, r.to_json()["perms"]) for r in rd.ranges]
+
+
+# -- the decoders' known failures ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("ia_bits", "pa_bits", "pgd_pages"), [(40, 40, 2), (42, 42, 8), (43, 44, 16)])
+def test_concatenated_stage2_pgd_pages_all_walked(ia_bits: int, pa_bits: int, pgd_pages: int) -> None:
+    t = Stage2Pgtable(pool_for("4K"), "4K", ia_bits, pa_bits, start_level=1)
+    assert t.geom.pgd_pages == pgd_pages
+    last = (1 << ia_bits) - 2 * MIB  # indexed from the last concatenated PGD page
+    t.map(0x4000_0000, 2 * MIB, 0x5000_0000, Prot.RW)
+    t.map(last, 2 * MIB, 0x6000_0000, Prot.RX)
+    assert ranges_of(t) == [(0x4000_0000, 2 * MIB, 0x5000_0000, "rw-"), (last, 2 * MIB, 0x6000_0000, "r-x")]
+
+
+@pytest.mark.parametrize("granule", ["4K", "16K"])
+def test_ds0_output_address_ignores_sh_on_52_bit_cpu(granule: str) -> None:
+    t = HypPgtable(pool_for(granule), granule, 48, 48)
+    pa = 0xFFFF_FFE0_0000 if granule == "4K" else 0xFFFF_FE00_0000
+    t.map(0x4000_0000, 2 * MIB if granule == "4K" else 32 * MIB, pa, Prot.RW)
+    snap = from_tables(t)
+    assert snap.registers["ID_AA64MMFR0_EL1"] & 0xF == 6  # PARange: 52 bits
+    (rd,) = decode(snap)
+    (r,) = rd.ranges
+    assert dict(r.range.fields)["SH"] == 3  # inner shareable in descriptor bits [9:8] ...
+    assert r.range.pa == pa  # ... which are not PA[51:50] with DS = 0
+
+
+def test_4k_40_bit_stage1_has_four_levels() -> None:
+    t = HypPgtable(pool_for("4K"), "4K", 40)
+    assert t.geom.start_level == 0 and t.geom.pgd_entries == 2  # (40 - 12) mod 9 = 1
+    top = (1 << 40) - 4096
+    t.map(0x1000, 4096, 0x5000_0000, Prot.RX)
+    t.map(top, 4096, 0x5000_1000, Prot.R)
+    assert ranges_of(t) == [(0x1000, 4096, 0x5000_0000, "r-x"), (top, 4096, 0x5000_1000, "r--")]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_64k_pa_51_48(stage: int) -> None:
+    pool = pool_for("64K")
+    t: KvmPgtable = HypPgtable(pool, "64K", 48, 52) if stage == 1 else Stage2Pgtable(pool, "64K", 48, 52)
+    pa = 0xF_FFFF_E000_0000
+    t.map(0x4000_0000, 512 * MIB, pa, Prot.RW)
+    t.map(0x8000_0000, 64 * 1024, 0xA_0000_0001_0000, Prot.R)
+    assert ranges_of(t) == [(0x4000_0000, 512 * MIB, pa, "rw-"), (0x8000_0000, 65536, 0xA_0000_0001_0000, "r--")]
+
+
+# -- registers -------------------------------------------------------------------------------------
+
+def test_registers_of_linux_6_12_nvhe() -> None:
+    """The values Linux 6.12 programs in nVHE on -cpu max,lpa2=off (read through QEMU's gdbstub)."""
+    regs = {"SCTLR_EL2": 0xF8ED383D, "HCR_EL2": 0x30080000000, "TCR_EL2": 0x80853510, "TTBR0_EL2": 0x43A1E001,
+            "VTCR_EL2": 0, "VTTBR_EL2": 0, "MAIR_EL2": 0x40044FFFF, "ID_AA64MMFR0_EL1": 0x2100022200101126}
+    (r,) = regimes_from_registers(regs)
+    assert r.name == "el2" and r.geom.stage is Stage.S1
+    assert (r.geom.granule.label, r.geom.ia_bits, r.geom.pa_bits, r.geom.start_level) == ("4K", 48, 48, 0)
+    assert r.root == 0x43A1E000  # CnP (bit 0) is not part of the address
+    assert r.mair == 0x40044FFFF
+
+
+def test_stage2_only_when_hcr_vm() -> None:
+    t = Stage2Pgtable(pool_for("4K"), "4K", 40)
+    snap = from_tables(t)
+    assert [r.name for r in regimes_from_registers(snap.registers)] == ["stage2"]
+    snap.registers["HCR_EL2"] = 0
+    assert regimes_from_registers(snap.registers) == []
+
+
+# -- the file format -------------------------------------------------------------------------------
+
+def _demo() -> KvmPgtable:
+    t = HypPgtable(pool_for("4K"), "4K", 39)
+    t.map(0x4000_0000, 2 * MIB, 0x4000_0000, Prot.RX)
+    t.map(0x4020_0000, 64 * 1024, 0x5000_0000, Prot.RW)
+    t.map(0x0900_0000, 4096, 0x0900_0000, Prot.RW | Prot.DEVICE)
+    return t
+
+
+def test_snapshot_round_trip(tmp_path: Path) -> None:
+    snap = from_tables(_demo())
+    path = tmp_path / "s.json"
+    snap.save(path)
+    obj = json.loads(path.read_text())
+    assert obj["format"] == FORMAT and obj["version"] == 1 and obj["page_size"] == 4096
+    back = Snapshot.load(path)
+    assert back.registers == snap.registers and back.pages == snap.pages
+    assert [r.to_json() for r in decode(back)[0].ranges] == [r.to_json() for r in decode(snap)[0].ranges]
+
+
+@pytest.mark.parametrize(("edit", "key"), [
+    (lambda o: o.update(format="other"), "format"),
+    (lambda o: o.update(version=2), "version"),
+    (lambda o: o.update(page_size=1000), "page_size"),
+    (lambda o: o["registers"].update(TCR_EL2="zz"), "registers[TCR_EL2]"),
+    (lambda o: o.update(pages=[]), "pages"),
+    (lambda o: o["pages"].update({"0x1234": ""}), "pages[0x1234]"),
+    (lambda o: o["pages"].update({"0x1000": "AAAA"}), "pages[0x1000]: expected 4096 bytes"),
+    (lambda o: o["pages"].update({"0x2000": "@@@"}), "pages[0x2000]: expected base64"),
+])
+def test_bad_snapshot_names_the_key(tmp_path: Path, edit: object, key: str) -> None:
+    obj = from_tables(_demo()).to_json()
+    edit(obj)  # type: ignore[operator]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(SnapshotError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        Snapshot.load(path)
+    assert main(["attach", str(path)]) == 2
+
+
+def test_not_json(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text("{")
+    with pytest.raises(SnapshotError, match="not JSON"):
+        Snapshot.load(path)
+
+
+# -- targets, filters ------------------------------------------------------------------------------
+
+def test_parse_target(tmp_path: Path) -> None:
+    assert parse_target("localhost:1234").kind == "gdb"
+    assert parse_target("[::1]:1234").kind == "gdb"
+    f = tmp_path / "snap.json"
+    f.write_text("{}")
+    assert parse_target(str(f)).kind == "file"
+    for bad in ("nowhere", "host:99999", str(tmp_path / "missing.json")):
+        with pytest.raises(TargetSpecError, match="TARGET"):
+            parse_target(bad)
+    with pytest.raises(TargetSpecError, match="neither a unix socket nor a regular file"):
+        parse_target(str(tmp_path))
+
+
+def test_filters() -> None:
+    (rd,) = decode(from_tables(_demo()))
+    assert [r.va for r in filter_ranges(rd.ranges, perms=PermFilter.parse("x"))] == [0x4000_0000]
+    assert [r.va for r in filter_ranges(rd.ranges, perms=PermFilter.parse("w!x"))] == [0x0900_0000, 0x4020_0000]
+    clipped = filter_ranges(rd.ranges, window=parse_window("0x40100000:0x40210000"))
+    assert [(r.va, r.range.size, r.range.pa) for r in clipped] == [
+        (0x4010_0000, MIB, 0x4010_0000), (0x4020_0000, 0x10000, 0x5000_0000)]
+    assert parse_window("0x1000+0x2000") == (0x1000, 0x3000)
+    for bad in ("1:1", "x:y", "12"):
+        with pytest.raises(InputError, match="--range"):
+            parse_window(bad)
+    with pytest.raises(InputError, match="--perm"):
+        PermFilter.parse("rq")
+
+
+def test_cli_json_explain_filters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s.json"
+    from_tables(_demo()).save(path)
+    assert main(["attach", str(path), "--json", "--perm", "rw", "--explain", "0x40201234"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (reg,) = out["regimes"]
+    assert reg["regime"] == "el2" and reg["registers"]["TCR_EL2"].startswith("0x")
+    assert [(r["va"], r["size"], r["pa"], r["perms"]) for r in reg["ranges"]] == [
+        (0x0900_0000, 4096, 0x0900_0000, "rw-"), (0x4020_0000, 0x10000, 0x5000_0000, "rw-")]
+    (ex,) = out["explain"]
+    assert ex["ok"] and ex["pa"] == 0x5000_1234 and "L3" in ex["walk"]
+    assert main(["attach", str(path), "--range", "0x4000_0000:0x4010_0000"]) == 0
+    text = capsys.readouterr().out
+    assert "1 of 3 ranges" in text and "r-x" in text
+
+
+@pytest.mark.parametrize("args", [["--perm", "z"], ["--range", "5:1"], ["--explain", "nope"],
+                                  ["--timeout", "0"], ["--save", "/nonexistent-dir/x.json"]])
+def test_cli_bad_arguments_exit_2(tmp_path: Path, args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s.json"
+    from_tables(_demo()).save(path)
+    assert main(["attach", str(path), *args]) == 2
+    assert args[0] in capsys.readouterr().err
+
+
+def test_cli_missing_target_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["attach", "/nonexistent/gdb.sock"]) == 2
+    assert "TARGET" in capsys.readouterr().err
+
+
+def test_mmfr0_constant_is_qemu_max() -> None:
+    assert QEMU_MAX_MMFR0 & 0xF == 6
