@@ -32,6 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 from harness.errors import EXIT_INTERRUPTED, EXIT_MACHINERY, EXIT_OK, HarnessError, InputError
+from harness.target import process
 from harness.target.errors import ToolMissing
 
 # One module per command, in `harness --help` order: each exposes add_parser(sub) and run(args).
@@ -100,6 +101,10 @@ def _finish_logs(args: argparse.Namespace, code: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (``argv`` None: the program's own arguments, and SIGTERM/SIGHUP handlers
+    that kill QEMU and gdb first, then unwind with status 128 + signal)."""
+    if argv is None:
+        process.install_signal_handlers()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
