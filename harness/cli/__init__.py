@@ -33,7 +33,7 @@ from types import ModuleType
 
 from harness.errors import EXIT_INTERRUPTED, EXIT_MACHINERY, EXIT_OK, HarnessError, InputError
 from harness.target import process
-from harness.target.errors import ToolMissing
+from harness.target.errors import TargetTimeout, ToolMissing
 
 # One module per command, in `harness --help` order: each exposes add_parser(sub) and run(args).
 COMMANDS: tuple[str, ...] = (
@@ -78,6 +78,8 @@ def _report_error(args: argparse.Namespace, e: BaseException, expected: bool) ->
     what = _first_line(e) if expected else f"internal error: {type(e).__name__}: {_first_line(e)}"
     if isinstance(e, ToolMissing):
         what += " (bash ci/setup.sh installs what the harness needs)"
+    if isinstance(e, TargetTimeout) and "QEMU" in e.evidence:  # why it did not answer, when known
+        what += f": QEMU {e.evidence['QEMU']}"
     logs = [str(d) for d in args.log_dirs]
     for d in args.log_dirs:
         _write_error_file(d, e)
