@@ -8,6 +8,8 @@
     harness review               the v3 review questions, settled on the MMU
     harness bench                end-to-end verified translations/s vs the raw AT rate
     harness geometry             the geometry table for every granule and input size
+    harness fuzz                 random raw tables against the MMU; every disagreement classified
+    harness attach TARGET        decode (and --verify on the MMU) a live target's tables via its gdbstub
 
 Every command takes --json and --debug. Exit status:
   0    every check matched
