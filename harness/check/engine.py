@@ -586,7 +586,7 @@ def check_built(built: BuiltScenario, target: TargetLike, rng: np.random.Generat
 class AddressVerdict:
     """One AT form at one address: the model's walk beside the MMU's answer (harness explain)."""
 
-    probe: str  # AT op, or the real access that replaced a withheld AT
+    probe: str  # the AT op (where it was withheld, ``mmu`` tells the real access that replaced it)
     model_walk: str
     mmu: str
     agree: bool
@@ -610,13 +610,14 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
             if unsafe.any():
                 rec = target.access(one, write=write, stage=subject.stage)
                 r = rec[0]
-                mmu = ("access completed" if r["completed"] else
-                       f"access faulted: {describe_esr(int(r['esr']))} FAR {int(r['far']):#x} "
+                kind = "store" if write else "load"
+                mmu = (f"{kind} completed" if r["completed"] else
+                       f"{kind} faulted: {describe_esr(int(r['esr']))} FAR {int(r['far']):#x} "
                        f"HPFAR {int(r['hpfar']):#x}") + f" (AT withheld: {', '.join(keys)})"
                 agree = bool(_access_agrees(pred.arm, rec, one, subject.stage, write)[0])
                 known = not agree and pred.qemu is not pred.arm and \
                     bool(_access_agrees(pred.qemu, rec, one, subject.stage, write)[0])
-                probe = "store" if write else "load"
+                withheld = True
             else:
                 target.at_start(one, op)
                 actual = target.at_wait()
@@ -625,15 +626,15 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
                 unmodelled = bool(pred.arm.unmodelled[0] or pred.qemu.unmodelled[0])
                 agree = unmodelled or (not aborted and bool(_matches(pred.arm, actual)[0]))
                 known = not agree and not aborted and bool(_matches(pred.qemu, actual)[0])
-                probe = op
+                withheld = False
             key = None
             if known:
                 key = divergences.semantic_departures(version, subject.geom)[0][0].key
-            elif not agree and probe == op:
+            elif not agree and not withheld:
                 found = divergences.explain(model, int(actual[0]), subject.geom, partial(subject.walk, addr, access),
                                             version)
                 key = found.key if found else None
-            out.append(AddressVerdict(probe, model.explain(), mmu, agree, key))
+            out.append(AddressVerdict(op, model.explain(), mmu, agree, key))
     finally:
         if target.alive:
             target.uninstall()
