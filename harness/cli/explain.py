@@ -38,14 +38,13 @@ def run(args: argparse.Namespace) -> int:
     ops = [op for op, _ in AT_OPS[built.table.stage]]  # one verdict per AT form, in this order
     if args.json:
         print_json({"address": addr, "scenario": sc.describe(), "results": [
-            {"op": op, "probe": v.probe, "model": v.model_walk, "mmu": v.mmu, "agree": v.agree,
+            {"op": op, "model": v.model_walk, "mmu": v.mmu, "agree": v.agree,
              "divergence": v.divergence} for op, v in zip(ops, verdicts, strict=True)]})
     else:
         print(sc.describe())
         for op, v in zip(ops, verdicts, strict=True):
-            probe = op if v.probe == op else f"{op} (withheld; {v.probe})"
             known = f" (known QEMU divergence: {v.divergence})" if v.divergence else ""
-            print(f"\n== {probe} {addr:#x}: {'agree' if v.agree else 'DISAGREE'}{known}")
+            print(f"\n== {op} {addr:#x}: {'agree' if v.agree else 'DISAGREE'}{known}")
             print("model: " + v.model_walk.replace("\n", "\n       "))
             print(f"MMU:   {v.mmu}")
     return 0 if all(v.agree or v.divergence for v in verdicts) else 1  # a known divergence is no mismatch
