@@ -1,3 +1,5 @@
-from harness.cli import console_main
+import sys
 
-console_main()
+from harness.cli import main
+
+sys.exit(main())
