@@ -28,6 +28,7 @@ import numpy.typing as npt
 from harness.arch.geometry import Geometry, Stage
 from harness.arch.registers import (
     ESR_EC,
+    HPFAR_FIPA,
     ISS_DFSC,
     ISS_S1PTW,
     ISS_WNR,
@@ -431,7 +432,8 @@ def _access_agrees(pred: BatchResult, rec: Any, addrs: U64, stage: Stage, write:
     same &= ((esr >> np.uint64(ISS_WNR.lo)) & np.uint64(1)) == np.uint64(wnr)
     same &= ((esr >> np.uint64(ISS_S1PTW.lo)) & np.uint64(1)) == 0
     if stage is Stage.S2:
-        same &= (rec["hpfar"].astype(np.uint64) >> np.uint64(4)) == (addrs >> np.uint64(12))
+        fipa = (rec["hpfar"].astype(np.uint64) >> np.uint64(HPFAR_FIPA.lo)) & np.uint64(HPFAR_FIPA.max)
+        same &= fipa == (addrs >> np.uint64(12))  # HPFAR_EL2.FIPA: IPA[51:12] (hpfar_ipa_page)
     else:
         same &= rec["far"].astype(np.uint64) == addrs & ~np.uint64(7)
     return np.asarray(np.where(ok, completed, ~completed & same), dtype=np.bool_)
@@ -608,7 +610,7 @@ def check_built(built: BuiltScenario, target: TargetLike, rng: np.random.Generat
 class AddressVerdict:
     """One AT form at one address: the model's walk beside the MMU's answer (harness explain)."""
 
-    probe: str  # AT op, or the real access that replaced a withheld AT
+    probe: str  # the AT op (where it was withheld, ``mmu`` tells the real access that replaced it)
     model_walk: str
     mmu: str
     agree: bool
@@ -632,12 +634,12 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
             if unsafe.any():
                 rec = target.access(one, write=write, stage=subject.stage)
                 r = rec[0]
-                mmu = ("access completed" if r["completed"] else
-                       f"access faulted: {describe_esr(int(r['esr']))} FAR {int(r['far']):#x} "
+                kind = "store" if write else "load"
+                mmu = (f"{kind} completed" if r["completed"] else
+                       f"{kind} faulted: {describe_esr(int(r['esr']))} FAR {int(r['far']):#x} "
                        f"HPFAR {int(r['hpfar']):#x}") + f" (AT withheld: {', '.join(keys)})"
                 agree = bool(_access_agrees(pred.arm, rec, one, subject.stage, write)[0])
                 key = None if agree else _access_departures(subject, one, access, rec, write, version)[0]
-                probe = "store" if write else "load"
             else:
                 target.at_start(one, op)
                 actual = target.at_wait()
@@ -645,7 +647,6 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
                 mmu = _at_abort_text(int(actual[0])) if aborted else str(Par(int(actual[0])))
                 unmodelled = bool(pred.arm.unmodelled[0] or pred.qemu.unmodelled[0])
                 agree = unmodelled or (not aborted and bool(_matches(pred.arm, actual)[0]))
-                probe = op
                 key = None
                 if not agree and not aborted:
                     key = next((name for name, kw in divergences.semantic_explanations(version, subject.geom)
@@ -653,7 +654,7 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
                     found = None if key else divergences.explain(
                         model, int(actual[0]), subject.geom, partial(subject.walk, addr, access), version)
                     key = key or (found.key if found else None)
-            out.append(AddressVerdict(probe, model.explain(), mmu, agree, key))
+            out.append(AddressVerdict(op, model.explain(), mmu, agree, key))
     finally:
         if target.alive:
             target.uninstall()
