@@ -323,9 +323,8 @@ def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, 
         if k is None or report.room:
             model = subject.walk(addr, access)
             if k is None:
-                found = divergences.explain(model, int(actual[i]), subject.geom,
+                k = divergences.explain_key(model, int(actual[i]), subject.geom,
                                             partial(subject.walk, addr, access), version)
-                k = found.key if found else None
             m = None
             if report.room:
                 exp = expected_par(model) if not model.unmodelled else 0
@@ -529,6 +528,7 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         pred = Prediction.of(subj, cand, access, version)
         a, q = pred.arm, pred.qemu
         safe = (_in_scratch(a, scratch) & q.ok & (a.pa == q.pa)) | (~a.ok & ~q.ok & ~a.unmodelled & ~q.unmodelled)
+        safe &= ~np.isin(a.fault, divergences.untrusted_faults(version))
         if subj.stage is Stage.S2:  # a stage-1 fault of EL1 (above PAMax) is taken at EL1, not reported
             safe &= a.ok | (a.fault_stage2 & q.fault_stage2)
         safe &= _outside(cand, subj.no_access)
@@ -651,9 +651,8 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
                 if not agree and not aborted:
                     key = next((name for name, kw in divergences.semantic_explanations(version, subject.geom)
                                 if _matches(subject.predict(one, access, **kw), actual)[0]), None)
-                    found = None if key else divergences.explain(
+                    key = key or divergences.explain_key(
                         model, int(actual[0]), subject.geom, partial(subject.walk, addr, access), version)
-                    key = key or (found.key if found else None)
             out.append(AddressVerdict(op, model.explain(), mmu, agree, key))
     finally:
         if target.alive:

@@ -135,3 +135,14 @@ def test_fuzz_command(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "harness.cli", "fuzz", "--granule", "8K"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "granule" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fuzz_on_qemu_7_2(legacy_qemu: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian 12's QEMU 7.2: its own bugs (reserved-level blocks, PAR.SH) are declared divergences,
+    also met together with a departure of walk semantics on one descriptor."""
+    monkeypatch.setenv("HARNESS_QEMU", legacy_qemu)
+    with Target.start() as t:
+        assert t.qemu_version < (8, 0, 0)
+        rep = run(t, 3, 60_000)
+    assert rep.ok, rep.text(full=True)
+    assert {"qemu-par-sh-non-cacheable", "qemu-l1-block-16k"} <= set(rep.disagreements), rep.text()
