@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser("fuzz", help="random raw tables against the MMU; disagreements classified",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="RNG seed (table i of a run is seed/i; default 0)")
-    p.add_argument("--probes", type=int, default=1_000_000, help="probes to run: AT forms and real accesses (default 1e6)")
+    p.add_argument("--probes", type=int, default=1_000_000, help="probes: AT forms and real accesses (1e6)")
     p.add_argument("--stage", help="only stage 1 or 2 (default both)")
     p.add_argument("--granule", help="only 4K, 16K or 64K (default all)")
     p.add_argument("--per-table", type=int, default=DEFAULT_PER_TABLE,
