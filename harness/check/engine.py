@@ -475,6 +475,36 @@ class Tokens:
 LOAD_TOKEN_BASE = 0x10AD_0000_0000_0000
 
 
+@dataclass(frozen=True)
+class StoreGuard:
+    """The 4K pages of scratch RAM that hold the stores' expected PAs, as they were before the
+    stores: afterwards, no other word of them may have changed (a store that went astray nearby)."""
+
+    index: npt.NDArray[np.intp]  # word indices in scratch RAM of the guarded pages
+    before: U64
+    expected: npt.NDArray[np.intp]  # word indices the stores are expected to write
+
+    MAX_PAGES = 4096
+    PAGE_WORDS = 512
+
+    @classmethod
+    def take(cls, target: TargetLike, pred: BatchResult, scratch: Any) -> StoreGuard | None:
+        ok = _in_scratch(pred, scratch)
+        expected = ((pred.pa[ok] - np.uint64(scratch.base)) >> np.uint64(3)).astype(np.intp)
+        pages = np.unique(expected // cls.PAGE_WORDS)
+        if not pages.size or pages.size > cls.MAX_PAGES:
+            return None
+        index = (pages[:, None] * cls.PAGE_WORDS + np.arange(cls.PAGE_WORDS)).reshape(-1)
+        return cls(index, _scratch_words(target, scratch)[index].copy(), expected)
+
+    def strays(self, target: TargetLike, scratch: Any) -> list[int]:
+        """PAs of words that changed but were no store's expected PA."""
+        after = _scratch_words(target, scratch)[self.index]
+        changed = self.index[after != self.before]
+        stray = np.setdiff1d(changed, self.expected)
+        return [int(scratch.base) + 8 * int(w) for w in stray]
+
+
 def _stores_landed(target: TargetLike, pred: BatchResult, rec: Any, scratch: Any) -> Bools:
     """Per lane: the value the store carried is at its expected PA (where several stores share
     a word, the last one's value), or no store was expected to complete."""
@@ -540,6 +570,7 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
             continue
         chosen, pred = cand[idx], pred.take(idx)
         tokens = Tokens.plant(target, pred.arm, scratch, report.checked) if not write else None
+        guard = StoreGuard.take(target, pred.arm, scratch) if write else None
         t0 = time.perf_counter()
         rec = target.access(chosen, write=write, stage=subj.stage)
         report.time("access", time.perf_counter() - t0)
@@ -549,6 +580,10 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         if "value" in (rec.dtype.names or ()):
             landed = tokens.loaded(rec) if tokens is not None else _stores_landed(target, pred.arm, rec, scratch)
             good &= landed
+        if guard is not None:
+            for pa in guard.strays(target, scratch):
+                report.add(Mismatch(pa, "store", "no store lands here (not an expected PA)",
+                                    f"the word at PA {pa:#x} changed", "") if report.room else None, None)
         bad = np.flatnonzero(~good)
         report.matched += int(chosen.size - bad.size)
         if not bad.size:

@@ -168,3 +168,22 @@ def test_redirected_page_fails_the_access_check(target: Target, stage: Stage) ->
             bad = {(m.probe, m.address) for m in rep.mismatches}
             redirected = {int(a) for a in addrs if va + 0x1000 <= a < va + 0x2000}
             assert bad == {(p, a) for p in ("load", "store") for a in redirected}, rep.text()
+
+
+def test_store_gone_astray_is_caught_in_its_page(target: Target) -> None:
+    """Stores redirected into a page where other stores are expected, at other offsets: the
+    words they change are caught (no store was expected there)."""
+    va = 0x1_0000_0000
+    sc = Scenario("astray", Stage.S1, Granule.K4, 40, 48, maps=(MapSpec(va, 0x4000, SCRATCH, Prot.RW),))
+    built = build(sc, target.layout)
+    subject = subject_of_built(built)
+    pages = np.arange(4, dtype=np.uint64)
+    addrs = (np.uint64(va) + pages * np.uint64(0x1000) + np.where(pages == 1, 0x208, 0x8).astype(np.uint64))
+    rep = CheckReport(sc.name, built.table.geom.describe(), "")
+    target.install(subject.regs, _redirected(built, va + 0x1000, SCRATCH + 0x2000))
+    try:
+        check_access(rep, target, subject, addrs, np.random.default_rng(0))
+    finally:
+        target.uninstall()
+    strays = [m for m in rep.mismatches if m.expected.startswith("no store lands here")]
+    assert [m.address for m in strays] == [SCRATCH + 0x2208], rep.text()
