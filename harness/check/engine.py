@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +45,7 @@ from harness.core.batch import BatchResult, expected_par_batch, par_compare_mask
 from harness.core.memory import PoolImage
 from harness.core.pgtable import KvmPgtable
 from harness.core.translate import DEFAULT_MAIR, READ, WRITE, Access, Translation, expected_par, translate
+from harness.target import mailbox
 
 U64 = npt.NDArray[np.uint64]
 Bools = npt.NDArray[np.bool_]
@@ -57,7 +58,6 @@ MAX_EXPLAINED = 200  # disagreements re-walked and reported in full (the rest ar
 MAX_ACCESS_PROBES = 20_000
 
 SKIP_UNMODELLED = "walk leaves the modelled memory (no prediction)"
-SKIP_UNMODELLED_WITHHELD = "walk leaves the modelled memory, AT withheld (target cannot report an AT abort)"
 SKIP_NO_ACCESS = "withheld from AT, and real accesses cannot run on this table"
 SKIP_AT_ABORT = "AT took an external abort: walk leaves the modelled memory"
 
@@ -282,27 +282,12 @@ def _matches(pred: BatchResult, actual: U64) -> Bools:
 
 
 def _at_aborts(actual: U64) -> Bools:
-    """PAR slots the firmware tagged as "the AT took a synchronous exception" (when it can)."""
-    from harness.target import mailbox
-
-    tagged = cast("Callable[[U64], Any] | None", getattr(mailbox, "is_at_exception", None))
-    if tagged is None:
-        return np.zeros(actual.size, dtype=np.bool_)
-    return np.asarray(tagged(actual), dtype=np.bool_)
-
-
-def reports_at_aborts() -> bool:
-    """Whether the firmware records an AT's synchronous exception as that probe's result."""
-    from harness.target import mailbox
-
-    return hasattr(mailbox, "is_at_exception")
+    """Result slots the firmware tagged as "this AT took a synchronous exception"."""
+    return np.asarray(mailbox.is_at_exception(actual), dtype=np.bool_)
 
 
 def _at_abort_text(value: int) -> str:
-    from harness.target import mailbox
-
-    esr_of = cast("Callable[[int], Any] | None", getattr(mailbox, "at_exception_esr", None))
-    return f"AT took an exception: {describe_esr(int(esr_of(value)))}" if esr_of else f"AT abort {value:#x}"
+    return f"AT took an exception: {describe_esr(int(mailbox.at_exception_esr(value)))}"
 
 
 def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, addrs: U64, actual: U64,
@@ -335,18 +320,12 @@ def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, 
             report.add(None, k)
 
 
-def _at_hazards(report: CheckReport, pred: Prediction, version: divergences.QemuVersion,
-                at_aborts: bool) -> tuple[Bools, Bools]:
-    """(addresses to withhold from AT, of which those to check with real accesses)."""
+def _at_hazards(report: CheckReport, pred: Prediction, version: divergences.QemuVersion) -> Bools:
+    """The addresses to withhold from AT (and check with real accesses instead)."""
     unsafe, keys = divergences.at_unsafe(pred.qemu, version)
     for k in keys:
         report.count(report.withheld, k, int(unsafe.sum()))
-    hold = unsafe.copy()
-    if not at_aborts:
-        lost = (pred.qemu.unmodelled | pred.arm.unmodelled) & ~unsafe
-        report.count(report.skipped, SKIP_UNMODELLED_WITHHELD, int(lost.sum()))
-        hold |= lost
-    return hold, unsafe
+    return unsafe
 
 
 def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64) -> dict[Access, U64]:
@@ -357,13 +336,12 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
     subj = subject if isinstance(subject, Subject) else subject_of_table(subject, report.scenario)
     max_at = int(target.layout.max_at)
     version = target.qemu_version
-    at_aborts = reports_at_aborts()
     withheld: dict[Access, list[U64]] = {}
     for op, access in AT_OPS[subj.stage]:
         for lo in range(0, addrs.size, max_at):
             chunk = addrs[lo : lo + max_at]
             t0 = time.perf_counter()
-            early = at_aborts and not divergences.hazards(version, subj.stage)
+            early = not divergences.hazards(version, subj.stage)
             if early:  # nothing to withhold: predict while the firmware probes
                 t1 = time.perf_counter()
                 target.at_start(chunk, op)
@@ -371,10 +349,10 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
                 pred = Prediction.of(subj, chunk, access, version)
             else:
                 pred = Prediction.of(subj, chunk, access, version)
-                hold, unsafe = _at_hazards(report, pred, version, at_aborts)
-                if hold.any():
+                unsafe = _at_hazards(report, pred, version)
+                if unsafe.any():
                     withheld.setdefault(access, []).append(chunk[unsafe])
-                    chunk, pred = chunk[~hold], pred.take(~hold)
+                    chunk, pred = chunk[~unsafe], pred.take(~unsafe)
                 t1 = time.perf_counter()
                 if not chunk.size:
                     continue

@@ -15,7 +15,7 @@ from harness.arch import descriptors as d
 from harness.arch.bits import Field
 from harness.arch.geometry import Geometry, Granule, Stage
 from harness.check import divergences, rawtables
-from harness.check.engine import SKIP_AT_ABORT, reports_at_aborts
+from harness.check.engine import SKIP_AT_ABORT
 from harness.check.fuzz import FuzzOptions, FuzzReport, fuzz
 from harness.core import batch, translate
 from harness.target.target import Target
@@ -44,8 +44,7 @@ def test_bounded_fuzz(target: Target, stage: Stage, granule: Granule) -> None:
         assert rep.disagreements.get(LPA_KEY, 0) > 0, rep.text()
     if stage is Stage.S2:
         assert rep.withheld.get(PERMISSION_HAZARD, 0) > 0, rep.text()
-    if reports_at_aborts():
-        assert rep.skipped.get(SKIP_AT_ABORT, 0) > 0, rep.text()
+    assert rep.skipped.get(SKIP_AT_ABORT, 0) > 0, rep.text()
 
 
 def test_mixed_fuzz_covers_both_stages(target: Target) -> None:
