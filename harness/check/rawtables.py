@@ -48,6 +48,7 @@ U64 = npt.NDArray[np.uint64]
 _U = np.uint64
 
 WINDOW_BYTES = {Granule.K4: 128 << 12, Granule.K16: 64 << 14, Granule.K64: 48 << 16}
+MAX_NEW_TABLES = 24  # fresh random subtrees per set of tables
 OUTSIDE_RAM = 0x2_0000_0000  # no memory and no device behind it on QEMU's virt board (1 GiB RAM)
 MIN_STAGE2_IA_FOR_STUB = 31
 
@@ -120,6 +121,7 @@ class _Filler:
         self.spans: list[U64] = []  # (n, 2) arrays of (input base, size)
         self.stats: dict[str, int] = {}
         self.reserve = 3  # pages kept zero for TABLE_ZERO pointers
+        self.new_tables = MAX_NEW_TABLES  # fresh subtrees left (most of the time goes into filling them)
         kinds = dict(_KIND_WEIGHTS)
         if not outside_ram:
             kinds.pop(TABLE_OUTSIDE)
@@ -220,9 +222,10 @@ class _Filler:
         desc[kinds >= TABLE_NEW] = self._table_attrs(int((kinds >= TABLE_NEW).sum()))
         new_tables: list[tuple[int, int]] = []
         for i in np.flatnonzero(kinds == TABLE_NEW):  # fresh subtrees while pages and depth remain
-            if self.pool.pages - self.pool.used_pages <= self.reserve or depth_budget <= 0:
+            if self.pool.pages - self.pool.used_pages <= self.reserve or depth_budget <= 0 or not self.new_tables:
                 kinds[i] = TABLE_OLD
                 continue
+            self.new_tables -= 1
             pa = self.pool.alloc_page()
             new_tables.append((pa, int(slots[i])))
             desc[i] |= _U(d.table_pte(pa, g.granule))
