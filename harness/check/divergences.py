@@ -205,7 +205,8 @@ DIVERGENCES: tuple[Divergence, ...] = (
         "address): an output address at or above 2^PS is an Address size fault at the leaf level, "
         "also when it comes from the input address bits inside a block (a 64K level-1 block is "
         "4 TiB: with PS < 42 at stage 1 its upper part lies beyond the PA size)",
-        "QEMU 10.0.2 checks only descriptor bits [47:PS] and translates to the out-of-range address",
+        "QEMU (10.0.2 and 7.2.22 measured) checks only descriptor bits [47:PS] and translates to the "
+        "out-of-range address",
         _always, _final_oa_beyond_ps, FINAL_OA_SEMANTICS, _blocks_beyond_ps,
     ),
 )
