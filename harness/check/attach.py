@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from harness.arch import descriptors as d
-from harness.arch.geometry import ENTRY_BYTES, LAST_LEVEL, Geometry, Stage, ptrs_per_table
+from harness.arch.geometry import ENTRY_BYTES, LAST_LEVEL, Geometry, Granule, Stage, ptrs_per_table
 from harness.arch.registers import (
     HCR_DC,
     HCR_E2H,
@@ -34,11 +35,13 @@ from harness.arch.registers import (
     SCTLR_C,
     SCTLR_I,
     SCTLR_M,
+    SCTLR_WXN,
     TTBR_BADDR,
     TTBR_BADDR_51_48,
     Par,
     Stage1Regs,
     Stage2Regs,
+    ttbr_baddr,
 )
 from harness.check import divergences
 from harness.core.batch import expected_par_batch, translate_batch
@@ -139,9 +142,17 @@ def decode(snapshot: Snapshot, regimes: Sequence[Regime] | None = None) -> list[
         ranges = []
         for r in mapped_ranges(mem, regime.geom, regime.root):
             t = walk(snapshot, regime, r.va)
-            ranges.append(LiveRange(r, t.perms, t.attr, t.level))
+            ranges.append(LiveRange(r, wxn_perms(regime, t.perms), t.attr, t.level))
         out.append(RegimeDecode(regime, ranges))
     return out
+
+
+def wxn_perms(regime: Regime, perms: int) -> int:
+    """SCTLR_EL2.WXN = 1 (Linux sets it): memory writable at EL2 is execute-never at EL2, whatever
+    the descriptor's XN/PXN say (Arm ARM D8.4.1.3). The model's walk assumes WXN = 0."""
+    if regime.geom.stage is Stage.S1 and SCTLR_WXN.get(regime.registers.get("SCTLR_EL2", 0)) and perms & PERM_W:
+        return perms & ~PERM_X
+    return perms
 
 
 @dataclass(frozen=True)
@@ -220,59 +231,102 @@ def explain(snapshot: Snapshot, address: int, regimes: Sequence[Regime] | None =
 # Replay: relocate the tables into the payload's pool.
 
 
-def _table_address(pte: int, geom: Geometry) -> int:
-    return d.pte_to_phys(pte, geom.granule)
-
-
-def _with_table_address(pte: int, pa: int, geom: Geometry) -> int:
-    keep = pte & ~d.table_pte(0, geom.granule) & ~_address_bits(geom)
-    return keep | d.table_pte(pa, geom.granule)
-
-
 def _address_bits(geom: Geometry) -> int:
-    bits = d.oa_mask(geom.granule)
-    if geom.granule.size == 1 << 16:
+    """Descriptor bits that hold the next-level (or output) address for this geometry."""
+    bits = d.oa_mask(geom.granule, geom.lpa2)
+    if geom.granule is Granule.K64:
         bits |= d.OA_51_48.mask
+    if geom.lpa2:
+        bits |= d.OA_51_50_LPA2.mask
     return bits
 
 
-class _Splice(KvmPgtable):
-    """The relocated tables as a KvmPgtable over the pool, so the payload's regions can be mapped
-    into them by the model's own map operation."""
-
-    def __init__(self, geom: Geometry, pool: PagePool) -> None:
-        super().__init__(geom, pool)
-        self.moved: dict[int, int] = {}  # original table page -> its copy in the pool
-
-    def leaf_attrs(self, prot: Prot) -> int:
-        if self.geom.stage is Stage.S1:
-            return HypPgtable.leaf_attrs(self, prot)  # type: ignore[arg-type]
-        return Stage2Pgtable.leaf_attrs(self, prot)  # type: ignore[arg-type]
+def _table_address(pte: int, geom: Geometry) -> int:
+    return d.pte_to_phys(pte, geom.granule, geom.lpa2)
 
 
-def relocate(snapshot: Snapshot, regime: Regime, layout: Layout) -> _Splice:
-    """Copy every table page reachable from the regime's root into a pool at ``layout.pool_base``."""
+def _with_table_address(pte: int, pa: int, geom: Geometry) -> int:
+    return (pte & ~_address_bits(geom)) | d.phys_to_pte(pa, geom.granule, geom.lpa2)
+
+
+@functools.cache
+def _leaf_attrs(stage: Stage, prot: Prot) -> int:
+    """The model's hyp / stage-2 leaf attributes for ``prot`` (as its builders map them)."""
+    pool = PagePool(0, 4096, 4096)
+    table: KvmPgtable = HypPgtable(pool, "4K", 39) if stage is Stage.S1 else Stage2Pgtable(pool, "4K", 32, 32)
+    return table.leaf_attrs(prot)
+
+
+@dataclass
+class Replay:
+    """The snapshot's tables copied into the payload's page pool: ``root`` (the initial table,
+    every concatenated PGD page), ``moved`` (original table page -> its copy)."""
+
+    geom: Geometry
+    pool: PagePool
+    root: int
+    moved: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def copies(self) -> set[int]:
+        g = self.geom.granule.size
+        return {self.root + i * g for i in range(self.geom.pgd_pages)} | set(self.moved.values())
+
+    def map_identity(self, region: Region) -> None:
+        """Map ``region`` (identity, the model's attributes for its protection), blocks where they
+        fit, creating tables as needed; refuse if any part of it is already mapped."""
+        geom = self.geom
+        attrs = _leaf_attrs(geom.stage, region.prot)
+        addr, end = region.base, region.end
+        while addr < end:
+            level = next((lvl for lvl in sorted(geom.block_levels) if lvl >= geom.start_level
+                          and addr % geom.size(lvl) == 0 and addr + geom.size(lvl) <= end), LAST_LEVEL)
+            table, lvl = self.root, geom.start_level
+            while True:
+                idx = geom.pgd_index(addr) if lvl == geom.start_level else geom.index(lvl, addr)
+                ptep = table + idx * ENTRY_BYTES
+                pte = self.pool.read64(ptep)
+                kind = d.kind(pte, lvl, geom.block_levels)
+                if lvl == level:
+                    if kind is not d.Kind.INVALID:
+                        raise VerifyRefused(f"the payload's {region.name} region: {addr:#x} is already mapped")
+                    self.pool.write64(ptep, d.leaf_pte(addr, attrs, lvl, geom.granule, geom.lpa2))
+                    break
+                if kind is d.Kind.TABLE:
+                    table = _table_address(pte, geom)
+                elif kind is d.Kind.INVALID:
+                    child = self.pool.alloc_page()
+                    self.pool.write64(ptep, d.table_pte(child, geom.granule, geom.lpa2))
+                    table = child
+                else:
+                    raise VerifyRefused(f"the payload's {region.name} region: {addr:#x} lies in a "
+                                        f"level-{lvl} block of the snapshot")
+                lvl += 1
+            addr += geom.size(level)
+
+
+def relocate(snapshot: Snapshot, regime: Regime, layout: Layout) -> Replay:
+    """Copy every table page reachable from the regime's root into a pool at ``layout.pool_base``,
+    rewriting next-level table addresses (leaves untouched)."""
     geom = regime.geom
-    gran = geom.granule.size
-    pool = PagePool(layout.pool_base, layout.pool_size, gran)
-    table = _Splice(geom, pool)
-    assert table.pgd is not None
+    pool = PagePool(layout.pool_base, layout.pool_size, geom.granule.size)
+    n = geom.pgd_pages
+    rep = Replay(geom, pool, pool.alloc_pages(n, align_pages=n))
     src = snapshot.memory()
-    moved = table.moved
 
     def copy(orig: int, new: int, level: int, entries: int) -> None:
         for i in range(entries):
             pte = _read(src, orig + i * ENTRY_BYTES)
             if level < LAST_LEVEL and d.kind(pte, level, geom.block_levels) is d.Kind.TABLE:
                 child = _table_address(pte, geom)
-                if child not in moved:
-                    moved[child] = pool.alloc_page()
-                    copy(child, moved[child], level + 1, ptrs_per_table(geom.granule))
-                pte = _with_table_address(pte, moved[child], geom)
+                if child not in rep.moved:
+                    rep.moved[child] = pool.alloc_page()
+                    copy(child, rep.moved[child], level + 1, ptrs_per_table(geom.granule))
+                pte = _with_table_address(pte, rep.moved[child], geom)
             pool.write64(new + i * ENTRY_BYTES, pte)
 
-    copy(regime.root, table.pgd, geom.start_level, geom.pgd_entries)
-    return table
+    copy(regime.root, rep.root, geom.start_level, geom.pgd_entries)
+    return rep
 
 
 def _read(mem: SnapshotMemory, pa: int) -> int:
@@ -281,17 +335,22 @@ def _read(mem: SnapshotMemory, pa: int) -> int:
     return mem.read64(pa)
 
 
-def splice(table: _Splice, regions: Sequence[Region], taken: Sequence[tuple[int, int]]) -> list[Region]:
-    """Map each region (identity) into the relocated tables; refuse when the snapshot maps any of it."""
+def splice(rep: Replay, regions: Sequence[Region], taken: Sequence[tuple[int, int]]) -> set[int]:
+    """Map each region (identity) into the relocated tables, refusing when the snapshot maps any
+    of it; returns the physical addresses of the words the splice changed in copied pages."""
+    pool = rep.pool
+    used = pool.used_extent()
+    before = pool.words()[: used // ENTRY_BYTES].copy()
     for r in regions:
         for lo, hi in taken:
             if r.base < hi and lo < r.end:
                 raise VerifyRefused(f"the payload's {r.name} region [{r.base:#x}, {r.end:#x}) is mapped by "
                                     f"the snapshot ([{lo:#x}, {hi:#x})): cannot splice it in")
-        if r.end > table.geom.limit:
-            raise VerifyRefused(f"the payload's {r.name} region ends above the {table.geom.ia_bits}-bit input range")
-        table.map(r.base, r.size, r.base, r.prot)
-    return list(regions)
+        if r.end > rep.geom.limit:
+            raise VerifyRefused(f"the payload's {r.name} region ends above the {rep.geom.ia_bits}-bit input range")
+        rep.map_identity(r)
+    after = pool.words()[: used // ENTRY_BYTES]
+    return {pool.base + int(i) * ENTRY_BYTES for i in np.nonzero(before != after)[0]}
 
 
 def layouts(base: Layout = LAYOUT) -> list[Layout]:
@@ -346,16 +405,6 @@ def probe_addresses(ranges: Sequence[MappedRange], limit: int, granule: int, rng
 
 # ---------------------------------------------------------------------------------------------
 # Verify.
-
-
-def _spliced_words(table: _Splice, regions: Sequence[Region], taken: Sequence[tuple[int, int]]) -> set[int]:
-    """Splice ``regions`` into ``table``; returns the physical addresses of the words it changed."""
-    pool = table.mem
-    used = pool.used_extent()
-    before = pool.words()[: used // ENTRY_BYTES].copy()
-    splice(table, regions, taken)
-    after = pool.words()[: used // ENTRY_BYTES]
-    return {pool.base + int(i) * ENTRY_BYTES for i in np.nonzero(before != after)[0]}
 
 
 @dataclass
@@ -459,10 +508,7 @@ def _par(t: Translation) -> int:
 
 
 def _baddr(root: int, geom: Geometry) -> int:
-    value = root & TTBR_BADDR.mask
-    if root >> 48:
-        value |= TTBR_BADDR_51_48.prep(root >> 48)
-    return value
+    return ttbr_baddr(root, geom)
 
 
 def _occupied(ranges: Sequence[MappedRange]) -> list[tuple[int, int]]:
@@ -470,19 +516,19 @@ def _occupied(ranges: Sequence[MappedRange]) -> list[tuple[int, int]]:
 
 
 def _prepare(snapshot: Snapshot, regime: Regime,
-             ranges: Sequence[MappedRange]) -> tuple[Layout, _Splice, list[Region], set[int]]:
+             ranges: Sequence[MappedRange]) -> tuple[Layout, Replay, list[Region], set[int]]:
     """The first payload layout whose regions fit in the snapshot's unmapped input space."""
     taken = _occupied(ranges)
     reasons = []
     for layout in layouts():
         want = layout.stage1_regions() if regime.geom.stage is Stage.S1 else layout.stage2_regions()
-        table = relocate(snapshot, regime, layout)
+        rep = relocate(snapshot, regime, layout)
         if regime.geom.stage is Stage.S2:
             # AT S12E1* runs at EL2: the EL1 stub is needed only for real accesses; splice it when
             # the snapshot leaves its IPA unmapped, else leave the snapshot's mapping alone.
             want = [r for r in want if not any(r.base < hi and lo < r.end for lo, hi in taken)]
         try:
-            return layout, table, want, _spliced_words(table, want, taken)
+            return layout, rep, want, splice(rep, want, taken)
         except VerifyRefused as exc:
             reasons.append(f"payload at {layout.code:#x}: {exc}")
     raise VerifyRefused(f"{regime.name}: no payload layout fits the snapshot's unmapped input space: "
@@ -510,12 +556,10 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
                    rng: np.random.Generator, samples: int, report: VerifyReport) -> RegimeVerify:
     geom = regime.geom
     original = mapped_ranges(snapshot.memory(), geom, regime.root)
-    layout, table, spliced, changed = _prepare(snapshot, regime, original)
-    res = RegimeVerify(regime.name, geom.describe(), pages=len(table.moved) + geom.pgd_pages,
+    layout, rep, spliced, changed = _prepare(snapshot, regime, original)
+    res = RegimeVerify(regime.name, geom.describe(), pages=len(rep.moved) + geom.pgd_pages,
                        ranges=len(original), spliced=[r.name for r in spliced], layout_code=layout.code)
-    pool = table.mem
-    root = table.pgd
-    assert root is not None
+    pool, root = rep.pool, rep.root
     addrs = probe_addresses(original, geom.limit, geom.granule.size, rng, samples)
     for r in spliced:  # the payload's own regions, edges and a sample inside (checked as replayed)
         addrs = np.union1d(addrs, np.array([r.base, r.end - 1, r.base + r.size // 2], dtype=np.uint64))
@@ -528,24 +572,25 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
     report.qemu = ".".join(map(str, target.qemu_version))
     image = pool.export()
     used = max(pool.used_extent(), geom.granule.size)
-    copies = {root + i * geom.granule.size for i in range(geom.pgd_pages)} | set(table.moved.values())
+    copies = rep.copies
     mair = regime.mair if regime.mair is not None else DEFAULT_MAIR
+    sh0 = regime.sh0
     mem = snapshot.memory()
     target.install(_regs_for(regime, root), PoolImage(image.base, image.data[:used]))
     try:
         for op, access in _AT_OPS[geom.stage]:
-            replayed = [translate(pool, geom, root, int(a), access, mair) for a in addrs]
+            replayed = [translate(pool, geom, root, int(a), access, mair, sh0=sh0) for a in addrs]
             # A walk through a table page the splice added (the payload's regions and whatever
             # shares their tables) is compared with the model's walk of the replayed tables; every
             # other walk with the model's walk of the original snapshot, which the replayed one
             # must equal (relocation moves table addresses only).
             affected = np.array([any(s.table_pa not in copies or s.desc_pa in changed for s in t.steps)
                                  for t in replayed], dtype=np.bool_)
-            model = [t if aff else translate(mem, geom, regime.root, int(a), access, mair)
+            model = [t if aff else translate(mem, geom, regime.root, int(a), access, mair, sh0=sh0)
                      for t, aff, a in zip(replayed, affected, addrs, strict=True)]
             exp = np.array([_par(t) for t in model], dtype=np.uint64)
             mask = np.array([par_compare_mask(t) for t in model], dtype=np.uint64)
-            moved = translate_batch(pool.words(), pool.base, geom, root, addrs, access, mair)
+            moved = translate_batch(pool.words(), pool.base, geom, root, addrs, access, mair, sh0=sh0)
             moved_par = expected_par_batch(moved)
             reloc_bad = np.nonzero(((moved_par ^ exp) & mask) != 0)[0]
             res.relocation_mismatched += int(reloc_bad.size)
@@ -553,7 +598,10 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
                 res.mismatches.append(Mismatch(regime.name, f"model(replayed) {op}", int(addrs[i]),
                                                str(Par(int(exp[i]))), str(Par(int(moved_par[i]))),
                                                model[i].explain()))
-            unsafe, _ = divergences.at_unsafe(moved, target.qemu_version)
+            # What AT must not be pointed at follows QEMU's own walk (its declared departures).
+            qemu_walk = translate_batch(pool.words(), pool.base, geom, root, addrs, access, mair, sh0=sh0,
+                                        qemu_lpa_oa=True, qemu_final_oa_unchecked=True)
+            unsafe, _ = divergences.at_unsafe(qemu_walk, target.qemu_version)
             res.withheld += int(unsafe.sum())
             res.excluded += int((affected & ~unsafe).sum())
             probe = addrs[~unsafe]
