@@ -252,7 +252,7 @@ def _with_table_address(pte: int, pa: int, geom: Geometry) -> int:
 @functools.cache
 def _leaf_attrs(stage: Stage, prot: Prot) -> int:
     """The model's hyp / stage-2 leaf attributes for ``prot`` (as its builders map them)."""
-    pool = PagePool(0, 4096, 4096)
+    pool = PagePool(0, 64 * 4096, 4096)
     table: KvmPgtable = HypPgtable(pool, "4K", 39) if stage is Stage.S1 else Stage2Pgtable(pool, "4K", 32, 32)
     return table.leaf_attrs(prot)
 
