@@ -12,4 +12,22 @@ echo "== ruff"; "$venv/bin/ruff" check harness tests
 echo "== mypy --strict"; "$venv/bin/mypy" --strict harness
 echo "== pytest"
 jobs=$(nproc 2>/dev/null || echo 2)
-"$venv/bin/python" -m pytest -n "$jobs" --junitxml="${HARNESS_JUNIT:-logs/junit.xml}" "$@"
+junit="${HARNESS_JUNIT:-logs/junit.xml}"
+status=0
+"$venv/bin/python" -m pytest -n "$jobs" --junitxml="$junit" "$@" || status=$?
+if [ "$status" = 5 ]; then
+    echo "ci/test.sh: pytest collected no tests: that is a failure, not a pass" >&2
+    exit 1
+fi
+if [ "$status" != 0 ]; then exit "$status"; fi
+# A run that passed must have run something (exit 0 with every test skipped or deselected is not a pass).
+"$venv/bin/python" - "$junit" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+
+totals = [sum(int(s.get(k, 0)) for s in ET.parse(sys.argv[1]).getroot().iter("testsuite"))
+          for k in ("tests", "skipped")]
+ran = totals[0] - totals[1]
+print(f"ci/test.sh: {totals[0]} tests, {ran} ran, {totals[1]} skipped")
+sys.exit(0 if ran > 0 else 1)
+PY

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ from harness.arch.geometry import Geometry
 from harness.cli import main
 from harness.core.batch import expected_par_batch, translate_batch
 from harness.core.translate import READ
+from harness.target.errors import QemuExited
+from harness.target.target import Target
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -113,6 +117,61 @@ def test_export_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest.Cap
     code, _, err = run_cli(capsys, "export", str(tmp_path), "--builtin", "s2-64K")
     assert code == 2 and "not an empty directory" in err
     assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("0    every check matched", "1    a check found a mismatch", "2    bad arguments",
+                 "3    the target or the machinery failed", "--debug"):
+        assert line in out
+
+
+def _failing_start(exc: BaseException) -> Callable[..., Target]:
+    def start(*args: object, **kwargs: object) -> Target:
+        log_dir = kwargs.get("log_dir")
+        assert isinstance(log_dir, Path) and log_dir.is_dir()
+        (log_dir / "console.log").write_text("booting\n")
+        raise exc
+
+    return start
+
+
+def test_machinery_failure_is_exit_3_one_line_with_the_logs(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(Target, "start", _failing_start(QemuExited("boot", 1, "console tail", "stderr tail")))
+    code, _, err = run_cli(capsys, "check", "--builtin", "s2-4K")
+    assert code == 3
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "QEMU exited with code 1" in lines[0] and "Traceback" not in err, err
+    logs = Path(lines[0].split("(logs: ")[1].split(")")[0])
+    try:
+        assert (logs / "console.log").exists()  # kept after a failure
+        assert "console tail" in (logs / "error.txt").read_text()  # the whole story
+    finally:
+        shutil.rmtree(logs)
+
+
+def test_unexpected_exception_is_exit_3_traceback_only_with_debug(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(Target, "start", _failing_start(KeyError("surprise")))
+    code, _, err = run_cli(capsys, "run", "--only", "s1-4K")
+    assert code == 3 and "internal error: KeyError" in err and "Traceback" not in err
+    logs = Path(err.split("(logs: ")[1].split(")")[0])
+    shutil.rmtree(logs)
+    code, _, err = run_cli(capsys, "run", "--only", "s1-4K", "--debug")
+    assert code == 3 and "Traceback" in err and "KeyError" in err
+    shutil.rmtree(Path(err.split("(logs: ")[1].split(")")[0]))
+
+
+def test_user_log_dir_is_kept_and_created(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(Target, "start", _failing_start(QemuExited("boot", 1, "", "")))
+    logs = tmp_path / "a" / "b"
+    code, _, err = run_cli(capsys, "check", "--builtin", "s2-4K", "--log-dir", str(logs))
+    assert code == 3 and str(logs) in err and (logs / "console.log").exists()
 
 
 # -- hardware-backed ---------------------------------------------------------------------------

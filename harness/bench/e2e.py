@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 
 from harness.arch.geometry import Granule, Stage
-from harness.check import scenario as sc_mod
 from harness.check.engine import AT_OPS, CheckReport, check_at, used_image
-from harness.check.scenario import MapSpec, Scenario
+from harness.check.scenario import SCRATCH, MapSpec, Scenario, build
 from harness.core.prot import Prot
 from harness.target.target import Target
 
@@ -28,7 +27,7 @@ MIB = 1 << 20
 BENCH_SCENARIO = Scenario(
     "bench-s1-4K", Stage.S1, Granule.K4, 40,
     maps=(
-        MapSpec(0x1_0000_0000 + 0x1000, 256 * MIB, sc_mod.SCRATCH + 0x2000, Prot.RW),  # pages only
+        MapSpec(0x1_0000_0000 + 0x1000, 256 * MIB, SCRATCH + 0x2000, Prot.RW),  # pages only
         MapSpec(0x2_0000_0000, 2 * GIB, 0x1_0000_0000, Prot.RW),  # 2M blocks and 1G blocks
         MapSpec(0x2_8000_0000 + 2 * MIB, 2 * GIB - 4 * MIB, 0x2_0000_0000 + 2 * MIB, Prot.R),  # 2M blocks
     ),
@@ -37,7 +36,7 @@ BENCH_SCENARIO = Scenario(
 
 def run_bench(t: Target, probes: int, rng: np.random.Generator) -> dict[str, Any]:
     t0 = time.perf_counter()
-    built = sc_mod.build(BENCH_SCENARIO, t.layout)
+    built = build(BENCH_SCENARIO, t.layout)
     build_s = time.perf_counter() - t0
     table = built.table
     addrs = (np.uint64(0x1_0000_0000) + rng.integers(0, 8 * GIB, size=probes, dtype=np.uint64)) & ~np.uint64(7)

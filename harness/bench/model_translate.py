@@ -2,11 +2,11 @@
 
     python -m harness.bench.model_translate [--count N] [--json]
 
-Builds a 4K stage-2 table (40-bit IPA, two concatenated PGD pages) by writing descriptors
-directly: 256 MiB of 4K pages and 256 MiB of 2M blocks, then translates ``N`` (default one
-million) random IPAs, most of them mapped, and prints the time and translations per second for
-the walk alone and with the expected PAR_EL1 values (best of ``--repeats`` runs; the first
-run, which also pays for fresh memory, is shown too).
+Builds a 4K stage-2 table (40-bit IPA, two concatenated PGD pages) with the scenario builder:
+256 MiB of 4K pages and 256 MiB of 2M blocks, then translates ``N`` (default one million)
+random IPAs, most of them mapped, and prints the time and translations per second for the walk
+alone and with the expected PAR_EL1 values (best of ``--repeats`` runs; the first run, which
+also pays for fresh memory, is shown too).
 """
 
 from __future__ import annotations
@@ -17,53 +17,36 @@ import time
 
 import numpy as np
 
-from harness.arch.descriptors import AF, S2_AP, S2_MEMATTR, S2AP, SH, S2MemAttr, Shareability
-from harness.arch.geometry import Geometry
+from harness.arch.geometry import Geometry, Granule, Stage
+from harness.check.scenario import MapSpec, Scenario, build
 from harness.core.batch import expected_par_batch, translate_batch
 from harness.core.memory import PagePool
+from harness.core.prot import Prot
+from harness.target.layout import LAYOUT
 
 MIB = 1 << 20
 PAGE = 0x1000
 BLOCK = 2 * MIB
-POOL_BASE = 0x4800_0000
 PAGES_IPA = 0x80_0000_0000  # in the second PGD page
 BLOCKS_IPA = 0x1_0000_0000
 OUT_PA = 0x1_0000_0000
 MAPPED = 256 * MIB
-TABLE_TYPE = 0b11
-PAGE_TYPE = 0b11
-BLOCK_TYPE = 0b01
 
 
-def build() -> tuple[PagePool, Geometry, int]:
-    """The table, written word by word with numpy (no map function)."""
-    geom = Geometry.create(2, "4K", 40, 48)
-    pool = PagePool(POOL_BASE, 2 * MIB, PAGE)
-    pgd = pool.alloc_pages(geom.pgd_pages, geom.pgd_pages)
-    words = pool.words()
-    attrs = (AF.prep(1) | S2_AP.prep(S2AP.RW) | S2_MEMATTR.prep(S2MemAttr.NORMAL_WB)
-             | SH.prep(Shareability.INNER))
-
-    def word(pa: int) -> int:
-        return (pa - POOL_BASE) // 8
-
-    for region, leaf_size in ((PAGES_IPA, PAGE), (BLOCKS_IPA, BLOCK)):
-        l2 = pool.alloc_page()
-        words[word(pgd) + geom.pgd_index(region)] = l2 | TABLE_TYPE
-        l2_first = geom.index(2, region)
-        for i in range(MAPPED // BLOCK):
-            if leaf_size == BLOCK:
-                words[word(l2) + l2_first + i] = (OUT_PA + MAPPED + i * BLOCK) | attrs | BLOCK_TYPE
-                continue
-            l3 = pool.alloc_page()
-            words[word(l2) + l2_first + i] = l3 | TABLE_TYPE
-            pas = OUT_PA + (i * 512 + np.arange(512, dtype=np.uint64)) * PAGE
-            words[word(l3) : word(l3) + 512] = pas | np.uint64(attrs | PAGE_TYPE)
-    return pool, geom, pgd
+def build_table() -> tuple[PagePool, Geometry, int]:
+    """The table, through the scenario builder: the pages' IPA and PA differ by 4K modulo 2M so
+    that every leaf there is a page; the blocks' are 2M-aligned."""
+    sc = Scenario("bench-model-translate", Stage.S2, Granule.K4, 40, 48, maps=(
+        MapSpec(PAGES_IPA + PAGE, MAPPED, OUT_PA + 2 * PAGE, Prot.RW),
+        MapSpec(BLOCKS_IPA, MAPPED, OUT_PA + MAPPED + BLOCK, Prot.RW),
+    ))
+    built = build(sc, LAYOUT)
+    assert built.table.pgd is not None
+    return built.pool, built.table.geom, built.table.pgd
 
 
 def run(count: int = 1_000_000, seed: int = 1, repeats: int = 5) -> dict[str, float]:
-    pool, geom, pgd = build()
+    pool, geom, pgd = build_table()
     rng = np.random.default_rng(seed)
     offsets = rng.integers(0, MAPPED + MAPPED // 16, count, dtype=np.uint64)  # ~6% unmapped
     which = rng.integers(0, 2, count).astype(np.bool_)

@@ -14,40 +14,21 @@ import time
 
 import numpy as np
 
-from harness.arch import descriptors as d
-from harness.arch.geometry import Geometry, Granule, Stage, level_size
-from harness.arch.registers import MairIndex, stage1_regs, stage2_regs
-from harness.core.memory import PagePool
-from harness.target.layout import LAYOUT, Layout
+from harness.arch.geometry import Granule, Stage
+from harness.check.engine import used_image
+from harness.check.scenario import BuiltScenario, MapSpec, Scenario, build
+from harness.core.prot import Prot
+from harness.target.layout import LAYOUT
 from harness.target.target import Target
 
 
-def _identity_blocks(geom: Geometry, layout: Layout) -> tuple[PagePool, int]:
-    """All of RAM (normal, RW) and the UART (device) with level-2 blocks: a minimal bench table."""
-    pool = PagePool(layout.pool_base, 1 << 20, geom.granule.size)
-    pgd = pool.alloc_pages(geom.pgd_pages, geom.pgd_pages)
-    g = geom.granule
-    size = level_size(g, 2)
-    if geom.stage is Stage.S1:
-        ram = d.encode_fields(Stage.S1, AttrIndx=int(MairIndex.NORMAL), AP=int(d.S1AP.RW), SH=3, AF=1)
-        dev = d.encode_fields(Stage.S1, AttrIndx=int(MairIndex.DEVICE_nGnRE), AP=int(d.S1AP.RW), AF=1, XN=1)
-        spans = [(layout.ram_base, layout.ram_size, ram), (layout.uart & ~(size - 1), size, dev)]
-    else:
-        ram = d.encode_fields(Stage.S2, MemAttr=int(d.S2MemAttr.NORMAL_WB), S2AP=int(d.S2AP.RW), SH=3, AF=1)
-        spans = [(layout.ram_base, layout.ram_size, ram)]
-    tables: dict[tuple[int, int], int] = {}
-    for base, length, attrs in spans:
-        for addr in range(base, base + length, size):
-            table = pgd
-            for lvl in range(geom.start_level, 2):
-                idx = geom.pgd_index(addr) if lvl == geom.start_level else geom.index(lvl, addr)
-                key = (lvl, addr >> geom.shift(lvl))
-                if key not in tables:
-                    tables[key] = pool.alloc_page()
-                    pool.write64(table + 8 * idx, d.table_pte(tables[key], g))
-                table = tables[key]
-            pool.write64(table + 8 * geom.index(2, addr), d.leaf_pte(addr, attrs, 2, g))
-    return pool, pgd
+def _scratch_identity(stage: Stage, ia_bits: int) -> BuiltScenario:
+    """Scratch RAM identity-mapped (RW, blocks where aligned) beside the firmware's own regions:
+    a minimal bench table, through the scenario builder."""
+    sc = Scenario(f"bench-target-s{int(stage)}", stage, Granule.K4, ia_bits, 48,
+                  maps=(MapSpec(LAYOUT.scratch_base, LAYOUT.scratch_size, LAYOUT.scratch_base, Prot.RW),),
+                  access=stage is Stage.S2)
+    return build(sc, LAYOUT)
 
 
 def run(count: int = 1_000_000, access_count: int = 200_000) -> dict[str, float]:
@@ -55,11 +36,10 @@ def run(count: int = 1_000_000, access_count: int = 200_000) -> dict[str, float]
     t0 = time.perf_counter()
     with Target.start() as t:
         out["launch_to_ready_s"] = time.perf_counter() - t0
-        g1 = Geometry.create(Stage.S1, Granule.K4, 39, 48)
-        pool, pgd = _identity_blocks(g1, LAYOUT)
-        image = pool.export()
+        s1 = _scratch_identity(Stage.S1, 39).table
+        image = used_image(s1)
         t0 = time.perf_counter()
-        t.install(stage1_regs(g1, pgd), image)
+        t.install(s1.regs(), image)
         out["install_s1_s"] = time.perf_counter() - t0
         out["install_image_mib"] = len(image.data) / (1 << 20)
         addrs = (LAYOUT.scratch_base + (np.arange(count, dtype=np.uint64) * 0x1000) % LAYOUT.scratch_size)
@@ -73,9 +53,8 @@ def run(count: int = 1_000_000, access_count: int = 200_000) -> dict[str, float]
         t0 = time.perf_counter()
         t.access(acc, write=False)
         out["access_s1_per_s"] = access_count / (time.perf_counter() - t0)
-        g2 = Geometry.create(Stage.S2, Granule.K4, 40, 48)
-        pool2, pgd2 = _identity_blocks(g2, LAYOUT)
-        t.install(stage2_regs(g2, pgd2), pool2.export())
+        s2 = _scratch_identity(Stage.S2, 40).table
+        t.install(s2.regs(), used_image(s2))
         t0 = time.perf_counter()
         t.at(addrs, "S12E1R")
         out["at_s12e1r_per_s"] = count / (time.perf_counter() - t0)

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from harness.arch import descriptors as d
-from harness.arch.geometry import MAX_PA_BITS_LPA, Geometry, Granule, Stage
+from harness.arch.geometry import WIDE_ADDRESS_BITS, Geometry, Granule, Stage
 from harness.arch.registers import FaultKind, Par, decode_fault_status
 from harness.core.batch import BatchResult
 from harness.core.translate import Translation, expected_par, par_compare_mask, translate
@@ -92,7 +92,7 @@ def _sh_non_cacheable(c: Context) -> bool:
 
 
 def _lpa_oa_concerns(geom: Geometry) -> bool:
-    return geom.granule is Granule.K64 and geom.pa_bits < MAX_PA_BITS_LPA
+    return geom.granule is Granule.K64 and geom.pa_bits < WIDE_ADDRESS_BITS
 
 
 def _walks_as_qemu(semantics: Mapping[str, Any]) -> Callable[[Context], bool]:

@@ -39,7 +39,7 @@ from harness.arch.registers import (
 )
 from harness.check import divergences
 from harness.check.addresses import probe_addresses
-from harness.check.scenario import Built
+from harness.check.scenario import BuiltScenario
 from harness.core.batch import BatchResult, expected_par_batch, par_compare_mask_batch, translate_batch
 from harness.core.memory import PoolImage
 from harness.core.pgtable import KvmPgtable
@@ -138,7 +138,7 @@ def subject_of_table(table: KvmPgtable, name: str, no_access: tuple[tuple[int, i
     return Subject(name, table.geom, table.mem, table.pgd, regs, used_image(table), mair, no_access)
 
 
-def subject_of_built(built: Built) -> Subject:
+def subject_of_built(built: BuiltScenario) -> Subject:
     no_access = tuple((r.base, r.size) for r in built.regions)
     return subject_of_table(built.table, built.scenario.name, no_access)
 
@@ -569,7 +569,7 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
     return report
 
 
-def check_built(built: Built, target: TargetLike, rng: np.random.Generator | None = None,
+def check_built(built: BuiltScenario, target: TargetLike, rng: np.random.Generator | None = None,
                 access: bool | None = None, addresses: U64 | None = None) -> CheckReport:
     """Install a built scenario's table, probe it, compare, uninstall."""
     rng = rng or np.random.default_rng(0)
@@ -586,14 +586,14 @@ def check_built(built: Built, target: TargetLike, rng: np.random.Generator | Non
 class AddressVerdict:
     """One AT form at one address: the model's walk beside the MMU's answer (harness explain)."""
 
-    probe: str  # AT op, or the real access that replaced a withheld AT
+    probe: str  # the AT op (where it was withheld, ``mmu`` tells the real access that replaced it)
     model_walk: str
     mmu: str
     agree: bool
     divergence: str | None = None
 
 
-def check_address(built: Built | Subject, target: TargetLike, addr: int) -> list[AddressVerdict]:
+def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int) -> list[AddressVerdict]:
     """Install the tables, ask the MMU about one address with each AT form of the stage (a real
     access where the AT is withheld for a QEMU hazard), compare with the model, uninstall."""
     subject = built if isinstance(built, Subject) else subject_of_built(built)
@@ -610,13 +610,14 @@ def check_address(built: Built | Subject, target: TargetLike, addr: int) -> list
             if unsafe.any():
                 rec = target.access(one, write=write, stage=subject.stage)
                 r = rec[0]
-                mmu = ("access completed" if r["completed"] else
-                       f"access faulted: {describe_esr(int(r['esr']))} FAR {int(r['far']):#x} "
+                kind = "store" if write else "load"
+                mmu = (f"{kind} completed" if r["completed"] else
+                       f"{kind} faulted: {describe_esr(int(r['esr']))} FAR {int(r['far']):#x} "
                        f"HPFAR {int(r['hpfar']):#x}") + f" (AT withheld: {', '.join(keys)})"
                 agree = bool(_access_agrees(pred.arm, rec, one, subject.stage, write)[0])
                 known = not agree and pred.qemu is not pred.arm and \
                     bool(_access_agrees(pred.qemu, rec, one, subject.stage, write)[0])
-                probe = "store" if write else "load"
+                withheld = True
             else:
                 target.at_start(one, op)
                 actual = target.at_wait()
@@ -625,15 +626,15 @@ def check_address(built: Built | Subject, target: TargetLike, addr: int) -> list
                 unmodelled = bool(pred.arm.unmodelled[0] or pred.qemu.unmodelled[0])
                 agree = unmodelled or (not aborted and bool(_matches(pred.arm, actual)[0]))
                 known = not agree and not aborted and bool(_matches(pred.qemu, actual)[0])
-                probe = op
+                withheld = False
             key = None
             if known:
                 key = divergences.semantic_departures(version, subject.geom)[0][0].key
-            elif not agree and probe == op:
+            elif not agree and not withheld:
                 found = divergences.explain(model, int(actual[0]), subject.geom, partial(subject.walk, addr, access),
                                             version)
                 key = found.key if found else None
-            out.append(AddressVerdict(probe, model.explain(), mmu, agree, key))
+            out.append(AddressVerdict(op, model.explain(), mmu, agree, key))
     finally:
         if target.alive:
             target.uninstall()

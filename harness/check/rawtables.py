@@ -34,7 +34,7 @@ from harness.arch.geometry import (
     Granule,
     Stage,
     max_ia_bits,
-    max_pa_bits,
+    oa_format_bits,
     ptrs_per_table,
 )
 from harness.arch.registers import TTBR_BADDR, RegimeRegs, Stage1Regs, regime_regs
@@ -68,7 +68,7 @@ def random_geometry(rng: np.random.Generator, stage: Stage | None = None, granul
         gr = granule if granule is not None else list(Granule)[int(rng.integers(0, 3))]
         lo = 31 if st is Stage.S1 else MIN_IA_BITS  # stage 1: the firmware runs on the table
         ia = int(rng.integers(lo, max_ia_bits(gr) + 1))
-        pas = [p for p in PA_SIZES if p <= max_pa_bits(gr) and (st is Stage.S1 or p >= ia)]
+        pas = [p for p in PA_SIZES if p <= oa_format_bits(gr) and (st is Stage.S1 or p >= ia)]
         if not pas:
             continue
         pa = int(pas[int(rng.integers(0, len(pas)))])

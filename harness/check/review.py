@@ -10,7 +10,7 @@ a later upstream fix (357ad203d45c) answered a third one nobody asked in that th
    proposal would not have allocated makes the MMU fault there.
 2. **Range check.** The posted walker rejects ``addr > limit || end > limit``; the review proposed
    ``>=``. The end is exclusive: a walk that visits the last page has ``end == 2**ia_bits``.
-3. **Unaligned start** (357ad203d45c). After a leaf the seed advanced with ``addr += size``
+3. **Unaligned start** (357ad203d45c). After a leaf the posted v3 walker advanced with ``addr += size``
    without aligning down: a walk that starts inside a block skips the first entry after it.
 
 Each question becomes a :class:`Verdict` measured on a running :class:`~harness.target.Target`.
@@ -21,8 +21,6 @@ stores from the EL1 stub.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from harness.arch.geometry import (
     Geometry,
     Granule,
     Stage,
+    level_size,
     max_ia_bits,
     stage2_start_levels,
 )
@@ -49,7 +48,13 @@ from harness.arch.registers import (
     fault_status,
 )
 from harness.check.engine import used_image
-from harness.check.review_model import proposed_pgd_pages, proposed_range_rejects, seed_pgd_pages, seed_range_rejects
+from harness.check.review_model import (
+    posted_pgd_pages,
+    posted_range_rejects,
+    proposed_pgd_pages,
+    proposed_range_rejects,
+)
+from harness.check.scenario import MapSpec, Scenario, build
 from harness.core.memory import PagePool, PoolImage
 from harness.core.pgtable import Stage2Pgtable
 from harness.core.prot import Prot
@@ -61,7 +66,7 @@ S2_PA_BITS = {Granule.K4: 48, Granule.K16: 48, Granule.K64: 52}
 
 Q_PGD = "kvm_pgd_pages(): how many concatenated PGD pages (posted vs Gavin's MAX_LEVELS - start_level + 1)?"
 Q_RANGE = "_kvm_pgtable_walk(): reject end > limit (posted) or end >= limit (Gavin)?"
-Q_ALIGN = "357ad203d45c: does a walk that starts inside a block skip the next entry (seed walker)?"
+Q_ALIGN = "357ad203d45c: does a walk that starts inside a block skip the next entry (the posted v3 walker)?"
 
 
 @dataclass
@@ -82,8 +87,13 @@ class Verdict:
 
 # -- shared helpers -------------------------------------------------------------------------------
 
-def _pool(layout: Any, granule: Granule) -> PagePool:
-    return PagePool(int(layout.pool_base), int(layout.pool_size), granule.size)
+def _stage2_table(layout: Any, name: str, granule: Granule, ia_bits: int, pa_bits: int, start_level: int | None,
+                  maps: Sequence[MapSpec], access: bool = False, rules: WalkRules = UPSTREAM_RULES) -> Stage2Pgtable:
+    """A stage-2 table through the one scenario builder (firmware regions included)."""
+    sc = Scenario(name, Stage.S2, granule, ia_bits, pa_bits, start_level, maps=tuple(maps), access=access)
+    table = build(sc, layout, rules).table
+    assert isinstance(table, Stage2Pgtable)
+    return table
 
 
 class _Overlay:
@@ -154,7 +164,7 @@ class PgdProbe:
     ia_bits: int
     start_level: int
     pages: int  # the model's geometry (the Arm ARM)
-    seed: int  # kvm_pgd_pages() as posted
+    posted: int  # kvm_pgd_pages() as posted in v3
     proposed: int  # with Gavin's change
     pgd: int
     first_ipa: int
@@ -176,13 +186,12 @@ class PgdProbe:
     par_first_proposed_only: int | None = None
     proposal_refuted: bool | None = None
 
-    @property
-    def label(self) -> str:
+    def describe(self) -> str:
         return f"{self.granule.label}/{self.ia_bits}-bit L{self.start_level}"
 
     @property
     def holds(self) -> bool:
-        ok = (self.matches and self.last_page_needed and self.seed == self.pages
+        ok = (self.matches and self.last_page_needed and self.posted == self.pages
               and self.last_entry_page == self.pages - 1)
         return ok and self.proposal_refuted is not False
 
@@ -192,14 +201,13 @@ def probe_pgd(target: Target, granule: Granule, ia_bits: int, start_level: int) 
     layout = target.layout
     pa_bits = S2_PA_BITS[granule]
     g = granule.size
-    table = Stage2Pgtable(_pool(layout, granule), granule, ia_bits, pa_bits, start_level)
+    first, last = 0, (1 << ia_bits) - g
+    first_pa, last_pa = int(layout.scratch_base), int(layout.scratch_base) + g
+    table = _stage2_table(layout, "review-pgd", granule, ia_bits, pa_bits, start_level,
+                          (MapSpec(first, g, first_pa, Prot.RW), MapSpec(last, g, last_pa, Prot.RW)))
     geom = table.geom
     pgd = table.pgd
     assert pgd is not None
-    first, last = 0, geom.limit - g
-    first_pa, last_pa = int(layout.scratch_base), int(layout.scratch_base) + g
-    table.map(first, g, first_pa, Prot.RW)
-    table.map(last, g, last_pa, Prot.RW)
     image = used_image(table)
     with _installed(target, table, image):
         par_first, par_last = (int(p) for p in target.at([first, last], "S12E1R"))
@@ -214,7 +222,7 @@ def probe_pgd(target: Target, granule: Granule, ia_bits: int, start_level: int) 
     needed = (par_zeroed ^ exp_zeroed) & mask_zeroed == 0 and Par(par_zeroed).fault
 
     probe = PgdProbe(
-        granule, ia_bits, geom.start_level, geom.pgd_pages, seed_pgd_pages(granule, ia_bits, geom.start_level),
+        granule, ia_bits, geom.start_level, geom.pgd_pages, posted_pgd_pages(granule, ia_bits, geom.start_level),
         proposed_pgd_pages(granule, ia_bits, geom.start_level), pgd, first, last, first_pa, last_pa,
         pgd + 8 * geom.pgd_index(last), geom.pgd_page_index(last), par_first, par_last, exp_last, bool(matches),
         par_zeroed, exp_zeroed, bool(needed),
@@ -234,7 +242,7 @@ def verdict_pgd_pages(target: Target, configs: Sequence[tuple[Granule, int, int]
     probes = [probe_pgd(target, *c) for c in (configs if configs is not None else pgd_configs())]
     evidence = []
     for p in probes:
-        line = (f"{p.label}: pages model {p.pages}, posted {p.seed}, proposed {p.proposed}; last IPA "
+        line = (f"{p.describe()}: pages model {p.pages}, posted {p.posted}, proposed {p.proposed}; last IPA "
                 f"{p.last_ipa:#x} -> entry {p.last_entry_pa:#x} in PGD page {p.last_entry_page}; MMU "
                 f"{'PA ' + hex(Par(p.par_last).pa) if not Par(p.par_last).fault else _par_text(p.par_last)}"
                 f"{'' if p.matches else ' (MISMATCH: model ' + _par_text(p.expected_last) + ')'}; "
@@ -258,7 +266,7 @@ def verdict_pgd_pages(target: Target, configs: Sequence[tuple[Granule, int, int]
     )
     data = {"configs": [
         {"granule": p.granule.label, "ia_bits": p.ia_bits, "start_level": p.start_level, "pages": p.pages,
-         "posted": p.seed, "proposed": p.proposed, "last_ipa": p.last_ipa, "last_pa": Par(p.par_last).pa,
+         "posted": p.posted, "proposed": p.proposed, "last_ipa": p.last_ipa, "last_pa": Par(p.par_last).pa,
          "last_pgd_page": p.last_entry_page, "matches": p.matches, "last_page_needed": p.last_page_needed,
          "proposal_refuted": p.proposal_refuted} for p in probes]}
     return Verdict(Q_PGD, answer, evidence, holds, data, "concatenated PGD pages")
@@ -301,11 +309,12 @@ def probe_range(target: Target, granule: Granule, ia_bits: int, start_level: int
     and AT S12E1R the last page."""
     layout = target.layout
     g = granule.size
-    table = Stage2Pgtable(_pool(layout, granule), granule, ia_bits, S2_PA_BITS[granule], start_level)
-    limit = table.geom.limit
+    limit = 1 << ia_bits
     last = limit - g
     pa = int(layout.scratch_base) + 2 * g
-    table.map(last, g, pa, Prot.RW)  # walk(last, g): end == limit, accepted by the posted check
+    # the map's walk(last, g) has end == limit, accepted by the posted check
+    table = _stage2_table(layout, "review-range", granule, ia_bits, S2_PA_BITS[granule], start_level,
+                          (MapSpec(last, g, pa, Prot.RW),))
     visited: list[tuple[int, int, int]] = []
     rec = Walker(lambda a, e, lvl, ptep, f: visited.append((a, lvl, ptep)), WalkFlags.LEAF)
     start, end = walk_range(table, last - 4 * g, 4 * g + g)  # the last five pages, up to the limit
@@ -318,7 +327,7 @@ def probe_range(target: Target, granule: Granule, ia_bits: int, start_level: int
     pgd = table.pgd
     assert pgd is not None
     return RangeProbe(granule, ia_bits, table.geom.start_level, start, end, visited, visited[-1],
-                      table.geom.pgd_page_index(last), seed_range_rejects(start, end, ia_bits),
+                      table.geom.pgd_page_index(last), posted_range_rejects(start, end, ia_bits),
                       proposed_range_rejects(start, end, ia_bits), len(at_limit), pa, par,
                       (par ^ exp) & mask == 0)
 
@@ -357,16 +366,16 @@ class AlignProbe:
     next_region: int  # IPA of the level-3 table's first page (block + block_size)
     walk_start: int
     walk_end: int
-    seed_visits: list[tuple[int, int]]  # (addr passed to the visitor, level)
+    posted_visits: list[tuple[int, int]]  # (addr passed to the visitor, level)
     fixed_visits: list[tuple[int, int]]
-    skipped: list[int]  # leaf addresses (aligned) the fixed walk visits and the seed's does not
-    seed_writable: bool  # model: the seed's wrprotect left next_region writable
+    skipped: list[int]  # leaf addresses (aligned) the fixed walk visits and the posted one does not
+    posted_writable: bool  # model: the posted walker's wrprotect left next_region writable
     fixed_writable: bool
     # real stores from the EL1 stub: [block + g, next_region, next_region + g]
     probes: list[int]
-    seed_stores: list[bool]
+    posted_stores: list[bool]
     fixed_stores: list[bool]
-    seed_esr: list[int]
+    posted_esr: list[int]
     fixed_esr: list[int]
 
     @property
@@ -375,30 +384,29 @@ class AlignProbe:
         fixed_fault_ok = all(
             ESR_EC.get(e) == ExceptionClass.DABT_LOWER and ISS_DFSC.get(e) == perm3
             for e, done in zip(self.fixed_esr[1:2], self.fixed_stores[1:2], strict=True) if not done)
-        return (self.skipped == [self.next_region] and self.seed_writable and not self.fixed_writable
-                and self.seed_stores == [False, True, True] and self.fixed_stores == [False, False, True]
+        return (self.skipped == [self.next_region] and self.posted_writable and not self.fixed_writable
+                and self.posted_stores == [False, True, True] and self.fixed_stores == [False, False, True]
                 and fixed_fault_ok)
 
 
 def _align_table(layout: Any, granule: Granule, rules: WalkRules) -> tuple[Stage2Pgtable, int, int]:
-    table = Stage2Pgtable(_pool(layout, granule), granule, 40, 48, rules=rules)
-    for r in layout.stage2_regions():
-        table.map(r.base, r.size, r.base, r.prot)
-    bsize = table.geom.size(2)
+    bsize = level_size(granule, 2)
     block = 1 << 32
     block_pa = -(-int(layout.scratch_base) // bsize) * bsize  # the first block-aligned scratch PA
     if block_pa + bsize > int(layout.scratch_base) + int(layout.scratch_size):
         raise ValueError(f"layout: no {bsize:#x}-aligned block fits in scratch RAM")
     pages_pa = int(layout.scratch_base) if block_pa != int(layout.scratch_base) else block_pa + bsize
-    table.map(block, bsize, block_pa, Prot.RW)
-    table.map(block + bsize, 16 * granule.size, pages_pa, Prot.RW)  # a level-3 table after the block
+    maps = (MapSpec(block, bsize, block_pa, Prot.RW),
+            MapSpec(block + bsize, 16 * granule.size, pages_pa, Prot.RW))  # a level-3 table after the block
+    # real stores from the EL1 stub: access=True maps it
+    table = _stage2_table(layout, "review-align", granule, 40, 48, None, maps, access=True, rules=rules)
     return table, block, bsize
 
 
 def probe_unaligned(target: Target, granule: Granule = Granule.K4) -> AlignProbe:
     layout = target.layout
     g = granule.size
-    seed, block, bsize = _align_table(layout, granule, SEED_RULES)
+    posted, block, bsize = _align_table(layout, granule, SEED_RULES)
     fixed, _, _ = _align_table(layout, granule, UPSTREAM_RULES)
     nxt = block + bsize
     lo, hi = block + g, nxt + g
@@ -408,13 +416,13 @@ def probe_unaligned(target: Target, granule: Granule = Granule.K4) -> AlignProbe
         table.walk(lo, hi - lo, Walker(lambda a, e, lvl, p, f: out.append((a, lvl)), WalkFlags.LEAF), rules)
         return out
 
-    seed_visits, fixed_visits = record(seed, SEED_RULES), record(fixed, UPSTREAM_RULES)
+    posted_visits, fixed_visits = record(posted, SEED_RULES), record(fixed, UPSTREAM_RULES)
 
     def aligned(v: list[tuple[int, int]], table: Stage2Pgtable) -> set[int]:
         return {a & ~(table.geom.size(lvl) - 1) for a, lvl in v}
 
-    skipped = sorted(aligned(fixed_visits, fixed) - aligned(seed_visits, seed))
-    seed.wrprotect(lo, hi - lo)
+    skipped = sorted(aligned(fixed_visits, fixed) - aligned(posted_visits, posted))
+    posted.wrprotect(lo, hi - lo)
     fixed.wrprotect(lo, hi - lo)
 
     def writable(table: Stage2Pgtable) -> bool:
@@ -423,11 +431,11 @@ def probe_unaligned(target: Target, granule: Granule = Granule.K4) -> AlignProbe
 
     probes = [block + g, nxt, nxt + g]
     results = []
-    for table in (seed, fixed):
+    for table in (posted, fixed):
         with _installed(target, table):
             rec = target.access(np.array(probes, dtype=np.uint64), write=True, stage=Stage.S2)
         results.append(([bool(c) for c in rec["completed"]], [int(e) for e in rec["esr"]]))
-    return AlignProbe(granule, block, bsize, nxt, lo, hi, seed_visits, fixed_visits, skipped, writable(seed),
+    return AlignProbe(granule, block, bsize, nxt, lo, hi, posted_visits, fixed_visits, skipped, writable(posted),
                       writable(fixed), probes, results[0][0], results[1][0], results[0][1], results[1][1])
 
 
@@ -440,19 +448,19 @@ def verdict_unaligned(target: Target, granules: Sequence[Granule] = tuple(Granul
 
         evidence.append(
             f"{p.granule.label}: block {p.block:#x}+{p.block_size:#x}, level-3 table at {p.next_region:#x}; "
-            f"wrprotect [{p.walk_start:#x}, {p.walk_end:#x}): seed visits {[hex(a) for a, _ in p.seed_visits]}, "
-            f"fixed visits {[hex(a) for a, _ in p.fixed_visits]}; skipped by the seed: "
-            f"{[hex(a) for a in p.skipped]}; MMU store to {p.next_region:#x}: seed "
-            f"{store(p.seed_stores[1], p.seed_esr[1])}, fixed {store(p.fixed_stores[1], p.fixed_esr[1])}; "
-            f"to {p.probes[0]:#x} (in the block): seed {store(p.seed_stores[0], p.seed_esr[0])}, fixed "
+            f"wrprotect [{p.walk_start:#x}, {p.walk_end:#x}): posted visits {[hex(a) for a, _ in p.posted_visits]}, "
+            f"fixed visits {[hex(a) for a, _ in p.fixed_visits]}; skipped by the posted walker: "
+            f"{[hex(a) for a in p.skipped]}; MMU store to {p.next_region:#x}: posted "
+            f"{store(p.posted_stores[1], p.posted_esr[1])}, fixed {store(p.fixed_stores[1], p.fixed_esr[1])}; "
+            f"to {p.probes[0]:#x} (in the block): posted {store(p.posted_stores[0], p.posted_esr[0])}, fixed "
             f"{store(p.fixed_stores[0], p.fixed_esr[0])}")
     holds = all(p.holds for p in probes)
-    answer = ("yes: the seed's walk skips the first page after the block, which stays writable on the MMU; "
+    answer = ("yes: the posted v3 walk skips the first page after the block, which stays writable on the MMU; "
               "with 357ad203d45c (align down, then advance) it is write-protected" if holds
-              else "the seed/fixed walks did not differ as 357ad203d45c describes")
+              else "the posted/fixed walks did not differ as 357ad203d45c describes")
     data = {"configs": [
         {"granule": p.granule.label, "block": p.block, "block_size": p.block_size, "next_region": p.next_region,
-         "skipped": p.skipped, "seed_stores": p.seed_stores, "fixed_stores": p.fixed_stores} for p in probes]}
+         "skipped": p.skipped, "posted_stores": p.posted_stores, "fixed_stores": p.fixed_stores} for p in probes]}
     return Verdict(Q_ALIGN, answer, evidence, holds, data, "unaligned start (357ad203d45c)")
 
 
@@ -460,39 +468,3 @@ def verdict_unaligned(target: Target, granules: Sequence[Granule] = tuple(Granul
 
 def run_review(target: Target) -> list[Verdict]:
     return [verdict_pgd_pages(target), verdict_range(target), verdict_unaligned(target)]
-
-
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="harness review", description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--json", action="store_true", help="print the verdicts as JSON")
-    parser.add_argument("--timeout", type=float, default=30.0, help="QEMU boot timeout in seconds")
-    parser.add_argument("--verbose", "-v", action="store_true", help="every evidence line (default: the first 3)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    from harness.cli.output import emit_json, table
-
-    with Target.start(timeout=args.timeout) as t:
-        verdicts = run_review(t)
-        version = ".".join(map(str, t.qemu_version))
-    if args.json:
-        emit_json({"qemu": version, "ok": all(v.holds for v in verdicts), "verdicts": [v.to_json() for v in verdicts]})
-    else:
-        rows: list[list[str]] = []
-        for n, v in enumerate(verdicts, 1):
-            ev = v.evidence if args.verbose else v.evidence[:3]
-            verdict = "HOLDS" if v.holds else "FAILS"
-            rows.append([f"{n}. {v.title or v.question}", verdict, _short(ev[0], 110) if ev else ""])
-            rows += [["", "", _short(e, 110)] for e in ev[1:]]
-            if len(v.evidence) > len(ev):
-                rows.append(["", "", f"... {len(v.evidence) - len(ev)} more (-v)"])
-            rows.append(["", "", "=> " + v.answer])
-        table(["question", "verdict", "evidence"], rows)
-        print(f"QEMU {version}: {sum(v.holds for v in verdicts)}/{len(verdicts)} verdicts hold")
-    return 0 if all(v.holds for v in verdicts) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,20 +14,20 @@ from dataclasses import dataclass
 from harness.arch.geometry import MAX_LEVELS, Geometry, Granule, level_shift
 
 
-def seed_pgd_page_idx(granule: Granule, ia_bits: int, start_level: int, addr: int) -> int:
-    """``__kvm_pgd_page_idx``: input bits above the start level's table, as the seed computes."""
+def posted_pgd_page_idx(granule: Granule, ia_bits: int, start_level: int, addr: int) -> int:
+    """``__kvm_pgd_page_idx``: input bits above the start level's table, as posted in v3."""
     shift = level_shift(granule, start_level - 1)  # "may underflow": level -1 is well defined
     return (addr & ((1 << ia_bits) - 1)) >> shift
 
 
-def seed_pgd_pages(granule: Granule, ia_bits: int, start_level: int) -> int:
+def posted_pgd_pages(granule: Granule, ia_bits: int, start_level: int) -> int:
     """``kvm_pgd_pages`` as posted."""
-    return seed_pgd_page_idx(granule, ia_bits, start_level, (1 << 64) - 1) + 1
+    return posted_pgd_page_idx(granule, ia_bits, start_level, (1 << 64) - 1) + 1
 
 
 def proposed_pgd_pages(granule: Granule, ia_bits: int, start_level: int) -> int:
     """``kvm_pgd_pages`` with the review's proposed ``MAX_LEVELS - start_level + 1``."""
-    return seed_pgd_page_idx(granule, ia_bits, MAX_LEVELS - start_level + 1, (1 << 64) - 1) + 1
+    return posted_pgd_page_idx(granule, ia_bits, MAX_LEVELS - start_level + 1, (1 << 64) - 1) + 1
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class PgdPagesRow:
     ia_bits: int
     start_level: int
     architecture: int  # tables the Arm ARM concatenates for this VTCR
-    seed: int
+    posted: int  # kvm_pgd_pages() as posted in v3
     proposed: int
 
 
@@ -45,12 +45,12 @@ def pgd_pages_rows(configs: list[tuple[Granule, int]]) -> list[PgdPagesRow]:
     for gran, ia in configs:
         geom = Geometry.create(2, gran, ia, 52 if gran is Granule.K64 else 48)
         rows.append(PgdPagesRow(gran, ia, geom.start_level, geom.pgd_pages,
-                                seed_pgd_pages(gran, ia, geom.start_level),
+                                posted_pgd_pages(gran, ia, geom.start_level),
                                 proposed_pgd_pages(gran, ia, geom.start_level)))
     return rows
 
 
-def seed_range_rejects(addr: int, end: int, ia_bits: int) -> bool:
+def posted_range_rejects(addr: int, end: int, ia_bits: int) -> bool:
     limit = 1 << ia_bits
     return addr > limit or end > limit
 

@@ -9,17 +9,35 @@
     harness bench                end-to-end verified translations/s vs the raw AT rate
     harness geometry             the geometry table for every granule and input size
 
-Every command takes --json. Exit status: 0 success, 1 a check failed, 2 bad arguments or set-up.
+Every command takes --json and --debug. Exit status:
+  0    every check matched
+  1    a check found a mismatch between the model and the MMU
+  2    bad arguments or a bad scenario (the message names the argument or key); nothing booted
+  3    the target or the machinery failed (QEMU or gdb died or hung, a tool is missing, I/O):
+       one line naming what failed and where the logs are (--debug: the whole story)
+  130  interrupted
+Log directories are removed after a successful run unless --log-dir is given, kept otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import shutil
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
-from harness.cli import attach, commands
-from harness.cli import fuzz as fuzz_cmd
+from harness.errors import EXIT_INTERRUPTED, EXIT_MACHINERY, EXIT_OK, HarnessError, InputError
+from harness.target.errors import ToolMissing
+
+# One module per command, in `harness --help` order: each exposes add_parser(sub) and run(args).
+COMMANDS: tuple[str, ...] = (
+    "run", "check", "explain", "export", "dump", "review", "bench", "geometry", "fuzz", "attach",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,91 +46,88 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_scenario_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scenario (a file, a built-in name, or the options below)")
-    g.add_argument("--scenario", metavar="FILE", help="JSON or TOML scenario file (see README)")
-    g.add_argument("--builtin", metavar="NAME", help="a built-in scenario of `harness run` (e.g. s2-4K)")
-    g.add_argument("--stage", help="1 (hyp stage 1 at EL2) or 2 (guest stage 2)")
-    g.add_argument("--granule", help="4K, 16K or 64K")
-    g.add_argument("--ia-bits", type=int, help="input address size in bits")
-    g.add_argument("--pa-bits", type=int, help="physical address size (TCR/VTCR.PS): 32..48, 52 with 64K")
-    g.add_argument("--start-level", type=int, help="stage-2 start level (default: fewest levels)")
-    g.add_argument("--map", action="append", default=[], metavar="ADDR:SIZE:PA[:PROT]",
-                   help="a mapping, e.g. 0x10000000:2M:0x50000000:rw (repeatable; PROT letters rwxd)")
-    g.add_argument("--op", action="append", default=[], metavar="OP:ADDR[:SIZE][:PROT]",
-                   help="an operation after the maps: unmap, wrprotect, mkold, mkyoung, relax_perms")
-    g.add_argument("--access", action="store_true", help="also probe with real loads and stores")
-    g.add_argument("--sample", type=int, help="probe at most this many mapped pages (plus the edges)")
+def command_modules() -> dict[str, ModuleType]:
+    return {name: importlib.import_module(f"harness.cli.{name}") for name in COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="harness", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    def common(p: argparse.ArgumentParser, target: bool = True) -> None:
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        if target:
-            p.add_argument("--timeout", type=float, default=60.0, help="seconds for boot and each request")
-            p.add_argument("--seed", type=int, default=0, help="seed for address sampling")
-            p.add_argument("--log-dir", help="keep QEMU/gdb/console logs here (default: a temporary directory)")
-
-    p = sub.add_parser("run", help="the main job: built-in scenarios on QEMU (default)")
-    common(p)
-    p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these built-in scenarios")
-    p.add_argument("--report", metavar="FILE", help="write the full text report (every mismatch) here")
-
-    p = sub.add_parser("check", help="check one scenario on QEMU")
-    common(p)
-    add_scenario_args(p)
-    p.add_argument("--report", metavar="FILE", help="write the full text report here")
-
-    p = sub.add_parser("explain", help="model walk beside the MMU's answer for one address")
-    common(p)
-    p.add_argument("address", help="input address (VA for stage 1, IPA for stage 2)")
-    add_scenario_args(p)
-
-    p = sub.add_parser("export", help="write a built scenario for installation elsewhere")
-    common(p, target=False)
-    p.add_argument("directory", help="output directory (created; must be empty if it exists)")
-    p.add_argument("--seed", type=int, default=0, help="seed for address sampling")
-    add_scenario_args(p)
-
-    p = sub.add_parser("dump", help="decode the live tables through gdb; diff with the model")
-    common(p)
-    add_scenario_args(p)
-
-    p = sub.add_parser("review", help="the v3 review questions settled on the MMU")
-    common(p, target=False)
-
-    p = sub.add_parser("bench", help="verified translations/s end to end, vs the raw AT rate")
-    common(p)
-    p.add_argument("--probes", type=int, default=1_000_000, help="addresses per pass (default 1e6)")
-
-    p = sub.add_parser("geometry", help="geometry table for every granule and input size")
-    common(p, target=False)
-    p.add_argument("--stage", default="both", help="1, 2 or both")
-    p.add_argument("--pa-bits", type=int, default=48, help="PA size for stage-2 start levels (default 48)")
-    fuzz_cmd.add_parser(sub)
-    attach.add_parser(sub)
+    for name, module in command_modules().items():
+        module.add_parser(sub)
+        p = sub.choices[name]
+        p.add_argument("--debug", action="store_true", help="on an error, print the whole message and traceback")
+        p.set_defaults(command_module=module)
     return ap
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _report_error(args: argparse.Namespace, e: BaseException, expected: bool) -> None:
+    """One line on stderr (the whole story under --debug); where the logs are, if any were kept."""
+    prog = f"harness {args.command}"
+    if args.debug:
+        traceback.print_exception(e, file=sys.stderr)
+    if isinstance(e, InputError):
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return
+    what = _first_line(e) if expected else f"internal error: {type(e).__name__}: {_first_line(e)}"
+    if isinstance(e, ToolMissing):
+        what += " (bash ci/setup.sh installs what the harness needs)"
+    logs = [str(d) for d in args.log_dirs]
+    for d in args.log_dirs:
+        _write_error_file(d, e)
+    where = f" (logs: {', '.join(logs)})" if logs else ""
+    hint = "" if args.debug else "; --debug for details"
+    print(f"{prog}: failed: {what}{where}{hint}", file=sys.stderr)
+
+
+def _write_error_file(log_dir: Path, e: BaseException) -> None:
+    with contextlib.suppress(OSError):
+        (log_dir / "error.txt").write_text("".join(traceback.format_exception(e)))
+
+
+def _finish_logs(args: argparse.Namespace, code: int) -> None:
+    """Remove the temporary log directories after success; keep and name them otherwise."""
+    for d in args.temporary_log_dirs:
+        if code == EXIT_OK:
+            shutil.rmtree(d, ignore_errors=True)
+        elif code != EXIT_MACHINERY:  # exit 3 named them already
+            print(f"harness {args.command}: logs kept in {d}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command is None:
-        args = build_parser().parse_args(["run", *(argv or [])])
-    if args.command == "attach":
-        return attach.run(args)
+        args = parser.parse_args(["run", *argv])
+    args.log_dirs = []  # log directories the command used (harness.cli.args.open_target) ...
+    args.temporary_log_dirs = []  # ... and those of them it created: removed after success
+    code = EXIT_MACHINERY
     try:
-        if args.command == "fuzz":
-            return fuzz_cmd.run(args)
-        return commands.dispatch(args)
-    except commands.UsageError as e:
-        print(f"harness {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = int(args.command_module.run(args))
+    except HarnessError as e:
+        code = e.exit_code
+        _report_error(args, e, expected=True)
+    except SystemExit as e:  # SIGTERM/SIGHUP become SystemExit(128 + signal) after QEMU/gdb are killed
+        code = e.code if isinstance(e.code, int) else EXIT_MACHINERY
+        raise
     except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
         print(f"harness {args.command}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
-        return 0
+        code = EXIT_OK
+    except OSError as e:  # files, pipes, sockets: the machinery, not the input
+        code = EXIT_MACHINERY
+        _report_error(args, e, expected=True)
+    except Exception as e:
+        code = EXIT_MACHINERY
+        _report_error(args, e, expected=False)
+    finally:
+        _finish_logs(args, code)
+    return code

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.check import attach as att
-from harness.cli.output import emit_json
+from harness.cli.output import print_json
 from harness.errors import EXIT_MISMATCH, EXIT_OK, HarnessError, InputError
 from harness.live.gdbstub import capture, parse_target
 from harness.live.regimes import regimes_from_registers
@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
         code = EXIT_OK if report.ok else EXIT_MISMATCH
     out["timings"] = timings
     if args.json:
-        emit_json(out)
+        print_json(out)
         return code
     print(f"{snap.source or args.target}: {len(snap.pages)} table pages"
           + (f" (saved to {args.save})" if args.save else ""))

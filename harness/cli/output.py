@@ -1,4 +1,5 @@
-"""Terminal and JSON output for the CLI: tables, progress, errors."""
+"""Terminal and JSON output for the CLI: tables, JSON, progress. Every function that renders
+text for the user is a ``print_*``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO | None = None) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO | None = None) -> None:
     out = out or sys.stdout
     cells = [[str(h) for h in headers], *[[str(c) for c in r] for r in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -18,7 +19,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO 
             print("  ".join("-" * w for w in widths), file=out)
 
 
-def emit_json(data: Any, out: TextIO | None = None) -> None:
+def print_json(data: Any, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     json.dump(data, out, indent=2, sort_keys=False, default=_default)
     out.write("\n")
@@ -39,7 +40,7 @@ class Progress:
         self.out = out = out or sys.stderr
         self.enabled = out.isatty() if enabled is None else enabled
 
-    def step(self, label: str) -> None:
+    def print_step(self, label: str) -> None:
         if self.enabled:
             self.out.write(f"\r\033[K[{self.done + 1}/{self.total}] {label}")
             self.out.flush()

@@ -134,8 +134,20 @@ class Qemu:
             if time.monotonic() > deadline:
                 raise TargetTimeout("QEMU's gdb and console sockets", timeout, {"command": self.cmdline})
             time.sleep(0.005)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.connect(str(self.console_socket))
+        # QEMU binds the socket file before it listens: a connect in between is refused. Retry.
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.console_socket))
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                sock.close()
+                self.check_alive("QEMU failed to start")
+                if time.monotonic() > deadline:
+                    raise TargetTimeout("QEMU's console socket to accept", timeout,
+                                        {"command": self.cmdline}) from None
+                time.sleep(0.005)
+        self._sock = sock
         self.console = pexpect.fdpexpect.fdspawn(self._sock.fileno(), logfile=self._logfile, timeout=timeout)
 
     def expect_console(self, pattern: str, timeout: float) -> str:

@@ -59,3 +59,40 @@ def test_failure_report_carries_the_mismatch_report_and_serial_log(pytester: pyt
     ])
     xml = junit.read_text()
     assert 'name="mismatch report"' in xml and 'name="console log"' in xml
+
+
+KINDS = """
+import pytest
+from harness.check.engine import CheckReport
+from harness.check.scenario import ScenarioError
+from harness.pytestplugin.reporter import record_check
+from harness.target.errors import QemuExited
+
+def test_machinery():
+    raise QemuExited("boot", 1, "", "")
+
+def test_bad_input():
+    raise ScenarioError("maps[0].size: expected a size > 0")
+
+def test_mismatch(request):
+    record_check(request.node, CheckReport("demo", "stage 2", "10.0.2", mismatched=1))
+    assert False, "the check failed"
+
+def test_own_assertion(request):
+    record_check(request.node, CheckReport("demo", "stage 2", "10.0.2", matched=4))
+    assert 1 == 2
+"""
+
+
+def test_failure_kinds_are_reported_distinctly(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(KINDS)
+    junit = pytester.path / "junit.xml"
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--junitxml={junit}")
+    res.assert_outcomes(failed=4)
+    xml = junit.read_text()
+    for test, kind in (("test_machinery", "machinery"), ("test_bad_input", "bad input"),
+                       ("test_mismatch", "mismatch"), ("test_own_assertion", "test")):
+        case = xml[xml.index(f'name="{test}"'):]
+        case = case[: case.index("</testcase>")]
+        assert f'<property name="pgtable-harness failure" value="{kind}"' in case, case
+    res.stdout.fnmatch_lines(["*pgtable-harness failure kind*", "machinery"])

@@ -32,6 +32,7 @@ from harness.arch.registers import ESR_EC, ISS_DFSC, ExceptionClass, FaultKind, 
 from harness.check import review
 from harness.check.review import RANGE_CONFIGS, pgd_configs, probe_pgd, probe_range, probe_unaligned
 from harness.check.review_model import proposed_pgd_pages
+from harness.cli import main
 from harness.target.target import Target
 
 pytestmark = pytest.mark.hw
@@ -66,7 +67,7 @@ def _translation_fault(par: int, level: int) -> bool:
 def test_review_pgd_pages(target: Target, granule: Granule, ia: int, level: int, pages: int, proposed: int,
                           last_ipa: int, entry_offset: int) -> None:
     p = probe_pgd(target, granule, ia, level)
-    assert (p.start_level, p.pages, p.seed, p.proposed) == (level, pages, pages, proposed)
+    assert (p.start_level, p.pages, p.posted, p.proposed) == (level, pages, pages, proposed)
     assert p.last_ipa == last_ipa
     assert p.last_entry_page == pages - 1  # the model's entry for the last page is in the last PGD page
     assert p.last_entry_pa == p.pgd + entry_offset  # the last initial-level entry of the last PGD page
@@ -87,7 +88,7 @@ def test_review_64k_40bit_one_pgd_page(target: Target) -> None:
 @pytest.mark.parametrize(("granule", "ia", "level"), pgd_configs(), ids=_ids)
 def test_review_every_concatenation(target: Target, granule: Granule, ia: int, level: int) -> None:
     p = probe_pgd(target, granule, ia, level)
-    assert 1 <= p.pages <= MAX_PGD_PAGES and p.seed == p.pages
+    assert 1 <= p.pages <= MAX_PGD_PAGES and p.posted == p.pages
     assert p.matches, f"MMU {Par(p.par_last)}; model {Par(p.expected_last)}"
     assert Par(p.par_last).pa == SCRATCH + granule.size
     assert p.last_entry_page == p.pages - 1
@@ -138,14 +139,14 @@ def test_review_unaligned_start_skips_an_entry(target: Target, granule: Granule,
     nxt = block + block_size
     assert (p.block, p.block_size, p.next_region) == (block, block_size, nxt)
     assert (p.walk_start, p.walk_end) == (block + g, nxt + g)
-    assert p.seed_visits == [(block + g, 2)]  # the seed: the block, then addr = nxt + g >= end
+    assert p.posted_visits == [(block + g, 2)]  # the seed: the block, then addr = nxt + g >= end
     assert p.fixed_visits == [(block + g, 2), (nxt, 3)]
     assert p.skipped == [nxt]
-    assert p.seed_writable and not p.fixed_writable
+    assert p.posted_writable and not p.fixed_writable
     # real stores to [block + g, nxt, nxt + g]
-    assert p.seed_stores == [False, True, True]  # the skipped page stays writable on the MMU
+    assert p.posted_stores == [False, True, True]  # the skipped page stays writable on the MMU
     assert p.fixed_stores == [False, False, True]
-    for esr in (p.seed_esr[0], p.fixed_esr[0]):
+    for esr in (p.posted_esr[0], p.fixed_esr[0]):
         assert ESR_EC.get(esr) == ExceptionClass.DABT_LOWER
         assert ISS_DFSC.get(esr) == fault_status(FaultKind.PERMISSION, 2)  # the block was protected by both
     assert ISS_DFSC.get(p.fixed_esr[1]) == fault_status(FaultKind.PERMISSION, 3)
@@ -164,6 +165,6 @@ def test_run_review_verdicts_hold(target: Target) -> None:
 
 
 def test_review_main_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert review.main(["--json"]) == 0
+    assert main(["review", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True and len(out["verdicts"]) == 3

@@ -28,7 +28,7 @@ from harness.arch.geometry import (
     stage2_start_levels,
 )
 from harness.check.engine import CheckReport, check_at, check_built, used_image
-from harness.check.scenario import SCRATCH, Built, MapSpec, OpSpec, Scenario, build
+from harness.check.scenario import SCRATCH, BuiltScenario, MapSpec, OpSpec, Scenario, build
 from harness.core.prot import Prot
 from harness.target.target import Target
 
@@ -247,7 +247,7 @@ def test_wrong_model_fails_with_a_readable_report(target: Target) -> None:
     """A test double of the model with one leaf's AP[2] flipped (read-only -> read/write)."""
     sc = Scenario("wrong-ap", Stage.S1, Granule.K4, 40,
                   maps=(MapSpec(0x1_0000_0000, 0x4000, SCRATCH, Prot.R),))
-    built: Built = build(sc, target.layout)
+    built: BuiltScenario = build(sc, target.layout)
     tb = built.table
     target.install(tb.regs(), used_image(tb))  # the MMU gets the true tables
     leaf = tb.get_leaf(0x1_0000_2000)
@@ -265,7 +265,7 @@ def test_wrong_model_fails_with_a_readable_report(target: Target) -> None:
     assert "AP=0x1" in text  # the model's walk shows the flipped field
 
 
-def _ptep(built: Built, va: int) -> int:
+def _ptep(built: BuiltScenario, va: int) -> int:
     from harness.core.walker import Walker, WalkFlags
 
     found: list[int] = []

@@ -104,7 +104,7 @@ def test_roots_at_every_legal_alignment() -> None:
         raw = rawtables.random_tables(rng, g, LAYOUT)
         offsets.add(raw.root % 64)
         reg = raw.regs
-        assert getattr(reg, "vttbr_el2") & 0xFFFF_FFFF_FFFF == raw.root
+        assert reg.vttbr_el2 & 0xFFFF_FFFF_FFFF == raw.root
     assert offsets >= {16, 32, 48}
 
 

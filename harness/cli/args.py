@@ -1,0 +1,237 @@
+"""Arguments shared by the commands: their options, argv -> scenario, paths checked before any
+work, and the target a command runs on (its log directory kept only when something failed)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from harness.arch.geometry import PA_SIZES
+from harness.check import scenario as scenarios
+from harness.check.scenario import Scenario
+from harness.errors import InputError
+from harness.target.target import Target
+
+ADDRESS_LIMIT = 1 << 64  # addresses are 64-bit VAs/IPAs
+
+
+class UsageError(InputError):
+    """A bad argument: exit status 2 with a message that names it."""
+
+
+# -- argument types (argparse reports their errors as "argument --x: ...", exit 2) ------------------
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int_argument(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _int_argument(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def pa_size(text: str) -> int:
+    value = _int_argument(text)
+    if value not in PA_SIZES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, PA_SIZES))}, got {text!r}")
+    return value
+
+
+def _int_argument(text: str) -> int:
+    try:
+        return int(text.replace("_", ""), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def parse_address(text: str, what: str) -> int:
+    """A 64-bit input address (decimal, 0x hex, _ separators)."""
+    try:
+        value = int(text.replace("_", ""), 0)
+    except ValueError:
+        raise UsageError(f"{what}: expected an integer such as 0x40001000, got {text!r}") from None
+    if not 0 <= value < ADDRESS_LIMIT:
+        raise UsageError(f"{what}: expected an address from 0 to 2^64 - 1, got {text!r}")
+    return value
+
+
+# -- option groups ------------------------------------------------------------------------------
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """--json and what running on QEMU takes: --timeout, --seed, --log-dir."""
+    add_json_arg(p)
+    p.add_argument("--timeout", type=positive_seconds, default=60.0,
+                   help="seconds for boot and each request (default 60)")
+    add_seed_arg(p)
+    p.add_argument("--log-dir", help="keep QEMU/gdb/console logs here (default: a temporary directory, "
+                                     "removed after a successful run)")
+
+
+def add_seed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for address sampling (default 0)")
+
+
+def add_report_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--report", metavar="FILE", help=what)
+
+
+def add_scenario_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scenario (a file, a built-in name, or the options below)")
+    g.add_argument("--scenario", metavar="FILE", help="JSON or TOML scenario file (see README)")
+    g.add_argument("--builtin", metavar="NAME", help="a built-in scenario of `harness run` (e.g. s2-4K)")
+    g.add_argument("--stage", help="1 (hyp stage 1 at EL2) or 2 (guest stage 2)")
+    g.add_argument("--granule", help="4K, 16K or 64K")
+    g.add_argument("--ia-bits", type=int, help="input address size in bits")
+    g.add_argument("--pa-bits", type=int, help="physical address size (TCR/VTCR.PS): 32..48, 52 with 64K")
+    g.add_argument("--start-level", type=int, help="stage-2 start level (default: fewest levels)")
+    g.add_argument("--map", action="append", default=[], metavar="ADDR:SIZE:PA[:PROT]",
+                   help="a mapping, e.g. 0x10000000:2M:0x50000000:rw (repeatable; PROT letters rwxd)")
+    g.add_argument("--op", action="append", default=[], metavar="OP:ADDR[:SIZE][:PROT]",
+                   help="an operation after the maps: unmap, wrprotect, mkold, mkyoung, relax_perms")
+    g.add_argument("--lpa2", action="store_true", help="FEAT_LPA2 (TCR/VTCR.DS = 1): 52-bit addresses with 4K/16K")
+    g.add_argument("--e2h", action="store_true", help="stage 1 in the EL2&0 regime (HCR_EL2.E2H = 1, hVHE)")
+    g.add_argument("--access", action="store_true", help="also probe with real loads and stores")
+    g.add_argument("--sample", type=positive_int, help="probe at most this many mapped pages (plus the edges)")
+
+
+# -- argv -> scenario ---------------------------------------------------------------------------
+
+def _split(spec: str, n_min: int, n_max: int, what: str, form: str) -> list[str]:
+    parts = spec.split(":")
+    if not n_min <= len(parts) <= n_max:
+        raise UsageError(f"{what}: expected {form}, got {spec!r}")
+    return parts
+
+
+def _map_from_arg(spec: str) -> dict[str, Any]:
+    p = _split(spec, 3, 4, "--map", "ADDR:SIZE:PA[:PROT]")
+    return {"addr": p[0], "size": p[1], "pa": p[2], "prot": p[3] if len(p) > 3 else "rw"}
+
+
+def _op_from_arg(spec: str) -> dict[str, Any]:
+    p = _split(spec, 2, 4, "--op", "OP:ADDR[:SIZE][:PROT]")
+    op: dict[str, Any] = {"op": p[0], "addr": p[1]}
+    if len(p) > 2 and p[2]:
+        op["size"] = p[2]
+    if len(p) > 3:
+        op["prot"] = p[3]
+    return op
+
+
+def _inline_scenario(args: argparse.Namespace) -> dict[str, Any]:
+    missing = [o for o, v in (("--stage", args.stage), ("--granule", args.granule), ("--ia-bits", args.ia_bits))
+               if v is None]
+    if missing:
+        raise UsageError(f"scenario: {', '.join(missing)} required (or --scenario FILE / --builtin NAME)")
+    fields: dict[str, Any] = {"name": "cli", "stage": args.stage, "granule": args.granule, "ia_bits": args.ia_bits,
+                              "maps": [_map_from_arg(m) for m in args.map], "ops": [_op_from_arg(o) for o in args.op]}
+    for key in ("pa_bits", "start_level"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    return fields
+
+
+def scenario_from_args(args: argparse.Namespace) -> Scenario:
+    """The one scenario the arguments name: a file, a built-in, or the inline options."""
+    given = [x for x in ("scenario", "builtin") if getattr(args, x)]
+    inline = args.stage is not None or args.granule is not None or args.ia_bits is not None or args.map
+    if len(given) + bool(inline) > 1:
+        raise UsageError("scenario: give one of --scenario FILE, --builtin NAME, or --stage/--granule/--ia-bits")
+    if args.scenario:
+        found = scenarios.load(args.scenario)
+        if len(found) != 1:
+            raise UsageError(f"--scenario: {args.scenario} holds {len(found)} scenarios; this command takes one")
+        sc = found[0]
+    elif args.builtin:
+        sc = scenarios.builtin_named(args.builtin, "--builtin")
+    else:
+        sc = scenarios.from_dict(_inline_scenario(args), "command line")
+    return scenarios.with_options(sc, access=args.access or None, sample=args.sample, lpa2=args.lpa2 or None,
+                                  e2h=args.e2h or None)
+
+
+# -- paths, checked before any work -------------------------------------------------------------
+
+def check_output_file(path: str | None, what: str) -> None:
+    """A file the command will write at the end: its directory must exist and be writable."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{what}: {p} is a directory; expected a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{what}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"{what}: {p} is not writable")
+
+
+def check_new_directory(path: str, what: str) -> Path:
+    """A directory the command will create (or fill, when it exists and is empty)."""
+    d = Path(path)
+    if d.exists() and (not d.is_dir() or any(d.iterdir())):
+        raise UsageError(f"{what}: {d} exists and is not an empty directory")
+    parent = _existing_ancestor(d)
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{what}: cannot create {d} ({parent} is not a writable directory)")
+    return d
+
+
+def check_log_dir(path: str | None) -> None:
+    if path is None:
+        return
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"--log-dir: {d} exists and is not a directory")
+    parent = d if d.exists() else _existing_ancestor(d)
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"--log-dir: {d} is not a writable directory")
+
+
+def _existing_ancestor(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+# -- the target ---------------------------------------------------------------------------------
+
+@contextmanager
+def open_target(args: argparse.Namespace) -> Iterator[Target]:
+    """QEMU for one command; its log directory is the user's --log-dir or a temporary one that
+    ``harness.cli.main`` removes after success and names after a failure."""
+    if args.log_dir is not None:
+        log_dir = Path(args.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        log_dir = Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
+        args.temporary_log_dirs.append(log_dir)
+    args.log_dirs.append(log_dir)
+    with Target.start(timeout=args.timeout, request_timeout=args.timeout, log_dir=log_dir) as t:
+        yield t

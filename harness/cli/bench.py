@@ -1,0 +1,39 @@
+"""`harness bench`: verified translations/s end to end vs the raw AT loop rate (harness.bench.e2e)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+
+from harness.bench.e2e import run_bench
+from harness.cli.args import UsageError, add_target_args, check_log_dir, open_target, positive_int
+from harness.cli.output import print_json
+
+NAME = "bench"
+MIN_PROBES = 1000
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(NAME, help="verified translations/s end to end, vs the raw AT rate")
+    add_target_args(p)
+    p.add_argument("--probes", type=positive_int, default=1_000_000, help="addresses per pass (default 1e6)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.probes < MIN_PROBES:
+        raise UsageError(f"--probes: expected at least {MIN_PROBES}, got {args.probes}")
+    check_log_dir(args.log_dir)
+    with open_target(args) as t:
+        result = run_bench(t, args.probes, np.random.default_rng(args.seed))
+    if args.json:
+        print_json(result)
+    else:
+        print(f"scenario: {result['scenario']}")
+        print(f"raw AT loop:           {result['raw_at_per_s'] / 1e6:6.2f} M translations/s")
+        print(f"verified end to end:   {result['verified_per_s'] / 1e6:6.2f} M translations/s "
+              f"({result['verified']} checked, {result['mismatched']} mismatched)")
+        print(f"ratio verified/raw:    {result['ratio']:.2f}")
+        print("stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["timings"].items()))
+    return 0 if result["mismatched"] == 0 else 1

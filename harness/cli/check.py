@@ -1,0 +1,46 @@
+"""`harness check`: one scenario (a file, a built-in, or inline options) checked on QEMU."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import numpy as np
+
+from harness.check import scenario as scenarios
+from harness.check.engine import check_built
+from harness.cli.args import (
+    add_report_arg,
+    add_scenario_args,
+    add_target_args,
+    check_log_dir,
+    check_output_file,
+    open_target,
+    scenario_from_args,
+)
+from harness.cli.reports import print_reports, write_report
+from harness.target.layout import LAYOUT
+
+NAME = "check"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(NAME, help="check one scenario on QEMU")
+    add_target_args(p)
+    add_scenario_args(p)
+    add_report_arg(p, "write the full text report here")
+
+
+def run(args: argparse.Namespace) -> int:
+    built = scenarios.build(scenario_from_args(args), LAYOUT)  # every input error before QEMU starts
+    check_output_file(args.report, "--report")
+    check_log_dir(args.log_dir)
+    t0 = time.perf_counter()
+    with open_target(args) as t:
+        report = check_built(built, t, np.random.default_rng(args.seed))
+        print_reports([report], args, time.perf_counter() - t0, t)
+        if not args.json:
+            print(report.text() if report.ok else "")
+    write_report(args.report, [report])
+    return 0 if report.ok else 1

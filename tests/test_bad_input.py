@@ -1,0 +1,198 @@
+"""Bad input, argument by argument and key by key: exit 2, the argument or key named, no traceback,
+and nothing booted (every error is found before QEMU would start)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.target.target import Target
+
+S2 = ["--stage", "2", "--granule", "4K", "--ia-bits", "40"]
+S1 = ["--stage", "1", "--granule", "4K", "--ia-bits", "40"]
+
+# (argv, text stderr must contain)
+ARGUMENTS: list[tuple[list[str], str]] = [
+    (["run", "--seed", "-5"], "--seed"),
+    (["run", "--seed", "x"], "--seed"),
+    (["run", "--timeout", "nan"], "--timeout"),
+    (["run", "--timeout", "inf"], "--timeout"),
+    (["run", "--timeout", "0"], "--timeout"),
+    (["run", "--timeout", "-1"], "--timeout"),
+    (["run", "--timeout", "soon"], "--timeout"),
+    (["run", "--only", "nope"], "--only"),
+    (["run", "--report", "/nonexistent-dir/report.txt"], "--report"),
+    (["check", "--builtin", "s2-4K", "--timeout", "nan"], "--timeout"),
+    (["check", "--builtin", "s2-4K", "--seed", "-5"], "--seed"),
+    (["check", "--builtin", "s2-4K", "--sample", "0"], "--sample"),
+    (["check", "--builtin", "s2-4K", "--sample", "-3"], "--sample"),
+    (["check", "--builtin", "nope"], "--builtin"),
+    (["check", "--builtin", "s2-4K", *S2], "one of"),
+    (["check", "--scenario", "/nonexistent.toml"], "scenario file"),
+    (["check", "--stage", "3", "--granule", "4K", "--ia-bits", "40"], "stage"),
+    (["check", "--stage", "2", "--granule", "8K", "--ia-bits", "40"], "granule"),
+    (["check", "--stage", "2", "--granule", "4K"], "--ia-bits"),
+    (["check", "--stage", "2", "--granule", "4K", "--ia-bits", "60"], "ia_bits"),
+    (["check", "--stage", "2", "--granule", "4K", "--ia-bits", "20"], "ia_bits"),
+    (["check", "--stage", "2", "--granule", "4K", "--ia-bits", "forty"], "--ia-bits"),
+    (["check", "--stage", "1", "--granule", "4K", "--ia-bits", "30"], "ia_bits"),
+    (["check", *S2, "--pa-bits", "99"], "pa_bits"),
+    (["check", *S2, "--start-level", "7"], "start_level"),
+    (["check", *S2, "--map", "0x1000:4K"], "--map"),
+    (["check", *S2, "--map", "0x1000:4K:0x50000000:rwz"], "prot"),
+    (["check", *S2, "--map", "zz:4K:0x50000000:r"], "addr"),
+    (["check", *S2, "--map", "0x10000000:0:0x50000000"], "size"),
+    (["check", *S2, "--map", "0x10000000:4Q:0x50000000"], "size"),
+    (["check", *S2, "--map", "0x10000000:4K:-0x1000"], "pa"),
+    (["check", *S2, "--map", "0x10000000000:4K:0x50000000"], "maps[0]"),
+    (["check", *S2, "--map", "0x10000000:100:0x50000000"], "maps[0]"),
+    (["check", *S2, "--access", "--map", "0x40280000:64K:0x50000000:rw"], "el1_stub"),
+    (["check", *S1, "--map", "0x40200000:4K:0x50000000:rw"], "code"),
+    (["check", *S2, "--op", "explode:0x1000"], "op"),
+    (["check", *S2, "--op", "wrprotect"], "--op"),
+    (["check", *S1, "--map", "0x10000000:4K:0x50000000", "--op", "wrprotect:0x10000000:4K"], "ops[0]"),
+    (["check", *S2, "--e2h"], "e2h"),
+    (["check", "--stage", "2", "--granule", "64K", "--ia-bits", "40", "--lpa2"], "lpa2"),
+    (["explain", "0x10000000000000000", "--builtin", "s2-4K"], "ADDRESS"),
+    (["explain", "18446744073709551616", "--builtin", "s2-4K"], "ADDRESS"),
+    (["explain", "-1", "--builtin", "s2-4K"], "ADDRESS"),
+    (["explain", "notanumber", "--builtin", "s2-4K"], "ADDRESS"),
+    (["explain", "0x1000", "--builtin", "s2-4K", "--timeout", "0"], "--timeout"),
+    (["dump", "--builtin", "s2-4K", "--timeout", "inf"], "--timeout"),
+    (["dump", "--builtin", "nope"], "--builtin"),
+    (["bench", "--probes", "10"], "--probes"),
+    (["bench", "--probes", "-1"], "--probes"),
+    (["bench", "--seed", "-5"], "--seed"),
+    (["review", "--timeout", "nan"], "--timeout"),
+    (["geometry", "--pa-bits", "99"], "--pa-bits"),
+    (["geometry", "--pa-bits", "47"], "--pa-bits"),
+    (["geometry", "--stage", "7"], "--stage"),
+    (["export", "/nonexistent-dir/sub/out", "--builtin", "s2-4K", "--seed", "-1"], "--seed"),
+]
+
+# (file name, contents, text stderr must contain): one scenario per file, checked with `harness check`
+FILES: list[tuple[str, str | bytes, str]] = [
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\naccess = "no"\n', "access"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "access": 1}', "access"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = 5\n', "maps"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "maps": null}', "maps"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "ops": "unmap"}', "ops"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nsample = -1\n', "sample"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nsample = 0\n', "sample"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "sample": 1.5}', "sample"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\ncolour = "red"\n', "colour"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = [{addr = 0, size = "4K", pa = 0, colour = 1}]\n',
+     "maps[0].colour"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = [{addr = "0x1000", size = "4K"}]\n', "maps[0].pa"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = [{addr = 0, size = "4Q", pa = 0}]\n',
+     "maps[0].size"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = [{addr = 0, size = true, pa = 0}]\n',
+     "maps[0].size"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = [{addr = -4096, size = "4K", pa = 0}]\n',
+     "maps[0].addr"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = [{addr = 0, size = "4K", pa = 0, prot = 7}]\n',
+     "maps[0].prot"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = ["0x1000"]\n', "maps[0]"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nops = [{op = "explode", addr = 0}]\n', "ops[0].op"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nops = [{op = "mkold"}]\n', "ops[0].addr"),
+    ("a.toml", 'stage = true\ngranule = "4K"\nia_bits = 40\n', "stage"),
+    ("a.toml", 'granule = "4K"\nia_bits = 40\n', "stage"),
+    ("a.toml", 'stage = 2\ngranule = "8K"\nia_bits = 40\n', "granule"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = "forty"\n', "ia_bits"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40.5}', "ia_bits"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\npa_bits = 45\n', "pa_bits"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nstart_level = "1"\n', "start_level"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nlpa2 = "yes"\n', "lpa2"),
+    ("a.json", '{"stage": 1, "granule": "4K", "ia_bits": 40, "e2h": 1}', "e2h"),
+    ("a.json", '{"name": 5, "stage": 2, "granule": "4K", "ia_bits": 40}', "name"),
+    ("a.toml", b'name = "caf\xe9"\nstage = 2\ngranule = "4K"\nia_bits = 40\n', "UTF-8"),
+    ("a.toml", "stage = = 2\n", "TOML"),
+    ("a.json", "{not json", "JSON"),
+    ("a.json", "[]", "scenario file"),
+    ("a.json", "5", "scenario file"),
+    ("a.json", '["x"]', "[0]"),
+    ("a.json", json.dumps([{"stage": 2, "granule": "4K", "ia_bits": 40}] * 2), "--scenario"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\naccess = true\n'
+               'maps = [{addr = "0x40280000", size = "64K", pa = "0x50000000"}]\n', "el1_stub"),
+    ("a.toml", 'stage = 1\ngranule = "4K"\nia_bits = 40\n'
+               'maps = [{addr = "0x10000000", size = "4K", pa = "0x50000000"}]\n'
+               'ops = [{op = "mkold", addr = "0x10000000"}]\n', "ops[0]"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _nothing_boots(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> Target:
+        raise AssertionError("bad input must be refused before QEMU starts")
+
+    monkeypatch.setattr(Target, "start", refuse)
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors (types, unknown options)
+        code = e.code if isinstance(e.code, int) else 2
+    return code, capsys.readouterr().err
+
+
+def _assert_refused(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    assert needle in err, err
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("argv", "needle"), ARGUMENTS, ids=[" ".join(a) for a, _ in ARGUMENTS])
+def test_bad_argument(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _assert_refused(*_run(argv, capsys), needle)
+
+
+@pytest.mark.parametrize(("name", "text", "needle"), FILES, ids=[f"{n}:{i}" for i, (n, _, _) in enumerate(FILES)])
+def test_bad_scenario_file(name: str, text: str | bytes, needle: str, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / name
+    if isinstance(text, bytes):
+        f.write_bytes(text)
+    else:
+        f.write_text(text)
+    _assert_refused(*_run(["check", "--scenario", str(f)], capsys), needle)
+
+
+def test_paths_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    for argv, needle in (
+        (["run", "--report", str(tmp_path)], "--report"),
+        (["check", "--builtin", "s2-4K", "--log-dir", str(a_file)], "--log-dir"),
+        (["export", str(full), "--builtin", "s2-4K"], "DIRECTORY"),
+        (["export", str(a_file), "--builtin", "s2-4K"], "DIRECTORY"),
+    ):
+        _assert_refused(*_run(argv, capsys), needle)
+
+
+def test_a_failed_export_leaves_no_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    _assert_refused(*_run(["export", str(out), *S2, "--map", "0x10000000:100:0x50000000"], capsys), "maps[0]")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_size_suffixes_are_case_insensitive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "ok.toml"
+    f.write_text('stage = 2\ngranule = "4K"\nia_bits = 40\n'
+                 'maps = [{addr = "0x10000000", size = "64k", pa = "0x50000000"},'
+                 ' {addr = "0x20000000", size = "2m", pa = "0x60000000"}]\n')
+    code, err = _run(["export", str(tmp_path / "out"), "--scenario", str(f)], capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert [m["size"] for m in config["maps"]] == [64 << 10, 2 << 20]
+
+
+def test_at_least_sixty_bad_inputs() -> None:
+    assert len(ARGUMENTS) + len(FILES) >= 60
