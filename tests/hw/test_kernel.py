@@ -11,6 +11,7 @@ nothing else is executable.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -98,3 +99,30 @@ def test_attach_leaves_target_running(live_kernel: Callable[..., LiveKernel]) ->
         pc = sess.gdb.read_registers(["pc"])["pc"]
         # Physical mode was switched back off: a virtual read at the kernel's pc works.
         assert sess.gdb.read_memory(pc & ~3, 4) != b"\0\0\0\0"
+
+
+_CARVEOUT = re.compile(rb"kvm \[\d+\]: Reserved (\d+) MiB at (0x[0-9a-f]+)")
+
+
+@pytest.mark.parametrize("cpu", ["max,lpa2=off", "max"])
+def test_protected_hyp_memory_not_in_host_stage2(live_kernel: Callable[..., LiveKernel], cpu: str) -> None:
+    """pKVM's own memory (the carve-out the kernel reports at boot) is mapped by the hypervisor's
+    stage 1 and by nothing in the host's stage 2: the host cannot reach it."""
+    k = live_kernel(mode="protected", cpu=cpu)
+    m = _CARVEOUT.search(k.serial_log.read_bytes())
+    assert m, "no 'kvm [0]: Reserved N MiB at ADDR' line in the serial log"
+    lo = int(m[2], 16)
+    hi = lo + (int(m[1]) << 20)
+    cap = k.capture()
+    hyp, host = decode(cap.snapshot, cap.regimes)
+    assert host.name == "stage2"
+    pieces = sorted((max(r.range.pa, lo), min(r.range.pa + r.range.size, hi)) for r in hyp.ranges
+                    if r.range.pa < hi and lo < r.range.pa + r.range.size)
+    covered_to = lo
+    for a, b in pieces:  # the union of the hyp's mappings of the carve-out (some pages are aliased)
+        assert a <= covered_to, f"hyp stage 1 leaves [{covered_to:#x}, {a:#x}) of the carve-out unmapped"
+        covered_to = max(covered_to, b)
+    assert covered_to == hi, f"hyp stage 1 leaves [{covered_to:#x}, {hi:#x}) of the carve-out unmapped"
+    for r in host.ranges:
+        assert not (r.range.pa < hi and lo < r.range.pa + r.range.size), f"host stage 2 maps {r.describe()}"
+        assert not (r.va < hi and lo < r.end), f"host stage 2 maps {r.describe()}"
