@@ -4,19 +4,22 @@ wrong model is caught; a snapshot that leaves no room for the payload is refused
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from harness.arch.geometry import Geometry
 from harness.check import attach
 from harness.check.attach import VerifyRefused, verify
 from harness.cli import main
+from harness.core.batch import BatchResult
 from harness.core.memory import PagePool
 from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
 from harness.core.prot import Prot
-from harness.core.translate import Translation
 from harness.live.snapshot import from_tables
 from harness.target.layout import Layout
 from harness.target.target import Target
@@ -87,18 +90,34 @@ def test_cli_verify_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert out["verify"]["regimes"][0]["regime"] == "stage2"
 
 
-def test_verify_catches_a_wrong_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    real = attach._par
+def test_verify_catches_a_wrong_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AT check itself (the check engine over the replayed tables) catches a wrong model."""
+    real = attach._ReplaySubject.predict
 
-    def off_by_a_page(t: Translation) -> int:
-        par = real(t)
-        return par ^ (1 << 12) if t.ok else par
+    def off_by_a_page(self: attach._ReplaySubject, addrs: object, access: object, **kw: object) -> BatchResult:
+        res = real(self, addrs, access, **kw)  # type: ignore[arg-type]
+        return dataclasses.replace(res, pa=res.pa ^ np.uint64(1 << 12))
 
-    monkeypatch.setattr(attach, "_par", off_by_a_page)
+    monkeypatch.setattr(attach._ReplaySubject, "predict", off_by_a_page)
+    report = verify(from_tables(_s1_4k_40()), _start)
+    (r,) = report.regimes
+    assert r.check.mismatched > 0 and r.relocation_mismatched == 0
+    assert not report.ok
+
+
+def test_verify_catches_a_wrong_relocation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The model's walk of the original snapshot is what the replay is held to: a relocation that
+    points a table descriptor at the wrong copy is caught (and the MMU then disagrees too)."""
+    real = attach._with_table_address
+
+    def wrong_page(pte: int, pa: int, geom: Geometry) -> int:
+        return real(pte, pa + 64 * geom.granule.size, geom)
+
+    monkeypatch.setattr(attach, "_with_table_address", wrong_page)
     path = tmp_path / "s.json"
     from_tables(_s1_4k_40()).save(path)
     report = verify(from_tables(_s1_4k_40()), _start)
-    assert report.regimes[0].mismatched > 0
+    assert report.regimes[0].relocation_mismatched > 0
     assert main(["attach", str(path), "--verify"]) == 1
 
 
