@@ -11,12 +11,15 @@ nothing else is executable.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from harness.check.attach import decode, verify
+from harness.cli import main
 from harness.core.translate import PERM_W, PERM_X
 from harness.live.gdbstub import parse_target, session
 from harness.live.kernel import EXPECTED_BANNER, HYP_IDMAP_TEXT, HYP_RODATA, HYP_TEXT, find_image_pa
@@ -126,3 +129,25 @@ def test_protected_hyp_memory_not_in_host_stage2(live_kernel: Callable[..., Live
     for r in host.ranges:
         assert not (r.range.pa < hi and lo < r.range.pa + r.range.size), f"host stage 2 maps {r.describe()}"
         assert not (r.va < hi and lo < r.end), f"host stage 2 maps {r.describe()}"
+
+
+def test_cli_attach_socket_save_and_file(live_kernel: Callable[..., LiveKernel], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`harness attach SOCKET --json --save FILE` and `harness attach FILE` decode the same; the
+    filters pick the hyp text out of the protected hypervisor's ranges."""
+    k = live_kernel(mode="protected", cpu="max")
+    saved = tmp_path / "pkvm.json"
+    assert main(["attach", str(k.gdb_socket), "--json", "--save", str(saved)]) == 0
+    live = json.loads(capsys.readouterr().out)
+    assert [r["regime"] for r in live["regimes"]] == ["el2&0", "stage2"]
+    assert live["current_el"] in (0, 1, 2)
+    assert main(["attach", str(saved), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["regimes"] == live["regimes"] and again["pages"] == live["pages"]
+    assert main(["attach", str(saved), "--json", "--regime", "el2&0", "--perm", "x!w"]) == 0
+    (hyp,) = json.loads(capsys.readouterr().out)["regimes"]
+    assert hyp["ranges"] and all(r["perms"] == "r-x" for r in hyp["ranges"])
+    first = hyp["ranges"][0]
+    assert main(["attach", str(saved), "--json", "--regime", "el2&0", "--explain", hex(first["va"] + 8)]) == 0
+    (ex,) = json.loads(capsys.readouterr().out)["explain"]
+    assert ex["ok"] and ex["pa"] == first["pa"] + 8
