@@ -61,6 +61,7 @@ def export_built(built: BuiltScenario, directory: Path, rng: np.random.Generator
         "scenario": built.scenario.name,
         "stage": int(table.stage), "granule": table.granule.label, "ia_bits": geom.ia_bits, "pa_bits": geom.pa_bits,
         "start_level": geom.start_level, "pgd_pages": geom.pgd_pages, "pgd": table.pgd,
+        "lpa2": geom.lpa2, "e2h": geom.e2h, "pamax": geom.pamax,
         "image": {"file": "tables.bin", "base": image.base, "size": len(image.data)},
         "registers": reg_values,
         "enable": ("SCTLR_EL2 |= sctlr_el2_set after MAIR/TCR/TTBR0 and TLBI ALLE2" if isinstance(regs, Stage1Regs)

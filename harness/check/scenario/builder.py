@@ -41,6 +41,26 @@ class LayoutLike(Protocol):
     def stage2_regions(self) -> Sequence[RegionLike]: ...
 
 
+# Regimes the model's table classes (HypPgtable, Stage2Pgtable) can build: the architecture and the
+# translate know LPA2 and hVHE; the table operations do not yet (issue 12).
+_TABLES_BUILD = {"lpa2": False, "e2h": False}
+
+
+@dataclass(frozen=True)
+class PoolOnlyLayout:
+    """A memory map with a page pool and no firmware: tables for the model alone (benchmarks,
+    offline decoding), with nothing of the payload's own to keep mapped."""
+
+    pool_base: int
+    pool_size: int
+
+    def stage1_regions(self) -> Sequence[RegionLike]:
+        return ()
+
+    def stage2_regions(self) -> Sequence[RegionLike]:
+        return ()
+
+
 @dataclass
 class BuiltScenario:
     """A scenario modelled: its table (in its page pool) and the firmware regions mapped into it."""
@@ -80,10 +100,18 @@ def build(scenario: Scenario, layout: LayoutLike, rules: WalkRules = UPSTREAM_RU
 
 
 def empty_table(pool: PagePool, geom: Geometry, rules: WalkRules = UPSTREAM_RULES) -> KvmPgtable:
-    """The table KVM would create for the geometry: hyp stage 1 or guest stage 2."""
+    """The table KVM would create for the geometry: hyp stage 1 or guest stage 2. A regime the
+    model's table operations cannot build yet (LPA2, hVHE) is refused by name."""
+    for key, wanted in (("lpa2", geom.lpa2), ("e2h", geom.e2h)):
+        if wanted and not _TABLES_BUILD[key]:
+            raise ScenarioError(f"{key}: the model's table operations do not build this regime yet "
+                                f"({geom.describe()})")
+    table: KvmPgtable
     if geom.stage is Stage.S1:
-        return HypPgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, rules=rules)
-    return Stage2Pgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, geom.start_level, rules=rules)
+        table = HypPgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, rules=rules)
+    else:
+        table = Stage2Pgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, geom.start_level, rules=rules)
+    return table
 
 
 def firmware_regions(scenario: Scenario, geom: Geometry, layout: LayoutLike) -> list[RegionLike]:
