@@ -81,6 +81,31 @@ def test_64k_pa_51_48(stage: int) -> None:
     assert ranges_of(t) == [(0x4000_0000, 512 * MIB, pa, "rw-"), (0x8000_0000, 65536, 0xA_0000_0001_0000, "r--")]
 
 
+@pytest.mark.parametrize(("granule", "e2h"), [("4K", False), ("4K", True), ("16K", False), ("16K", True)])
+def test_lpa2_stage1_52_bit_outputs(granule: str, e2h: bool) -> None:
+    """DS = 1: bits [9:8] are OA[51:50] (not SH), a 4K walk starts at level -1; hVHE (E2H = 1)."""
+    t = HypPgtable(pool_for(granule), granule, 52, 52, lpa2=True, e2h=e2h)
+    assert t.geom.start_level == (-1 if granule == "4K" else 0)
+    top = (1 << 52) - 32 * MIB
+    t.map(0x4000_0000, 32 * MIB, 0xF_FFFF_FE00_0000, Prot.RW)
+    t.map(top, 32 * MIB, 0xC_0000_4000_0000, Prot.RX)
+    snap = from_tables(t)
+    (r,) = regimes_from_registers(snap.registers)
+    assert r.name == ("el2&0" if e2h else "el2") and r.geom.lpa2 and r.geom.e2h == e2h
+    assert ranges_of(t) == [(0x4000_0000, 32 * MIB, 0xF_FFFF_FE00_0000, "rw-"),
+                            (top, 32 * MIB, 0xC_0000_4000_0000, "r-x")]
+
+
+def test_lpa2_stage2_level0_16_concatenated_pages() -> None:
+    """Linux 6.12's host stage 2 on -cpu max: 4K, DS = 1, 52-bit IPA, level 0, 16 PGD pages."""
+    t = Stage2Pgtable(pool_for("4K"), "4K", 52, 52, start_level=0, lpa2=True)
+    assert t.geom.pgd_pages == 16
+    last = (1 << 52) - 2 * MIB
+    t.map(0x4000_0000, 2 * MIB, 0x4000_0000, Prot.RWX)
+    t.map(last, 2 * MIB, 0xF_0000_0020_0000, Prot.RW)
+    assert ranges_of(t) == [(0x4000_0000, 2 * MIB, 0x4000_0000, "rwx"), (last, 2 * MIB, 0xF_0000_0020_0000, "rw-")]
+
+
 # -- registers -------------------------------------------------------------------------------------
 
 def test_registers_of_linux_6_12_nvhe() -> None:

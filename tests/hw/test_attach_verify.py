@@ -68,7 +68,25 @@ def _s64k(stage: int) -> Callable[[], KvmPgtable]:
     return build
 
 
-CASES = {"s2-4K-43bit-16-concatenated": _s2_concat, "s1-4K-40bit": _s1_4k_40, "s1-16K-DS0-SH": _s1_16k_ds0,
+def _s1_lpa2(granule: str, e2h: bool) -> Callable[[], KvmPgtable]:
+    def build() -> KvmPgtable:
+        t = HypPgtable(_pool(4096 if granule == "4K" else 16384), granule, 52, 52, lpa2=True, e2h=e2h)
+        t.map(0x1_0000_0000, 32 * MIB, 0xF_FFFF_FE00_0000, Prot.RW)
+        t.map((1 << 52) - 32 * MIB, 32 * MIB, 0xC_0000_4000_0000, Prot.RX)
+        return t
+    return build
+
+
+def _s2_lpa2() -> KvmPgtable:
+    t = Stage2Pgtable(_pool(4096), "4K", 52, 52, start_level=0, lpa2=True)
+    t.map(0x4000_0000, 2 * MIB, 0x4000_0000, Prot.RW)
+    t.map((1 << 52) - 2 * MIB, 2 * MIB, 0xF_0000_0020_0000, Prot.RW)
+    return t
+
+
+CASES = {"s1-4K-lpa2-level-1": _s1_lpa2("4K", False), "s1-4K-lpa2-hVHE": _s1_lpa2("4K", True),
+         "s1-16K-lpa2-hVHE": _s1_lpa2("16K", True), "s2-4K-lpa2-16-concatenated": _s2_lpa2,
+         "s2-4K-43bit-16-concatenated": _s2_concat, "s1-4K-40bit": _s1_4k_40, "s1-16K-DS0-SH": _s1_16k_ds0,
          "s1-64K-PA52": _s64k(1), "s2-64K-PA52": _s64k(2)}
 
 
