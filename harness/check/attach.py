@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -46,8 +45,7 @@ from harness.check.engine import CheckReport, Subject, check_at
 from harness.core.batch import BatchResult
 from harness.core.dump import MappedRange, mapped_ranges
 from harness.core.memory import PagePool, PoolImage
-from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
-from harness.core.prot import Prot
+from harness.core.pgtable import KvmPgtable, PgtableError
 from harness.core.translate import (
     DEFAULT_MAIR,
     PERM_R,
@@ -248,57 +246,43 @@ def _with_table_address(pte: int, pa: int, geom: Geometry) -> int:
     return (pte & ~_address_bits(geom)) | d.phys_to_pte(pa, geom.granule, geom.lpa2)
 
 
-@functools.cache
-def _leaf_attrs(stage: Stage, prot: Prot) -> int:
-    """The model's hyp / stage-2 leaf attributes for ``prot`` (as its builders map them)."""
-    pool = PagePool(0, 64 * 4096, 4096)
-    table: KvmPgtable = HypPgtable(pool, "4K", 39) if stage is Stage.S1 else Stage2Pgtable(pool, "4K", 32, 32)
-    return table.leaf_attrs(prot)
-
-
 @dataclass
 class Replay:
-    """The snapshot's tables copied into the payload's page pool: ``root`` (the initial table,
-    every concatenated PGD page), ``moved`` (original table page -> its copy)."""
+    """The snapshot's tables copied into the payload's page pool, as the model's own table
+    (:class:`KvmPgtable` over the pool, so the payload's regions are mapped by its ``map``):
+    ``moved`` maps each original table page to its copy; ``added`` are the pages the splice made."""
 
-    geom: Geometry
-    pool: PagePool
-    root: int
+    table: KvmPgtable
     moved: dict[int, int] = field(default_factory=dict)
-    added: set[int] = field(default_factory=set)  # table pages the splice allocated
+    added: set[int] = field(default_factory=set)
+
+    @property
+    def geom(self) -> Geometry:
+        return self.table.geom
+
+    @property
+    def pool(self) -> PagePool:
+        return self.table.mem
+
+    @property
+    def root(self) -> int:
+        assert self.table.pgd is not None
+        return self.table.pgd
+
+    def pages_in_use(self) -> set[int]:
+        g = self.pool.page_size
+        return {self.pool.base + off for off in range(0, self.pool.used_extent(), g)
+                if self.pool.refcount(self.pool.base + off)}
 
     def map_identity(self, region: Region) -> None:
-        """Map ``region`` (identity, the model's attributes for its protection), blocks where they
-        fit, creating tables as needed; refuse if any part of it is already mapped."""
-        geom = self.geom
-        attrs = _leaf_attrs(geom.stage, region.prot)
-        addr, end = region.base, region.end
-        while addr < end:
-            level = next((lvl for lvl in sorted(geom.block_levels) if lvl >= geom.start_level
-                          and addr % geom.size(lvl) == 0 and addr + geom.size(lvl) <= end), LAST_LEVEL)
-            table, lvl = self.root, geom.start_level
-            while True:
-                idx = geom.pgd_index(addr) if lvl == geom.start_level else geom.index(lvl, addr)
-                ptep = table + idx * ENTRY_BYTES
-                pte = self.pool.read64(ptep)
-                kind = d.kind(pte, lvl, geom.block_levels)
-                if lvl == level:
-                    if kind is not d.Kind.INVALID:
-                        raise VerifyRefused(f"the payload's {region.name} region: {addr:#x} is already mapped")
-                    self.pool.write64(ptep, d.leaf_pte(addr, attrs, lvl, geom.granule, geom.lpa2))
-                    break
-                if kind is d.Kind.TABLE:
-                    table = _table_address(pte, geom)
-                elif kind is d.Kind.INVALID:
-                    child = self.pool.alloc_page()
-                    self.added.add(child)
-                    self.pool.write64(ptep, d.table_pte(child, geom.granule, geom.lpa2))
-                    table = child
-                else:
-                    raise VerifyRefused(f"the payload's {region.name} region: {addr:#x} lies in a "
-                                        f"level-{lvl} block of the snapshot")
-                lvl += 1
-            addr += geom.size(level)
+        """Map ``region`` (identity, the model's attributes for its protection); refuse if any
+        part of it is already mapped."""
+        before = self.pages_in_use()
+        try:
+            self.table.map(region.base, region.size, region.base, region.prot)
+        except PgtableError as exc:
+            raise VerifyRefused(f"the payload's {region.name} region cannot be mapped: {exc}") from None
+        self.added |= self.pages_in_use() - before
 
 
 def relocate(snapshot: Snapshot, regime: Regime, layout: Layout) -> Replay:
@@ -306,8 +290,7 @@ def relocate(snapshot: Snapshot, regime: Regime, layout: Layout) -> Replay:
     rewriting next-level table addresses (leaves untouched)."""
     geom = regime.geom
     pool = PagePool(layout.pool_base, layout.pool_size, geom.granule.size)
-    n = geom.pgd_pages
-    rep = Replay(geom, pool, pool.alloc_pages(n, align_pages=n))
+    rep = Replay(KvmPgtable.for_geometry(geom, pool))
     src = snapshot.memory()
 
     def copy(orig: int, new: int, level: int, entries: int) -> None:

@@ -125,17 +125,22 @@ def test_verify_catches_a_wrong_prediction(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_verify_catches_a_wrong_relocation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The model's walk of the original snapshot is what the replay is held to: a relocation that
-    points a table descriptor at the wrong copy is caught (and the MMU then disagrees too)."""
+    points one table descriptor (the first rewritten: the deepest, to a level-3 table) at the
+    wrong page is caught, and the payload is then not run on the copy."""
     real = attach._with_table_address
+    calls: list[int] = []
 
     def wrong_page(pte: int, pa: int, geom: Geometry) -> int:
-        return real(pte, pa + 64 * geom.granule.size, geom)
+        calls.append(pa)
+        return real(pte, pa + (64 * geom.granule.size if len(calls) == 1 else 0), geom)
 
     monkeypatch.setattr(attach, "_with_table_address", wrong_page)
     path = tmp_path / "s.json"
     from_tables(_s1_4k_40()).save(path)
     report = verify(from_tables(_s1_4k_40()), _start)
-    assert report.regimes[0].relocation_mismatched > 0
+    (r,) = report.regimes
+    assert r.relocation_mismatched > 0 and r.check.checked == 0 and not report.ok
+    calls.clear()
     assert main(["attach", str(path), "--verify"]) == 1
 
 
