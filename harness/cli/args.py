@@ -154,6 +154,9 @@ def _inline_scenario(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("pa_bits", "start_level"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
+    for flag in ("lpa2", "e2h"):  # the geometry is validated with them, not before them
+        if getattr(args, flag):
+            fields[flag] = True
     return fields
 
 
