@@ -41,7 +41,7 @@ from harness.arch.registers import (
     Stage2Regs,
     ttbr_baddr,
 )
-from harness.check.engine import CheckReport, Subject, check_at
+from harness.check.engine import AT_OPS, CheckReport, Subject, check_at
 from harness.core.batch import BatchResult
 from harness.core.dump import MappedRange, mapped_ranges
 from harness.core.memory import PagePool, PoolImage
@@ -52,7 +52,6 @@ from harness.core.translate import (
     PERM_W,
     PERM_X,
     READ,
-    WRITE,
     Access,
     Translation,
     expected_par,
@@ -491,33 +490,23 @@ class _ReplaySubject(Subject):
 
 TargetFactory = Callable[[Layout], Any]  # a started harness.target.target.Target for a layout
 
-_AT_OPS: dict[Stage, tuple[tuple[str, Access], ...]] = {
-    Stage.S1: (("S1E2R", READ), ("S1E2W", WRITE)),
-    Stage.S2: (("S12E1R", READ), ("S12E1W", WRITE)),
-}
-
-
 def _regs_for(regime: Regime, root: int) -> Stage1Regs | Stage2Regs:
     regs = regime.registers
     if regime.geom.stage is Stage.S1:
         ttbr = regs.get("TTBR0_EL2", 0)
-        new_ttbr = (ttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | _baddr(root, regime.geom)
-        hcr = HCR_E2H.prep(1) if regime.name == "el2&0" else 0
+        new_ttbr = (ttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | ttbr_baddr(root, regime.geom)
+        hcr = HCR_E2H.prep(int(regime.geom.e2h))
         return Stage1Regs(mair_el2=regime.mair if regime.mair is not None else DEFAULT_MAIR,
-                          tcr_el2=regs["TCR_EL2"], ttbr0_el2=new_ttbr & ~1,
+                          tcr_el2=regs["TCR_EL2"], ttbr0_el2=new_ttbr & ~1,  # CnP off: one PE
                           sctlr_el2_set=SCTLR_M.prep(1) | SCTLR_C.prep(1) | SCTLR_I.prep(1), hcr_el2_set=hcr)
     vttbr = regs.get("VTTBR_EL2", 0)
-    new_vttbr = (vttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | _baddr(root, regime.geom)
+    new_vttbr = (vttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | ttbr_baddr(root, regime.geom)
     return Stage2Regs(vtcr_el2=regs["VTCR_EL2"], vttbr_el2=new_vttbr & ~1,
                       hcr_el2_set=HCR_VM.prep(1) | HCR_RW.prep(1) | HCR_DC.prep(1))
 
 
 def _par(t: Translation) -> int:
     return 0 if t.unmodelled else expected_par(t)
-
-
-def _baddr(root: int, geom: Geometry) -> int:
-    return ttbr_baddr(root, geom)
 
 
 def _occupied(ranges: Sequence[MappedRange]) -> list[tuple[int, int]]:
@@ -580,7 +569,7 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
     mem = snapshot.memory()
     # The model's walk of the copy must equal its walk of the original (relocation moves table
     # addresses only), except where it goes through what the splice added.
-    for op, access in _AT_OPS[geom.stage]:
+    for op, access in AT_OPS[geom.stage]:
         for a in addrs:
             replayed = translate(pool, geom, root, int(a), access, mair, sh0=sh0)
             if any(st.table_pa in rep.added or st.desc_pa in changed for st in replayed.steps):
