@@ -119,6 +119,35 @@ def test_registers_of_linux_6_12_nvhe() -> None:
     assert r.mair == 0x40044FFFF
 
 
+MMFR0_LPA2_OFF = 0x2100022200101126  # -cpu max,lpa2=off: PARange 48 bits
+MMFR0_MAX = 0x2100032310201126  # -cpu max: PARange 52 bits, LPA2 granules
+
+
+@pytest.mark.parametrize(("regs", "expected"), [
+    pytest.param({"HCR_EL2": 0x30080000000, "TCR_EL2": 0x18086350C, "TTBR0_EL2": 0x43A1D001,
+                  "ID_AA64MMFR0_EL1": MMFR0_MAX},
+                 [("el2", "4K", 52, 52, -1, 1, True, False)], id="nvhe-max"),
+    pytest.param({"HCR_EL2": 0x30480080001, "TCR_EL2": 0x15001F5B5D53510, "TTBR0_EL2": 0x7F301001,
+                  "VTCR_EL2": 0x802D3590, "VTTBR_EL2": 0x7F709001, "ID_AA64MMFR0_EL1": MMFR0_LPA2_OFF},
+                 [("el2&0", "4K", 48, 48, 0, 1, False, True), ("stage2", "4K", 48, 48, 0, 1, False, False)],
+                 id="protected-max-lpa2off"),
+    pytest.param({"HCR_EL2": 0x30480080001, "TCR_EL2": 0x95001F7B5CE350C, "TTBR0_EL2": 0x7F301001,
+                  "VTCR_EL2": 0x1802E358C, "VTTBR_EL2": 0x7F710001, "ID_AA64MMFR0_EL1": MMFR0_MAX},
+                 [("el2&0", "4K", 52, 52, -1, 1, True, True), ("stage2", "4K", 52, 52, 0, 16, True, False)],
+                 id="protected-max"),
+])
+def test_registers_of_linux_6_12(regs: dict[str, int], expected: list[tuple[object, ...]]) -> None:
+    """The values Linux 6.12.117 programs under QEMU 10.0.2, read through the gdbstub: regime,
+    granule, input and output size, start level, concatenated PGD pages, DS, E2H (what gef's
+    pagewalk prints wrongly for the PS and start level)."""
+    full = {"SCTLR_EL2": 0xF8ED383D, "MAIR_EL2": 0x40044FFFF, "VTCR_EL2": 0, "VTTBR_EL2": 0, **regs}
+    got = [(r.name, r.geom.granule.label, r.geom.ia_bits, r.geom.pa_bits, r.geom.start_level, r.geom.pgd_pages,
+            r.geom.lpa2, r.geom.e2h) for r in regimes_from_registers(full)]
+    assert got == expected
+    roots = [r.root for r in regimes_from_registers(full)]
+    assert roots == [full[k] & ~1 for k in ("TTBR0_EL2", "VTTBR_EL2") if full[k]]  # CnP is not address
+
+
 def test_stage2_only_when_hcr_vm() -> None:
     t = Stage2Pgtable(pool_for("4K"), "4K", 40)
     snap = from_tables(t)
