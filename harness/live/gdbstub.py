@@ -125,8 +125,11 @@ def session(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = Non
             raise AttachFailed(f"connecting gdb to {spec}: {exc}") from None
         sess.connected = True
         gdb.discard_async()
-        sess.vm_status = gdb.monitor("info status").strip()
-        sess.was_running = sess.vm_status == "VM status: paused"
+        try:
+            sess.vm_status = gdb.monitor("info status").strip()
+            sess.was_running = sess.vm_status == "VM status: paused"
+        except GdbError:  # a stub without QEMU's monitor: it stopped on attach, resume on detach
+            sess.vm_status, sess.was_running = "unknown (no QEMU monitor)", True
         yield sess
     except GdbError as exc:
         raise AttachFailed(f"gdb on {spec}: {exc}") from None
