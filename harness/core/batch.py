@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from harness.arch.descriptors import AF, S1_ATTRINDX, S2_MEMATTR, SH, descriptor_oa
+from harness.arch.descriptors import AF, S1_ATTRINDX, S2_AP, S2_MEMATTR, S2_XN, SH, descriptor_oa
 from harness.arch.geometry import ENTRY_BYTES, MAX_LEVELS, Geometry, Stage, ptrs_per_table
 from harness.arch.registers import (
     PAR_ATTR,
@@ -107,6 +107,8 @@ class BatchResult:
 
 # Tabulated scalar rules, so both forms share one definition.
 _S2_ATTR = np.array([s2_attr(m) for m in range(16)], dtype=np.uint8)
+# s2_perms by S2AP | XN[54:53] << 2.
+_S2_PERMS = np.array([s2_perms(S2_AP.prep(i & 3) | S2_XN.prep(i >> 2)) for i in range(16)], dtype=np.uint8)
 _S2_ATTR_RESERVED = np.array([s2_attr_reserved(m) for m in range(16)], dtype=np.bool_)
 _PAR_SH = np.array([[par_sh(a, s) for s in range(4)] for a in range(256)], dtype=np.uint8)
 _SH_UNPRED = np.array([[sh_unpredictable(a, s) for s in range(4)] for a in range(256)],
@@ -244,7 +246,8 @@ def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> None:
     level = np.concatenate(found.level)
 
     if is_s2:
-        perms = s2_perms(desc).astype(np.uint8)
+        perms = _S2_PERMS[((desc >> _U(S2_AP.lo)) & _U(S2_AP.max))
+                          | (((desc >> _U(S2_XN.lo)) & _U(S2_XN.max)) << _U(S2_AP.width))]
     else:
         perms = s1_perms(desc, np.concatenate(found.restrictions), geom.e2h).astype(np.uint8)
     if len(found.lanes) == 1:  # every leaf at one level
@@ -255,17 +258,23 @@ def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> None:
     pa = np.asarray(leaf_oa(oa, addr[lanes], size_mask), dtype=np.uint64)
 
     # The Arm ARM's order: final output address, then AF, then permissions.
-    if p.check_final_oa:
+    # The Arm ARM's order: final output address, then AF, then permissions. A leaf no larger
+    # than 2**PS whose descriptor bits passed cannot reach beyond PS (the check is skipped).
+    no_af = (desc & _U(AF.mask)) == 0
+    denied = (perms & np.uint8(access_perm(p.access))) == 0
+    faulted = no_af | denied
+    largest = geom.size(min(int(lv[0]) for lv in found.level))
+    oa_big = None
+    if p.check_final_oa and largest > 1 << geom.pa_bits:
         oa_big = oa_out_of_range(pa, geom.pa_bits)
-        no_af = ~oa_big & ((desc & _U(AF.mask)) == 0)
-    else:
-        oa_big = np.zeros(lanes.size, dtype=np.bool_)
-        no_af = (desc & _U(AF.mask)) == 0
-    denied = ~(oa_big | no_af) & ((perms & np.uint8(access_perm(p.access))) == 0)
-    faulted = oa_big | no_af | denied
+        faulted |= oa_big
     if faulted.any():
-        for mask, kind in ((oa_big, FaultKind.ADDRESS_SIZE), (no_af, FaultKind.ACCESS_FLAG),
-                           (denied, FaultKind.PERMISSION)):
+        if oa_big is not None:
+            out.set_fault(lanes[oa_big], FaultKind.ADDRESS_SIZE.value, level[oa_big], is_s2)
+            no_af &= ~oa_big
+            denied &= ~oa_big
+        denied &= ~no_af
+        for mask, kind in ((no_af, FaultKind.ACCESS_FLAG), (denied, FaultKind.PERMISSION)):
             if mask.any():
                 out.set_fault(lanes[mask], kind.value, level[mask], is_s2)
         ok = ~faulted
@@ -357,8 +366,10 @@ def expected_par_batch(result: BatchResult, stage: Stage | None = None) -> U64:
                     | (result.par_sh.astype(np.uint64) << _U(PAR_SH.lo))
                     | (result.attr.astype(np.uint64) << _U(PAR_ATTR.lo)), _U(0))
     faulted = ~ok & ~result.unmodelled
-    fst = _FST[np.where(faulted, result.fault, 0).astype(np.intp),
-               np.where(faulted, result.fault_level + 1, 0).astype(np.intp)]
+    fst = (result.fault.astype(np.uint64) << _U(2)) | (result.fault_level.astype(np.uint64) & _U(3))
+    minus1 = faulted & (result.fault_level == -1)  # FEAT_LPA2 level -1 has codes of its own
+    if minus1.any():
+        fst[minus1] = _FST[result.fault[minus1].astype(np.intp), 0]
     par |= np.where(faulted, _U(PAR_F.mask) | (fst << _U(PAR_FST.lo))
                     | (result.fault_stage2.astype(np.uint64) << _U(PAR_S.lo)), _U(0))
     par[result.unmodelled] = 0
