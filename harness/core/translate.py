@@ -512,7 +512,7 @@ def translate(
                                note=f"descriptor at {desc_pa:#x} is outside modelled memory")
         raw = mem.read64(desc_pa)
         steps.append(Step(level, table, index, desc_pa, raw,
-                          decode(raw, level, granule, stage, geom.block_levels, geom.lpa2)))
+                          decode(raw, level, granule, stage, geom.block_levels, geom.lpa2, geom.e2h)))
         if descriptor_faults(raw, level, geom.block_levels):
             if not VALID.get(raw):
                 return fault(FaultKind.TRANSLATION, level, "invalid descriptor (bit 0 clear)")
