@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 
 from harness.arch.geometry import Granule, Stage
-from harness.check.engine import AT_OPS, CheckReport, check_at, used_image
+from harness.check.engine import AT_OPS, CheckReport, TargetLike, check_at, used_image
 from harness.check.scenario import SCRATCH, MapSpec, Scenario, build
 from harness.core.prot import Prot
-from harness.target.target import Target
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -34,7 +33,7 @@ BENCH_SCENARIO = Scenario(
 )
 
 
-def run_bench(t: Target, probes: int, rng: np.random.Generator) -> dict[str, Any]:
+def run_bench(t: TargetLike, probes: int, rng: np.random.Generator) -> dict[str, Any]:
     t0 = time.perf_counter()
     built = build(BENCH_SCENARIO, t.layout)
     build_s = time.perf_counter() - t0

@@ -13,7 +13,8 @@ a later upstream fix (357ad203d45c) answered a third one nobody asked in that th
 3. **Unaligned start** (357ad203d45c). After a leaf the posted v3 walker advanced with ``addr += size``
    without aligning down: a walk that starts inside a block skips the first entry after it.
 
-Each question becomes a :class:`Verdict` measured on a running :class:`~harness.target.Target`.
+Each question becomes a :class:`Verdict` measured on a running target (any
+:class:`~harness.check.engine.TargetLike`; :class:`~harness.target.Target` is one).
 Addresses are chosen so that no ``AT S12E1*`` meets a stage-2 permission fault (QEMU 10.0.2
 aborts, :data:`harness.check.divergences.AT_HAZARDS`): write protection is observed with real
 stores from the EL1 stub.
@@ -47,7 +48,7 @@ from harness.arch.registers import (
     Par,
     fault_status,
 )
-from harness.check.engine import used_image
+from harness.check.engine import TargetLike, used_image
 from harness.check.review_model import (
     posted_pgd_pages,
     posted_range_rejects,
@@ -60,7 +61,6 @@ from harness.core.pgtable import Stage2Pgtable
 from harness.core.prot import Prot
 from harness.core.translate import READ, expected_par, par_compare_mask, translate
 from harness.core.walker import UPSTREAM_RULES, V3_RULES, Walker, WalkFlags, WalkRules, walk, walk_range
-from harness.target.target import Target
 
 S2_PA_BITS = {Granule.K4: 48, Granule.K16: 48, Granule.K64: 52}
 
@@ -128,7 +128,7 @@ def _expected(table: Stage2Pgtable, addr: int, zeroed: Sequence[tuple[int, int]]
 
 
 @contextmanager
-def _installed(target: Target, table: Stage2Pgtable, image: PoolImage | None = None) -> Iterator[None]:
+def _installed(target: TargetLike, table: Stage2Pgtable, image: PoolImage | None = None) -> Iterator[None]:
     target.install(table.regs(), image if image is not None else used_image(table))
     try:
         yield
@@ -196,7 +196,7 @@ class PgdProbe:
         return ok and self.proposal_refuted is not False
 
 
-def probe_pgd(target: Target, granule: Granule, ia_bits: int, start_level: int) -> PgdProbe:
+def probe_pgd(target: TargetLike, granule: Granule, ia_bits: int, start_level: int) -> PgdProbe:
     """Map the first and last pages of the IPA range; AT S12E1R both; then zero PGD pages."""
     layout = target.layout
     pa_bits = S2_PA_BITS[granule]
@@ -238,7 +238,7 @@ def probe_pgd(target: Target, granule: Granule, ia_bits: int, start_level: int) 
     return probe
 
 
-def verdict_pgd_pages(target: Target, configs: Sequence[tuple[Granule, int, int]] | None = None) -> Verdict:
+def verdict_pgd_pages(target: TargetLike, configs: Sequence[tuple[Granule, int, int]] | None = None) -> Verdict:
     probes = [probe_pgd(target, *c) for c in (configs if configs is not None else pgd_configs())]
     evidence = []
     for p in probes:
@@ -304,7 +304,7 @@ class RangeProbe:
                 and Par(self.par).pa == self.pa)
 
 
-def probe_range(target: Target, granule: Granule, ia_bits: int, start_level: int) -> RangeProbe:
+def probe_range(target: TargetLike, granule: Granule, ia_bits: int, start_level: int) -> RangeProbe:
     """Map the last page (the map's own walk has end == 2**ia_bits), record a walk to the limit,
     and AT S12E1R the last page."""
     layout = target.layout
@@ -332,7 +332,7 @@ def probe_range(target: Target, granule: Granule, ia_bits: int, start_level: int
                       (par ^ exp) & mask == 0)
 
 
-def verdict_range(target: Target, configs: Sequence[tuple[Granule, int, int]] = RANGE_CONFIGS) -> Verdict:
+def verdict_range(target: TargetLike, configs: Sequence[tuple[Granule, int, int]] = RANGE_CONFIGS) -> Verdict:
     probes = [probe_range(target, *c) for c in configs]
     evidence = []
     for p in probes:
@@ -403,7 +403,7 @@ def _align_table(layout: Any, granule: Granule, rules: WalkRules) -> tuple[Stage
     return table, block, bsize
 
 
-def probe_unaligned(target: Target, granule: Granule = Granule.K4) -> AlignProbe:
+def probe_unaligned(target: TargetLike, granule: Granule = Granule.K4) -> AlignProbe:
     layout = target.layout
     g = granule.size
     posted, block, bsize = _align_table(layout, granule, V3_RULES)
@@ -439,7 +439,7 @@ def probe_unaligned(target: Target, granule: Granule = Granule.K4) -> AlignProbe
                       writable(fixed), probes, results[0][0], results[1][0], results[0][1], results[1][1])
 
 
-def verdict_unaligned(target: Target, granules: Sequence[Granule] = tuple(Granule)) -> Verdict:
+def verdict_unaligned(target: TargetLike, granules: Sequence[Granule] = tuple(Granule)) -> Verdict:
     probes = [probe_unaligned(target, g) for g in granules]
     evidence = []
     for p in probes:
@@ -466,5 +466,5 @@ def verdict_unaligned(target: Target, granules: Sequence[Granule] = tuple(Granul
 
 # -- all of it ---------------------------------------------------------------------------------------
 
-def run_review(target: Target) -> list[Verdict]:
+def run_review(target: TargetLike) -> list[Verdict]:
     return [verdict_pgd_pages(target), verdict_range(target), verdict_unaligned(target)]

@@ -8,6 +8,8 @@
     harness review               the v3 review questions, settled on the MMU
     harness bench                end-to-end verified translations/s vs the raw AT rate
     harness geometry             the geometry table for every granule and input size
+    harness fuzz                 random raw tables against the MMU; every disagreement classified
+    harness attach TARGET        decode (and --verify on the MMU) a live target's tables via its gdbstub
 
 Every command takes --json and --debug. Exit status:
   0    every check matched
@@ -32,7 +34,8 @@ from pathlib import Path
 from types import ModuleType
 
 from harness.errors import EXIT_INTERRUPTED, EXIT_MACHINERY, EXIT_OK, HarnessError, InputError
-from harness.target.errors import ToolMissing
+from harness.target import process
+from harness.target.errors import TargetTimeout, ToolMissing
 
 # One module per command, in `harness --help` order: each exposes add_parser(sub) and run(args).
 COMMANDS: tuple[str, ...] = (
@@ -77,6 +80,8 @@ def _report_error(args: argparse.Namespace, e: BaseException, expected: bool) ->
     what = _first_line(e) if expected else f"internal error: {type(e).__name__}: {_first_line(e)}"
     if isinstance(e, ToolMissing):
         what += " (bash ci/setup.sh installs what the harness needs)"
+    if isinstance(e, TargetTimeout) and "QEMU" in e.evidence:  # why it did not answer, when known
+        what += f": QEMU {e.evidence['QEMU']}"
     logs = [str(d) for d in args.log_dirs]
     for d in args.log_dirs:
         _write_error_file(d, e)
@@ -100,6 +105,10 @@ def _finish_logs(args: argparse.Namespace, code: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (``argv`` None: the program's own arguments, and SIGTERM/SIGHUP handlers
+    that kill QEMU and gdb first, then unwind with status 128 + signal)."""
+    if argv is None:
+        process.install_signal_handlers()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

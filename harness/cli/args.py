@@ -16,6 +16,7 @@ from harness.arch.geometry import PA_SIZES
 from harness.check import scenario as scenarios
 from harness.check.scenario import Scenario
 from harness.errors import InputError
+from harness.target.layout import LAYOUT, Layout
 from harness.target.target import Target
 
 ADDRESS_LIMIT = 1 << 64  # addresses are 64-bit VAs/IPAs
@@ -153,6 +154,9 @@ def _inline_scenario(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("pa_bits", "start_level"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
+    for flag in ("lpa2", "e2h"):  # the geometry is validated with them, not before them
+        if getattr(args, flag):
+            fields[flag] = True
     return fields
 
 
@@ -223,9 +227,10 @@ def _existing_ancestor(p: Path) -> Path:
 # -- the target ---------------------------------------------------------------------------------
 
 @contextmanager
-def open_target(args: argparse.Namespace) -> Iterator[Target]:
-    """QEMU for one command; its log directory is the user's --log-dir or a temporary one that
-    ``harness.cli.main`` removes after success and names after a failure."""
+def open_target(args: argparse.Namespace, layout: Layout = LAYOUT) -> Iterator[Target]:
+    """QEMU for one command (``args``: --timeout, --log-dir); its log directory is the user's
+    --log-dir or a temporary one that ``harness.cli.main`` removes after success and names after
+    a failure."""
     if args.log_dir is not None:
         log_dir = Path(args.log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -233,5 +238,5 @@ def open_target(args: argparse.Namespace) -> Iterator[Target]:
         log_dir = Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
         args.temporary_log_dirs.append(log_dir)
     args.log_dirs.append(log_dir)
-    with Target.start(timeout=args.timeout, request_timeout=args.timeout, log_dir=log_dir) as t:
+    with Target.start(timeout=args.timeout, request_timeout=args.timeout, layout=layout, log_dir=log_dir) as t:
         yield t

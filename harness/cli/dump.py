@@ -15,7 +15,7 @@ from harness.cli.args import add_scenario_args, add_target_args, check_log_dir, 
 from harness.cli.output import print_json
 from harness.core.dump import diff_ranges, mapped_ranges
 from harness.target.layout import LAYOUT
-from harness.target.target import Target
+from harness.target.physmem import GdbPhysMemory
 
 NAME = "dump"
 
@@ -24,26 +24,6 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(NAME, help="decode the live tables through gdb; diff with the model")
     add_target_args(p)
     add_scenario_args(p)
-
-
-class GdbPhysicalMemory:
-    """Guest physical memory read through gdb, a table page at a time.
-
-    (Belongs beside the other target code, ``harness.target.physmem``, once that lands.)"""
-
-    def __init__(self, t: Target, page: int) -> None:
-        self.t = t
-        self.page = page
-        self.cache: dict[int, bytes] = {}
-        self.reads = 0
-
-    def read64(self, pa: int) -> int:
-        base = pa & ~(self.page - 1)
-        if base not in self.cache:
-            self.cache[base] = self.t.gdb.read_memory(base, self.page)
-            self.reads += 1
-        off = pa - base
-        return int.from_bytes(self.cache[base][off : off + 8], "little")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,14 +38,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             regname = "TTBR0_EL2" if table.stage is Stage.S1 else "VTTBR_EL2"
             root = ttbr_table_base(t.sysreg(regname), table.geom)
-            mem = GdbPhysicalMemory(t, table.granule.size)
-            t.gdb.physical_mode(True)
-            try:
+            with GdbPhysMemory(t.gdb, table.granule.size) as mem:
                 t0 = time.perf_counter()
                 live = mapped_ranges(mem, table.geom, root)
                 dt = time.perf_counter() - t0
-            finally:
-                t.gdb.physical_mode(False)
         finally:
             t.uninstall()
     only_model, only_live = diff_ranges(model, live)

@@ -4,6 +4,7 @@ built-in catalogue (:mod:`.catalogue`), and the one route to a model table (:mod
 from harness.check.scenario.builder import (
     BuiltScenario,
     LayoutLike,
+    PoolOnlyLayout,
     RegionLike,
     apply_op,
     build,
@@ -17,7 +18,7 @@ from harness.check.scenario.parse import from_dict, load, parse_int
 Built = BuiltScenario  # the former name, kept while other branches still import it
 
 __all__ = [
-    "OPS", "SCRATCH", "Built", "BuiltScenario", "LayoutLike", "MapSpec", "OpSpec", "RegionLike", "Scenario",
-    "ScenarioError", "apply_op", "build", "builtin", "builtin_named", "builtin_subset", "empty_table",
-    "firmware_regions", "from_dict", "load", "parse_int", "with_options",
+    "OPS", "SCRATCH", "Built", "BuiltScenario", "LayoutLike", "MapSpec", "OpSpec", "PoolOnlyLayout",
+    "RegionLike", "Scenario", "ScenarioError", "apply_op", "build", "builtin", "builtin_named", "builtin_subset",
+    "empty_table", "firmware_regions", "from_dict", "load", "parse_int", "with_options",
 ]

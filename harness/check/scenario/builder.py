@@ -14,7 +14,7 @@ from typing import Protocol
 from harness.arch.geometry import Geometry, GeometryError, Stage
 from harness.check.scenario.data import OPS, MapSpec, OpSpec, Scenario, ScenarioError
 from harness.core.memory import PagePool
-from harness.core.pgtable import HypPgtable, KvmPgtable, PgtableError, Stage2Pgtable
+from harness.core.pgtable import KvmPgtable, PgtableError, Stage2Pgtable
 from harness.core.prot import Prot
 from harness.core.walker import UPSTREAM_RULES, WalkRules
 
@@ -39,6 +39,25 @@ class LayoutLike(Protocol):
     def pool_size(self) -> int: ...
     def stage1_regions(self) -> Sequence[RegionLike]: ...
     def stage2_regions(self) -> Sequence[RegionLike]: ...
+
+
+# Regimes the model's table classes (HypPgtable, Stage2Pgtable) can build: the architecture and the
+# translate know LPA2 and hVHE; the table operations do not yet (issue 12).
+
+
+@dataclass(frozen=True)
+class PoolOnlyLayout:
+    """A memory map with a page pool and no firmware: tables for the model alone (benchmarks,
+    offline decoding), with nothing of the payload's own to keep mapped."""
+
+    pool_base: int
+    pool_size: int
+
+    def stage1_regions(self) -> Sequence[RegionLike]:
+        return ()
+
+    def stage2_regions(self) -> Sequence[RegionLike]:
+        return ()
 
 
 @dataclass
@@ -80,10 +99,8 @@ def build(scenario: Scenario, layout: LayoutLike, rules: WalkRules = UPSTREAM_RU
 
 
 def empty_table(pool: PagePool, geom: Geometry, rules: WalkRules = UPSTREAM_RULES) -> KvmPgtable:
-    """The table KVM would create for the geometry: hyp stage 1 or guest stage 2."""
-    if geom.stage is Stage.S1:
-        return HypPgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, rules=rules)
-    return Stage2Pgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, geom.start_level, rules=rules)
+    """The table KVM would create for the geometry: hyp stage 1 (EL2 or EL2&0) or guest stage 2."""
+    return KvmPgtable.for_geometry(geom, pool, rules)
 
 
 def firmware_regions(scenario: Scenario, geom: Geometry, layout: LayoutLike) -> list[RegionLike]:

@@ -7,7 +7,6 @@ holds the built-in ones, :mod:`.builder` turns one into a model table.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass
 
 from harness.arch.geometry import Geometry, Granule, Stage
@@ -70,17 +69,7 @@ class Scenario:
 
     def geometry(self) -> Geometry:
         return Geometry.create(self.stage, self.granule, self.ia_bits, self.pa_bits, self.start_level,
-                               **self._regime_keywords())
-
-    def _regime_keywords(self) -> dict[str, bool]:
-        """lpa2/e2h for Geometry.create, passed only when set (and refused by name if the model
-        does not know them yet)."""
-        wanted = {k: True for k in ("lpa2", "e2h") if getattr(self, k)}
-        known = inspect.signature(Geometry.create).parameters
-        for key in wanted:
-            if key not in known:
-                raise ScenarioError(f"{self.name}: {key}: not supported by this model yet")
-        return wanted
+                               lpa2=self.lpa2, e2h=self.e2h)
 
     def describe(self) -> str:
         return f"{self.name}: {self.geometry().describe()}"
