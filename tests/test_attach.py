@@ -241,6 +241,10 @@ def test_cli_json_explain_filters(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = json.loads(capsys.readouterr().out)
     (reg,) = out["regimes"]
     assert reg["regime"] == "el2" and reg["registers"]["TCR_EL2"].startswith("0x")
+    dec = reg["decoded"]
+    assert (dec["granule"], dec["ia_bits"], dec["start_level"], dec["levels"], dec["lpa2"], dec["e2h"]) == (
+        "4K", 39, 1, 3, False, False)
+    assert dec["mair_attrs"][:2] == ["0xff", "0x04"]  # the harness's MAIR: normal WB, device nGnRE
     assert [(r["va"], r["size"], r["pa"], r["perms"]) for r in reg["ranges"]] == [
         (0x0900_0000, 4096, 0x0900_0000, "rw-"), (0x4020_0000, 0x10000, 0x5000_0000, "rw-")]
     (ex,) = out["explain"]

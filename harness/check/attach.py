@@ -39,6 +39,7 @@ from harness.arch.registers import (
     TTBR_BADDR_51_48,
     Stage1Regs,
     Stage2Regs,
+    mair_attr,
     ttbr_baddr,
 )
 from harness.check.engine import AT_OPS, CheckReport, Subject, check_at
@@ -116,9 +117,16 @@ class RegimeDecode:
 
     def to_json(self) -> dict[str, Any]:
         g = self.regime.geom
+        mair = self.regime.mair
         return {
             "regime": self.regime.name,
             "geometry": g.describe(),
+            "decoded": {
+                "stage": int(g.stage), "granule": g.granule.label, "ia_bits": g.ia_bits, "pa_bits": g.pa_bits,
+                "pamax": g.pamax, "start_level": g.start_level, "levels": g.levels, "pgd_pages": g.pgd_pages,
+                "lpa2": g.lpa2, "e2h": g.e2h, "sh0": self.regime.sh0,
+                "mair_attrs": None if mair is None else [f"{mair_attr(mair, i):#04x}" for i in range(8)],
+            },
             "root": self.regime.root,
             "registers": {k: f"{v:#x}" for k, v in self.regime.registers.items()},
             "ranges": [r.to_json() for r in self.ranges],
