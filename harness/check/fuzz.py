@@ -142,7 +142,7 @@ class FuzzReport:
         shown = self.examples if full else self.examples[:20]
         lines += shown
         if len(shown) < len(self.examples):
-            lines.append(f"  ... {len(self.examples) - len(shown)} more examples (--report FILE keeps them all)")
+            lines.append(f"  ... {len(self.examples) - len(shown)} more examples (--report FILE keeps them)")
         return "\n".join(lines)
 
 
