@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--min-tables", type=int, default=1, help="run at least this many tables")
     p.add_argument("--max-deaths", type=int, default=10, help="stop after QEMU died this many times (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--report", metavar="FILE", help="write the walks here: unexplained ones (up to 200), one per known divergence")
+    p.add_argument("--report", metavar="FILE",
+                   help="write the walks here: unexplained ones (up to 200), one per known divergence")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for boot and each request")
     p.add_argument("--log-dir", help="keep QEMU/gdb/console logs here")
 
