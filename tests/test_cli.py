@@ -174,6 +174,28 @@ def test_user_log_dir_is_kept_and_created(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert code == 3 and str(logs) in err and (logs / "console.log").exists()
 
 
+@pytest.mark.parametrize("interruption", [SystemExit(143), KeyboardInterrupt()])
+def test_a_cleanup_failure_does_not_hide_the_signal(interruption: BaseException, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM's handler kills QEMU, then a `finally` that talks to QEMU fails: still terminated."""
+    import harness.cli.geometry
+
+    def run(args: object) -> int:
+        try:
+            raise interruption
+        except BaseException:
+            raise QemuExited("uninstall", -9, "", "") from None
+
+    monkeypatch.setattr(harness.cli.geometry, "run", run)
+    if isinstance(interruption, SystemExit):
+        with pytest.raises(SystemExit) as e:
+            main(["geometry"])
+        assert e.value.code == 143
+    else:
+        assert main(["geometry"]) == 130
+    assert "QEMU exited" not in capsys.readouterr().err
+
+
 # -- hardware-backed ---------------------------------------------------------------------------
 
 @pytest.mark.hw
