@@ -259,10 +259,15 @@ def pgd_entries(granule: Granule, ia_bits: int, start_level: int) -> int:
     return 1 << bits_at_level(granule, ia_bits, start_level)
 
 
+def pgd_page_span(granule: Granule, start_level: int) -> int:
+    """Input bytes one (full) PGD page covers: the span of an entry of the level above the start
+    level ("may underflow": the level above level 0 is well defined)."""
+    return level_size(granule, start_level - 1)
+
+
 def pgd_page_index(granule: Granule, ia_bits: int, start_level: int, addr: int) -> int:
     """Which concatenated PGD page holds the initial-level entry for ``addr``: the input bits
-    above one full table at the start level, i.e. the shift of the level above it (the seed's
-    ``__kvm_pgd_page_idx``; "may underflow": the level above level 0 is well defined)."""
+    above one full table at the start level (the seed's ``__kvm_pgd_page_idx``)."""
     return (addr & ((1 << ia_bits) - 1)) >> level_shift(granule, start_level - 1)
 
 
@@ -397,6 +402,11 @@ class Geometry:
     def pgd_index(self, addr: int) -> int:
         """Index of ``addr`` across the (possibly concatenated) initial-level entries."""
         return (addr & (self.limit - 1)) >> self.shift(self.start_level)
+
+    @property
+    def pgd_page_span(self) -> int:
+        """Input bytes one PGD page covers (the whole input range when there is one page)."""
+        return min(pgd_page_span(self.granule, self.start_level), self.limit)
 
     def pgd_page_index(self, addr: int) -> int:
         """Which concatenated PGD page holds the initial entry for ``addr``."""

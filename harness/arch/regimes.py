@@ -223,11 +223,9 @@ def _stage2(regs: Mapping[str, int], pe: _Pe) -> LiveRegime:
 
 
 def regimes_from_registers(regs: Mapping[str, int]) -> list[LiveRegime]:
-    """The enabled EL2 translation regimes (stage 1 first, then stage 2) that ``regs`` describe."""
-    unknown = sorted(set(regs) - set(REGISTER_KEYS))
-    if unknown:
-        raise RegisterDecodeError(f"{unknown[0]}: not a register this decoder reads; expected keys "
-                                  f"from {', '.join(REGISTER_KEYS)}")
+    """The enabled EL2 translation regimes (stage 1 first, then stage 2) that ``regs`` describe.
+    Keys other than :data:`REGISTER_KEYS` (e.g. TTBR1_EL2, pc) are ignored; a key a regime needs
+    and ``regs`` lacks is an error naming it."""
     sctlr = _require(regs, "SCTLR_EL2")
     hcr = _require(regs, "HCR_EL2")
     pe = _Pe(_require(regs, "ID_AA64MMFR0_EL1"))

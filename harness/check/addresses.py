@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from harness.arch.geometry import bits_per_level
 from harness.core.pgtable import KvmPgtable
 
 DEFAULT_MAX_PAGES = 1 << 20
@@ -65,7 +64,7 @@ def probe_addresses(table: KvmPgtable, rng: np.random.Generator, sample: int | N
     if run_start is not None and prev_end < limit:
         edges.append(prev_end)
     # first and last entry of every concatenated PGD page
-    span = 1 << (geom.shift(geom.start_level) + bits_per_level(geom.granule))
+    span = geom.pgd_page_span
     for i in range(geom.pgd_pages):
         lo = i * span
         hi = min(limit, lo + span)

@@ -28,6 +28,7 @@ import numpy.typing as npt
 from harness.arch.geometry import Geometry, Stage
 from harness.arch.registers import (
     ESR_EC,
+    HPFAR_FIPA,
     ISS_DFSC,
     ISS_S1PTW,
     ISS_WNR,
@@ -423,7 +424,8 @@ def _access_agrees(pred: BatchResult, rec: Any, addrs: U64, stage: Stage, write:
     same &= ((esr >> np.uint64(ISS_WNR.lo)) & np.uint64(1)) == np.uint64(wnr)
     same &= ((esr >> np.uint64(ISS_S1PTW.lo)) & np.uint64(1)) == 0
     if stage is Stage.S2:
-        same &= (rec["hpfar"].astype(np.uint64) >> np.uint64(4)) == (addrs >> np.uint64(12))
+        fipa = (rec["hpfar"].astype(np.uint64) >> np.uint64(HPFAR_FIPA.lo)) & np.uint64(HPFAR_FIPA.max)
+        same &= fipa == (addrs >> np.uint64(12))  # HPFAR_EL2.FIPA: IPA[51:12] (hpfar_ipa_page)
     else:
         same &= rec["far"].astype(np.uint64) == addrs & ~np.uint64(7)
     return np.asarray(np.where(ok, completed, ~completed & same), dtype=np.bool_)

@@ -60,7 +60,7 @@ from harness.core.memory import PagePool, PoolImage
 from harness.core.pgtable import Stage2Pgtable
 from harness.core.prot import Prot
 from harness.core.translate import READ, expected_par, par_compare_mask, translate
-from harness.core.walker import SEED_RULES, UPSTREAM_RULES, Walker, WalkFlags, WalkRules, walk, walk_range
+from harness.core.walker import UPSTREAM_RULES, V3_RULES, Walker, WalkFlags, WalkRules, walk, walk_range
 
 S2_PA_BITS = {Granule.K4: 48, Granule.K16: 48, Granule.K64: 52}
 
@@ -406,7 +406,7 @@ def _align_table(layout: Any, granule: Granule, rules: WalkRules) -> tuple[Stage
 def probe_unaligned(target: TargetLike, granule: Granule = Granule.K4) -> AlignProbe:
     layout = target.layout
     g = granule.size
-    posted, block, bsize = _align_table(layout, granule, SEED_RULES)
+    posted, block, bsize = _align_table(layout, granule, V3_RULES)
     fixed, _, _ = _align_table(layout, granule, UPSTREAM_RULES)
     nxt = block + bsize
     lo, hi = block + g, nxt + g
@@ -416,7 +416,7 @@ def probe_unaligned(target: TargetLike, granule: Granule = Granule.K4) -> AlignP
         table.walk(lo, hi - lo, Walker(lambda a, e, lvl, p, f: out.append((a, lvl)), WalkFlags.LEAF), rules)
         return out
 
-    posted_visits, fixed_visits = record(posted, SEED_RULES), record(fixed, UPSTREAM_RULES)
+    posted_visits, fixed_visits = record(posted, V3_RULES), record(fixed, UPSTREAM_RULES)
 
     def aligned(v: list[tuple[int, int]], table: Stage2Pgtable) -> set[int]:
         return {a & ~(table.geom.size(lvl) - 1) for a, lvl in v}

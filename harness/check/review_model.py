@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.arch.geometry import MAX_LEVELS, Geometry, Granule, level_shift
+from harness.arch.geometry import MAX_LEVELS, Geometry, Granule, oa_format_bits, pgd_page_index
 
 
 def posted_pgd_page_idx(granule: Granule, ia_bits: int, start_level: int, addr: int) -> int:
-    """``__kvm_pgd_page_idx``: input bits above the start level's table, as posted in v3."""
-    shift = level_shift(granule, start_level - 1)  # "may underflow": level -1 is well defined
-    return (addr & ((1 << ia_bits) - 1)) >> shift
+    """``__kvm_pgd_page_idx`` as posted in v3: the shared :func:`pgd_page_index`, with whatever
+    ``start_level`` the caller passes (the review proposed a different one)."""
+    return pgd_page_index(granule, ia_bits, start_level, addr)
 
 
 def posted_pgd_pages(granule: Granule, ia_bits: int, start_level: int) -> int:
@@ -43,7 +43,7 @@ class PgdPagesRow:
 def pgd_pages_rows(configs: list[tuple[Granule, int]]) -> list[PgdPagesRow]:
     rows = []
     for gran, ia in configs:
-        geom = Geometry.create(2, gran, ia, 52 if gran is Granule.K64 else 48)
+        geom = Geometry.create(2, gran, ia, oa_format_bits(gran))
         rows.append(PgdPagesRow(gran, ia, geom.start_level, geom.pgd_pages,
                                 posted_pgd_pages(gran, ia, geom.start_level),
                                 proposed_pgd_pages(gran, ia, geom.start_level)))

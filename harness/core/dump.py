@@ -1,8 +1,9 @@
 """Decode raw translation tables into mapped ranges (the tables' own view, not the builder's).
 
-Reads descriptors through any ``read64`` (the model's pool, or guest memory through gdb), walks
-every valid table from the root across concatenated PGD pages, and merges leaves that continue
-each other (next input address, next output address, same attributes) into ranges.
+Reads descriptors through any ``read64`` (the model's pool, or guest memory through gdb) with the
+one walker (:mod:`harness.core.walker`) from the root across concatenated PGD pages, and merges
+leaves that continue each other (next input address, next output address, same attributes) into
+ranges. DS = 1 (LPA2) descriptors and level -1 are read as the geometry says.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from harness.arch import descriptors as d
-from harness.arch.geometry import ENTRY_BYTES, Geometry, bits_per_level
+from harness.arch.geometry import Geometry, Granule
+from harness.core.translate import root_table_base
+from harness.core.walker import Walker, WalkFlags, align_down, walk
 
 
 class Memory(Protocol):
@@ -38,14 +41,65 @@ class MappedRange:
         return {"va": self.va, "size": self.size, "pa": self.pa, "attrs": self.attrs, **dict(self.fields)}
 
 
-def mapped_ranges(mem: Memory, geom: Geometry, root_pa: int) -> list[MappedRange]:
-    """Every valid leaf reachable from ``root_pa``, merged into maximal ranges, in VA order."""
-    out: list[MappedRange] = []
-    fields_of = d.fields_of(geom.stage)
+@dataclass(frozen=True)
+class _RawTables:
+    """Raw tables as the walker sees them (``WalkablePgtable``): a geometry, a root, a memory."""
 
-    def emit(va: int, size: int, pte: int) -> None:
-        pa = d.pte_to_phys(pte, geom.granule) & ~(size - 1)
-        attrs = d.leaf_attrs(pte)
+    geom: Geometry
+    pgd: int
+    mem: _OneEntryCache
+
+    @property
+    def ia_bits(self) -> int:
+        return self.geom.ia_bits
+
+    @property
+    def start_level(self) -> int:
+        return self.geom.start_level
+
+    @property
+    def granule(self) -> Granule:
+        return self.geom.granule
+
+    @property
+    def lpa2(self) -> bool:
+        return self.geom.lpa2
+
+
+class _OneEntryCache:
+    """The walker and its visitor read each entry up to three times; a memory behind gdb is
+    slow, so the last word read is kept (the dump writes nothing)."""
+
+    __slots__ = ("_mem", "_pa", "_value")
+
+    def __init__(self, mem: Memory) -> None:
+        self._mem = mem
+        self._pa = -1
+        self._value = 0
+
+    def read64(self, pa: int) -> int:
+        if pa != self._pa:
+            self._value = self._mem.read64(pa)
+            self._pa = pa
+        return self._value
+
+
+def mapped_ranges(mem: Memory, geom: Geometry, root_pa: int) -> list[MappedRange]:
+    """Every valid leaf reachable from ``root_pa``, merged into maximal ranges, in VA order: a
+    LEAF visitor of the one walker over the whole input range (concatenated PGD pages included),
+    reading through any ``read64`` (the model's pool, or live memory through gdb)."""
+    out: list[MappedRange] = []
+    tables = _RawTables(geom, root_table_base(geom, root_pa), _OneEntryCache(mem))
+    fields_of = d.fields_of(geom.stage, geom.lpa2)
+
+    def visit(addr: int, end: int, level: int, ptep: int, flag: WalkFlags) -> None:
+        pte = tables.mem.read64(ptep)
+        if d.kind(pte, level, geom.block_levels) not in (d.Kind.BLOCK, d.Kind.PAGE):
+            return
+        size = geom.size(level)
+        va = align_down(addr, size)
+        pa = d.pte_to_phys(pte, geom.granule, geom.lpa2) & ~(size - 1)
+        attrs = d.leaf_attrs(pte, geom.lpa2)
         if out:
             last = out[-1]
             if last.end == va and last.pa + last.size == pa and last.attrs == attrs:
@@ -53,18 +107,7 @@ def mapped_ranges(mem: Memory, geom: Geometry, root_pa: int) -> list[MappedRange
                 return
         out.append(MappedRange(va, size, pa, attrs, tuple((f.name, f.get(pte)) for f in fields_of)))
 
-    def table(pa: int, level: int, va_base: int, entries: int, depth: int) -> None:
-        size = geom.size(level)
-        for i in range(entries):
-            pte = mem.read64(pa + i * ENTRY_BYTES)
-            kind = d.kind(pte, level, geom.block_levels)
-            va = va_base + i * size
-            if kind is d.Kind.TABLE and depth < 4:
-                table(d.pte_to_phys(pte, geom.granule), level + 1, va, 1 << bits_per_level(geom.granule), depth + 1)
-            elif kind in (d.Kind.BLOCK, d.Kind.PAGE):
-                emit(va, size, pte)
-
-    table(root_pa, geom.start_level, 0, geom.pgd_entries, 0)
+    walk(tables, 0, geom.limit, Walker(visit, WalkFlags.LEAF))
     return out
 
 

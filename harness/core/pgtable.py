@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from harness.arch import descriptors as d
-from harness.arch.geometry import LAST_LEVEL, Geometry, Granule, Stage
+from harness.arch.geometry import LAST_LEVEL, PAMAX_REFERENCE, Geometry, Granule, Stage
 from harness.arch.registers import MairIndex, RegimeRegs, regime_regs
 from harness.core.memory import PagePool
 from harness.core.prot import Prot
@@ -76,8 +76,21 @@ class KvmPgtable:
         return self.geom.granule
 
     @property
+    def lpa2(self) -> bool:
+        return self.geom.lpa2
+
+    @property
     def stage(self) -> Stage:
         return self.geom.stage
+
+    @staticmethod
+    def for_geometry(geom: Geometry, mem: PagePool, rules: WalkRules = UPSTREAM_RULES) -> KvmPgtable:
+        """The table class that builds ``geom``'s regime (hyp stage 1 or guest stage 2)."""
+        if geom.stage is Stage.S1:
+            return HypPgtable(mem, geom.granule, geom.ia_bits, geom.pa_bits, rules, pamax=geom.pamax,
+                              lpa2=geom.lpa2, e2h=geom.e2h)
+        return Stage2Pgtable(mem, geom.granule, geom.ia_bits, geom.pa_bits, geom.start_level,
+                             rules=rules, pamax=geom.pamax, lpa2=geom.lpa2)
 
     def walk(self, addr: int, size: int, walker: Walker, rules: WalkRules | None = None) -> None:
         walk(self, addr, size, walker, self.rules if rules is None else rules)
@@ -133,11 +146,12 @@ class KvmPgtable:
                 f"pa: [{pa:#x}, {top:#x}) is beyond the configured {self.geom.pa_bits}-bit "
                 "physical address size"
             )
-        fmt = 52 if self.granule is Granule.K64 else 48
+        fmt = self.geom.oa_format_bits
         if top > 1 << fmt:
             raise PgtableError(
                 f"pa: [{pa:#x}, {top:#x}) needs more than {fmt} bits; the {self.granule.label} "
-                "granule without FEAT_LPA2 encodes output addresses up to 48 bits"
+                f"granule {'with' if self.lpa2 else 'without'} FEAT_LPA2 encodes output addresses "
+                f"up to {fmt} bits"
             )
 
     # -- attributes (per stage) ---------------------------------------------------------------
@@ -160,7 +174,7 @@ class KvmPgtable:
         def visit(a: int, end: int, level: int, ptep: int, flag: WalkFlags) -> None:
             pa = state["phys"]
             if self._block_mapping_supported(a, end, pa, level):
-                new = d.leaf_pte(pa, attrs, level, granule)
+                new = d.leaf_pte(pa, attrs, level, granule, self.lpa2)
                 old = self.mem.read64(ptep)
                 if d.is_valid(old):
                     if old != new:
@@ -179,7 +193,7 @@ class KvmPgtable:
                     "cannot be placed inside it (unmap first)"
                 )
             child = self.mem.alloc_page()
-            self._install(ptep, d.table_pte(child, granule))
+            self._install(ptep, d.table_pte(child, granule, self.lpa2))
 
         self._require_pgd()
         with self._transaction():
@@ -195,12 +209,12 @@ class KvmPgtable:
     def _split_block(self, ptep: int, pte: int, level: int) -> None:
         """Replace a block by a table of next-level leaves with the same attributes."""
         child = self.mem.alloc_page()
-        attrs = d.leaf_attrs(pte)
-        base = d.pte_to_phys(pte, self.granule)
+        attrs = d.leaf_attrs(pte, self.lpa2)
+        base = d.pte_to_phys(pte, self.granule, self.lpa2)
         step = self.geom.size(level + 1)
         for i in range(1 << (self.granule.shift - 3)):
-            self._install(child + 8 * i, d.leaf_pte(base + i * step, attrs, level + 1, self.granule))
-        self.mem.write64(ptep, d.table_pte(child, self.granule))  # valid -> valid: same reference
+            self._install(child + 8 * i, d.leaf_pte(base + i * step, attrs, level + 1, self.granule, self.lpa2))
+        self.mem.write64(ptep, d.table_pte(child, self.granule, self.lpa2))  # valid -> valid: same reference
 
     def unmap(self, addr: int, size: int) -> None:
         """Unmap ``[addr, addr + size)``; a block partly inside the range is split first, and
@@ -211,7 +225,7 @@ class KvmPgtable:
         def visit(a: int, end: int, level: int, ptep: int, flag: WalkFlags) -> None:
             pte = self.mem.read64(ptep)
             if flag is WalkFlags.TABLE_POST:
-                child = d.pte_to_phys(pte, granule)
+                child = d.pte_to_phys(pte, granule, self.lpa2)
                 if self.mem.refcount(child) == 1:
                     self._clear(ptep)
                     self.mem.put_page(child)
@@ -287,7 +301,7 @@ class KvmPgtable:
                 return
             self._clear(ptep)
             if flag is WalkFlags.TABLE_POST:
-                self.mem.put_page(d.pte_to_phys(pte, granule))
+                self.mem.put_page(d.pte_to_phys(pte, granule, self.lpa2))
 
         self.walk(0, self.geom.limit, Walker(visit, WalkFlags.LEAF | WalkFlags.TABLE_POST))
         for i in range(self.geom.pgd_pages):
@@ -301,15 +315,19 @@ class KvmPgtable:
 
 
 class HypPgtable(KvmPgtable):
-    """The EL2 (hyp) stage-1 table: one VA range through TTBR0_EL2."""
+    """The EL2 (hyp) stage-1 table: one VA range through TTBR0_EL2; with ``e2h`` the EL2&0
+    regime's lower range (KVM's hVHE)."""
 
     def __init__(self, mem: PagePool, granule: Granule | int | str, ia_bits: int,
-                 pa_bits: int | None = None, rules: WalkRules = UPSTREAM_RULES) -> None:
-        super().__init__(Geometry.create(Stage.S1, granule, ia_bits, pa_bits), mem, rules)
+                 pa_bits: int | None = None, rules: WalkRules = UPSTREAM_RULES, *,
+                 pamax: int = PAMAX_REFERENCE, lpa2: bool = False, e2h: bool = False) -> None:
+        geom = Geometry.create(Stage.S1, granule, ia_bits, pa_bits, pamax=pamax, lpa2=lpa2, e2h=e2h)
+        super().__init__(geom, mem, rules)
 
     def leaf_attrs(self, prot: Prot) -> int:
-        """Hyp attributes: MAIR index (normal / device nGnRE), inner-shareable, AF set,
-        read-only unless W, execute-never unless X."""
+        """Hyp attributes: MAIR index (normal / device nGnRE), inner-shareable (SH0 with lpa2),
+        AF set, read-only unless W, execute-never unless X. With ``e2h`` as KVM's hVHE encodes
+        them: AP[1] = 0 (no EL0 access) and execute-never is PXN | UXN."""
         if not prot & Prot.R:
             raise PgtableError(f"prot: hyp mappings must be readable, got {prot.label()}")
         if prot & Prot.X and prot & Prot.W:
@@ -317,13 +335,18 @@ class HypPgtable(KvmPgtable):
         if prot & Prot.X and prot & Prot.DEVICE:
             raise PgtableError(f"prot: device mappings may not be executable, got {prot.label()}")
         idx = MairIndex.DEVICE_nGnRE if prot & Prot.DEVICE else MairIndex.NORMAL
-        ap = d.S1AP.RW if prot & Prot.W else d.S1AP.RO
+        e2h = self.geom.e2h
+        if e2h:
+            ap: int = d.S1AP_E2H.RW_EL0_NONE if prot & Prot.W else d.S1AP_E2H.RO_EL0_NONE
+        else:
+            ap = d.S1AP.RW if prot & Prot.W else d.S1AP.RO
+        xn = d.S1_XN.prep(1) | (d.S1_PXN.prep(1) if e2h else 0)
         return (
             d.S1_ATTRINDX.prep(idx)
             | d.S1_AP.prep(ap)
-            | d.SH.prep(d.Shareability.INNER)
+            | (0 if self.lpa2 else d.SH.prep(d.Shareability.INNER))
             | d.AF.prep(1)
-            | (0 if prot & Prot.X else d.S1_XN.prep(1))
+            | (0 if prot & Prot.X else xn)
         )
 
 
@@ -332,15 +355,17 @@ class Stage2Pgtable(KvmPgtable):
 
     def __init__(self, mem: PagePool, granule: Granule | int | str, ia_bits: int,
                  pa_bits: int | None = None, start_level: int | None = None, vmid: int = 1,
-                 rules: WalkRules = UPSTREAM_RULES) -> None:
-        super().__init__(Geometry.create(Stage.S2, granule, ia_bits, pa_bits, start_level), mem, rules)
+                 rules: WalkRules = UPSTREAM_RULES, *, pamax: int = PAMAX_REFERENCE,
+                 lpa2: bool = False) -> None:
+        geom = Geometry.create(Stage.S2, granule, ia_bits, pa_bits, start_level, pamax=pamax, lpa2=lpa2)
+        super().__init__(geom, mem, rules)
         if not 0 <= vmid <= 0xFF:
             raise PgtableError(f"vmid: expected an 8-bit VMID 0..255, got {vmid!r}")
         self.vmid = vmid
 
     def leaf_attrs(self, prot: Prot) -> int:
         """Stage-2 attributes: MemAttr normal write-back or device nGnRE, S2AP from R and W,
-        execute-never unless X, inner-shareable, AF set."""
+        execute-never unless X, inner-shareable (SH0 with lpa2), AF set."""
         if prot & Prot.X and prot & Prot.DEVICE:
             raise PgtableError(f"prot: device mappings may not be executable, got {prot.label()}")
         mem_attr = d.S2MemAttr.DEVICE_nGnRE if prot & Prot.DEVICE else d.S2MemAttr.NORMAL_WB
@@ -348,7 +373,7 @@ class Stage2Pgtable(KvmPgtable):
         return (
             d.S2_MEMATTR.prep(mem_attr)
             | d.S2_AP.prep(s2ap)
-            | d.SH.prep(d.Shareability.INNER)
+            | (0 if self.lpa2 else d.SH.prep(d.Shareability.INNER))
             | d.AF.prep(1)
             | d.S2_XN.prep(d.S2_XN_EXEC if prot & Prot.X else d.S2_XN_NEVER)
         )

@@ -1,6 +1,10 @@
 """Page-table permissions and attributes requested of a mapping (kvm_pgtable_prot in the seed).
 
 The seed (v3 of the walker series) orders them R, W, X as bits 0, 1, 2 and DEVICE as bit 3.
+
+One vocabulary, one meaning each: :class:`Prot` is what a caller asks a mapping for; the
+descriptor fields that encode it are :mod:`harness.arch.descriptors`' (``S1AP``, ``S1AP_E2H``,
+``S2AP``, XN/PXN); what the MMU then allows is :data:`harness.core.translate.PERM_R` ... .
 """
 
 from __future__ import annotations

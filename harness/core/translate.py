@@ -71,7 +71,6 @@ from harness.arch.descriptors import (
     S1_ATTRINDX,
     S1_PXN,
     S1_XN,
-    S1AP_E2H,
     S2_AP,
     S2_MEMATTR,
     S2_XN,
@@ -173,6 +172,7 @@ def root_table_base(geom: Geometry, root_pa: int) -> int:
 
 _TABLE_XN = 1  # hierarchical restriction: no execution below (XNTable; PXNTable with E2H = 1)
 _TABLE_RO = 2  # hierarchical restriction: read-only below (APTable[1])
+_TABLE_NO_EL0 = 4  # hierarchical restriction: no EL0 access below (APTable[0], E2H = 1 only)
 
 
 def descriptor_faults(desc: Word, level: int, block_levels: tuple[int, ...]) -> Word:
@@ -197,18 +197,24 @@ def oa_out_of_range(oa: Word, pa_bits: int) -> Word:
 
 
 def table_restrictions(desc: Word, e2h: bool) -> Word:
-    """The stage-1 hierarchical restrictions a table descriptor adds (_TABLE_XN | _TABLE_RO)."""
+    """The stage-1 hierarchical restrictions a table descriptor adds (_TABLE_XN | _TABLE_RO, and
+    _TABLE_NO_EL0 in the EL2&0 regime)."""
     xn = PXN_TABLE if e2h else XN_TABLE
-    return ((desc >> xn.lo) & 1) * _TABLE_XN | ((desc >> (AP_TABLE.lo + 1)) & 1) * _TABLE_RO
+    out = ((desc >> xn.lo) & 1) * _TABLE_XN | ((desc >> (AP_TABLE.lo + 1)) & 1) * _TABLE_RO
+    if e2h:
+        out |= ((desc >> AP_TABLE.lo) & 1) * _TABLE_NO_EL0
+    return out
 
 
 def s1_perms(desc: Word, restrictions: Word, e2h: bool) -> Word:
-    """EL2's effective permissions for a stage-1 leaf (PERM_R | PERM_W | PERM_X): AP[2] read-only;
-    XN (E2H = 0) or PXN, or EL0-writable memory (AP = 0b01), forbid EL2 fetches (E2H = 1)."""
+    """EL2's effective permissions for a stage-1 leaf (PERM_R | PERM_W | PERM_X): AP[2] or
+    APTable[1] read-only; XN or XNTable forbid fetches (E2H = 0). With E2H = 1 PXN or PXNTable
+    forbid EL2 fetches, and so does memory writable at EL0 after the table attributes (AP[2:1] =
+    0b01 with neither APTable bit set: ``AArch64.S1DirectBasePermissions``)."""
     ro = ((desc >> (S1_AP.lo + 1)) & 1) | ((restrictions >> 1) & 1)
     if e2h:
-        not_el0_rw = (desc >> S1_AP.lo) & S1_AP.max ^ int(S1AP_E2H.RW_EL0_RW)  # 0 where AP = 0b01
-        el0_writable = ((not_el0_rw | (not_el0_rw >> 1)) & 1) ^ 1
+        el0_access = ((desc >> S1_AP.lo) & 1) & (((restrictions >> 2) & 1) ^ 1)
+        el0_writable = el0_access & (ro ^ 1)
         xn = ((desc >> S1_PXN.lo) & 1) | (restrictions & _TABLE_XN) | el0_writable
     else:
         xn = ((desc >> S1_XN.lo) & 1) | (restrictions & _TABLE_XN)

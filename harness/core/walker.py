@@ -31,10 +31,12 @@ from harness.arch.descriptors import is_table, pte_to_phys
 from harness.arch.geometry import (
     ENTRY_BYTES,
     MAX_LEVELS,
+    MIN_LEVEL,
     Granule,
     level_shift,
     ptrs_per_table,
 )
+from harness.arch.geometry import pgd_page_index as _pgd_page_index
 
 
 class WalkFlags(enum.IntFlag):
@@ -65,6 +67,8 @@ class WalkablePgtable(Protocol):
     @property
     def granule(self) -> Granule: ...
     @property
+    def lpa2(self) -> bool: ...  # descriptors in the FEAT_LPA2 (DS = 1) form
+    @property
     def pgd(self) -> int | None: ...
     @property
     def mem(self) -> Memory: ...
@@ -91,7 +95,7 @@ class WalkRules:
 
 
 UPSTREAM_RULES = WalkRules()
-SEED_RULES = WalkRules(align_after_leaf=False, reload_after_table_pre=False)
+V3_RULES = WalkRules(align_after_leaf=False, reload_after_table_pre=False)  # the posted v3 (the seed)
 
 
 def align_down(x: int, a: int) -> int:
@@ -103,7 +107,7 @@ def align_up(x: int, a: int) -> int:
 
 
 class _WalkData:
-    __slots__ = ("addr", "end", "granule", "idx_mask", "mem", "ptrs", "rules", "shifts", "walker")
+    __slots__ = ("addr", "end", "granule", "idx_mask", "lpa2", "mem", "ptrs", "rules", "shifts", "walker")
 
     def __init__(self, pgt: WalkablePgtable, addr: int, end: int, walker: Walker,
                  rules: WalkRules) -> None:
@@ -112,10 +116,12 @@ class _WalkData:
         self.walker = walker
         self.rules = rules
         self.granule = pgt.granule
+        self.lpa2 = pgt.lpa2
         self.mem = pgt.mem
         self.ptrs = ptrs_per_table(pgt.granule)
         self.idx_mask = self.ptrs - 1
-        self.shifts = tuple(level_shift(pgt.granule, lvl) for lvl in range(MAX_LEVELS))
+        # Indexed by level - MIN_LEVEL: levels run from -1 (4K with DS = 1) to 3.
+        self.shifts = tuple(level_shift(pgt.granule, lvl) for lvl in range(MIN_LEVEL, MAX_LEVELS))
 
 
 def _visit(data: _WalkData, ptep: int, level: int) -> None:
@@ -136,14 +142,14 @@ def _visit(data: _WalkData, ptep: int, level: int) -> None:
         table = is_table(pte, level)
 
     if not table:
-        size = 1 << data.shifts[level]
+        size = 1 << data.shifts[level - MIN_LEVEL]
         if data.rules.align_after_leaf:
             data.addr = align_down(data.addr, size) + size
         else:
             data.addr += size
         return
 
-    _walk_table(data, pte_to_phys(pte, data.granule), level + 1)
+    _walk_table(data, pte_to_phys(pte, data.granule, data.lpa2), level + 1)
 
     if flags & WalkFlags.TABLE_POST:
         data.walker.cb(addr, data.end, level, ptep, WalkFlags.TABLE_POST)
@@ -152,17 +158,16 @@ def _visit(data: _WalkData, ptep: int, level: int) -> None:
 def _walk_table(data: _WalkData, table_pa: int, level: int) -> None:
     if level >= MAX_LEVELS:
         raise WalkError(f"level {level}: the walk went past the last level ({MAX_LEVELS - 1})")
-    idx = (data.addr >> data.shifts[level]) & data.idx_mask
+    idx = (data.addr >> data.shifts[level - MIN_LEVEL]) & data.idx_mask
     while idx < data.ptrs and data.addr < data.end:
         _visit(data, table_pa + idx * ENTRY_BYTES, level)
         idx += 1
 
 
 def pgd_page_index(pgt: WalkablePgtable, addr: int) -> int:
-    """Which concatenated PGD page holds the initial-level entry for ``addr``
-    (the seed's ``__kvm_pgd_page_idx``: the shift of the level above the start level)."""
-    shift = level_shift(pgt.granule, pgt.start_level - 1)  # "may underflow": level -1 is fine
-    return (addr & ((1 << pgt.ia_bits) - 1)) >> shift
+    """Which concatenated PGD page holds the initial-level entry for ``addr`` (the seed's
+    ``__kvm_pgd_page_idx``; :func:`harness.arch.geometry.pgd_page_index`)."""
+    return _pgd_page_index(pgt.granule, pgt.ia_bits, pgt.start_level, addr)
 
 
 def walk_range(pgt: WalkablePgtable, addr: int, size: int) -> tuple[int, int]:

@@ -29,12 +29,14 @@ class QemuExited(TargetError):
 class TargetTimeout(TargetError):
     """Waiting for the target took longer than allowed; ``evidence`` holds what was collected."""
 
-    def __init__(self, awaited: str, timeout: float, evidence: dict[str, str]) -> None:
+    def __init__(self, awaited: str, timeout: float, evidence: dict[str, str], cause: str | None = None) -> None:
         self.awaited = awaited
         self.timeout = timeout
         self.evidence = evidence
+        self.cause = cause
         lines = "\n".join(f"  {k}: {v}" for k, v in evidence.items())
-        super().__init__(f"timed out after {timeout:.1f} s waiting for {awaited}\n{lines}")
+        why = f" ({cause})" if cause else ""
+        super().__init__(f"timed out after {timeout:.1f} s waiting for {awaited}{why}\n{lines}")
 
 
 class GdbLost(TargetError):

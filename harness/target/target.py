@@ -110,6 +110,7 @@ class Target:
         self._installed: Stage | None = None
         self._bp: dict[int, str] = {}
         self._access_requests = 0
+        self.keep_logs = True  # start() clears it for a log dir it made itself
         self.elf: Path | None = None
         self.timings: dict[str, float] = {}
 
@@ -131,10 +132,13 @@ class Target:
         logs = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
         logs.mkdir(parents=True, exist_ok=True)
         t = cls(layout, timeout, request_timeout, logs)
+        t.keep_logs = log_dir is not None
         t.elf = elf
         try:
             t._boot(elf, qemu_args)
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, KeyboardInterrupt):
+                t._dead = t._dead or f"start failed: {exc!r}"
             t.close()
             raise
         t.timings["launch"] = time.perf_counter() - t0
@@ -175,10 +179,15 @@ class Target:
                               f"boot EL {self._mb('boot_el')}\n{res.qemu.console_tail()}")
 
     def close(self) -> None:
-        """Stop gdb and QEMU (SIGKILL to their process groups), remove the private temp dir."""
+        """Stop QEMU and gdb (SIGKILL to their process groups), remove the run-time dir; remove the
+        log dir too if :meth:`start` made it (no ``log_dir``), ``keep_logs`` is false and the
+        target did not fail (a dead, hung or panicked target keeps its logs for the error message)."""
         self._finalizer()
+        failed = self._dead not in (None, "closed")
         if self._dead is None:
             self._dead = "closed"
+        if not self.keep_logs and not failed:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> Target:
         return self
@@ -313,7 +322,7 @@ class Target:
         except TargetTimeout:
             evidence = self._interrupt_evidence()
             self._dead = f"timed out waiting for {awaited}"
-            raise TargetTimeout(awaited, timeout, evidence) from None
+            raise TargetTimeout(awaited, timeout, evidence, evidence.get("QEMU")) from None
         except GdbLost:
             self._check_alive()
             self._dead = "gdb lost"
@@ -338,10 +347,10 @@ class Target:
         budget = min(2.0, max(0.2, self.request_timeout / 2))
         try:
             if self.qemu.poll() is not None:
-                evidence["QEMU"] = f"exited with {self.qemu.poll()}"
+                evidence["QEMU"] = f"QEMU exited with {self.qemu.poll()}"
                 return evidence
             if process.process_state(self.qemu.pid) == "T":
-                evidence["QEMU"] = f"process {self.qemu.pid} is stopped (SIGSTOP or a tracer): it cannot answer"
+                evidence["QEMU"] = f"QEMU (pid {self.qemu.pid}) is stopped (SIGSTOP or a tracer) and cannot answer"
                 return evidence
             self.gdb.command("-exec-interrupt", timeout=budget)
             self.gdb.wait_stopped(budget)

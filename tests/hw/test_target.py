@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -15,7 +16,7 @@ import pytest
 from handmade import HVHE_AP_RO, leaf_attrs, s1_hvhe_identity, s1_identity, s2_identity
 
 from harness.arch import descriptors as d
-from harness.arch.geometry import Stage
+from harness.arch.geometry import Geometry, Granule, Stage
 from harness.arch.registers import (
     ESR_EC,
     HCR_E2H,
@@ -28,6 +29,7 @@ from harness.arch.registers import (
     FaultKind,
     Par,
     fault_status,
+    stage1_regs,
 )
 from harness.core.prot import Prot
 from harness.target import mailbox as mbx
@@ -400,3 +402,64 @@ def test_qemu_sigbus_names_the_ram_backing(tmp_path: Path) -> None:
         assert info.value.returncode == -signal.SIGBUS
         msg = str(info.value)
         assert "SIGBUS" in msg and "full" in msg and ("/dev/shm" in msg or "tmp" in msg)
+
+
+@pytest.mark.parametrize("granule", ["4K", "16K", "64K"])
+def test_model_hvhe_registers_drive_the_firmware(target: Target, granule: str) -> None:
+    """The model's hVHE register values (Geometry e2h=True) on a hand-built EL2&0 table."""
+    tab = s1_hvhe_identity(LAYOUT, granule, 48, extra=[SCRATCH, SCRATCH_RO])
+    geom = Geometry.create(Stage.S1, Granule.parse(granule), 48, 48, e2h=True)
+    regs = stage1_regs(geom, tab.pgd)
+    common = 0x7_0080_FF3F  # IPS, EPD1, TG0, SH0, ORGN0, IRGN0, T0SZ: what both layouts must agree on
+    assert regs.tcr_el2 & common == tab.s1_regs().tcr_el2 & common
+    target.install(regs, tab.image())
+    assert target.sysreg("HCR_EL2") & HCR_E2H.mask
+    par = [Par(int(p)) for p in target.at([SCRATCH.base + 0x18, SCRATCH_RO.base], "S1E2W")]
+    assert not par[0].fault and par[0].pa == SCRATCH.base
+    assert par[1].fault and par[1].fst >> 2 == FaultKind.PERMISSION.value
+
+
+def test_own_log_dir_removed_after_clean_close_kept_after_failure() -> None:
+    with Target.start() as t:
+        clean = t.log_dir
+        t.uninstall()
+        assert clean.is_dir()
+    assert not clean.exists()
+    t = Target.start()
+    try:
+        with pytest.raises(TargetTimeout):
+            t.spin(timeout=0.3)
+    finally:
+        t.close()
+    try:
+        assert (t.log_dir / "console.log").is_file()  # kept for the error message's paths
+    finally:
+        shutil.rmtree(t.log_dir, ignore_errors=True)
+
+
+def test_qemu_killed_even_when_closing_gdb_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.target import process
+    from harness.target.gdbmi import GdbMI
+
+    t = Target.start(log_dir=tmp_path)
+    pids = dict(t.pids)
+    gdb_proc = t.gdb.proc
+
+    def broken_close(self: GdbMI) -> None:
+        raise RuntimeError("gdb close failed")
+
+    monkeypatch.setattr(GdbMI, "close", broken_close)
+    with pytest.raises(RuntimeError, match="gdb close failed"):
+        t.close()
+    assert wait_gone(pids["qemu"]), "QEMU outlived a failing gdb close"
+    process.kill(gdb_proc)  # the test's own cleanup of the gdb whose close was broken
+    assert _gone(pids["gdb"])
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.02)
+    return _gone(pid)

@@ -12,7 +12,7 @@ from harness.arch import descriptors as d
 from harness.arch.geometry import Granule
 from harness.core.memory import PagePool
 from harness.core.walker import (
-    SEED_RULES,
+    V3_RULES,
     Walker,
     WalkError,
     WalkFlags,
@@ -34,6 +34,7 @@ class Table:
     ia_bits: int = 32
     start_level: int = 1
     granule: Granule = Granule.K4
+    lpa2: bool = False
 
 
 def hand_table() -> tuple[Table, dict[str, int]]:
@@ -153,7 +154,7 @@ def test_seed_rules_follow_a_removed_table() -> None:
         if flag is WalkFlags.TABLE_PRE and level == 2:
             tbl.mem.write64(ptep, 0)
 
-    walk(tbl, 0, K4, Walker(cb, WalkFlags.LEAF | WalkFlags.TABLE_PRE), SEED_RULES)
+    walk(tbl, 0, K4, Walker(cb, WalkFlags.LEAF | WalkFlags.TABLE_PRE), V3_RULES)
     assert (0, 3, "LEAF") in seen
 
 
@@ -182,7 +183,7 @@ def test_unaligned_start_inside_a_block_does_not_skip_the_next_entry() -> None:
     tbl, _ = hand_table()
     fixed = record(tbl, MB2 + K4, MB2, WalkFlags.LEAF)
     assert [(a, lvl) for a, lvl, *_ in fixed] == [(MB2 + K4, 2), (2 * MB2, 2)]
-    seed = record(tbl, MB2 + K4, MB2, WalkFlags.LEAF, rules=SEED_RULES)
+    seed = record(tbl, MB2 + K4, MB2, WalkFlags.LEAF, rules=V3_RULES)
     assert [(a, lvl) for a, lvl, *_ in seed] == [(MB2 + K4, 2)]  # the seed skips the entry at 4M
 
 
@@ -193,6 +194,7 @@ class ConcatTable:
     ia_bits: int = 40
     start_level: int = 1
     granule: Granule = Granule.K4
+    lpa2: bool = False
 
 
 def test_walk_crosses_concatenated_pgd_pages() -> None:
