@@ -285,3 +285,26 @@ def test_ctrl_c_reaps_qemu_and_gdb(tmp_path: Path) -> None:
     assert "interrupted" in err
     alive = [k for k in kids if Path(f"/proc/{k}").exists()]
     assert alive == [], f"left behind: {alive}"
+
+
+def test_export_lpa2_and_e2h_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "sc.toml"
+    f.write_text('stage = 1\ngranule = "16K"\nia_bits = 52\npa_bits = 52\nlpa2 = true\ne2h = true\n'
+                 'maps = [{addr = "0x10000000", size = "64K", pa = "0x50000000"}]\n')
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "out"), "--scenario", str(f))
+    assert code == 0, err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["lpa2"], config["e2h"], config["start_level"]) == (True, True, 0)
+    assert config["registers"]["hcr_el2_set"] != 0  # HCR_EL2.E2H for the payload to set
+
+
+@pytest.mark.hw
+@pytest.mark.parametrize("argv", [
+    ["--stage", "2", "--granule", "4K", "--ia-bits", "52", "--pa-bits", "52", "--lpa2", "--start-level", "-1"],
+    ["--stage", "1", "--granule", "16K", "--ia-bits", "52", "--pa-bits", "52", "--lpa2", "--e2h"],
+])
+def test_check_lpa2_and_hvhe_from_the_command_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "check", *argv, "--map", "0x10000000:1M:0x50000000:rw", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["ok"], err
+    assert data["reports"][0]["checked"] > 0 and "lpa2" in data["reports"][0]["geometry"]

@@ -14,7 +14,7 @@ from typing import Protocol
 from harness.arch.geometry import Geometry, GeometryError, Stage
 from harness.check.scenario.data import OPS, MapSpec, OpSpec, Scenario, ScenarioError
 from harness.core.memory import PagePool
-from harness.core.pgtable import HypPgtable, KvmPgtable, PgtableError, Stage2Pgtable
+from harness.core.pgtable import KvmPgtable, PgtableError, Stage2Pgtable
 from harness.core.prot import Prot
 from harness.core.walker import UPSTREAM_RULES, WalkRules
 
@@ -39,11 +39,6 @@ class LayoutLike(Protocol):
     def pool_size(self) -> int: ...
     def stage1_regions(self) -> Sequence[RegionLike]: ...
     def stage2_regions(self) -> Sequence[RegionLike]: ...
-
-
-# Regimes the model's table classes (HypPgtable, Stage2Pgtable) can build: the architecture and the
-# translate know LPA2 and hVHE; the table operations do not yet (issue 12).
-_TABLES_BUILD = {"lpa2": False, "e2h": False}
 
 
 @dataclass(frozen=True)
@@ -100,18 +95,8 @@ def build(scenario: Scenario, layout: LayoutLike, rules: WalkRules = UPSTREAM_RU
 
 
 def empty_table(pool: PagePool, geom: Geometry, rules: WalkRules = UPSTREAM_RULES) -> KvmPgtable:
-    """The table KVM would create for the geometry: hyp stage 1 or guest stage 2. A regime the
-    model's table operations cannot build yet (LPA2, hVHE) is refused by name."""
-    for key, wanted in (("lpa2", geom.lpa2), ("e2h", geom.e2h)):
-        if wanted and not _TABLES_BUILD[key]:
-            raise ScenarioError(f"{key}: the model's table operations do not build this regime yet "
-                                f"({geom.describe()})")
-    table: KvmPgtable
-    if geom.stage is Stage.S1:
-        table = HypPgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, rules=rules)
-    else:
-        table = Stage2Pgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, geom.start_level, rules=rules)
-    return table
+    """The table KVM would create for the geometry: hyp stage 1 (nVHE or hVHE) or guest stage 2."""
+    return KvmPgtable.for_geometry(geom, pool, rules)
 
 
 def firmware_regions(scenario: Scenario, geom: Geometry, layout: LayoutLike) -> list[RegionLike]:
