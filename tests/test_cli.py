@@ -70,6 +70,14 @@ def test_geometry_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert (row["start_level"], row["pgd_pages"]) == (1, 16)
 
 
+def test_geometry_lpa2_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "geometry", "--stage", "2", "--lpa2", "--pa-bits", "52", "--json")
+    rows = json.loads(out)
+    assert code == 0 and {r["granule"] for r in rows} == {"4K", "16K"} and all(r["lpa2"] for r in rows)
+    row = next(r for r in rows if r["granule"] == "4K" and r["ia_bits"] == 52)
+    assert (row["start_level"], row["pgd_pages"], row["allowed_start_levels"]) == (0, 16, [-1, 0])
+
+
 def test_scenario_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "bad.toml"
     f.write_text('stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = [{addr = "0x1000", size = "4K"}]\n')
