@@ -1,4 +1,4 @@
-"""The ``harness`` command line.
+"""The harness command line.
 
     harness run                  the main job: built-in scenarios, both stages, all granules, on QEMU
     harness check ...            one scenario from the command line or a JSON/TOML file
