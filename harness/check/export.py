@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.arch.registers import Stage1Regs
+from harness.arch.registers import Stage1Regs, Stage2Regs
 from harness.check.addresses import probe_addresses
 from harness.check.engine import AT_OPS, subject_of_built, used_image
 from harness.check.scenario import BuiltScenario
@@ -43,6 +43,14 @@ def _expected_probes(op: str, access_value: str, pred: BatchResult, built: Built
     }
 
 
+def _enable_sequence(regs: Stage1Regs | Stage2Regs) -> str:
+    """The order in which another payload programs the registers (the firmware's order)."""
+    if isinstance(regs, Stage2Regs):
+        return "HCR_EL2 |= hcr_el2_set after VTCR/VTTBR and TLBI VMALLS12E1"
+    first = "HCR_EL2 |= hcr_el2_set (E2H: the EL2&0 regime), ISB; then " if regs.hcr_el2_set else ""
+    return f"{first}MAIR/TCR/TTBR0, TLBI ALLE2, then SCTLR_EL2 |= sctlr_el2_set"
+
+
 def export_built(built: BuiltScenario, directory: Path, rng: np.random.Generator) -> dict[str, Any]:
     """Write ``tables.bin``, ``config.json`` and ``expected.json`` into ``directory`` (created; it
     must not exist or be empty). Nothing is left behind if writing fails."""
@@ -64,8 +72,7 @@ def export_built(built: BuiltScenario, directory: Path, rng: np.random.Generator
         "lpa2": geom.lpa2, "e2h": geom.e2h, "pamax": geom.pamax,
         "image": {"file": "tables.bin", "base": image.base, "size": len(image.data)},
         "registers": reg_values,
-        "enable": ("SCTLR_EL2 |= sctlr_el2_set after MAIR/TCR/TTBR0 and TLBI ALLE2" if isinstance(regs, Stage1Regs)
-                   else "HCR_EL2 |= hcr_el2_set after VTCR/VTTBR and TLBI VMALLS12E1"),
+        "enable": _enable_sequence(regs),
         "regions": [{"name": r.name, "base": r.base, "size": r.size, "prot": r.prot.label(),
                      "mapping": "identity"} for r in built.regions],
         "maps": [{"addr": m.addr, "size": m.size, "pa": m.pa, "prot": m.prot.label()} for m in built.scenario.maps],
