@@ -11,8 +11,13 @@ hold, back into other tables and to zeroed pages, and roots at every legal align
 The firmware must keep running on a stage-1 table (its code, data, mailbox, probe buffers and
 UART) and the EL1 stub on a stage-2 table: the model's own builder maps those regions first,
 identity, and the random content goes only into the entries that builder left invalid, so no
-random entry covers them. Everything is drawn from one ``numpy`` generator: a table is
-reproduced from the same seed.
+random entry covers them. The builder runs once per family (stage, granule, DS, E2H) on its
+deepest configuration; each configuration's identity map is grafted from it (the tables below
+its start level along input address 0), which walks exactly as the builder's own map for that
+configuration. Configurations include DS = 1 (FEAT_LPA2: 52-bit addresses, 4K level -1, OA[51:50]
+in bits [9:8]) and the EL2&0 regime (hVHE); a stage-1 table gets a random MAIR_EL2. The random
+entries are written one level at a time, all tables of a level in one vectorised pass.
+Everything is drawn from one ``numpy`` generator: a table is reproduced from the same seed.
 """
 
 from __future__ import annotations
@@ -34,14 +39,16 @@ from harness.arch.geometry import (
     Granule,
     Stage,
     max_ia_bits,
+    min_level,
     oa_format_bits,
     ptrs_per_table,
+    stage2_start_levels,
 )
-from harness.arch.registers import TTBR_BADDR, RegimeRegs, Stage1Regs, regime_regs
+from harness.arch.registers import RegimeRegs, Stage1Regs, mair_value, regime_regs
 from harness.check.engine import Subject
 from harness.check.scenario import LayoutLike, RegionLike
 from harness.core.memory import PagePool, PoolImage
-from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
+from harness.core.pgtable import KvmPgtable
 from harness.core.translate import DEFAULT_MAIR
 
 U64 = npt.NDArray[np.uint64]
@@ -59,29 +66,65 @@ KIND_NAMES = ("invalid", "leaf", "reserved", "new table", "table back into table
 _KIND_WEIGHTS = {INVALID: 3.0, LEAF: 4.0, RESERVED: 0.6, TABLE_NEW: 1.5, TABLE_OLD: 0.6, TABLE_ZERO: 0.4,
                  TABLE_RAM: 0.3, TABLE_OUTSIDE: 0.3, TABLE_BIG: 0.3}
 _TABLE_ATTR_BITS = genmask(63, 51) | genmask(11, 2)
-_LEAF_ATTR_BITS = d.LEAF_ATTR_LO | d.LEAF_ATTR_HI
 
 
-def random_geometry(rng: np.random.Generator, stage: Stage | None = None, granule: Granule | None = None) -> Geometry:
-    """A legal configuration, uniform over stage, granule, input size, PA size, start level."""
+LPA2_SHARE = 0.3  # of the 4K and 16K configurations: DS = 1 (FEAT_LPA2)
+E2H_SHARE = 0.3  # of the stage-1 configurations: the EL2&0 regime (hVHE)
+_DENSITIES = np.array([0.02, 0.1, 0.3, 1.0])
+MAIR_DEVICE = (0x00, 0x04, 0x08, 0x0C)  # Device-nGnRnE, -nGnRE, -nGRE, -GRE
+MAIR_FIRMWARE_BYTES = 2  # AttrIndx 0 and 1 (the firmware's Normal and Device mappings) keep their values
+
+
+def random_mair(rng: np.random.Generator) -> int:
+    """A MAIR_EL2 value: the firmware's attributes at indices 0 and 1, and at 2..7 any Device type
+    or Normal memory with any inner and outer cacheability (no UNPREDICTABLE encodings)."""
+    mair = mair_value() & genmask(8 * MAIR_FIRMWARE_BYTES - 1, 0)
+    for i in range(MAIR_FIRMWARE_BYTES, 8):
+        if rng.random() < 0.3:
+            attr = MAIR_DEVICE[int(rng.integers(0, len(MAIR_DEVICE)))]
+        else:
+            attr = int(rng.integers(1, 16)) << 4 | int(rng.integers(1, 16))
+        mair |= attr << (8 * i)
+    return mair
+
+
+def random_geometry(rng: np.random.Generator, stage: Stage | None = None, granule: Granule | None = None,
+                    lpa2: bool | None = None, e2h: bool | None = None) -> Geometry:
+    """A legal configuration, uniform over stage, granule, input size, PA size, start level; DS = 1
+    (``lpa2``) on some 4K and 16K ones, the EL2&0 regime (``e2h``) on some stage-1 ones. ``None``:
+    drawn; True/False: only those."""
     for _ in range(1000):
         st = stage if stage is not None else Stage(int(rng.integers(1, 3)))
+        if e2h and st is Stage.S2:
+            if stage is not None:
+                break
+            continue
         gr = granule if granule is not None else list(Granule)[int(rng.integers(0, 3))]
+        ds = bool(rng.random() < LPA2_SHARE) if lpa2 is None else lpa2
+        if ds and gr is Granule.K64:
+            if lpa2 is None:
+                ds = False
+            elif granule is None:
+                continue
+            else:
+                break
+        h = st is Stage.S1 and (bool(rng.random() < E2H_SHARE) if e2h is None else e2h)
         lo = 31 if st is Stage.S1 else MIN_IA_BITS  # stage 1: the firmware runs on the table
-        ia = int(rng.integers(lo, max_ia_bits(gr) + 1))
-        pas = [p for p in PA_SIZES if p <= oa_format_bits(gr) and (st is Stage.S1 or p >= ia)]
+        ia = int(rng.integers(lo, max_ia_bits(gr, ds) + 1))
+        pas = [p for p in PA_SIZES if p <= oa_format_bits(gr, ds) and (st is Stage.S1 or p >= ia)]
         if not pas:
             continue
         pa = int(pas[int(rng.integers(0, len(pas)))])
         levels = []
-        for sl in range(LAST_LEVEL + 1):
+        for sl in range(min_level(gr, ds), LAST_LEVEL + 1):
             try:
-                levels.append(Geometry.create(st, gr, ia, pa, sl if st is Stage.S2 else None))
+                levels.append(Geometry.create(st, gr, ia, pa, sl if st is Stage.S2 else None, lpa2=ds, e2h=h))
             except GeometryError:
                 continue
         if levels:
             return levels[int(rng.integers(0, len(levels)))]
-    raise GeometryError(f"stage/granule: no legal configuration found for stage {stage} granule {granule}")
+    raise GeometryError(f"stage/granule/lpa2/e2h: no legal configuration for stage {stage} granule {granule} "
+                        f"lpa2 {lpa2} e2h {e2h}")
 
 
 @dataclass
@@ -96,27 +139,38 @@ class RawTables:
     protected: tuple[RegionLike, ...]
     stats: dict[str, int]
     can_access: bool
+    mair: int = DEFAULT_MAIR
 
-    def subject(self, name: str) -> Subject:
-        image = PoolImage(self.pool.base, self.pool.words().tobytes())  # the whole window: no stale bytes
-        return Subject(name, self.geom, self.pool, self.root, self.regs, image, DEFAULT_MAIR,
+    def subject(self, name: str, extent: int | None = None) -> Subject:
+        """The subject; its image is the whole window (no stale bytes), or its first ``extent``
+        bytes when the caller knows the rest of the window is already as the model sees it."""
+        words = self.pool.words()
+        image = PoolImage(self.pool.base, (words if extent is None else words[: extent // 8]).tobytes())
+        return Subject(name, self.geom, self.pool, self.root, self.regs, image, self.mair,
                        tuple((r.base, r.size) for r in self.protected), self.can_access)
+
+    @property
+    def extent(self) -> int:
+        """Bytes of the window up to its highest page in use (the rest is zero)."""
+        return self.pool.used_extent()
 
     def describe(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in self.stats.items() if v)
-        return f"{self.geom.describe()}, root {self.root:#x}: {kinds}"
+        mair = f", MAIR {self.mair:#x}" if self.geom.stage is Stage.S1 and self.mair != DEFAULT_MAIR else ""
+        return f"{self.geom.describe()}, root {self.root:#x}{mair}: {kinds}"
 
 
 class _Filler:
-    """Writes random entries into the free slots of the builder's tables, recursively."""
+    """Writes random entries into the free slots of the tables, one level at a time (every table
+    of a level in one vectorised pass)."""
 
     def __init__(self, rng: np.random.Generator, geom: Geometry, pool: PagePool, layout: LayoutLike,
-                 outside_ram: bool) -> None:
+                 outside_ram: bool, max_depth: int) -> None:
         self.rng = rng
         self.geom = geom
         self.pool = pool
         self.layout = layout
-        self.outside_ram = outside_ram
+        self.max_depth = max_depth
         self.tables: list[int] = []  # table pages written so far
         self.spans: list[U64] = []  # (n, 2) arrays of (input base, size)
         self.stats: dict[str, int] = {}
@@ -128,6 +182,10 @@ class _Filler:
         self.kinds = np.array(list(kinds), dtype=np.int64)
         w = np.array(list(kinds.values()))
         self.weights = w / w.sum()
+        self.oa_mask = _U(d.oa_mask(geom.granule, geom.lpa2))
+        self.leaf_attr_bits = _U(d.leaf_attr_mask(geom.lpa2))
+        self.table_attr_bits = _U(_TABLE_ATTR_BITS & ~(d.OA_51_50_LPA2.mask if geom.lpa2 else 0))
+        self.oa_top = 1 << oa_format_bits(geom.granule, geom.lpa2)
 
     def count(self, key: str, n: int) -> None:
         self.stats[key] = self.stats.get(key, 0) + int(n)
@@ -137,24 +195,37 @@ class _Filler:
         g = self.geom.granule.size
         return (self.rng.integers(lo // g, max(hi // g, lo // g + 1), size=n, dtype=np.uint64) * _U(g))
 
+    def _encode(self, pa: U64) -> U64:
+        """Addresses in the descriptor's format: bits [47:g] ([49:g] with DS = 1), OA[51:48] in
+        [15:12] with 64K, OA[51:50] in [9:8] with DS = 1."""
+        out = pa & self.oa_mask
+        if self.geom.granule is Granule.K64:
+            out |= ((pa >> _U(48)) & _U(d.OA_51_48.max)) << _U(d.OA_51_48.lo)
+        if self.geom.lpa2:
+            out |= ((pa >> _U(50)) & _U(d.OA_51_50_LPA2.max)) << _U(d.OA_51_50_LPA2.lo)
+        return out
+
     def _output_addresses(self, n: int, level: int) -> U64:
-        """Leaf output addresses: scratch RAM, anywhere below the PA size, beyond it."""
+        """Leaf output addresses (encoded): scratch RAM, anywhere below the PA size, beyond it."""
         g = self.geom
         pa_top = 1 << g.pa_bits
         choice = self.rng.integers(0, 10, size=n)
         scratch = self._pages(n, self.layout.scratch.base, self.layout.scratch.base + self.layout.scratch.size) \
             if hasattr(self.layout, "scratch") else self._pages(n, 0x5000_0000, 0x8000_0000)
         anywhere = self._pages(n, 0, pa_top)
-        beyond = self._pages(n, pa_top, 1 << 48) if g.pa_bits < 48 else anywhere
+        top = self.oa_top if g.granule is not Granule.K64 else 1 << 48  # 64K: [15:12] come from _high_bits
+        beyond = self._pages(n, pa_top, top) if pa_top < top else anywhere
         oa = np.where(choice < 5, scratch, np.where(choice < 8, anywhere, beyond))
         size = g.size(level)
         aligned = self.rng.random(n) < 0.7
-        return np.where(aligned, oa & ~_U(size - 1), oa) & _U(d.oa_mask(g.granule))
+        return self._encode(np.where(aligned, oa & ~_U(size - 1), oa) & _U(self.oa_top - 1))
 
     def _high_bits(self, n: int) -> U64:
         """Bits a DS = 0 descriptor keeps outside OA[47:g]: 64K OA[51:48] in [15:12]; RES0 bits
-        [50:48] (and [13:12] with 16K) otherwise."""
+        [50:48] (and [13:12] with 16K) otherwise. None with DS = 1 (its OA reaches 52 bits)."""
         g = self.geom.granule
+        if self.geom.lpa2:
+            return np.zeros(n, dtype=np.uint64)
         pick = self.rng.random(n) < (0.25 if g is Granule.K64 else 0.1)
         if g is Granule.K64:
             bits = self.rng.integers(1, 16, size=n, dtype=np.uint64) << _U(d.OA_51_48.lo)
@@ -167,7 +238,7 @@ class _Filler:
     def _leaves(self, n: int, level: int, reserved: bool) -> U64:
         attrs = self.rng.integers(0, 1 << 63, size=n, dtype=np.uint64) << _U(1)
         attrs ^= self.rng.integers(0, 2, size=n, dtype=np.uint64)
-        attrs &= _U(_LEAF_ATTR_BITS)
+        attrs &= self.leaf_attr_bits
         af = self.rng.random(n) < 0.85
         attrs = np.where(af, attrs | _U(d.AF.mask), attrs & ~_U(d.AF.mask))
         desc = self._output_addresses(n, level) | attrs | self._high_bits(n) | _U(d.VALID.mask)
@@ -176,7 +247,7 @@ class _Filler:
 
     def _table_attrs(self, n: int) -> U64:
         bits = self.rng.integers(0, 1 << 63, size=n, dtype=np.uint64) << _U(1)
-        return np.where(self.rng.random(n) < 0.5, bits & _U(_TABLE_ATTR_BITS), _U(0))
+        return np.where(self.rng.random(n) < 0.5, bits & self.table_attr_bits, _U(0))
 
     def _pointers(self, kind: int, n: int) -> U64:
         """Next-level table addresses (in the descriptor's format) for ``n`` pointers of ``kind``."""
@@ -191,127 +262,204 @@ class _Filler:
             pa = self._pages(n, lo, lo + (64 << 20))
         elif kind == TABLE_OUTSIDE:
             pa = self._pages(n, OUTSIDE_RAM, OUTSIDE_RAM + (1 << 30))
-        elif kind == TABLE_BIG and g.pa_bits < 48:
-            pa = self._pages(n, 1 << g.pa_bits, 1 << 48)
+        elif kind == TABLE_BIG and 1 << g.pa_bits < self.oa_top:
+            pa = self._pages(n, 1 << g.pa_bits, self.oa_top)
         else:  # a zeroed page of the window (the top pages are never allocated)
             pa = _U(pool.base) + (_U(pool.pages - 1) - self.rng.integers(0, self.reserve, size=n, dtype=np.uint64)) \
                 * _U(size)
-        return pa & _U(d.oa_mask(g.granule))
+        return self._encode(pa)
 
-    def fill(self, table: int, level: int, va: int, entries: int, depth_budget: int) -> None:
-        """Random entries in the invalid slots of the ``entries``-entry table at ``table``
-        (level ``level``, input address ``va`` upwards)."""
+    def fill_level(self, level: int, tables: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """Random entries in the invalid slots of ``tables`` ((pa, input base, entries) at
+        ``level``); returns the fresh tables of the next level, to be filled in turn."""
         g = self.geom
         words = self.pool.words()
-        first = (table - self.pool.base) // ENTRY_BYTES
-        slots = np.flatnonzero((words[first : first + entries] & _U(d.VALID.mask)) == 0)
-        if not slots.size:
-            return
-        density = float(self.rng.choice([0.02, 0.1, 0.3, 1.0]))
-        slots = slots[self.rng.random(slots.size) < density]
-        if not slots.size:
-            return
-        kinds = self.rng.choice(self.kinds, size=slots.size, p=self.weights)
+        rng = self.rng
+        firsts = np.array([(t - self.pool.base) // ENTRY_BYTES for t, _, _ in tables], dtype=np.int64)
+        counts = np.array([n for _, _, n in tables], dtype=np.int64)
+        owner = np.repeat(np.arange(len(tables)), counts)
+        local = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        idx = firsts[owner] + local
+        density = _DENSITIES[rng.integers(0, _DENSITIES.size, size=len(tables))][owner]
+        pick = ((words[idx] & _U(d.VALID.mask)) == 0) & (rng.random(idx.size) < density)
+        idx, owner, local = idx[pick], owner[pick], local[pick]
+        if not idx.size:
+            return []
+        kinds = rng.choice(self.kinds, size=idx.size, p=self.weights)
         if level == LAST_LEVEL:
             kinds[kinds >= TABLE_NEW] = LEAF
-        desc = np.zeros(slots.size, dtype=np.uint64)
+        desc = np.zeros(idx.size, dtype=np.uint64)
         leaf = kinds == LEAF
         desc[leaf] = self._leaves(int(leaf.sum()), level, reserved=False)
         res = kinds == RESERVED
         desc[res] = self._leaves(int(res.sum()), level, reserved=True)
-        desc[kinds >= TABLE_NEW] = self._table_attrs(int((kinds >= TABLE_NEW).sum()))
-        new_tables: list[tuple[int, int]] = []
-        for i in np.flatnonzero(kinds == TABLE_NEW):  # fresh subtrees while pages and depth remain
-            if self.pool.pages - self.pool.used_pages <= self.reserve or depth_budget <= 0 or not self.new_tables:
-                kinds[i] = TABLE_OLD
-                continue
-            self.new_tables -= 1
-            pa = self.pool.alloc_page()
-            new_tables.append((pa, int(slots[i])))
-            desc[i] |= _U(d.table_pte(pa, g.granule))
+        tab = kinds >= TABLE_NEW
+        desc[tab] = self._table_attrs(int(tab.sum()))
+        new = rng.permutation(np.flatnonzero(kinds == TABLE_NEW))
+        room = min(self.new_tables, self.pool.pages - self.pool.used_pages - self.reserve)
+        if level + 1 - g.start_level > self.max_depth:
+            room = 0
+        elif level + 1 < LAST_LEVEL:
+            room = min(room, max(2, room // 2))  # keep fresh tables for the deeper levels too
+        room = max(room, 0)
+        kinds[new[room:]] = TABLE_OLD
+        made = new[:room]
+        pages = np.array([self.pool.alloc_page() for _ in made], dtype=np.uint64)
+        self.new_tables -= made.size
+        self.tables += [int(p) for p in pages]
+        desc[made] |= self._encode(pages) | _U(d.TYPE.mask | d.VALID.mask)
         for kind in (TABLE_OLD, TABLE_ZERO, TABLE_RAM, TABLE_OUTSIDE, TABLE_BIG):
             sel = kinds == kind
             if sel.any():
                 desc[sel] |= self._pointers(kind, int(sel.sum())) | _U(d.TYPE.mask | d.VALID.mask)
+        counted = np.bincount(kinds, minlength=len(KIND_NAMES))
         for k, name in enumerate(KIND_NAMES):
-            self.count(name, int((kinds == k).sum()))
-        words[first + slots] = desc
-        shift = g.shift(level)
-        used = slots[kinds != INVALID].astype(np.uint64)
-        self.spans.append(np.stack([_U(va) + (used << _U(shift)), np.full(used.size, 1 << shift, dtype=np.uint64)], 1))
-        for pa, slot in new_tables:
-            self.tables.append(pa)
-            self.fill(pa, level + 1, va + (slot << shift), ptrs_per_table(g.granule), depth_budget - 1)
-
-
-def _builder(geom: Geometry, pool: PagePool) -> KvmPgtable:
-    if geom.stage is Stage.S1:
-        return HypPgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits)
-    return Stage2Pgtable(pool, geom.granule, geom.ia_bits, geom.pa_bits, geom.start_level)
+            self.count(name, int(counted[k]))
+        words[idx] = desc
+        shift = _U(g.shift(level))
+        va = np.array([v for _, v, _ in tables], dtype=np.uint64)[owner] + (local.astype(np.uint64) << shift)
+        used = kinds != INVALID
+        self.spans.append(np.stack([va[used], np.full(int(used.sum()), 1 << int(shift), dtype=np.uint64)], 1))
+        entries = ptrs_per_table(g.granule)
+        return [(int(p), int(v), entries) for p, v in zip(pages, va[made], strict=True)]
 
 
 def _builder_tables(pool: PagePool, geom: Geometry, root: int) -> list[tuple[int, int, int, int]]:
-    """(table pa, level, input base, entries) of every table reachable from ``root``."""
+    """(table pa, level, input base, entries) of every table in the window reachable from ``root``."""
     out = [(root, geom.start_level, 0, geom.pgd_entries)]
     i = 0
+    tab = _U(d.VALID.mask | d.TYPE.mask)
+    words = pool.words()
     while i < len(out):
         table, level, va, n = out[i]
         i += 1
         if level == LAST_LEVEL:
             continue
         first = (table - pool.base) // ENTRY_BYTES
-        entries = pool.words()[first : first + n]
-        tab = _U(d.VALID.mask | d.TYPE.mask)
+        entries = words[first : first + n]
         for k in np.flatnonzero((entries & tab) == tab):
-            out.append((d.pte_to_phys(int(entries[k]), geom.granule), level + 1, va + (int(k) << geom.shift(level)),
-                        ptrs_per_table(geom.granule)))
+            pa = d.pte_to_phys(int(entries[k]), geom.granule, geom.lpa2)
+            if pool.contains(pa, geom.granule.size):
+                out.append((pa, level + 1, va + (int(k) << geom.shift(level)), ptrs_per_table(geom.granule)))
     return out
 
 
-_BASES: dict[tuple[Stage, Granule, int, int, int], tuple[bytes, int, int]] = {}
+@dataclass(frozen=True)
+class _Base:
+    """The builder's identity map of every firmware region for the deepest configuration of a
+    (stage, granule, DS, E2H) family: the window's words up to its used pages, and the root."""
+
+    level: int
+    words: U64
+    root: int
+    used_pages: int
+
+
+# (stage, granule, lpa2, e2h, pamax, pool base) -> base; (…, ia, start level) for shapes not grafted
+_BASES: dict[tuple[object, ...], _Base] = {}
+
+
+def _deepest(geom: Geometry) -> Geometry:
+    ia = max_ia_bits(geom.granule, geom.lpa2)
+    if geom.stage is Stage.S1:
+        return Geometry.create(Stage.S1, geom.granule, ia, pamax=geom.pamax, lpa2=geom.lpa2, e2h=geom.e2h)
+    level = min(stage2_start_levels(geom.granule, ia, geom.pamax, geom.lpa2))
+    return Geometry.create(Stage.S2, geom.granule, ia, None, level, pamax=geom.pamax, lpa2=geom.lpa2)
+
+
+def _build_base(geom: Geometry, layout: LayoutLike, regions: list[RegionLike]) -> _Base:
+    pool = PagePool(layout.pool_base, WINDOW_BYTES[geom.granule], geom.granule.size)
+    table = KvmPgtable.for_geometry(geom, pool)
+    assert table.pgd is not None
+    for r in regions:
+        table.map(r.base, r.size, r.base, r.prot)
+    used = pool.used_extent() // ENTRY_BYTES
+    return _Base(geom.start_level, pool.words()[:used].copy(), table.pgd, pool.used_pages)
+
+
+def _graft(pool: PagePool, geom: Geometry, base: _Base) -> int | None:
+    """The root for ``geom`` in a window holding ``base``: the builder's tables below the level
+    above ``geom``'s start, reached along input address 0 (the same descriptors the builder
+    writes for ``geom``: its choices depend on the granule and the regions, not on the input
+    size); concatenated roots copied into aligned pages. None if the path holds a block."""
+    words = pool.words()
+    table = base.root
+    tab = _U(d.VALID.mask | d.TYPE.mask)
+    if geom.start_level == base.level:
+        return base.root if geom.pgd_pages == 1 else None
+    for _ in range(base.level, geom.start_level - 1):  # down to the table above the start level
+        entry = words[(table - pool.base) // ENTRY_BYTES]
+        if entry & tab != tab:
+            return None if entry & _U(d.VALID.mask) else pool.alloc_pages(geom.pgd_pages, geom.pgd_pages)
+        table = d.pte_to_phys(int(entry), geom.granule, geom.lpa2)
+    above = words[(table - pool.base) // ENTRY_BYTES:][: geom.pgd_pages]
+    if ((above & _U(d.VALID.mask)) != 0).any() and ((above & tab) != tab)[(above & _U(d.VALID.mask)) != 0].any():
+        return None
+    if geom.pgd_pages == 1 and above[0] & tab == tab:
+        return d.pte_to_phys(int(above[0]), geom.granule, geom.lpa2)
+    root = pool.alloc_pages(geom.pgd_pages, geom.pgd_pages)
+    per = ptrs_per_table(geom.granule)
+    for i, entry in enumerate(above):
+        if entry & tab == tab:
+            src = (d.pte_to_phys(int(entry), geom.granule, geom.lpa2) - pool.base) // ENTRY_BYTES
+            dst = (root - pool.base) // ENTRY_BYTES + i * per
+            words[dst : dst + per] = words[src : src + per]
+    return root
 
 
 def _protected_base(geom: Geometry, layout: LayoutLike, regions: list[RegionLike]) -> tuple[PagePool, int]:
-    """A pool window with the builder's identity map of ``regions`` (cached per shape: the
-    builder's walk is the slow part of a random table)."""
-    key = (geom.stage, geom.granule, geom.ia_bits, geom.start_level, layout.pool_base)
+    """A pool window with the builder's identity map of the firmware's ``regions`` for ``geom``:
+    grafted from one build per family (:func:`_graft`), the builder's walk being the slow part
+    of a random table."""
+    family = (geom.stage, geom.granule, geom.lpa2, geom.e2h, geom.pamax, layout.pool_base)
     pool = PagePool(layout.pool_base, WINDOW_BYTES[geom.granule], geom.granule.size)
-    if key not in _BASES:
-        table = _builder(geom, pool)
-        assert table.pgd is not None
-        for r in regions:
-            table.map(r.base, r.size, r.base, r.prot)
-        _BASES[key] = (pool.words().tobytes(), table.pgd, pool.used_pages)
-    data, pgd, used = _BASES[key]
-    pool.alloc_pages(used)  # the same pages in use again (first fit from the bottom), then their bytes
-    pool.words()[:] = np.frombuffer(data, dtype=np.uint64)
-    return pool, pgd
+    if family not in _BASES:
+        _BASES[family] = _build_base(_deepest(geom), layout, regions)
+    base = _BASES[family]
+    pool.alloc_pages(base.used_pages)  # the same pages in use again (first fit from the bottom), then their bytes
+    pool.words()[: base.words.size] = base.words
+    root = _graft(pool, geom, base)
+    if root is not None:
+        return pool, root
+    shape = (*family, geom.ia_bits, geom.start_level)
+    if shape not in _BASES:
+        _BASES[shape] = _build_base(geom, layout, [r for r in regions if r.base + r.size <= geom.limit])
+    own = _BASES[shape]
+    pool = PagePool(layout.pool_base, WINDOW_BYTES[geom.granule], geom.granule.size)
+    pool.alloc_pages(own.used_pages)
+    pool.words()[: own.words.size] = own.words
+    return pool, own.root
+
+
+def _regions(geom: Geometry, layout: LayoutLike) -> tuple[list[RegionLike], list[RegionLike], bool]:
+    """Every region the firmware needs on a table of this stage, those inside the input range,
+    and whether real accesses can run (stage 2 must map the whole EL1 stub)."""
+    regions = list(layout.stage1_regions() if geom.stage is Stage.S1 else layout.stage2_regions())
+    protected = [r for r in regions if r.base + r.size <= geom.limit]
+    return regions, protected, geom.stage is Stage.S1 or len(protected) == len(regions)
 
 
 def firmware_only(geom: Geometry, layout: LayoutLike) -> RawTables:
     """The builder's identity map of the firmware's regions and nothing else (no random content)."""
-    regions = list(layout.stage1_regions() if geom.stage is Stage.S1 else layout.stage2_regions())
-    protected = [r for r in regions if r.base + r.size <= geom.limit]
-    pool, root = _protected_base(geom, layout, protected)
+    regions, protected, can_access = _regions(geom, layout)
+    pool, root = _protected_base(geom, layout, regions)
     spans = np.array([(r.base, r.size) for r in protected], dtype=np.uint64).reshape(-1, 2)
-    return RawTables(geom, pool, root, regime_regs(geom, root), spans, tuple(protected), {},
-                     geom.stage is Stage.S1 or len(protected) == len(regions))
+    return RawTables(geom, pool, root, regime_regs(geom, root), spans, tuple(protected), {}, can_access)
 
 
 def random_tables(rng: np.random.Generator, geom: Geometry, layout: LayoutLike, outside_ram: bool = False,
-                  max_depth: int = 4) -> RawTables:
+                  max_depth: int = 4, mair: bool = True) -> RawTables:
     """Random raw tables for ``geom`` in a window at the layout's pool address (see the module notes).
 
     ``outside_ram``: also plant table pointers to physical addresses with nothing behind them
-    (only when the firmware reports an AT's external abort as a result)."""
-    regions = list(layout.stage1_regions() if geom.stage is Stage.S1 else layout.stage2_regions())
-    protected = [r for r in regions if r.base + r.size <= geom.limit]
-    pool, root = _protected_base(geom, layout, protected)
-    can_access = geom.stage is Stage.S1 or len(protected) == len(regions)
+    (only when the firmware reports an AT's external abort as a result). ``mair``: a random
+    MAIR_EL2 (:func:`random_mair`) for a stage-1 table."""
+    regions, protected, can_access = _regions(geom, layout)
+    pool, root = _protected_base(geom, layout, regions)
     root_bytes = geom.pgd_entries * ENTRY_BYTES
     if root_bytes < geom.granule.size and rng.random() < 0.7:
         # the root at another legal alignment: its own size (64 bytes for a 52-bit base)
-        align = max(root_bytes, 64 if geom.pa_bits == 52 else ENTRY_BYTES)
+        align = geom.root_align
         page = pool.alloc_page()
         moved = page + int(rng.integers(0, geom.granule.size // align)) * align
         words = pool.words()
@@ -319,19 +467,22 @@ def random_tables(rng: np.random.Generator, geom: Geometry, layout: LayoutLike, 
         dst = (moved - pool.base) // ENTRY_BYTES
         words[dst : dst + geom.pgd_entries] = words[src : src + geom.pgd_entries]
         root = moved
-    regs = regime_regs(geom, root & ~(geom.pgd_pages * geom.granule.size - 1))
-    field = TTBR_BADDR.mask
-    if isinstance(regs, Stage1Regs):
-        regs = replace(regs, ttbr0_el2=(regs.ttbr0_el2 & ~field) | (root & field))
-    else:
-        regs = replace(regs, vttbr_el2=(regs.vttbr_el2 & ~field) | (root & field))
-    filler = _Filler(rng, geom, pool, layout, outside_ram)
+    regs = regime_regs(geom, root)
+    table_mair = DEFAULT_MAIR
+    if isinstance(regs, Stage1Regs) and mair:
+        table_mair = random_mair(rng)
+        regs = replace(regs, mair_el2=table_mair)
+    filler = _Filler(rng, geom, pool, layout, outside_ram, max_depth)
     built = _builder_tables(pool, geom, root)
     filler.tables = [t for t, *_ in built]
+    by_level: dict[int, list[tuple[int, int, int]]] = {}
     for tpa, level, va, n in built:
-        filler.fill(tpa, level, va, n, max_depth)
+        by_level.setdefault(level, []).append((tpa, va, n))
+    for level in range(geom.start_level, LAST_LEVEL + 1):
+        fresh = filler.fill_level(level, by_level.get(level, [])) if by_level.get(level) else []
+        by_level.setdefault(level + 1, []).extend(fresh)
     spans = np.concatenate([*filler.spans, np.array([[0, geom.granule.size]], dtype=np.uint64)])
-    return RawTables(geom, pool, root, regs, spans, tuple(protected), filler.stats, can_access)
+    return RawTables(geom, pool, root, regs, spans, tuple(protected), filler.stats, can_access, table_mair)
 
 
 def probe_addresses(rng: np.random.Generator, raw: RawTables, n: int) -> U64:

@@ -10,7 +10,7 @@ import pytest
 from harness.arch import descriptors as d
 from harness.arch.geometry import PA_SIZES, Geometry, GeometryError, Granule, Stage
 from harness.check import rawtables
-from harness.core.batch import fault_code
+from harness.core.batch import fault_code, translate_batch
 from harness.core.prot import Prot
 from harness.core.translate import READ, WRITE
 from harness.target.layout import LAYOUT
@@ -28,35 +28,43 @@ def tables(seed: int, **kw: object) -> rawtables.RawTables:
 def test_configuration_is_legal(seed: int) -> None:
     g = rawtables.random_geometry(np.random.default_rng(seed))
     assert Geometry.create(g.stage, g.granule, g.ia_bits, g.pa_bits,
-                           g.start_level if g.stage is Stage.S2 else None) == g
+                           g.start_level if g.stage is Stage.S2 else None, lpa2=g.lpa2, e2h=g.e2h) == g
 
 
 def test_configurations_cover_every_stage_granule_and_start_level() -> None:
-    seen = {(g.stage, g.granule, g.start_level)
-            for g in (rawtables.random_geometry(np.random.default_rng(s)) for s in range(3000))}
+    seen = {(g.stage, g.granule, g.start_level, g.lpa2, g.e2h)
+            for g in (rawtables.random_geometry(np.random.default_rng(s)) for s in range(5000))}
     legal = set()
     for gr in Granule:
-        for ia in range(25, 53):
-            for pa in PA_SIZES:
-                for sl in range(4):
-                    try:
-                        g = Geometry.create(Stage.S2, gr, ia, pa, sl)
-                    except GeometryError:
-                        continue
-                    legal.add((Stage.S2, gr, g.start_level))
-                if ia >= 31:
-                    with contextlib.suppress(GeometryError):
-                        legal.add((Stage.S1, gr, Geometry.create(Stage.S1, gr, ia, pa).start_level))
+        for ds in (False, True):
+            for ia in range(25, 53):
+                for pa in PA_SIZES:
+                    for sl in range(-1, 4):
+                        try:
+                            g = Geometry.create(Stage.S2, gr, ia, pa, sl, lpa2=ds)
+                        except GeometryError:
+                            continue
+                        legal.add((Stage.S2, gr, g.start_level, ds, False))
+                    if ia >= 31:
+                        for e2h in (False, True):
+                            with contextlib.suppress(GeometryError):
+                                g = Geometry.create(Stage.S1, gr, ia, pa, lpa2=ds, e2h=e2h)
+                                legal.add((Stage.S1, gr, g.start_level, ds, e2h))
     assert seen == legal
+    only = {rawtables.random_geometry(np.random.default_rng(s), Stage.S1, Granule.K4, lpa2=True, e2h=True)
+            for s in range(20)}
+    assert all(g.lpa2 and g.e2h and g.granule is Granule.K4 for g in only)
     pgd = {rawtables.random_geometry(np.random.default_rng(s), Stage.S2).pgd_pages for s in range(2000)}
     assert {1, 2, 16} <= pgd
 
 
+@pytest.mark.parametrize("stage", list(Stage), ids=lambda s: f"s{int(s)}")
 @pytest.mark.parametrize("seed", SEEDS)
-def test_firmware_regions_stay_identity(seed: int) -> None:
+def test_firmware_regions_stay_identity(seed: int, stage: Stage) -> None:
     """Whatever is random, the firmware's own regions translate to themselves with their
-    permissions (so the firmware keeps running on the table under test)."""
-    raw = tables(seed, stage=Stage.S1)
+    permissions (so the firmware keeps running on the table under test), on the grafted identity
+    map as on the one the builder writes for the configuration itself."""
+    raw = tables(seed, stage=stage)
     subject = raw.subject("t")
     for r in raw.protected:
         addrs = np.arange(r.base, r.base + r.size, raw.geom.granule.size, dtype=np.uint64) + np.uint64(8)
@@ -130,3 +138,25 @@ def test_declared_departures_are_model_keywords() -> None:
     assert divergences.qemu_semantics((10, 0, 2), Geometry.create(Stage.S1, Granule.K64, 48, 48)) == \
         {"qemu_lpa_oa": True}
     assert divergences.qemu_semantics((10, 0, 2), Geometry.create(Stage.S1, Granule.K4, 48, 48)) == {}
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_grafted_identity_map_is_the_builders(seed: int) -> None:
+    """The identity map grafted from one build per family walks exactly as the one the builder
+    writes for the configuration itself (same leaves, attributes and faults over the regions)."""
+    from harness.core.memory import PagePool
+    from harness.core.pgtable import KvmPgtable
+
+    geom = rawtables.random_geometry(np.random.default_rng([seed, 3]))
+    raw = rawtables.firmware_only(geom, LAYOUT)
+    pool = PagePool(LAYOUT.pool_base, rawtables.WINDOW_BYTES[geom.granule], geom.granule.size)
+    own = KvmPgtable.for_geometry(geom, pool)
+    for r in raw.protected:
+        own.map(r.base, r.size, r.base, r.prot)
+    assert own.pgd is not None
+    addrs = np.concatenate([np.arange(r.base, r.base + r.size, 4096, dtype=np.uint64) for r in raw.protected]
+                           + [np.arange(0, min(geom.limit, 1 << 32), 1 << 21, dtype=np.uint64)])
+    for access in (READ, WRITE):
+        a = raw.subject("graft").predict(addrs, access)
+        b = translate_batch(pool.words(), pool.base, geom, own.pgd, addrs, access)
+        assert (a.fault == b.fault).all() and (a.pa[a.ok] == b.pa[b.ok]).all() and (a.attr == b.attr).all(), geom
