@@ -136,6 +136,23 @@ def _lpa_oa_bits(c: Context) -> bool:
 
 LPA_OA_SEMANTICS: Mapping[str, Any] = {"qemu_lpa_oa": True}
 
+# Not a keyword of the model's walks: the descriptor bits a departure ignores. The check's
+# subject walks memory with them cleared in every word (``engine.Subject``), which is QEMU's
+# walk exactly when those bits have one meaning only (DS = 1: bits [9:8] are OA[51:50] in every
+# descriptor, table or leaf).
+IGNORED_BITS = "qemu_ignored_descriptor_bits"
+LPA2_OA_SEMANTICS: Mapping[str, Any] = {IGNORED_BITS: d.OA_51_50_LPA2.mask}
+
+
+def _lpa2_oa_concerns(geom: Geometry) -> bool:
+    return geom.lpa2 and geom.pa_bits < WIDE_ADDRESS_BITS
+
+
+def _lpa2_oa_bits(c: Context) -> bool:
+    if not _lpa2_oa_concerns(c.geom) or c.model.fault is not FaultKind.ADDRESS_SIZE:
+        return False
+    return _walks_as_qemu(LPA2_OA_SEMANTICS)(c)
+
 
 FINAL_OA_SEMANTICS: Mapping[str, Any] = {"qemu_final_oa_unchecked": True}
 
@@ -198,6 +215,18 @@ DIVERGENCES: tuple[Divergence, ...] = (
         "QEMU reads bits [15:12] as OA[51:48] only when the PA size is 52 bits; below that it "
         "ignores them and translates (or walks on to the table they would not point to)",
         _always, _lpa_oa_bits, LPA_OA_SEMANTICS, _lpa_oa_concerns,
+    ),
+    Divergence(
+        "qemu-lpa2-oa-51-50-below-52bit-ps",
+        "Arm ARM D8.3 (FEAT_LPA2, DS = 1): descriptor bits [9:8] are OA[51:50] of the output "
+        "or next-level table address, in every descriptor; an address at or above 2^PS is an "
+        "Address size fault (AArch64.OAOutOfRange)",
+        "QEMU (get_phys_addr_lpae) puts bits [9:8] into the address only when PS is 52 bits; "
+        "below that it ignores them and translates, or walks on, at the address without them. "
+        "Found by the fuzzer on 10.0.2 (4K and 16K, both stages; where the walk QEMU takes ends "
+        "in a stage-2 permission fault, AT S12E1R/W then aborts QEMU); the same code since "
+        "FEAT_LPA2 support (7.0), so every version is treated as affected",
+        _always, _lpa2_oa_bits, LPA2_OA_SEMANTICS, _lpa2_oa_concerns,
     ),
     Divergence(
         "qemu-final-oa-beyond-ps",
@@ -332,6 +361,7 @@ def explain_key(model: Translation, actual: int, geom: Geometry, rewalk: Callabl
 __all__ = [
     "AT_HAZARDS",
     "DIVERGENCES",
+    "IGNORED_BITS",
     "AtHazard",
     "Context",
     "Divergence",

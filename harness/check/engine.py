@@ -15,6 +15,7 @@ decided on QEMU's semantics) are checked with real loads and stores instead and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Mapping
@@ -33,10 +34,12 @@ from harness.arch.registers import (
     ISS_S1PTW,
     ISS_WNR,
     ExceptionClass,
+    FaultKind,
     Par,
     RegimeRegs,
     Stage1Regs,
     describe_esr,
+    fault_status,
 )
 from harness.check import divergences
 from harness.check.addresses import probe_addresses
@@ -93,6 +96,26 @@ class TableMemory(Protocol):
     def contains(self, pa: int, length: int = 8) -> bool: ...
 
 
+class ClearedMemory:
+    """Table memory as a walk sees it that ignores some descriptor bits: every word with
+    ``mask`` cleared (the declared QEMU departures that ignore bits, :data:`divergences.IGNORED_BITS`)."""
+
+    def __init__(self, mem: TableMemory, mask: int) -> None:
+        self.base = mem.base
+        self._mem = mem
+        self._words = mem.words() & ~np.uint64(mask)
+
+    def words(self) -> U64:
+        return self._words
+
+    def contains(self, pa: int, length: int = 8) -> bool:
+        return self._mem.contains(pa, length)
+
+    def read64(self, pa: int) -> int:
+        self._mem.read64(pa)  # the same checks (and errors) as the memory itself
+        return int(self._words[(pa - self.base) // 8])
+
+
 @dataclass(frozen=True)
 class Subject:
     """What is checked: tables in memory and how the MMU is to use them.
@@ -112,16 +135,28 @@ class Subject:
     no_access: tuple[tuple[int, int], ...] = ()
     accesses: bool = True
 
+    cleared: dict[int, ClearedMemory] = field(default_factory=dict, compare=False, repr=False)
+
     @property
     def stage(self) -> Stage:
         return self.geom.stage
 
+    def _memory(self, semantics: dict[str, Any]) -> TableMemory:
+        """The memory the walk reads: with the bits a departure ignores cleared (the
+        :data:`divergences.IGNORED_BITS` entry of ``semantics``, taken out of it)."""
+        mask = int(semantics.pop(divergences.IGNORED_BITS, 0))
+        if not mask:
+            return self.mem
+        if mask not in self.cleared:
+            self.cleared[mask] = ClearedMemory(self.mem, mask)
+        return self.cleared[mask]
+
     def predict(self, addrs: npt.ArrayLike, access: Access, **semantics: Any) -> BatchResult:
-        return translate_batch(self.mem.words(), self.mem.base, self.geom, self.root, addrs, access, self.mair,
-                               **semantics)
+        mem = self._memory(semantics)
+        return translate_batch(mem.words(), mem.base, self.geom, self.root, addrs, access, self.mair, **semantics)
 
     def walk(self, addr: int, access: Access, **semantics: Any) -> Translation:
-        return translate(self.mem, self.geom, self.root, addr, access, self.mair, **semantics)
+        return translate(self._memory(semantics), self.geom, self.root, addr, access, self.mair, **semantics)
 
 
 def used_image(table: KvmPgtable) -> PoolImage:
@@ -390,10 +425,26 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
 # Real loads and stores.
 
 
+def _dfsc_table() -> U64:
+    """DFSC per (fault kind, level + 1): :func:`fault_status` tabulated (level -1 has its own codes)."""
+    table = np.zeros((len(FaultKind), 5), dtype=np.uint64)
+    for kind in FaultKind:
+        for level in range(-1, 4):
+            with contextlib.suppress(ValueError):
+                table[kind.value, level + 1] = fault_status(kind, level)
+    return table
+
+
+_DFSC = _dfsc_table()
+
+
 def _expected_esr(pred: BatchResult, stage: Stage, write: bool) -> tuple[U64, U64, int]:
-    """(EC, DFSC, WnR) of the data aborts the model predicts, per lane."""
+    """(EC, DFSC, WnR) of the data aborts the model predicts, per lane (DFSC 0 where it translates)."""
     ec = ExceptionClass.DABT_SAME if stage is Stage.S1 else ExceptionClass.DABT_LOWER
-    dfsc = (pred.fault.astype(np.uint64) << np.uint64(2)) | (pred.fault_level.astype(np.uint64) & np.uint64(3))
+    faulted = ~pred.ok & ~pred.unmodelled
+    kind = np.where(faulted, pred.fault, 0).astype(np.intp)
+    level = np.where(faulted, pred.fault_level + 1, 0).astype(np.intp)
+    dfsc = np.where(faulted, _DFSC[np.clip(kind, 0, len(FaultKind) - 1), np.clip(level, 0, 4)], np.uint64(0))
     return np.full(len(pred), int(ec), dtype=np.uint64), dfsc, int(write)
 
 
