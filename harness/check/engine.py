@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -363,61 +363,95 @@ def _at_hazards(report: CheckReport, pred: Prediction, version: divergences.Qemu
     return unsafe
 
 
-def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64) -> dict[Access, U64]:
+@dataclass
+class _AtChunk:
+    """One AT request of :func:`check_at`: its addresses and their prediction."""
+
+    op: str
+    access: Access
+    addrs: U64
+    pred: Prediction
+
+
+def _predict_chunk(report: CheckReport, subj: Subject, op: str, access: Access, chunk: U64,
+                   version: divergences.QemuVersion, withheld: dict[Access, list[U64]]) -> _AtChunk:
+    """Predict a chunk; take out (into ``withheld``) what the running QEMU's AT must not see."""
+    t0 = time.perf_counter()
+    pred = Prediction.of(subj, chunk, access, version)
+    if divergences.hazards(version, subj.stage):
+        unsafe = _at_hazards(report, pred, version)
+        if unsafe.any():
+            withheld.setdefault(access, []).append(chunk[unsafe])
+            chunk, pred = chunk[~unsafe], pred.take(~unsafe)
+    report.time("predict", time.perf_counter() - t0)
+    return _AtChunk(op, access, chunk, pred)
+
+
+def _compare_chunk(report: CheckReport, subj: Subject, job: _AtChunk, actual: U64,
+                   version: divergences.QemuVersion) -> None:
+    """Compare the MMU's PARs with the prediction; classify the disagreements."""
+    t0 = time.perf_counter()
+    op, access, chunk, pred = job.op, job.access, job.addrs, job.pred
+    expected = expected_par_batch(pred.arm)
+    mask = par_compare_mask_batch(pred.arm)
+    report.count(report.probes, op, int(chunk.size))
+    aborted = _at_aborts(actual)
+    unmodelled = pred.arm.unmodelled | pred.qemu.unmodelled
+    differs = (((expected ^ actual) & mask) != 0) & ~aborted & ~unmodelled
+    bad = np.flatnonzero(differs)
+    report.count(report.skipped, SKIP_UNMODELLED, int((unmodelled & ~aborted).sum()))
+    report.matched += int(chunk.size - bad.size - unmodelled.sum() - (aborted & ~unmodelled).sum())
+    report.count(report.skipped, SKIP_AT_ABORT, int((aborted & unmodelled).sum()))
+    t1 = time.perf_counter()
+    for i in np.flatnonzero(aborted & ~unmodelled):  # an abort where the model reads tables
+        addr = int(chunk[i])
+        model = subj.walk(addr, access)
+        report.add(Mismatch(addr, op, model.summary(), _at_abort_text(int(actual[i])), model.explain())
+                   if report.room else None, None)
+    _explain_at(report, subj, op, access, chunk, actual, pred, bad, version)
+    report.time("compare", t1 - t0)
+    report.time("classify", time.perf_counter() - t1)
+
+
+def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64,
+             background: Callable[[], None] | None = None) -> dict[Access, U64]:
     """Probe ``addrs`` with each AT form of the subject's stage and compare with the model.
 
-    Returns, per access type, the addresses withheld from AT because of a known QEMU hazard
-    (they are to be checked with real accesses)."""
+    Pipelined: the next chunk is predicted, and the previous one compared, while the firmware
+    probes; ``background`` (if given) runs while the last request is in flight (the fuzzer
+    builds its next table there). Returns, per access type, the addresses withheld from AT
+    because of a known QEMU hazard (they are to be checked with real accesses)."""
     subj = subject if isinstance(subject, Subject) else subject_of_table(subject, report.scenario)
     max_at = int(target.layout.max_at)
     version = target.qemu_version
     withheld: dict[Access, list[U64]] = {}
+    inflight: _AtChunk | None = None
+
+    def wait() -> tuple[_AtChunk, U64]:
+        assert inflight is not None
+        t0 = time.perf_counter()
+        actual = target.at_wait()
+        report.time("wait", time.perf_counter() - t0)
+        return inflight, actual
+
     for op, access in AT_OPS[subj.stage]:
         for lo in range(0, addrs.size, max_at):
-            chunk = addrs[lo : lo + max_at]
-            t0 = time.perf_counter()
-            early = not divergences.hazards(version, subj.stage)
-            if early:  # nothing to withhold: predict while the firmware probes
-                t1 = time.perf_counter()
-                target.at_start(chunk, op)
-                t2 = time.perf_counter()
-                pred = Prediction.of(subj, chunk, access, version)
-            else:
-                pred = Prediction.of(subj, chunk, access, version)
-                unsafe = _at_hazards(report, pred, version)
-                if unsafe.any():
-                    withheld.setdefault(access, []).append(chunk[unsafe])
-                    chunk, pred = chunk[~unsafe], pred.take(~unsafe)
-                t1 = time.perf_counter()
-                if not chunk.size:
-                    continue
-                target.at_start(chunk, op)
-                t2 = time.perf_counter()
-            expected = expected_par_batch(pred.arm)
-            mask = par_compare_mask_batch(pred.arm)
-            t3 = time.perf_counter()
-            actual = target.at_wait()
-            t4 = time.perf_counter()
-            report.count(report.probes, op, int(chunk.size))
-            aborted = _at_aborts(actual)
-            unmodelled = pred.arm.unmodelled | pred.qemu.unmodelled
-            differs = (((expected ^ actual) & mask) != 0) & ~aborted & ~unmodelled
-            bad = np.flatnonzero(differs)
-            report.count(report.skipped, SKIP_UNMODELLED, int((unmodelled & ~aborted).sum()))
-            report.matched += int(chunk.size - bad.size - unmodelled.sum() - (aborted & ~unmodelled).sum())
-            report.count(report.skipped, SKIP_AT_ABORT, int((aborted & unmodelled).sum()))
-            t5 = time.perf_counter()
-            for i in np.flatnonzero(aborted & ~unmodelled):  # an abort where the model reads tables
-                addr = int(chunk[i])
-                model = subj.walk(addr, access)
-                report.add(Mismatch(addr, op, model.summary(), _at_abort_text(int(actual[i])), model.explain())
-                           if report.room else None, None)
-            _explain_at(report, subj, op, access, chunk, actual, pred, bad, version)
-            report.time("predict", t1 - t0 + t3 - t2)
-            report.time("submit", t2 - t1)
-            report.time("wait", t4 - t3)
-            report.time("compare", t5 - t4)
-            report.time("classify", time.perf_counter() - t5)
+            job = _predict_chunk(report, subj, op, access, addrs[lo : lo + max_at], version, withheld)
+            done = wait() if inflight is not None else None
+            inflight = None
+            if job.addrs.size:
+                t0 = time.perf_counter()
+                target.at_start(job.addrs, op)
+                report.time("submit", time.perf_counter() - t0)
+                inflight = job
+            if done is not None:
+                _compare_chunk(report, subj, *done, version)
+    if background is not None:
+        t0 = time.perf_counter()
+        background()
+        report.time("background", time.perf_counter() - t0)
+    if inflight is not None:
+        _compare_chunk(report, subj, *wait(), version)
     return {a: np.concatenate(v) for a, v in withheld.items()}
 
 
@@ -637,16 +671,18 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
 
 def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.random.Generator | None = None,
                   access: bool = False, report: CheckReport | None = None,
-                  access_sample: int = MAX_ACCESS_PROBES) -> CheckReport:
+                  access_sample: int = MAX_ACCESS_PROBES,
+                  background: Callable[[], None] | None = None) -> CheckReport:
     """Install the subject's tables, probe ``addrs`` with AT (and real accesses where asked or
-    where AT is withheld), compare, uninstall."""
+    where AT is withheld), compare, uninstall. ``background`` runs while the last AT request is
+    in flight (:func:`check_at`)."""
     rng = rng or np.random.default_rng(0)
     report = report or CheckReport(subject.name, subject.geom.describe(), ".".join(map(str, target.qemu_version)))
     t0 = time.perf_counter()
     target.install(subject.regs, subject.image)
     report.time("install", time.perf_counter() - t0)
     try:
-        withheld = check_at(report, target, subject, addrs)
+        withheld = check_at(report, target, subject, addrs, background)
         if not subject.accesses:
             report.count(report.skipped, SKIP_NO_ACCESS, sum(int(v.size) for v in withheld.values()))
         elif withheld or access:

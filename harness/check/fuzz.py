@@ -13,11 +13,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
-from harness.arch.geometry import Granule, Stage
+from harness.arch.geometry import Geometry, Granule, Stage
 from harness.check import rawtables
 from harness.check.engine import (
     AT_OPS,
@@ -29,7 +31,7 @@ from harness.check.engine import (
 )
 from harness.errors import MachineryError
 
-DEFAULT_PER_TABLE = 1500  # addresses per table (each probed with both AT forms)
+DEFAULT_PER_TABLE = 1550  # addresses per table (each probed with both AT forms): ~3.3 K probes, >= 300 tables/10^6
 RAW_AT_PROBES = 1 << 19
 EXPLAIN_PER_TABLE = 16  # disagreements of one table re-walked in full (all are counted and classified)
 
@@ -47,8 +49,11 @@ class FuzzOptions:
     per_table: int = DEFAULT_PER_TABLE
     min_tables: int = 1
     max_deaths: int = 10  # stop the run after this many targets died (each is a finding)
-    tables_per_config: int = 2  # consecutive tables share a configuration (and its builder tables)
-    accesses_per_table: int = 32  # real loads and stores (each) besides those withheld from AT
+    tables_per_config: int = 2  # consecutive tables share a configuration
+    accesses_per_table: int = 32  # real loads and stores (each, on average) besides those withheld from AT
+    access_every: int = 4  # the sampled real accesses go to every n-th table (n times as many): fewer requests
+    lpa2: bool | None = None  # only DS = 1 (True), only DS = 0 (False), or drawn (None)
+    e2h: bool | None = None  # only the EL2&0 regime at stage 1 (True), never (False), or drawn (None)
 
 
 @dataclass
@@ -154,14 +159,60 @@ def _indent(m: Mismatch) -> str:
     return "  " + m.text().replace("\n", "\n  ")
 
 
-def config_key(stage: Stage, granule: Granule) -> str:
-    return f"stage {int(stage)} {granule.label}"
+def config_key(geom: Geometry) -> str:
+    extra = "".join(f" {name}" for name, on in (("lpa2", geom.lpa2), ("e2h", geom.e2h)) if on)
+    return f"stage {int(geom.stage)} {geom.granule.label}{extra}"
+
+
+@dataclass
+class _GuestWindow:
+    """What is known of the table windows in guest RAM (they share their base; a granule's
+    window is :data:`rawtables.WINDOW_BYTES`): how many bytes from the base may differ from zero.
+    A table's image covers that much (clipped to its own window) or its own extent if larger:
+    the rest of its window is zero on both sides."""
+
+    dirty: int = max(rawtables.WINDOW_BYTES.values())  # unknown: all of the largest window
+
+    def extent(self, raw: rawtables.RawTables) -> int:
+        return max(self.dirty, raw.extent)
+
+    def written(self, raw: rawtables.RawTables, covered: int, before: int) -> None:
+        """The image of ``raw`` (``covered`` bytes) is in place: beyond them, what was dirty
+        ``before`` still is."""
+        self.dirty = max(raw.extent, before if before > covered else 0)
+
+    def unknown(self) -> None:
+        self.dirty = max(rawtables.WINDOW_BYTES.values())
+
+
+@dataclass
+class _Table:
+    """One random table of the run, ready to check."""
+
+    index: int
+    geom: Geometry
+    raw: rawtables.RawTables
+    addrs: npt.NDArray[np.uint64]
+    rng: np.random.Generator
+
+    @classmethod
+    def make(cls, opts: FuzzOptions, index: int, layout: Any) -> _Table:
+        rng = np.random.default_rng([opts.seed, index])
+        geom = rawtables.random_geometry(np.random.default_rng([opts.seed, index // opts.tables_per_config]),
+                                         opts.stage, opts.granule, opts.lpa2, opts.e2h)
+        raw = rawtables.random_tables(rng, geom, layout, outside_ram=True)
+        return cls(index, geom, raw, rawtables.probe_addresses(rng, raw, opts.per_table), rng)
+
+    @classmethod
+    def make_into(cls, out: list[_Table], opts: FuzzOptions, index: int, layout: Any) -> None:
+        out.append(cls.make(opts, index, layout))
 
 
 def raw_at_rate(target: TargetLike, rng: np.random.Generator, probes: int = RAW_AT_PROBES) -> float:
     """The firmware's bare AT loop rate (translations/s) on a stage-1 table that maps the
-    firmware's regions only (its walks stay inside tables the model wrote)."""
-    geom = rawtables.random_geometry(rng, Stage.S1, Granule.K4)
+    firmware's regions only (its walks stay inside tables the model wrote). Writes the whole
+    table window."""
+    geom = rawtables.random_geometry(rng, Stage.S1, Granule.K4, lpa2=False, e2h=False)
     subject = rawtables.firmware_only(geom, target.layout).subject("raw AT rate")
     addrs = rng.integers(0, 1 << 31, size=probes, dtype=np.uint64)
     target.install(subject.regs, subject.image)
@@ -185,22 +236,29 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
     try:
         report = FuzzReport(opts.seed, ".".join(map(str, target.qemu_version)))
         report.raw_at_per_s = raw_at_rate(target, np.random.default_rng([opts.seed, 1 << 40]))
+        window = _GuestWindow()  # raw_at_rate wrote all of it, but trust nothing
         t0 = time.perf_counter()
-        index = 0
+        nxt = _Table.make(opts, 0, target.layout)
         while report.probes < opts.probes or report.tables < opts.min_tables:
-            rng = np.random.default_rng([opts.seed, index])
-            geom = rawtables.random_geometry(np.random.default_rng([opts.seed, index // opts.tables_per_config]),
-                                             opts.stage, opts.granule)
-            raw = rawtables.random_tables(rng, geom, target.layout, outside_ram=True)
-            addrs = rawtables.probe_addresses(rng, raw, opts.per_table)
+            cur = nxt
+            index = cur.index
+            made: list[_Table] = []  # the next table, made while the firmware runs this one's last AT
+            prepare_next = partial(_Table.make_into, made, opts, index + 1, target.layout)
+            raw = cur.raw
             name = f"fuzz {opts.seed}/{index}"
-            rep = CheckReport(name, geom.describe(), report.qemu, explain_limit=EXPLAIN_PER_TABLE)
+            rep = CheckReport(name, cur.geom.describe(), report.qemu, explain_limit=EXPLAIN_PER_TABLE)
+            sample = opts.accesses_per_table * opts.access_every if index % opts.access_every == 0 else 0
             try:
-                check_subject(raw.subject(name), target, addrs, rng, report=rep,
-                              access=opts.accesses_per_table > 0 and raw.can_access,
-                              access_sample=opts.accesses_per_table)
+                subject = raw.subject(name, window.extent(raw))
+                before = window.dirty
+                window.unknown()  # until the install is known to have written it
+                check_subject(subject, target, cur.addrs, cur.rng, report=rep,
+                              access=sample > 0 and raw.can_access, access_sample=max(sample, 1),
+                              background=prepare_next)
+                if not rep.mismatched:  # (a stray store may have hit the window)
+                    window.written(raw, len(subject.image.data), before)
             except MachineryError as exc:
-                report.findings.append(Finding(opts.seed, index, raw.describe(), [int(a) for a in addrs],
+                report.findings.append(Finding(opts.seed, index, raw.describe(), [int(a) for a in cur.addrs],
                                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
                 report.unexplained += 1
                 _bump(report.disagreements, "target died", 1)
@@ -212,8 +270,8 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
                 target = start()
                 report.restarts += 1
             else:
-                report.add(config_key(geom.stage, geom.granule), rep, index, raw.describe())
-            index += 1
+                report.add(config_key(cur.geom), rep, index, raw.describe())
+            nxt = made[0] if made else _Table.make(opts, index + 1, target.layout)
             if progress is not None:
                 report.seconds = time.perf_counter() - t0
                 progress(report)
