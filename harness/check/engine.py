@@ -686,10 +686,14 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
         if not subject.accesses:
             report.count(report.skipped, SKIP_NO_ACCESS, sum(int(v.size) for v in withheld.values()))
         elif withheld or access:
+            t0 = time.perf_counter()
             check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld, access_sample)
+            report.time("accesses (all)", time.perf_counter() - t0)
     finally:
         if target.alive:
+            t0 = time.perf_counter()
             target.uninstall()
+            report.time("uninstall", time.perf_counter() - t0)
     return report
 
 

@@ -88,6 +88,7 @@ class FuzzReport:
     findings: list[Finding] = field(default_factory=list)
     restarts: int = 0
     stopped: str = ""  # why the run ended early, if it did
+    timings: dict[str, float] = field(default_factory=dict)  # seconds by phase (engine's keys, "install", ...)
 
     @property
     def probes_per_s(self) -> float:
@@ -98,6 +99,8 @@ class FuzzReport:
         return self.unexplained == 0
 
     def add(self, key: str, rep: CheckReport, index: int, table: str) -> None:
+        for k, t in rep.timings.items():
+            self.timings[k] = self.timings.get(k, 0.0) + t
         self.tables += 1
         self.probes += rep.checked
         self.unexplained += rep.mismatched
@@ -129,6 +132,7 @@ class FuzzReport:
             "withheld_from_at": self.withheld, "probes_per_s": self.probes_per_s,
             "raw_at_per_s": self.raw_at_per_s, "seconds": self.seconds, "by_config": self.by_config,
             "findings": [f.__dict__ for f in self.findings], "restarts": self.restarts, "stopped": self.stopped,
+            "timings": {k: round(v, 3) for k, v in sorted(self.timings.items())},
             "examples": self.examples,
         }
 
@@ -153,6 +157,10 @@ class FuzzReport:
 
 def _bump(d: dict[str, int], k: str, v: int) -> None:
     d[k] = d.get(k, 0) + v
+
+
+def _bump_time(d: dict[str, float], k: str, v: float) -> None:
+    d[k] = d.get(k, 0.0) + v
 
 
 def _indent(m: Mismatch) -> str:
@@ -271,7 +279,11 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
                 report.restarts += 1
             else:
                 report.add(config_key(cur.geom), rep, index, raw.describe())
-            nxt = made[0] if made else _Table.make(opts, index + 1, target.layout)
+            if not made:
+                t1 = time.perf_counter()
+                made.append(_Table.make(opts, index + 1, target.layout))
+                _bump_time(report.timings, "generate (not overlapped)", time.perf_counter() - t1)
+            nxt = made[0]
             if progress is not None:
                 report.seconds = time.perf_counter() - t0
                 progress(report)

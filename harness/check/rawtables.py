@@ -71,6 +71,7 @@ _TABLE_ATTR_BITS = genmask(63, 51) | genmask(11, 2)
 LPA2_SHARE = 0.3  # of the 4K and 16K configurations: DS = 1 (FEAT_LPA2)
 E2H_SHARE = 0.3  # of the stage-1 configurations: the EL2&0 regime (hVHE)
 _DENSITIES = np.array([0.02, 0.1, 0.3, 1.0])
+DENSE_ENTRIES = 2048  # tables with more entries than this get proportionally fewer random ones
 MAIR_DEVICE = (0x00, 0x04, 0x08, 0x0C)  # Device-nGnRnE, -nGnRE, -nGRE, -GRE
 MAIR_FIRMWARE_BYTES = 2  # AttrIndx 0 and 1 (the firmware's Normal and Device mappings) keep their values
 
@@ -186,6 +187,9 @@ class _Filler:
         self.leaf_attr_bits = _U(d.leaf_attr_mask(geom.lpa2))
         self.table_attr_bits = _U(_TABLE_ATTR_BITS & ~(d.OA_51_50_LPA2.mask if geom.lpa2 else 0))
         self.oa_top = 1 << oa_format_bits(geom.granule, geom.lpa2)
+        # 64K tables (8192 entries) get a quarter of the density: a table set is probed with a few
+        # thousand addresses, so more entries would be written than walks could ever read
+        self.density_scale = min(1.0, DENSE_ENTRIES / ptrs_per_table(geom.granule))
 
     def count(self, key: str, n: int) -> None:
         self.stats[key] = self.stats.get(key, 0) + int(n)
@@ -277,12 +281,15 @@ class _Filler:
         rng = self.rng
         firsts = np.array([(t - self.pool.base) // ENTRY_BYTES for t, _, _ in tables], dtype=np.int64)
         counts = np.array([n for _, _, n in tables], dtype=np.int64)
-        owner = np.repeat(np.arange(len(tables)), counts)
-        local = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        # how many slots of each table get content, then which (only those are drawn)
+        density = _DENSITIES[rng.integers(0, _DENSITIES.size, size=len(tables))] * self.density_scale
+        picks = rng.binomial(counts, np.minimum(density, 1.0))
+        local = np.concatenate([rng.choice(n, size=k, replace=False) for n, k in zip(counts, picks, strict=True)]
+                               + [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+        owner = np.repeat(np.arange(len(tables)), picks)
         idx = firsts[owner] + local
-        density = _DENSITIES[rng.integers(0, _DENSITIES.size, size=len(tables))][owner]
-        pick = ((words[idx] & _U(d.VALID.mask)) == 0) & (rng.random(idx.size) < density)
-        idx, owner, local = idx[pick], owner[pick], local[pick]
+        free = (words[idx] & _U(d.VALID.mask)) == 0  # the builder's entries stay
+        idx, owner, local = idx[free], owner[free], local[free]
         if not idx.size:
             return []
         kinds = rng.choice(self.kinds, size=idx.size, p=self.weights)
