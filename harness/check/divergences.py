@@ -95,6 +95,19 @@ def _reserved_block(granule: Granule, level: int) -> Callable[[Context], bool]:
 _l0_block_4k = _reserved_block(Granule.K4, 0)
 
 
+def _s2_lpa2_start_level(geom: Geometry) -> bool:
+    """A stage-2 start level that only DS = 1 has: 16K level 0, 4K level -1."""
+    return geom.stage is Stage.S2 and geom.lpa2 and \
+        (geom.granule, geom.start_level) in ((Granule.K16, 0), (Granule.K4, -1))
+
+
+def _s2_lpa2_start_level_refused(c: Context) -> bool:
+    """Every walk of the configuration ends in a stage-2 translation fault at level 0."""
+    par = Par(c.actual)
+    return _s2_lpa2_start_level(c.geom) and par.fault and par.stage2 and \
+        decode_fault_status(par.fst) == (FaultKind.TRANSLATION, 0)
+
+
 def _s2_level_on_s1_walk(c: Context) -> bool:
     par = Par(c.actual)
     if not (par.fault and par.stage2 and par.ptw) or c.model.fault is None:
@@ -197,6 +210,32 @@ DIVERGENCES: tuple[Divergence, ...] = (
         _before((8, 2, 0)), _reserved_block(Granule.K16, 1), translates_fault=FaultKind.TRANSLATION,
     ),
     Divergence(
+        "qemu-l0-block-16k",
+        "Arm ARM D8.3: with the 16K granule a level-0 descriptor with bit 1 clear is reserved "
+        "(blocks at level 2, and at level 1 with DS = 1; never at level 0): translation fault at "
+        "level 0",
+        "QEMU before 8.2 takes it as a block (found by the fuzzer on 7.2.22 with DS = 1, where "
+        "16K level 0 is a start level; the block-level check fixed in 8.2; 10.0.2 faults)",
+        _before((8, 2, 0)), _reserved_block(Granule.K16, 0), translates_fault=FaultKind.TRANSLATION,
+    ),
+    Divergence(
+        "qemu-lm1-block-4k",
+        "Arm ARM D8.3 (DS = 1): with the 4K granule a level -1 descriptor with bit 1 clear is "
+        "reserved (blocks at levels 0 to 2): translation fault at level -1",
+        "QEMU 7.2.22 takes it as a block (found by the fuzzer; the block-level check of the "
+        "level-0 and 16K cases, fixed in 8.2; 10.0.2 faults)",
+        _before((8, 2, 0)), _reserved_block(Granule.K4, -1), translates_fault=FaultKind.TRANSLATION,
+    ),
+    Divergence(
+        "qemu-s2-lpa2-start-level",
+        "Arm ARM (VTCR_EL2.SL0/SL2 with DS = 1): the 16K granule with SL0 = 0b11 starts the "
+        "stage-2 walk at level 0, the 4K granule with SL2 = 1, SL0 = 0 at level -1",
+        "QEMU 7.2.22 refuses these start levels: every stage-2 walk is a translation fault at "
+        "level 0 (so the EL1 stub cannot run: no real accesses on them). 10.0.2 walks them; "
+        "versions in between are not measured and treated as affected",
+        _before((10, 0, 0)), _s2_lpa2_start_level_refused, concerns=_s2_lpa2_start_level,
+    ),
+    Divergence(
         "qemu-s2-level-on-s1-walk",
         "Arm ARM D8.16: a stage-2 fault on a stage-1 table walk reports the stage-2 level in FST",
         "QEMU before 8.2 reports the stage-1 level",
@@ -253,13 +292,18 @@ class AtHazard:
     qemu: str
     applies_to: Callable[[QemuVersion], bool]
     select: Callable[[BatchResult], npt.NDArray[np.bool_]]
-    stage: Stage  # the stage whose AT forms it concerns
+    stage: Stage | None  # the stage whose AT forms it concerns (None: both)
+    no_access: bool = False  # a real access aborts QEMU too: the address cannot be probed at all
 
 
 def _s2_permission_fault(pred: BatchResult) -> npt.NDArray[np.bool_]:
     if pred.stage is not Stage.S2:
         return np.zeros(len(pred), dtype=np.bool_)
     return np.asarray((pred.fault == FaultKind.PERMISSION.value) & pred.fault_stage2, dtype=np.bool_)
+
+
+def _level_minus_1_fault(pred: BatchResult) -> npt.NDArray[np.bool_]:
+    return np.asarray(~pred.ok & ~pred.unmodelled & (pred.fault_level == -1), dtype=np.bool_)
 
 
 AT_HAZARDS: tuple[AtHazard, ...] = (
@@ -274,12 +318,21 @@ AT_HAZARDS: tuple[AtHazard, ...] = (
         "between are not measured and treated as affected.",
         _after_7_2, _s2_permission_fault, Stage.S2,
     ),
+    AtHazard(
+        "qemu-level-minus-1-fault-aborts",
+        "Arm ARM (FEAT_LPA2): a translation or address size fault at level -1 is reported with "
+        "its own fault status codes (0b101011, 0b101001) in PAR_EL1.FST and ESR_ELx.DFSC",
+        "QEMU 7.2.22 aborts with the assertion 'fi->level >= 0 && fi->level <= 3' in "
+        "arm_fi_to_lfsc, on AT and on real accesses alike (found by the fuzzer); 10.0.2 reports "
+        "them; versions in between are not measured and treated as affected",
+        _before((10, 0, 0)), _level_minus_1_fault, None, no_access=True,
+    ),
 )
 
 
 def hazards(version: QemuVersion, stage: Stage) -> tuple[AtHazard, ...]:
     """The AT hazards of this QEMU for the AT forms of ``stage``."""
-    return tuple(hz for hz in AT_HAZARDS if hz.stage is stage and hz.applies_to(version))
+    return tuple(hz for hz in AT_HAZARDS if hz.stage in (stage, None) and hz.applies_to(version))
 
 
 def at_unsafe(pred: BatchResult, version: QemuVersion) -> tuple[npt.NDArray[np.bool_], list[str]]:
@@ -293,6 +346,15 @@ def at_unsafe(pred: BatchResult, version: QemuVersion) -> tuple[npt.NDArray[np.b
                 keys.append(hz.key)
             mask |= hit
     return mask, keys
+
+
+def unprobeable(pred: BatchResult, version: QemuVersion) -> npt.NDArray[np.bool_]:
+    """Mask of addresses neither an AT nor a real access may be pointed at on this QEMU."""
+    mask = np.zeros(len(pred), dtype=np.bool_)
+    for hz in AT_HAZARDS:
+        if hz.no_access and hz.applies_to(version):
+            mask |= hz.select(pred)
+    return mask
 
 
 def active(version: QemuVersion) -> tuple[Divergence, ...]:
@@ -313,6 +375,13 @@ def semantic_explanations(version: QemuVersion, geom: Geometry) -> list[tuple[st
     if len(deps) > 1:
         out.append(("+".join(dv.key for dv, _ in deps), qemu_semantics(version, geom)))
     return out
+
+
+def unusable(version: QemuVersion, geom: Geometry) -> list[str]:
+    """Keys of the departures that make every walk of this configuration fail on this QEMU
+    (no real access can run on it: the firmware's own fetches would fault)."""
+    return [dv.key for dv in active(version) if not dv.semantics and dv.concerns is not _every_geometry
+            and dv.concerns(geom)]
 
 
 def untrusted_faults(version: QemuVersion) -> tuple[int, ...]:
@@ -374,5 +443,7 @@ __all__ = [
     "semantic_departures",
     "semantic_explanations",
     "translate",
+    "unprobeable",
     "untrusted_faults",
+    "unusable",
 ]

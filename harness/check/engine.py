@@ -63,6 +63,7 @@ MAX_ACCESS_PROBES = 20_000
 SKIP_UNMODELLED = "walk leaves the modelled memory (no prediction)"
 SKIP_NO_ACCESS = "withheld from AT, and real accesses cannot run on this table"
 SKIP_AT_ABORT = "AT took an external abort: walk leaves the modelled memory"
+SKIP_UNPROBEABLE = "neither AT nor a real access can be pointed at it on this QEMU (it would abort)"
 
 
 class TargetLike(Protocol):
@@ -241,6 +242,11 @@ class CheckReport:
     def room(self) -> bool:
         return len(self.mismatches) < self.explain_limit
 
+    def room_for(self, divergence: str | None) -> bool:
+        """Whether a disagreement's walk is kept: a known one within ``explain_limit``, an
+        unexplained one up to :data:`MAX_EXPLAINED` (they must be shown)."""
+        return len(self.mismatches) < (self.explain_limit if divergence else max(MAX_EXPLAINED, self.explain_limit))
+
     def merge(self, other: CheckReport) -> None:
         for mine, theirs in ((self.probes, other.probes), (self.withheld, other.withheld),
                              (self.known_by, other.known_by), (self.skipped, other.skipped)):
@@ -337,7 +343,8 @@ def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, 
             break
         alt = subject.predict(addrs[bad[todo]], access, **kw)
         key[todo[_matches(alt, sub_actual[todo])]] = name
-    for n, i in enumerate(bad):
+    for n in np.argsort(key != "", kind="stable"):  # the unexplained first: they get the room for walks
+        i = bad[n]
         addr = int(addrs[i])
         k = str(key[n]) or None
         if k is None or report.room:
@@ -346,7 +353,7 @@ def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, 
                 k = divergences.explain_key(model, int(actual[i]), subject.geom,
                                             partial(subject.walk, addr, access), version)
             m = None
-            if report.room:
+            if report.room_for(k):
                 exp = expected_par(model) if not model.unmodelled else 0
                 m = Mismatch(addr, op, f"{model.summary()} (PAR {exp:#x})", str(Par(int(actual[i]))),
                              model.explain(), k)
@@ -381,7 +388,9 @@ def _predict_chunk(report: CheckReport, subj: Subject, op: str, access: Access, 
     if divergences.hazards(version, subj.stage):
         unsafe = _at_hazards(report, pred, version)
         if unsafe.any():
-            withheld.setdefault(access, []).append(chunk[unsafe])
+            never = divergences.unprobeable(pred.qemu, version)
+            report.count(report.skipped, SKIP_UNPROBEABLE, int(never.sum()))
+            withheld.setdefault(access, []).append(chunk[unsafe & ~never])
             chunk, pred = chunk[~unsafe], pred.take(~unsafe)
     report.time("predict", time.perf_counter() - t0)
     return _AtChunk(op, access, chunk, pred)
@@ -407,7 +416,7 @@ def _compare_chunk(report: CheckReport, subj: Subject, job: _AtChunk, actual: U6
         addr = int(chunk[i])
         model = subj.walk(addr, access)
         report.add(Mismatch(addr, op, model.summary(), _at_abort_text(int(actual[i])), model.explain())
-                   if report.room else None, None)
+                   if report.room_for(None) else None, None)
     _explain_at(report, subj, op, access, chunk, actual, pred, bad, version)
     report.time("compare", t1 - t0)
     report.time("classify", time.perf_counter() - t1)
@@ -622,6 +631,7 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         a, q = pred.arm, pred.qemu
         safe = (_in_scratch(a, scratch) & q.ok & (a.pa == q.pa)) | (~a.ok & ~q.ok & ~a.unmodelled & ~q.unmodelled)
         safe &= ~np.isin(a.fault, divergences.untrusted_faults(version))
+        safe &= ~divergences.unprobeable(q, version) & ~divergences.unprobeable(a, version)
         if subj.stage is Stage.S2:  # a stage-1 fault of EL1 (above PAMax) is taken at EL1, not reported
             safe &= a.ok | (a.fault_stage2 & q.fault_stage2)
         safe &= _outside(cand, subj.no_access)
@@ -646,7 +656,7 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         if guard is not None:
             for pa in guard.strays(target, scratch):
                 report.add(Mismatch(pa, "store", "no store lands here (not an expected PA)",
-                                    f"the word at PA {pa:#x} changed", "") if report.room else None, None)
+                                    f"the word at PA {pa:#x} changed", "") if report.room_for(None) else None, None)
         bad = np.flatnonzero(~good)
         report.matched += int(chosen.size - bad.size)
         if not bad.size:
@@ -656,7 +666,7 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
             addr = int(chosen[i])
             key = keys[n]
             m = None
-            if report.room:
+            if report.room_for(key):
                 t = subj.walk(addr, access)
                 got = "completed" if rec["completed"][i] else (
                     f"{describe_esr(int(rec['esr'][i]))} FAR {int(rec['far'][i]):#x} HPFAR {int(rec['hpfar'][i]):#x}")

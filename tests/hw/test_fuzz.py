@@ -15,7 +15,7 @@ from harness.arch import descriptors as d
 from harness.arch.bits import Field
 from harness.arch.geometry import Geometry, Granule, Stage
 from harness.check import divergences, rawtables
-from harness.check.engine import SKIP_AT_ABORT
+from harness.check.engine import SKIP_AT_ABORT, SKIP_UNPROBEABLE
 from harness.check.fuzz import FuzzOptions, FuzzReport, fuzz
 from harness.core import batch, translate
 from harness.target.target import Target
@@ -23,13 +23,19 @@ from harness.target.target import Target
 pytestmark = pytest.mark.hw
 
 LPA_KEY = "qemu-64k-oa-51-48-below-52bit-ps"
+LPA2_KEY = "qemu-lpa2-oa-51-50-below-52bit-ps"
 PERMISSION_HAZARD = divergences.AT_HAZARDS[0].key
 
 
 def run(target: Target, seed: int, probes: int, stage: Stage | None = None, granule: Granule | None = None,
-        per_table: int = 800, max_deaths: int = 10) -> FuzzReport:
-    opts = FuzzOptions(seed, probes, stage, granule, per_table=per_table, max_deaths=max_deaths)
+        per_table: int = 800, max_deaths: int = 10, lpa2: bool | None = None,
+        e2h: bool | None = None) -> FuzzReport:
+    opts = FuzzOptions(seed, probes, stage, granule, per_table=per_table, max_deaths=max_deaths, lpa2=lpa2, e2h=e2h)
     return fuzz(lambda: Target.start(), opts, first=target)
+
+
+def tables_of(rep: FuzzReport, prefix: str) -> int:
+    return sum(v["tables"] for k, v in rep.by_config.items() if k == prefix or k.startswith(prefix + " "))
 
 
 @pytest.mark.parametrize("stage", list(Stage), ids=lambda s: f"s{int(s)}")
@@ -39,12 +45,36 @@ def test_bounded_fuzz(target: Target, stage: Stage, granule: Granule) -> None:
     rep = run(target, 100 + 10 * int(stage) + granule.shift, 50_000, stage, granule)
     assert rep.ok, rep.text(full=True)
     assert rep.tables >= 25 and rep.probes >= 50_000 and not rep.findings
-    assert rep.by_config[f"stage {int(stage)} {granule.label}"]["tables"] == rep.tables
+    assert tables_of(rep, f"stage {int(stage)} {granule.label}") == rep.tables
     if granule is Granule.K64:
         assert rep.disagreements.get(LPA_KEY, 0) > 0, rep.text()
     if stage is Stage.S2:
         assert rep.withheld.get(PERMISSION_HAZARD, 0) > 0, rep.text()
     assert rep.skipped.get(SKIP_AT_ABORT, 0) > 0, rep.text()
+
+
+@pytest.mark.parametrize(("stage", "granule", "e2h"), [(Stage.S1, Granule.K4, False), (Stage.S1, Granule.K16, True),
+                                                      (Stage.S2, Granule.K4, False), (Stage.S2, Granule.K16, False)],
+                         ids=["s1-4K", "s1-16K-e2h", "s2-4K", "s2-16K"])
+def test_bounded_fuzz_lpa2(target: Target, stage: Stage, granule: Granule, e2h: bool) -> None:
+    """DS = 1 (FEAT_LPA2: 52-bit addresses, OA[51:50] in bits [9:8], 4K level -1, 16K level 0,
+    blocks at 4K level 0 and 16K level 1), with the EL2&0 regime (hVHE) at stage 1: every
+    disagreement declared; QEMU ignoring OA[51:50] below a 52-bit PS is met and explained."""
+    rep = run(target, 300 + 10 * int(stage) + granule.shift, 40_000, stage, granule, lpa2=True, e2h=e2h)
+    assert rep.ok, rep.text(full=True)
+    assert not rep.findings and rep.tables >= 20
+    key = f"stage {int(stage)} {granule.label} lpa2" + (" e2h" if e2h else "")
+    assert rep.by_config[key]["tables"] == rep.tables, rep.text()
+    assert rep.disagreements.get(LPA2_KEY, 0) > 0, rep.text()
+    if stage is Stage.S2:
+        assert rep.withheld.get(PERMISSION_HAZARD, 0) > 0, rep.text()
+
+
+def test_bounded_fuzz_hvhe(target: Target) -> None:
+    """The EL2&0 regime (AP[1] is EL0's permission, PXN and UXN) on every granule."""
+    rep = run(target, 401, 40_000, Stage.S1, lpa2=False, e2h=True)
+    assert rep.ok, rep.text(full=True)
+    assert {k for k in rep.by_config} == {"stage 1 4K e2h", "stage 1 16K e2h", "stage 1 64K e2h"}, rep.text()
 
 
 def test_mixed_fuzz_covers_both_stages(target: Target) -> None:
@@ -145,3 +175,18 @@ def test_fuzz_on_qemu_7_2(legacy_qemu: str, monkeypatch: pytest.MonkeyPatch) -> 
         rep = run(t, 3, 60_000)
     assert rep.ok, rep.text(full=True)
     assert {"qemu-par-sh-non-cacheable", "qemu-l1-block-16k"} <= set(rep.disagreements), rep.text()
+
+
+def test_fuzz_lpa2_on_qemu_7_2(legacy_qemu: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU 7.2 with DS = 1: reserved blocks at 16K level 0 and 4K level -1 taken as blocks, the
+    DS = 1 stage-2 start levels refused, and level -1 faults that abort it (neither AT nor a real
+    access may meet one: skipped and counted). All declared; QEMU never dies."""
+    monkeypatch.setenv("HARNESS_QEMU", legacy_qemu)
+    with Target.start() as t:
+        s1 = run(t, 9, 200_000, Stage.S1, lpa2=True, per_table=1550)
+        s2 = run(t, 9, 300_000, Stage.S2, lpa2=True, per_table=1550)
+    for rep in (s1, s2):
+        assert rep.ok and not rep.findings, rep.text(full=True)
+        assert LPA2_KEY in rep.disagreements and rep.skipped.get(SKIP_UNPROBEABLE, 0) > 0, rep.text()
+    assert "qemu-l0-block-16k" in s1.disagreements, s1.text()
+    assert "qemu-s2-lpa2-start-level" in s2.disagreements, s2.text()
