@@ -363,3 +363,27 @@ def test_level_minus_1_data_abort_status() -> None:
     pred = subject_of_built(built).predict(np.array([1 << 51, 0x4020_0000], dtype=np.uint64), READ)
     assert list(pred.fault_level) == [-1, -1] and not pred.ok[0] and pred.ok[1]
     assert list(fault_status_batch(pred)) == [fault_status(FaultKind.TRANSLATION, -1), 0] == [0b101011, 0]
+
+
+# -- the built-in LPA2/hVHE scenarios of `harness run` -------------------------------------------
+
+BUILTIN_SHAPES = {  # name: (start level, PGD pages, levels the probes must translate at)
+    "s1-4K-lpa2-hvhe": (-1, 1, {1, 2, 3}),
+    "s2-4K-lpa2": (0, 16, {0, 2, 3}),
+    "s2-16K-lpa2": (0, 1, {1, 2, 3}),  # level 2: the 32 MiB block and the split 64 GiB one
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_SHAPES))
+def test_builtin_lpa2_scenarios(check: Check, name: str) -> None:
+    from harness.check.scenario import builtin_named
+
+    sc = builtin_named(name)
+    start, pages, levels = BUILTIN_SHAPES[name]
+    reached = Reached(sc)
+    geom = reached.table.geom
+    assert (geom.lpa2, geom.start_level, geom.pgd_pages, geom.ia_bits, geom.pa_bits) == (True, start, pages, 52, 52)
+    assert geom.e2h is (sc.stage is Stage.S1)
+    assert levels <= set(reached.levels) and reached.high_pa > 0
+    rep = check(sc)
+    assert rep.probes.get("load", 0) > 0 and rep.probes.get("store", 0) > 0
