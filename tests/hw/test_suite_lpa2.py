@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from harness.arch import descriptors as d
 from harness.arch.geometry import (
     MIN_IA_BITS,
     Geometry,
@@ -39,12 +40,14 @@ from harness.arch.geometry import (
     stage1_start_level,
     stage2_start_levels,
 )
+from harness.arch.registers import FaultKind
 from harness.check.addresses import probe_addresses
-from harness.check.engine import CheckReport, subject_of_built
+from harness.check.engine import CheckReport, check_subject, subject_of_built
 from harness.check.scenario import SCRATCH, MapSpec, OpSpec, Scenario, ScenarioError, build
 from harness.core.prot import Prot
 from harness.core.translate import READ
 from harness.target.layout import LAYOUT
+from harness.target.target import Target
 
 pytestmark = pytest.mark.hw
 
@@ -282,6 +285,41 @@ def test_lpa2_blocks_at_every_level(check: Check, stage: Stage, granule: Granule
     assert reached.high_pa > 0
     rep = check(sc)
     assert rep.probes.get("load", 0) > 0 and rep.probes.get("store", 0) > 0
+
+
+FORBIDDEN_BLOCKS = [  # (stage, granule, lpa2, ia_bits, start level, level of the raw block descriptor)
+    (Stage.S1, Granule.K4, True, 52, None, -1), (Stage.S2, Granule.K4, True, 52, -1, -1),
+    (Stage.S1, Granule.K16, True, 52, None, 0), (Stage.S2, Granule.K16, True, 52, 0, 0),
+    (Stage.S1, Granule.K16, False, 48, None, 1), (Stage.S2, Granule.K16, False, 48, 1, 1),
+    (Stage.S2, Granule.K4, False, 48, 0, 0),
+]
+
+
+@pytest.mark.parametrize(("stage", "granule", "lpa2", "ia", "start", "level"), FORBIDDEN_BLOCKS, ids=_ids)
+def test_block_descriptor_where_the_level_forbids_it(target: Target, stage: Stage, granule: Granule, lpa2: bool,
+                                                      ia: int, start: int | None, level: int) -> None:
+    """A raw block descriptor (bits[1:0] = 0b01) written over a table entry at a level where
+    ``AArch64.BlockDescSupported`` says no (4K level -1, 16K level 0; 16K level 1 without DS;
+    4K level 0 without DS) is a translation fault at that level, on the MMU as in the model."""
+    assert level not in block_levels(granule, lpa2=lpa2)
+    g = granule.size
+    va = 1 << (ia - 1)
+    pa = 52 if lpa2 else 48
+    sc = Scenario("forbidden-block", stage, granule, ia, pa, start, lpa2=lpa2,
+                  maps=(MapSpec(va, 4 * g, SCRATCH, Prot.RW),))
+    built = build(sc, LAYOUT)
+    tb = built.table
+    step = next(s for s in subject_of_built(built).walk(va, READ).steps if s.level == level)
+    assert step.raw is not None and d.is_table(step.raw, level)
+    leaf = tb.get_leaf(va)
+    tb.mem.write64(step.desc_pa, d.leaf_pte(0, d.leaf_attrs(leaf.pte, lpa2), level, granule, lpa2))
+    subject = subject_of_built(built)  # the image holds the raw descriptor: both sides walk it
+    addrs = np.array([va, va + g + 8, va + 3 * g, va + level_size(granule, level) - g], dtype=np.uint64)
+    pred = subject.predict(addrs, READ)
+    assert list(pred.fault) == [FaultKind.TRANSLATION.value] * 4 and list(pred.fault_level) == [level] * 4
+    rep = check_subject(subject, target, addrs, np.random.default_rng(CHECK_SEED), access=True)
+    assert rep.ok, rep.text()
+    assert rep.probes.get("load", 0) == 4 and rep.checked >= 16
 
 
 # -- the table operations under DS = 1 -----------------------------------------------------------
