@@ -81,6 +81,31 @@ def test_64k_pa_51_48(stage: int) -> None:
     assert ranges_of(t) == [(0x4000_0000, 512 * MIB, pa, "rw-"), (0x8000_0000, 65536, 0xA_0000_0001_0000, "r--")]
 
 
+@pytest.mark.parametrize(("granule", "e2h"), [("4K", False), ("4K", True), ("16K", False), ("16K", True)])
+def test_lpa2_stage1_52_bit_outputs(granule: str, e2h: bool) -> None:
+    """DS = 1: bits [9:8] are OA[51:50] (not SH), a 4K walk starts at level -1; hVHE (E2H = 1)."""
+    t = HypPgtable(pool_for(granule), granule, 52, 52, lpa2=True, e2h=e2h)
+    assert t.geom.start_level == (-1 if granule == "4K" else 0)
+    top = (1 << 52) - 32 * MIB
+    t.map(0x4000_0000, 32 * MIB, 0xF_FFFF_FE00_0000, Prot.RW)
+    t.map(top, 32 * MIB, 0xC_0000_4000_0000, Prot.RX)
+    snap = from_tables(t)
+    (r,) = regimes_from_registers(snap.registers)
+    assert r.name == ("el2&0" if e2h else "el2") and r.geom.lpa2 and r.geom.e2h == e2h
+    assert ranges_of(t) == [(0x4000_0000, 32 * MIB, 0xF_FFFF_FE00_0000, "rw-"),
+                            (top, 32 * MIB, 0xC_0000_4000_0000, "r-x")]
+
+
+def test_lpa2_stage2_level0_16_concatenated_pages() -> None:
+    """Linux 6.12's host stage 2 on -cpu max: 4K, DS = 1, 52-bit IPA, level 0, 16 PGD pages."""
+    t = Stage2Pgtable(pool_for("4K"), "4K", 52, 52, start_level=0, lpa2=True)
+    assert t.geom.pgd_pages == 16
+    last = (1 << 52) - 2 * MIB
+    t.map(0x4000_0000, 2 * MIB, 0x4000_0000, Prot.RWX)
+    t.map(last, 2 * MIB, 0xF_0000_0020_0000, Prot.RW)
+    assert ranges_of(t) == [(0x4000_0000, 2 * MIB, 0x4000_0000, "rwx"), (last, 2 * MIB, 0xF_0000_0020_0000, "rw-")]
+
+
 # -- registers -------------------------------------------------------------------------------------
 
 def test_registers_of_linux_6_12_nvhe() -> None:
@@ -92,6 +117,35 @@ def test_registers_of_linux_6_12_nvhe() -> None:
     assert (r.geom.granule.label, r.geom.ia_bits, r.geom.pa_bits, r.geom.start_level) == ("4K", 48, 48, 0)
     assert r.root == 0x43A1E000  # CnP (bit 0) is not part of the address
     assert r.mair == 0x40044FFFF
+
+
+MMFR0_LPA2_OFF = 0x2100022200101126  # -cpu max,lpa2=off: PARange 48 bits
+MMFR0_MAX = 0x2100032310201126  # -cpu max: PARange 52 bits, LPA2 granules
+
+
+@pytest.mark.parametrize(("regs", "expected"), [
+    pytest.param({"HCR_EL2": 0x30080000000, "TCR_EL2": 0x18086350C, "TTBR0_EL2": 0x43A1D001,
+                  "ID_AA64MMFR0_EL1": MMFR0_MAX},
+                 [("el2", "4K", 52, 52, -1, 1, True, False)], id="nvhe-max"),
+    pytest.param({"HCR_EL2": 0x30480080001, "TCR_EL2": 0x15001F5B5D53510, "TTBR0_EL2": 0x7F301001,
+                  "VTCR_EL2": 0x802D3590, "VTTBR_EL2": 0x7F709001, "ID_AA64MMFR0_EL1": MMFR0_LPA2_OFF},
+                 [("el2&0", "4K", 48, 48, 0, 1, False, True), ("stage2", "4K", 48, 48, 0, 1, False, False)],
+                 id="protected-max-lpa2off"),
+    pytest.param({"HCR_EL2": 0x30480080001, "TCR_EL2": 0x95001F7B5CE350C, "TTBR0_EL2": 0x7F301001,
+                  "VTCR_EL2": 0x1802E358C, "VTTBR_EL2": 0x7F710001, "ID_AA64MMFR0_EL1": MMFR0_MAX},
+                 [("el2&0", "4K", 52, 52, -1, 1, True, True), ("stage2", "4K", 52, 52, 0, 16, True, False)],
+                 id="protected-max"),
+])
+def test_registers_of_linux_6_12(regs: dict[str, int], expected: list[tuple[object, ...]]) -> None:
+    """The values Linux 6.12.117 programs under QEMU 10.0.2, read through the gdbstub: regime,
+    granule, input and output size, start level, concatenated PGD pages, DS, E2H (what gef's
+    pagewalk prints wrongly for the PS and start level)."""
+    full = {"SCTLR_EL2": 0xF8ED383D, "MAIR_EL2": 0x40044FFFF, "VTCR_EL2": 0, "VTTBR_EL2": 0, **regs}
+    got = [(r.name, r.geom.granule.label, r.geom.ia_bits, r.geom.pa_bits, r.geom.start_level, r.geom.pgd_pages,
+            r.geom.lpa2, r.geom.e2h) for r in regimes_from_registers(full)]
+    assert got == expected
+    roots = [r.root for r in regimes_from_registers(full)]
+    assert roots == [full[k] & ~1 for k in ("TTBR0_EL2", "VTTBR_EL2") if full[k]]  # CnP is not address
 
 
 def test_stage2_only_when_hcr_vm() -> None:
@@ -187,6 +241,10 @@ def test_cli_json_explain_filters(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = json.loads(capsys.readouterr().out)
     (reg,) = out["regimes"]
     assert reg["regime"] == "el2" and reg["registers"]["TCR_EL2"].startswith("0x")
+    dec = reg["decoded"]
+    assert (dec["granule"], dec["ia_bits"], dec["start_level"], dec["levels"], dec["lpa2"], dec["e2h"]) == (
+        "4K", 39, 1, 3, False, False)
+    assert dec["mair_attrs"][:2] == ["0xff", "0x04"]  # the harness's MAIR: normal WB, device nGnRE
     assert [(r["va"], r["size"], r["pa"], r["perms"]) for r in reg["ranges"]] == [
         (0x0900_0000, 4096, 0x0900_0000, "rw-"), (0x4020_0000, 0x10000, 0x5000_0000, "rw-")]
     (ex,) = out["explain"]

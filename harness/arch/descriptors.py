@@ -52,7 +52,8 @@ S1_NS = bit("NS", 5)
 S1_AP = Field("AP", 7, 6)
 S1_NG = bit("nG", 11)
 S1_PXN = bit("PXN", 53)  # EL2's execute-never in the EL2&0 regime; RES0 in the EL2 regime
-S1_XN = bit("XN", 54)  # UXN (EL0) in the EL2&0 regime; XN in the EL2 single-range regime
+S1_XN = bit("XN", 54)  # XN in the EL2 single-range regime
+S1_UXN = bit("UXN", 54)  # the same bit in the EL2&0 regime (E2H = 1): EL0's execute-never
 
 # Stage-2 leaf attributes.
 S2_MEMATTR = Field("MemAttr", 5, 2)
@@ -63,6 +64,7 @@ LEAF_ATTR_LO = genmask(11, 2)
 LEAF_ATTR_HI = genmask(63, 51)
 
 S1_FIELDS: tuple[Field, ...] = (S1_ATTRINDX, S1_NS, S1_AP, SH, AF, S1_NG, CONTIG, S1_PXN, S1_XN, SW)
+S1_FIELDS_E2H: tuple[Field, ...] = tuple(S1_UXN if f is S1_XN else f for f in S1_FIELDS)
 S2_FIELDS: tuple[Field, ...] = (S2_MEMATTR, S2_AP, SH, AF, CONTIG, S2_XN, SW)
 
 
@@ -202,8 +204,9 @@ def leaf_attrs(pte: int, lpa2: bool = False) -> int:
     return pte & leaf_attr_mask(lpa2)
 
 
-def fields_of(stage: Stage, lpa2: bool = False) -> tuple[Field, ...]:
-    fields = S1_FIELDS if stage is Stage.S1 else S2_FIELDS
+def fields_of(stage: Stage, lpa2: bool = False, e2h: bool = False) -> tuple[Field, ...]:
+    """The leaf fields by name: without SH with DS = 1; bit 54 named UXN in the EL2&0 regime."""
+    fields = (S1_FIELDS_E2H if e2h else S1_FIELDS) if stage is Stage.S1 else S2_FIELDS
     return tuple(f for f in fields if f is not SH) if lpa2 else fields
 
 
@@ -239,12 +242,12 @@ class Decoded:
 
 
 def decode(pte: int, level: int, granule: Granule, stage: Stage, block_levels: tuple[int, ...],
-           lpa2: bool = False) -> Decoded:
+           lpa2: bool = False, e2h: bool = False) -> Decoded:
     k = kind(pte, level, block_levels)
     addr = pte_to_phys(pte, granule, lpa2) if k is not Kind.INVALID else 0
     fields: dict[str, int] = {}
     if k in (Kind.BLOCK, Kind.PAGE):
-        fields = {f.name: f.get(pte) for f in fields_of(stage, lpa2)}
+        fields = {f.name: f.get(pte) for f in fields_of(stage, lpa2, e2h)}
     elif k is Kind.TABLE and stage is Stage.S1:
         fields = {f.name: f.get(pte) for f in (PXN_TABLE, XN_TABLE, AP_TABLE, NS_TABLE)}
     return Decoded(pte, level, k, addr, fields)

@@ -79,6 +79,8 @@ def _run(args: argparse.Namespace) -> int:
         snap.save(args.save)
     decoded = att.decode(snap, regimes)
     out: dict[str, Any] = {"source": snap.source, "pages": len(snap.pages), "regimes": []}
+    if "cpsr" in snap.registers:  # PSTATE.EL of the stopped CPU (gdb has no CurrentEL register)
+        out["current_el"] = (snap.registers["cpsr"] >> 2) & 3
     for rd in decoded:
         js = rd.to_json()
         js["ranges"] = [r.to_json() for r in att.filter_ranges(rd.ranges, window, perms)]
@@ -102,7 +104,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
         return code
-    print(f"{snap.source or args.target}: {len(snap.pages)} table pages"
+    where = f", stopped at EL{out['current_el']}" if "current_el" in out else ""
+    print(f"{snap.source or args.target}: {len(snap.pages)} table pages{where}"
           + (f" (saved to {args.save})" if args.save else ""))
     for rd in decoded:
         regs = " ".join(f"{k}={v:#x}" for k, v in rd.regime.registers.items())

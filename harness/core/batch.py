@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from harness.arch.descriptors import AF, S1_ATTRINDX, S2_MEMATTR, SH, descriptor_oa
-from harness.arch.geometry import ENTRY_BYTES, MAX_LEVELS, MIN_LEVEL, Geometry, Stage, ptrs_per_table
+from harness.arch.descriptors import AF, S1_ATTRINDX, S2_AP, S2_MEMATTR, S2_XN, SH, descriptor_oa
+from harness.arch.geometry import ENTRY_BYTES, MAX_LEVELS, Geometry, Stage, ptrs_per_table
 from harness.arch.registers import (
     PAR_ATTR,
     PAR_F,
@@ -107,6 +107,8 @@ class BatchResult:
 
 # Tabulated scalar rules, so both forms share one definition.
 _S2_ATTR = np.array([s2_attr(m) for m in range(16)], dtype=np.uint8)
+# s2_perms by S2AP | XN[54:53] << 2.
+_S2_PERMS = np.array([s2_perms(S2_AP.prep(i & 3) | S2_XN.prep(i >> 2)) for i in range(16)], dtype=np.uint8)
 _S2_ATTR_RESERVED = np.array([s2_attr_reserved(m) for m in range(16)], dtype=np.bool_)
 _PAR_SH = np.array([[par_sh(a, s) for s in range(4)] for a in range(256)], dtype=np.uint8)
 _SH_UNPRED = np.array([[sh_unpredictable(a, s) for s in range(4)] for a in range(256)],
@@ -157,10 +159,11 @@ class _Lanes:
     lanes: npt.NDArray[np.intp]
     addr: U64
     table: U64
-    restrictions: U64
+    restrictions: U64 | None  # stage 1 only
 
     def keep(self, mask: Bools) -> _Lanes:
-        return _Lanes(self.lanes[mask], self.addr[mask], self.table[mask], self.restrictions[mask])
+        r = None if self.restrictions is None else self.restrictions[mask]
+        return _Lanes(self.lanes[mask], self.addr[mask], self.table[mask], r)
 
 
 @dataclass
@@ -190,40 +193,46 @@ def _level_step(p: _Params, out: _Outcome, words: U64, base_pa: int, cur: _Lanes
     return the lanes that go on to the next level."""
     geom = p.geom
     is_s2 = geom.stage is Stage.S2
-    # Byte offset of the descriptor in the pool. Below the pool it wraps to a huge value, so one
-    # unsigned compare checks both ends.
+    # Byte offset of the descriptor in the pool (in place: few temporaries). Below the pool it
+    # wraps to a huge value, so one unsigned compare checks both ends.
     if level == geom.start_level:
-        off = ((cur.addr & _U(geom.limit - 1)) >> _U(geom.shift(level)))
+        off = cur.addr & _U(geom.limit - 1)
+        off >>= _U(geom.shift(level))
     else:
-        off = (cur.addr >> _U(geom.shift(level))) & _U(ptrs_per_table(geom.granule) - 1)
-    off = (off << _U(3)) + cur.table - _U(base_pa)
+        off = cur.addr >> _U(geom.shift(level))
+        off &= _U(ptrs_per_table(geom.granule) - 1)
+    off <<= _U(3)
+    off += cur.table
+    off -= _U(base_pa)
     inside = off < _U(words.size * ENTRY_BYTES)
     if not inside.all():
         out.set_fault(cur.lanes[~inside], UNMODELLED, level, is_s2)
         cur, off = cur.keep(inside), off[inside]
-    desc = words[(off >> _U(3)).view(np.int64)]
+    off >>= _U(3)
+    desc = words[off.view(np.int64)]
 
-    bad = descriptor_faults(desc, level, geom.block_levels) != 0
-    if bad.any():
-        out.set_fault(cur.lanes[bad], FaultKind.TRANSLATION.value, level, is_s2)
-    good = ~bad
-    oa = descriptor_oa(desc, geom.granule, geom.lpa2, p.with_51_48).astype(np.uint64)
-    too_big = good & (oa_out_of_range(oa, geom.pa_bits) != 0)
+    good = ~descriptor_faults(desc, level, geom.block_levels)
+    if not good.all():
+        out.set_fault(cur.lanes[~good], FaultKind.TRANSLATION.value, level, is_s2)
+    oa = np.asarray(descriptor_oa(desc, geom.granule, geom.lpa2, p.with_51_48), dtype=np.uint64)
+    too_big = good & oa_out_of_range(oa, geom.pa_bits)
     if too_big.any():
         out.set_fault(cur.lanes[too_big], FaultKind.ADDRESS_SIZE.value, level, is_s2)
-    good &= ~too_big
-    is_table = good & (descriptor_is_table(desc, level) != 0)
+        good &= ~too_big
+    is_table = good & descriptor_is_table(desc, level)
     is_leaf = good & ~is_table
     if is_leaf.any():
         found.lanes.append(cur.lanes[is_leaf])
         found.desc.append(desc[is_leaf])
         found.oa.append(oa[is_leaf])
         found.level.append(np.full(int(is_leaf.sum()), level, dtype=np.int8))
-        found.restrictions.append(cur.restrictions[is_leaf])
+        if cur.restrictions is not None:
+            found.restrictions.append(cur.restrictions[is_leaf])
     restrictions = cur.restrictions
-    if not is_s2:
-        restrictions = restrictions | table_restrictions(desc, geom.e2h).astype(np.uint64)
-    return _Lanes(cur.lanes, cur.addr, oa, restrictions).keep(is_table)
+    if restrictions is not None:
+        restrictions = restrictions | np.asarray(table_restrictions(desc, geom.e2h), dtype=np.uint64)
+    nxt = _Lanes(cur.lanes, cur.addr, oa, restrictions)
+    return nxt if is_table.all() else nxt.keep(is_table)
 
 
 def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> None:
@@ -237,22 +246,39 @@ def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> None:
     level = np.concatenate(found.level)
 
     if is_s2:
-        perms = s2_perms(desc).astype(np.uint8)
+        perms = _S2_PERMS[((desc >> _U(S2_AP.lo)) & _U(S2_AP.max))
+                          | (((desc >> _U(S2_XN.lo)) & _U(S2_XN.max)) << _U(S2_AP.width))]
     else:
         perms = s1_perms(desc, np.concatenate(found.restrictions), geom.e2h).astype(np.uint8)
-    shifts = np.array([geom.shift(lvl) for lvl in range(MIN_LEVEL, MAX_LEVELS)], dtype=np.uint64)
-    size_mask = (_U(1) << shifts[level.astype(np.intp) - MIN_LEVEL]) - _U(1)
-    pa = leaf_oa(oa, addr[lanes], size_mask).astype(np.uint64)
+    if len(found.lanes) == 1:  # every leaf at one level
+        size_mask = np.full(1, geom.size(int(level[0])) - 1, dtype=np.uint64)
+    else:
+        masks = np.array([geom.size(lvl) - 1 for lvl in range(geom.start_level, MAX_LEVELS)], dtype=np.uint64)
+        size_mask = masks[level.astype(np.intp) - geom.start_level]
+    pa = np.asarray(leaf_oa(oa, addr[lanes], size_mask), dtype=np.uint64)
 
-    oa_big = (oa_out_of_range(pa, geom.pa_bits) != 0) if p.check_final_oa else np.zeros_like(lanes, dtype=np.bool_)
-    no_af = ~oa_big & ((desc & _U(AF.mask)) == 0)
-    denied = ~oa_big & ~no_af & ((perms & np.uint8(access_perm(p.access))) == 0)
-    for mask, kind in ((oa_big, FaultKind.ADDRESS_SIZE), (no_af, FaultKind.ACCESS_FLAG),
-                       (denied, FaultKind.PERMISSION)):
-        if mask.any():
-            out.set_fault(lanes[mask], kind.value, level[mask], is_s2)
-    ok = ~(oa_big | no_af | denied)
-    lanes, desc, level, perms, pa = lanes[ok], desc[ok], level[ok], perms[ok], pa[ok]
+    # The Arm ARM's order: final output address, then AF, then permissions.
+    # The Arm ARM's order: final output address, then AF, then permissions. A leaf no larger
+    # than 2**PS whose descriptor bits passed cannot reach beyond PS (the check is skipped).
+    no_af = (desc & _U(AF.mask)) == 0
+    denied = (perms & np.uint8(access_perm(p.access))) == 0
+    faulted = no_af | denied
+    largest = geom.size(min(int(lv[0]) for lv in found.level))
+    oa_big = None
+    if p.check_final_oa and largest > 1 << geom.pa_bits:
+        oa_big = oa_out_of_range(pa, geom.pa_bits)
+        faulted |= oa_big
+    if faulted.any():
+        if oa_big is not None:
+            out.set_fault(lanes[oa_big], FaultKind.ADDRESS_SIZE.value, level[oa_big], is_s2)
+            no_af &= ~oa_big
+            denied &= ~oa_big
+        denied &= ~no_af
+        for mask, kind in ((no_af, FaultKind.ACCESS_FLAG), (denied, FaultKind.PERMISSION)):
+            if mask.any():
+                out.set_fault(lanes[mask], kind.value, level[mask], is_s2)
+        ok = ~faulted
+        lanes, desc, level, perms, pa = lanes[ok], desc[ok], level[ok], perms[ok], pa[ok]
 
     out.pa[lanes] = pa
     out.level[lanes] = level
@@ -317,7 +343,7 @@ def translate_batch(
     out = _Outcome(addr.size)
     lanes = np.flatnonzero(_prechecks(p, out, addr, root_pa))
     cur = _Lanes(lanes, addr[lanes], np.full(lanes.size, root_table_base(geom, root_pa), dtype=np.uint64),
-                 np.zeros(lanes.size, dtype=np.uint64))
+                 None if geom.stage is Stage.S2 else np.zeros(lanes.size, dtype=np.uint64))
     found = _Leaves([], [], [], [], [])
     for level in range(geom.start_level, MAX_LEVELS):
         if cur.lanes.size == 0:
@@ -335,8 +361,10 @@ def fault_status_batch(result: BatchResult) -> U64:
     :func:`harness.arch.registers.fault_status` gives it, level -1 codes included; 0 where the
     address translates or is unmodelled."""
     faulted = ~result.ok & ~result.unmodelled
-    fst = _FST[np.where(faulted, result.fault, 0).astype(np.intp),
-               np.where(faulted, result.fault_level + 1, 0).astype(np.intp)]
+    fst = (result.fault.astype(np.uint64) << _U(2)) | (result.fault_level.astype(np.uint64) & _U(3))
+    minus1 = faulted & (result.fault_level == -1)  # FEAT_LPA2 level -1 has codes of its own
+    if minus1.any():
+        fst[minus1] = _FST[result.fault[minus1].astype(np.intp), 0]
     return np.asarray(np.where(faulted, fst, _U(0)), dtype=np.uint64)
 
 

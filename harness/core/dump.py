@@ -90,7 +90,7 @@ def mapped_ranges(mem: Memory, geom: Geometry, root_pa: int) -> list[MappedRange
     reading through any ``read64`` (the model's pool, or live memory through gdb)."""
     out: list[MappedRange] = []
     tables = _RawTables(geom, root_table_base(geom, root_pa), _OneEntryCache(mem))
-    fields_of = d.fields_of(geom.stage, geom.lpa2)
+    fields_of = d.fields_of(geom.stage, geom.lpa2, geom.e2h)
 
     def visit(addr: int, end: int, level: int, ptep: int, flag: WalkFlags) -> None:
         pte = tables.mem.read64(ptep)

@@ -61,7 +61,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, overload
+
+import numpy as np
+import numpy.typing as npt
 
 from harness.arch.descriptors import (
     AF,
@@ -111,6 +114,9 @@ from harness.arch.registers import (
 )
 
 DEFAULT_MAIR = mair_value()
+
+U64s = npt.NDArray[np.uint64]
+Bools = npt.NDArray[np.bool_]
 
 # PAR_EL1 bits an AT defines in this setting: the ones a differential check compares.
 PAR_COMPARE_MASK_OK = PAR_F.mask | PAR_PA.mask | PAR_ATTR.mask | PAR_SH.mask | PAR_NS.mask
@@ -175,25 +181,37 @@ _TABLE_RO = 2  # hierarchical restriction: read-only below (APTable[1])
 _TABLE_NO_EL0 = 4  # hierarchical restriction: no EL0 access below (APTable[0], E2H = 1 only)
 
 
-def descriptor_faults(desc: Word, level: int, block_levels: tuple[int, ...]) -> Word:
-    """Nonzero where the descriptor gives a Translation fault at ``level``: invalid (bit 0
-    clear), or bit 1 clear where the level has no blocks (level 3 included)."""
+@overload
+def descriptor_faults(desc: int, level: int, block_levels: tuple[int, ...]) -> bool: ...
+@overload
+def descriptor_faults(desc: U64s, level: int, block_levels: tuple[int, ...]) -> Bools: ...
+def descriptor_faults(desc: int | U64s, level: int, block_levels: tuple[int, ...]) -> bool | Bools:
+    """Where the descriptor gives a Translation fault at ``level``: invalid (bit 0 clear), or
+    bit 1 clear where the level has no blocks (level 3 included)."""
     low = desc & (TYPE.mask | VALID.mask)
     if level in block_levels:
-        return (low & VALID.mask) ^ VALID.mask
-    return low ^ (TYPE.mask | VALID.mask)
+        return (low & VALID.mask) != VALID.mask
+    return low != TYPE.mask | VALID.mask
 
 
-def descriptor_is_table(desc: Word, level: int) -> Word:
-    """Nonzero where a valid descriptor points to a next-level table (bit 1 set above level 3)."""
+@overload
+def descriptor_is_table(desc: int, level: int) -> bool: ...
+@overload
+def descriptor_is_table(desc: U64s, level: int) -> Bools: ...
+def descriptor_is_table(desc: int | U64s, level: int) -> bool | Bools:
+    """Where a valid descriptor points to a next-level table (bit 1 set above level 3)."""
     if level == LAST_LEVEL:
-        return desc & 0
-    return (desc >> TYPE.lo) & 1
+        return desc != desc  # False, of the argument's shape
+    return (desc & TYPE.mask) != 0
 
 
-def oa_out_of_range(oa: Word, pa_bits: int) -> Word:
-    """Nonzero where an address has bits at or above the PA size (``AArch64.OAOutOfRange``)."""
-    return oa >> pa_bits
+@overload
+def oa_out_of_range(oa: int, pa_bits: int) -> bool: ...
+@overload
+def oa_out_of_range(oa: U64s, pa_bits: int) -> Bools: ...
+def oa_out_of_range(oa: int | U64s, pa_bits: int) -> bool | Bools:
+    """Where an address has bits at or above the PA size (``AArch64.OAOutOfRange``)."""
+    return oa >= 1 << pa_bits
 
 
 def table_restrictions(desc: Word, e2h: bool) -> Word:
@@ -494,7 +512,7 @@ def translate(
                                note=f"descriptor at {desc_pa:#x} is outside modelled memory")
         raw = mem.read64(desc_pa)
         steps.append(Step(level, table, index, desc_pa, raw,
-                          decode(raw, level, granule, stage, geom.block_levels, geom.lpa2)))
+                          decode(raw, level, granule, stage, geom.block_levels, geom.lpa2, geom.e2h)))
         if descriptor_faults(raw, level, geom.block_levels):
             if not VALID.get(raw):
                 return fault(FaultKind.TRANSLATION, level, "invalid descriptor (bit 0 clear)")

@@ -30,6 +30,7 @@ from harness.live.regimes import OPTIONAL_REGISTERS, REGISTERS, Regime, regimes_
 from harness.live.snapshot import Snapshot
 from harness.target.errors import TargetError
 from harness.target.gdbmi import GdbError, GdbMI, Record
+from harness.target.physmem import GdbPhysMemory
 
 CAPTURE_PAGE = 4096  # snapshot unit: table pages of any granule are captured as 4K pieces
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})$")
@@ -90,40 +91,6 @@ class _LiveGdb(GdbMI):
         return self.console_command(f"monitor {text}", timeout)
 
 
-class _PageReader:
-    """Table memory read on demand through gdb (physical mode), every page kept."""
-
-    def __init__(self, gdb: GdbMI, pages: dict[int, bytes], timeout: float) -> None:
-        self.gdb = gdb
-        self.pages = pages
-        self.timeout = timeout
-        self.reads = 0
-
-    def _page(self, pa: int) -> bytes:
-        base = pa - pa % CAPTURE_PAGE
-        page = self.pages.get(base)
-        if page is None:
-            try:
-                rec = self.gdb.command(f"-data-read-memory-bytes {base:#x} {CAPTURE_PAGE}", self.timeout)
-            except GdbError as exc:
-                raise AttachFailed(f"reading table page {base:#x} (physical): {exc}") from None
-            data = bytearray()
-            for chunk in rec["payload"]["memory"]:
-                data += bytes.fromhex(chunk["contents"])
-            if len(data) != CAPTURE_PAGE:
-                raise AttachFailed(f"reading table page {base:#x}: got {len(data)} of {CAPTURE_PAGE} bytes")
-            page = self.pages[base] = bytes(data)
-            self.reads += 1
-        return page
-
-    def contains(self, pa: int, length: int = 8) -> bool:
-        return True
-
-    def read64(self, pa: int) -> int:
-        off = pa % CAPTURE_PAGE
-        return int.from_bytes(self._page(pa)[off : off + 8], "little")
-
-
 @dataclass
 class Capture:
     """A snapshot and how it was taken."""
@@ -158,8 +125,11 @@ def session(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = Non
             raise AttachFailed(f"connecting gdb to {spec}: {exc}") from None
         sess.connected = True
         gdb.discard_async()
-        sess.vm_status = gdb.monitor("info status").strip()
-        sess.was_running = sess.vm_status == "VM status: paused"
+        try:
+            sess.vm_status = gdb.monitor("info status").strip()
+            sess.was_running = sess.vm_status == "VM status: paused"
+        except GdbError:  # a stub without QEMU's monitor: it stopped on attach, resume on detach
+            sess.vm_status, sess.was_running = "unknown (no QEMU monitor)", True
         yield sess
     except GdbError as exc:
         raise AttachFailed(f"gdb on {spec}: {exc}") from None
@@ -196,7 +166,6 @@ class Session:
 def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = None) -> Capture:
     """Snapshot the registers and every reachable table page of a live target (see module doc)."""
     t0 = time.perf_counter()
-    pages: dict[int, bytes] = {}
     with session(spec, timeout, log_path) as sess:
         t1 = time.perf_counter()
         regs = _read_registers(sess.gdb)
@@ -205,10 +174,11 @@ def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = Non
         except InputError as exc:
             values = " ".join(f"{k}={v:#x}" for k, v in regs.items())
             raise UndecodableRegisters(f"{exc} (registers read: {values})") from exc
-        reader = _PageReader(sess.gdb, pages, timeout)
+        reader = GdbPhysMemory(sess.gdb, CAPTURE_PAGE)
         with sess.physical():
             for regime in regimes:
                 mapped_ranges(reader, regime.geom, regime.root)  # reads every reachable table page
+        pages = dict(reader.cache)
         t2 = time.perf_counter()
         snap = Snapshot(regs, pages, CAPTURE_PAGE, source=str(spec),
                         captured=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

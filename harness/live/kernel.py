@@ -15,8 +15,6 @@ initcall), and with ``panic=0`` the kernel then idles forever with every table l
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 import re
 import shlex
@@ -30,10 +28,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from harness.errors import InputError
+from harness.target import process
 from harness.target.errors import QemuExited, TargetTimeout
-from harness.target.process import kill as kill_group
 from harness.target.qemu import check_qemu, qemu_binary
 
 MODES = ("nvhe", "protected")
@@ -238,42 +237,17 @@ class KernelBoot:
         self.close()
 
 
-# Child processes: harness.target.process (PDEATHSIG, registry reaped on exit and SIGTERM) when
-# it is in the tree; until then a private session and a kill on exit (weakref.finalize).
-def _process_module() -> object | None:
-    try:
-        return importlib.import_module("harness.target.process")
-    except ModuleNotFoundError:
-        return None
-
-
-def _spawn(args: list[str], stdout: object, stderr: object, cwd: Path) -> subprocess.Popen[bytes]:
-    mod = _process_module()
-    if mod is not None:
-        proc: subprocess.Popen[bytes] = mod.spawn(  # type: ignore[attr-defined]
-            args, name="QEMU (kernel)", stdout=stdout, stderr=stderr, cwd=cwd)
-        return proc
-    started: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-        args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=cwd, start_new_session=True)
-    return started
+def _spawn(args: list[str], stdout: IO[bytes], stderr: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
+    return process.spawn(args, name="QEMU (kernel)", stdout=stdout, stderr=stderr, cwd=cwd)
 
 
 def _make_rundir() -> Path:
-    mod = _process_module()
-    if mod is not None:
-        return Path(mod.make_runtime_dir())  # type: ignore[attr-defined]
-    return Path(tempfile.mkdtemp(prefix="pgtable-harness-kernel-run-"))
+    return process.make_runtime_dir()
 
 
 def _release(proc: subprocess.Popen[bytes], rundir: Path) -> None:
-    mod = _process_module()
-    if mod is not None:
-        mod.kill(proc)  # type: ignore[attr-defined]
-        mod.remove_runtime_dir(rundir)  # type: ignore[attr-defined]
-        return
-    kill_group(proc)
-    with contextlib.suppress(OSError):
-        shutil.rmtree(rundir)
+    process.kill(proc)
+    process.remove_runtime_dir(rundir)
 
 
 def _tail(path: Path, limit: int = 4000) -> str:

@@ -102,7 +102,7 @@ def _kernel_boots(request: pytest.FixtureRequest) -> Iterator[dict[tuple[str, st
 
 
 @pytest.fixture
-def live_kernel(request: pytest.FixtureRequest, kernel_image: KernelImage,
+def live_kernel(request: pytest.FixtureRequest, kernel_image: KernelImage, tmp_path_factory: pytest.TempPathFactory,
                 _kernel_boots: dict[tuple[str, str, str], LiveKernel]) -> Callable[..., LiveKernel]:
     """``live_kernel(mode="nvhe", cpu="max", append="")`` -> a :class:`LiveKernel` (session-cached)."""
     timeout = float(request.config.getoption("--kernel-timeout"))
@@ -112,7 +112,8 @@ def live_kernel(request: pytest.FixtureRequest, kernel_image: KernelImage,
         k = _kernel_boots.get(key)
         if k is not None and k.boot.pid is not None and _alive(k):
             return k
-        boot = KernelBoot(kernel_image, mode=mode, cpu=cpu, append=append, timeout=timeout).start()
+        logs = tmp_path_factory.mktemp(f"kernel-{mode}-{cpu.replace(',', '-').replace('=', '')}")
+        boot = KernelBoot(kernel_image, mode=mode, cpu=cpu, append=append, timeout=timeout, log_dir=logs).start()
         k = _kernel_boots[key] = LiveKernel(boot)
         return k
 

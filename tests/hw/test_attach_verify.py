@@ -4,19 +4,22 @@ wrong model is caught; a snapshot that leaves no room for the payload is refused
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from harness.arch.geometry import Geometry
 from harness.check import attach
 from harness.check.attach import VerifyRefused, verify
 from harness.cli import main
+from harness.core.batch import BatchResult
 from harness.core.memory import PagePool
 from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
 from harness.core.prot import Prot
-from harness.core.translate import Translation
 from harness.live.snapshot import from_tables
 from harness.target.layout import Layout
 from harness.target.target import Target
@@ -65,7 +68,25 @@ def _s64k(stage: int) -> Callable[[], KvmPgtable]:
     return build
 
 
-CASES = {"s2-4K-43bit-16-concatenated": _s2_concat, "s1-4K-40bit": _s1_4k_40, "s1-16K-DS0-SH": _s1_16k_ds0,
+def _s1_lpa2(granule: str, e2h: bool) -> Callable[[], KvmPgtable]:
+    def build() -> KvmPgtable:
+        t = HypPgtable(_pool(4096 if granule == "4K" else 16384), granule, 52, 52, lpa2=True, e2h=e2h)
+        t.map(0x1_0000_0000, 32 * MIB, 0xF_FFFF_FE00_0000, Prot.RW)
+        t.map((1 << 52) - 32 * MIB, 32 * MIB, 0xC_0000_4000_0000, Prot.RX)
+        return t
+    return build
+
+
+def _s2_lpa2() -> KvmPgtable:
+    t = Stage2Pgtable(_pool(4096), "4K", 52, 52, start_level=0, lpa2=True)
+    t.map(0x4000_0000, 2 * MIB, 0x4000_0000, Prot.RW)
+    t.map((1 << 52) - 2 * MIB, 2 * MIB, 0xF_0000_0020_0000, Prot.RW)
+    return t
+
+
+CASES = {"s1-4K-lpa2-level-1": _s1_lpa2("4K", False), "s1-4K-lpa2-hVHE": _s1_lpa2("4K", True),
+         "s1-16K-lpa2-hVHE": _s1_lpa2("16K", True), "s2-4K-lpa2-16-concatenated": _s2_lpa2,
+         "s2-4K-43bit-16-concatenated": _s2_concat, "s1-4K-40bit": _s1_4k_40, "s1-16K-DS0-SH": _s1_16k_ds0,
          "s1-64K-PA52": _s64k(1), "s2-64K-PA52": _s64k(2)}
 
 
@@ -87,18 +108,39 @@ def test_cli_verify_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert out["verify"]["regimes"][0]["regime"] == "stage2"
 
 
-def test_verify_catches_a_wrong_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    real = attach._par
+def test_verify_catches_a_wrong_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AT check itself (the check engine over the replayed tables) catches a wrong model."""
+    real = attach._ReplaySubject.predict
 
-    def off_by_a_page(t: Translation) -> int:
-        par = real(t)
-        return par ^ (1 << 12) if t.ok else par
+    def off_by_a_page(self: attach._ReplaySubject, addrs: object, access: object, **kw: object) -> BatchResult:
+        res = real(self, addrs, access, **kw)  # type: ignore[arg-type]
+        return dataclasses.replace(res, pa=res.pa ^ np.uint64(1 << 12))
 
-    monkeypatch.setattr(attach, "_par", off_by_a_page)
+    monkeypatch.setattr(attach._ReplaySubject, "predict", off_by_a_page)
+    report = verify(from_tables(_s1_4k_40()), _start)
+    (r,) = report.regimes
+    assert r.check.mismatched > 0 and r.relocation_mismatched == 0
+    assert not report.ok
+
+
+def test_verify_catches_a_wrong_relocation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The model's walk of the original snapshot is what the replay is held to: a relocation that
+    points one table descriptor (the first rewritten: the deepest, to a level-3 table) at the
+    wrong page is caught, and the payload is then not run on the copy."""
+    real = attach._with_table_address
+    calls: list[int] = []
+
+    def wrong_page(pte: int, pa: int, geom: Geometry) -> int:
+        calls.append(pa)
+        return real(pte, pa + (64 * geom.granule.size if len(calls) == 1 else 0), geom)
+
+    monkeypatch.setattr(attach, "_with_table_address", wrong_page)
     path = tmp_path / "s.json"
     from_tables(_s1_4k_40()).save(path)
     report = verify(from_tables(_s1_4k_40()), _start)
-    assert report.regimes[0].mismatched > 0
+    (r,) = report.regimes
+    assert r.relocation_mismatched > 0 and r.check.checked == 0 and not report.ok
+    calls.clear()
     assert main(["attach", str(path), "--verify"]) == 1
 
 

@@ -192,9 +192,6 @@ def test_benchmark_table_translates() -> None:
     figures = run(count=2000, repeats=1)
     assert figures["addresses"] == 2000
     assert 0.85 * 2000 < figures["translated"] < 2000
-    # PGD (2 concatenated pages); the blocks' level-2 table; the pages' level-2 table and 129
-    # level-3 tables (256 MiB of pages starting one page into a 2M region); the builder's scratch
-    # region's level-2 and level-3 tables.
     assert figures["table_pages"] == 2 + 2 + 128
 
 

@@ -234,3 +234,11 @@ def test_for_geometry_builds_the_regime() -> None:
     assert regs.hcr_el2_set == 1 << 34  # type: ignore[union-attr]
     s2 = KvmPgtable.for_geometry(Geometry.create(2, "4K", 52, 52, -1, lpa2=True), PagePool(BASE, 16 * 4096, 4096))
     assert isinstance(s2, Stage2Pgtable) and s2.geom.start_level == -1
+
+
+def test_e2h_dump_names_bit_54_uxn() -> None:
+    t = HypPgtable(PagePool(BASE, 16 * 4096, 4096), "4K", 48, 48, e2h=True)
+    t.map(0x1000, 0x1000, 0x8000_0000, Prot.RW)
+    assert t.pgd is not None
+    (r,) = mapped_ranges(t.mem, t.geom, t.pgd)
+    assert dict(r.fields)["UXN"] == 1 and dict(r.fields)["PXN"] == 1 and "XN" not in dict(r.fields)
