@@ -324,17 +324,28 @@ def test_block_descriptor_where_the_level_forbids_it(target: Target, stage: Stag
 
 # -- the table operations under DS = 1 -----------------------------------------------------------
 
-@pytest.mark.parametrize("granule", LPA2_GRANULES, ids=_ids)
-def test_stage2_operations_lpa2(check: Check, granule: Granule) -> None:
+OPS_CONFIGS = [(Granule.K4, 52, -1), (Granule.K4, 52, 0), (Granule.K16, 52, 0), (Granule.K16, 51, 1)]
+
+
+@pytest.mark.parametrize(("granule", "ia", "start"), OPS_CONFIGS, ids=_ids)
+def test_stage2_operations_lpa2(check: Check, granule: Granule, ia: int, start: int) -> None:
     g = granule.size
     l1, l2 = level_size(granule, 1), level_size(granule, 2)
+    top_level = min(block_levels(granule, lpa2=True))  # 4K level 0, 16K level 1
+    top = level_size(granule, top_level)
     base = 16 * l2
-    high = 1 << 51  # an IPA with bit 51 set
+    high = 1 << (ia - 1)  # an IPA with the top input bit set
+    gone = high + 8 * l1  # pages unmapped entirely: their tables are freed
+    big = 1 << (ia - 2)
     maps = (
         MapSpec(0x1000_0000, 64 * g, SCRATCH, Prot.RW),
         MapSpec(base, l2, SCRATCH + 0x400_0000, Prot.RW),  # a level-2 block in scratch
         MapSpec(high, l1, 0xC_0000_0000_0000, Prot.RW),  # a level-1 block at a 52-bit PA
         MapSpec(high + 4 * l1, 16 * g, HIGH_PA, Prot.RW),  # pages at 52-bit PAs
+        MapSpec(gone, 16 * g, HIGH_PA + 16 * g, Prot.RW),
+        MapSpec(big, top, 0x8_0000_0000_0000, Prot.RW),  # the largest blocks DS = 1 allows
+        MapSpec(big + top, top, 0x8_0000_0000_0000 + top, Prot.RW),
+        MapSpec(big + 2 * top, top, 0x8_0000_0000_0000 + 2 * top, Prot.RW),
     )
     ops = (
         OpSpec("wrprotect", 0x1000_0000, 8 * g),
@@ -350,14 +361,23 @@ def test_stage2_operations_lpa2(check: Check, granule: Granule) -> None:
         OpSpec("wrprotect", high + 4 * l1, 4 * g),
         OpSpec("mkold", high + 4 * l1 + 8 * g),
         OpSpec("unmap", high + 4 * l1 + 12 * g, g),
+        OpSpec("unmap", gone, 16 * g),
+        OpSpec("mkold", big),  # access-flag fault at the top block level
+        OpSpec("wrprotect", big + top + 5 * g, g),  # the whole block loses W
+        OpSpec("unmap", big + 3 * top - l2 + 5 * g, g),  # splits the top block's last child (to pages)
     )
-    sc = Scenario(f"ops-{granule.label}-lpa2", Stage.S2, granule, 52, 52, maps=maps, ops=ops, access=True,
-                  sample=8192, lpa2=True)
+    sc = Scenario(f"ops-{granule.label}-lpa2-L{start}", Stage.S2, granule, ia, 52, start, maps=maps, ops=ops,
+                  access=True, sample=8192, lpa2=True)
     reached = Reached(sc)
+    tb = reached.table
+    assert not tb.leaves(gone, l1)
+    assert not d.AF.get(tb.get_leaf(big).pte) and tb.get_leaf(big).level == top_level
+    assert tb.get_leaf(big + top).level == top_level
+    assert tb.get_leaf(big + 2 * top).level == top_level + 1 and tb.get_leaf(big + 3 * top - l2).level == 3
     assert reached.table.get_leaf(high).level == 2  # the level-1 block was split ...
     assert reached.table.get_leaf(high + 2 * l2).level == 2
     assert reached.table.get_leaf(high + l2).level == 3  # ... and its second child down to pages
-    assert reached.high_pa > 0 and {2, 3} <= set(reached.levels)
+    assert reached.high_pa > 0 and {top_level, top_level + 1, 2, 3} <= set(reached.levels)
     rep = check(sc)
     assert rep.probes.get("load", 0) > 0 and rep.probes.get("store", 0) > 0
     assert sum(rep.withheld.values()) >= 8  # write-protected pages in scratch went to real stores
