@@ -423,6 +423,58 @@ def test_level_minus_1_data_abort_status() -> None:
     assert list(fault_status_batch(pred)) == [fault_status(FaultKind.TRANSLATION, -1), 0] == [0b101011, 0]
 
 
+# -- input addresses outside the regime's range ---------------------------------------------------
+
+OUTSIDE_S1 = [  # (granule, ia_bits, lpa2, e2h)
+    (Granule.K4, 52, True, True), (Granule.K4, 52, True, False), (Granule.K4, 48, False, True),
+    (Granule.K16, 52, True, True), (Granule.K64, 52, False, True), (Granule.K64, 42, False, True),
+]
+
+
+@pytest.mark.parametrize(("granule", "ia", "lpa2", "e2h"), OUTSIDE_S1, ids=_ids)
+def test_stage1_addresses_outside_the_range(target: Target, granule: Granule, ia: int, lpa2: bool,
+                                            e2h: bool) -> None:
+    """Above 2**ia, including the TTBR1_EL2 half (EPD1 = 1 in hVHE), every address is a
+    translation fault at level 0, even where the walk would start at level -1."""
+    pa = 52 if lpa2 or granule is Granule.K64 else 48
+    sc = Scenario("outside-s1", Stage.S1, granule, ia, pa, lpa2=lpa2, e2h=e2h,
+                  maps=(MapSpec(0x1000_0000, granule.size, SCRATCH),))
+    subject = subject_of_built(build(sc, LAYOUT))
+    addrs = np.array([1 << ia, 1 << 55, 1 << 63, (1 << 64) - (1 << ia), (1 << 64) - granule.size,
+                      0x00F0_0000_1000_0000, 0x1000_0000], dtype=np.uint64)
+    pred = subject.predict(addrs, READ)
+    assert list(zip(pred.fault.tolist(), pred.fault_level.tolist(), strict=True)) == \
+        [(FaultKind.TRANSLATION.value, 0)] * 6 + [(-1, -1)]
+    rep = check_subject(subject, target, addrs, np.random.default_rng(CHECK_SEED), access=True)
+    assert rep.ok, rep.text()
+    assert rep.probes["S1E2R"] == 7 and rep.probes.get("load", 0) >= 6
+
+
+OUTSIDE_S2 = [(Granule.K4, 52, -1), (Granule.K4, 52, 0), (Granule.K4, 49, -1), (Granule.K16, 51, 1),
+              (Granule.K16, 48, 0)]
+
+
+@pytest.mark.parametrize(("granule", "ia", "start"), OUTSIDE_S2, ids=_ids)
+def test_stage2_addresses_outside_the_range(target: Target, granule: Granule, ia: int, start: int) -> None:
+    """An IPA in [2**ia, 2**52) is a stage-2 translation fault at level 0 (not at the start
+    level); an address from 2**52 on is a stage-1 address size fault (EL1's MMU is off and it is
+    beyond PAMax), taken at EL1: checked with AT alone (the probe stub records only what EL2 takes)."""
+    g = granule.size
+    sc = Scenario("outside-s2", Stage.S2, granule, ia, 52, start, lpa2=True, access=True,
+                  maps=(MapSpec(0x1000_0000, g, SCRATCH),))
+    subject = subject_of_built(build(sc, LAYOUT))
+    beyond = [(1 << 52) + 0x1000_0000, 1 << 55, 1 << 63, (1 << 64) - g]
+    inside = [1 << ia] if ia < 52 else []
+    addrs = np.array(sorted(inside + beyond), dtype=np.uint64)
+    pred = subject.predict(addrs, READ)
+    got = list(zip(pred.fault.tolist(), pred.fault_level.tolist(), pred.fault_stage2.tolist(), strict=True))
+    assert got == [(FaultKind.TRANSLATION.value, 0, True)] * len(inside) + \
+        [(FaultKind.ADDRESS_SIZE.value, 0, False)] * len(beyond)
+    rep = check_subject(subject, target, addrs, np.random.default_rng(CHECK_SEED), access=True)
+    assert rep.ok, rep.text()
+    assert rep.probes["S12E1R"] == len(addrs) and rep.probes.get("load", 0) == len(inside)
+
+
 # -- the built-in LPA2/hVHE scenarios of `harness run` -------------------------------------------
 
 BUILTIN_SHAPES = {  # name: (start level, PGD pages, levels the probes must translate at)
