@@ -497,3 +497,29 @@ def test_builtin_lpa2_scenarios(check: Check, name: str) -> None:
     assert levels <= set(reached.levels) and reached.high_pa > 0
     rep = check(sc)
     assert rep.probes.get("load", 0) > 0 and rep.probes.get("store", 0) > 0
+
+
+def test_builtin_lpa2_scenarios_are_the_regimes_linux_612_programs() -> None:
+    """The values Linux 6.12 programs in protected mode on ``-cpu max`` (facts.md), decoded by the
+    model's registers-to-geometry function, are the built-ins' geometries; so are the built-ins'
+    own register values, decoded back."""
+    from harness.arch.regimes import regimes_from_registers
+    from harness.arch.registers import Stage1Regs, Stage2Regs
+    from harness.check.scenario import builtin_named
+
+    hvhe_tcr, host_vtcr, e2h, vm = 0x095001F7B5CE350C, 0x1802E358C, 1 << 34, 1
+    cpu_max = 0x32310201126  # ID_AA64MMFR0_EL1: PARange 52 bits, all granules, LPA2
+    s1, s2 = regimes_from_registers({
+        "SCTLR_EL2": 1, "HCR_EL2": e2h | vm, "ID_AA64MMFR0_EL1": cpu_max, "TCR_EL2": hvhe_tcr,
+        "TTBR0_EL2": 0x4_1234_5000, "MAIR_EL2": 0xFF, "VTCR_EL2": host_vtcr, "VTTBR_EL2": 0x8_0000_0000})
+    hyp, host = build(builtin_named("s1-4K-lpa2-hvhe"), LAYOUT), build(builtin_named("s2-4K-lpa2"), LAYOUT)
+    assert (s1.name, s1.geom) == ("el2&0", hyp.table.geom)
+    assert (s2.name, s2.geom) == ("stage2", host.table.geom)
+    r1, r2 = hyp.table.regs(), host.table.regs()
+    assert isinstance(r1, Stage1Regs) and isinstance(r2, Stage2Regs)
+    back = regimes_from_registers({
+        "SCTLR_EL2": r1.sctlr_el2_set, "HCR_EL2": r1.hcr_el2_set | r2.hcr_el2_set, "ID_AA64MMFR0_EL1": cpu_max,
+        "TCR_EL2": r1.tcr_el2, "TTBR0_EL2": r1.ttbr0_el2, "MAIR_EL2": r1.mair_el2, "VTCR_EL2": r2.vtcr_el2,
+        "VTTBR_EL2": r2.vttbr_el2})
+    assert [(r.name, r.geom) for r in back] == [("el2&0", hyp.table.geom), ("stage2", host.table.geom)]
+    assert [r.root for r in back] == [hyp.table.pgd, host.table.pgd]
