@@ -151,12 +151,12 @@ def _inline_scenario(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"scenario: {', '.join(missing)} required (or --scenario FILE / --builtin NAME)")
     fields: dict[str, Any] = {"name": "cli", "stage": args.stage, "granule": args.granule, "ia_bits": args.ia_bits,
                               "maps": [_map_from_arg(m) for m in args.map], "ops": [_op_from_arg(o) for o in args.op]}
-    for key in ("pa_bits", "start_level"):
+    for key in ("pa_bits", "start_level", "sample"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
-    for flag in ("lpa2", "e2h"):  # the geometry is validated with them, not before them
-        if getattr(args, flag):
-            fields[flag] = True
+    for key in ("lpa2", "e2h", "access"):
+        if getattr(args, key):
+            fields[key] = True
     return fields
 
 
