@@ -546,10 +546,6 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         if subj.stage is Stage.S2:  # a stage-1 fault of EL1 (above PAMax) is taken at EL1, not reported
             safe &= a.ok | (a.fault_stage2 & q.fault_stage2)
         safe &= _outside(cand, subj.no_access)
-        if subj.stage is Stage.S2:
-            # a stage-1 fault (EL1's MMU is off: an input address beyond PAMax) is taken at EL1,
-            # where the probe stub records nothing: AT alone checks those
-            safe &= a.ok | a.fault_stage2
         eligible = np.flatnonzero(safe & ~np.isin(cand, forced))
         if eligible.size > sample:
             eligible = rng.choice(eligible, sample, replace=False)
