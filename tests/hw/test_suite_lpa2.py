@@ -265,19 +265,21 @@ def block_maps(geom: Geometry) -> tuple[MapSpec, ...]:
     return tuple(maps)
 
 
-BLOCK_CONFIGS = [  # (stage, granule, ia_bits, start level): both stage-2 start levels DS = 1 allows
-    (Stage.S1, Granule.K4, 52, None), (Stage.S2, Granule.K4, 52, -1), (Stage.S2, Granule.K4, 52, 0),
-    (Stage.S1, Granule.K16, 52, None), (Stage.S2, Granule.K16, 52, 0), (Stage.S2, Granule.K16, 51, 1),
+BLOCK_CONFIGS = [  # (stage, granule, ia_bits, start level, e2h): both stage-2 start levels DS = 1 allows
+    (Stage.S1, Granule.K4, 52, None, False), (Stage.S1, Granule.K4, 52, None, True),
+    (Stage.S2, Granule.K4, 52, -1, False), (Stage.S2, Granule.K4, 52, 0, False),
+    (Stage.S1, Granule.K16, 52, None, False), (Stage.S1, Granule.K16, 52, None, True),
+    (Stage.S2, Granule.K16, 52, 0, False), (Stage.S2, Granule.K16, 51, 1, False),
 ]
 
 
-@pytest.mark.parametrize(("stage", "granule", "ia", "start"), BLOCK_CONFIGS, ids=_ids)
+@pytest.mark.parametrize(("stage", "granule", "ia", "start", "e2h"), BLOCK_CONFIGS, ids=_ids)
 def test_lpa2_blocks_at_every_level(check: Check, stage: Stage, granule: Granule, ia: int,
-                                    start: int | None) -> None:
-    geom = Geometry.create(stage, granule, ia, 52, start, lpa2=True)
+                                    start: int | None, e2h: bool) -> None:
+    geom = Geometry.create(stage, granule, ia, 52, start, lpa2=True, e2h=e2h)
     maps = block_maps(geom)
-    sc = Scenario(f"lpa2-blocks-{granule.label}-s{int(stage)}-L{geom.start_level}", stage, granule, ia, 52, start,
-                  maps=maps, access=True, sample=2048, lpa2=True)
+    sc = Scenario(f"lpa2-blocks-{granule.label}-s{int(stage)}-L{geom.start_level}{'-hvhe' if e2h else ''}", stage,
+                  granule, ia, 52, start, maps=maps, access=True, sample=2048, lpa2=True, e2h=e2h)
     reached = Reached(sc)
     leaf_levels = {reached.table.get_leaf(m.addr).level for m in maps}
     assert leaf_levels == set(geom.block_levels) == set(block_levels(granule, lpa2=True))
