@@ -533,3 +533,35 @@ def test_builtin_lpa2_scenarios_are_the_regimes_linux_612_programs() -> None:
         "VTTBR_EL2": r2.vttbr_el2})
     assert [(r.name, r.geom) for r in back] == [("el2&0", hyp.table.geom), ("stage2", host.table.geom)]
     assert [r.root for r in back] == [hyp.table.pgd, host.table.pgd]
+
+
+# -- the check can fail: a model that reads DS = 1 descriptors wrongly ---------------------------
+
+@pytest.mark.parametrize(("stage", "granule", "e2h"), [(Stage.S1, Granule.K4, True), (Stage.S2, Granule.K16, False)],
+                         ids=_ids)
+def test_a_model_dropping_oa_51_50_fails_the_check(target: Target, stage: Stage, granule: Granule,
+                                                    e2h: bool) -> None:
+    """A test double of the model whose copy of one page descriptor lost bits [9:8] (OA[51:50]
+    with DS = 1; SH without it): the MMU translates to 0xF_xxxx..., the model to 0x3_xxxx...,
+    and exactly that page mismatches, for both AT forms."""
+    from harness.check.engine import check_at, used_image
+
+    g = granule.size
+    va = 0x2000_0000
+    sc = Scenario("wrong-oa", stage, granule, 52, 52, lpa2=True, e2h=e2h,
+                  maps=(MapSpec(va, 4 * g, HIGH_PA, Prot.RW),))
+    built = build(sc, target.layout)
+    tb = built.table
+    target.install(tb.regs(), used_image(tb))  # the MMU gets the true tables
+    step = subject_of_built(built).walk(va + g, READ).steps[-1]
+    assert step.raw is not None and d.SH.get(step.raw) == HIGH_PA >> 50
+    tb.mem.write64(step.desc_pa, step.raw & ~d.SH.mask)  # the model's copy lies
+    addrs = np.array([va + 0x10, va + g + 0x18, va + 2 * g, va + 4 * g], dtype=np.uint64)
+    rep = CheckReport(sc.name, tb.geom.describe(), "x")
+    check_at(rep, target, tb, addrs)
+    target.uninstall()
+    assert not rep.ok and rep.mismatched == 2
+    assert {m.address for m in rep.mismatches} == {va + g + 0x18}
+    text = rep.text()
+    assert f"PA {HIGH_PA + g:#x}" in text  # the MMU's answer: OA[51:48] = 0xf
+    assert f"-> {(HIGH_PA & ~(3 << 50)) + g + 0x18:#x}" in text  # the lying model's: OA[51:50] lost
