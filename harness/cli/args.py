@@ -226,17 +226,24 @@ def _existing_ancestor(p: Path) -> Path:
 
 # -- the target ---------------------------------------------------------------------------------
 
-@contextmanager
-def open_target(args: argparse.Namespace, layout: Layout = LAYOUT) -> Iterator[Target]:
-    """QEMU for one command (``args``: --timeout, --log-dir); its log directory is the user's
-    --log-dir or a temporary one that ``harness.cli.main`` removes after success and names after
-    a failure."""
+def start_target(args: argparse.Namespace, layout: Layout = LAYOUT) -> Target:
+    """Boot QEMU for a command that may start more than one (``args``: --timeout, --log-dir): each
+    boot logs into the user's --log-dir (``bootN`` below it after the first) or a temporary
+    directory that ``harness.cli.main`` removes after success and names after a failure."""
     if args.log_dir is not None:
         log_dir = Path(args.log_dir)
+        if args.log_dirs:
+            log_dir = log_dir / f"boot{len(args.log_dirs) + 1}"
         log_dir.mkdir(parents=True, exist_ok=True)
     else:
         log_dir = Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
         args.temporary_log_dirs.append(log_dir)
     args.log_dirs.append(log_dir)
-    with Target.start(timeout=args.timeout, request_timeout=args.timeout, layout=layout, log_dir=log_dir) as t:
+    return Target.start(timeout=args.timeout, request_timeout=args.timeout, layout=layout, log_dir=log_dir)
+
+
+@contextmanager
+def open_target(args: argparse.Namespace, layout: Layout = LAYOUT) -> Iterator[Target]:
+    """QEMU for one command (see :func:`start_target`), closed when the block ends."""
+    with start_target(args, layout) as t:
         yield t

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness.arch.geometry import GeometryError, Granule, parse_stage
 from harness.check.fuzz import DEFAULT_PER_TABLE, FuzzOptions, FuzzReport, fuzz
+from harness.cli.args import check_log_dir, start_target
 from harness.errors import EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, HarnessError
 from harness.target.target import Target
 
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         report_path = Path(args.report) if args.report else None
         if report_path is not None and not report_path.parent.is_dir():
             raise ValueError(f"--report: directory {str(report_path.parent)!r} does not exist")
+        check_log_dir(args.log_dir)
     except (ValueError, GeometryError) as exc:
         print(f"harness fuzz: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
 
     def start() -> Target:
-        return Target.start(timeout=args.timeout, request_timeout=max(args.timeout, 60.0), log_dir=args.log_dir)
+        return start_target(args)
 
     try:
         rep = fuzz(start, opts, progress)
