@@ -364,7 +364,9 @@ class Translation:
     # Stage-1 leaf fields.
     attr_index: int | None = None
     ap: int | None = None
-    xn: int | None = None  # stage 1: XN | XNTable (E2H = 1: PXN | PXNTable); stage 2: XN[1:0]
+    # stage 1: XN | XNTable (E2H = 1: PXN | PXNTable), the bits only (EL0-writable and
+    # SCTLR_EL2.WXN take execution away in ``perms``); stage 2: XN[1:0]
+    xn: int | None = None
     # Stage-2 leaf fields.
     memattr: int | None = None
     s2ap: int | None = None
