@@ -196,3 +196,14 @@ def test_size_suffixes_are_case_insensitive(tmp_path: Path, capsys: pytest.Captu
 
 def test_at_least_sixty_bad_inputs() -> None:
     assert len(ARGUMENTS) + len(FILES) >= 60
+
+
+def test_an_export_that_fails_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    def full_disk(self: Path, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    code, err = _run(["export", str(tmp_path / "new" / "deeper" / "out"), "--builtin", "s2-4K"], capsys)
+    assert code == 3 and "No space left on device" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -70,6 +70,14 @@ def test_geometry_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert (row["start_level"], row["pgd_pages"]) == (1, 16)
 
 
+def test_geometry_lpa2_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "geometry", "--stage", "2", "--lpa2", "--pa-bits", "52", "--json")
+    rows = json.loads(out)
+    assert code == 0 and {r["granule"] for r in rows} == {"4K", "16K"} and all(r["lpa2"] for r in rows)
+    row = next(r for r in rows if r["granule"] == "4K" and r["ia_bits"] == 52)
+    assert (row["start_level"], row["pgd_pages"], row["allowed_start_levels"]) == (0, 16, [-1, 0])
+
+
 def test_scenario_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "bad.toml"
     f.write_text('stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = [{addr = "0x1000", size = "4K"}]\n')
@@ -174,6 +182,28 @@ def test_user_log_dir_is_kept_and_created(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert code == 3 and str(logs) in err and (logs / "console.log").exists()
 
 
+@pytest.mark.parametrize("interruption", [SystemExit(143), KeyboardInterrupt()])
+def test_a_cleanup_failure_does_not_hide_the_signal(interruption: BaseException, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM's handler kills QEMU, then a `finally` that talks to QEMU fails: still terminated."""
+    import harness.cli.geometry
+
+    def run(args: object) -> int:
+        try:
+            raise interruption
+        except BaseException:
+            raise QemuExited("uninstall", -9, "", "") from None
+
+    monkeypatch.setattr(harness.cli.geometry, "run", run)
+    if isinstance(interruption, SystemExit):
+        with pytest.raises(SystemExit) as e:
+            main(["geometry"])
+        assert e.value.code == 143
+    else:
+        assert main(["geometry"]) == 130
+    assert "QEMU exited" not in capsys.readouterr().err
+
+
 # -- hardware-backed ---------------------------------------------------------------------------
 
 @pytest.mark.hw
@@ -263,3 +293,26 @@ def test_ctrl_c_reaps_qemu_and_gdb(tmp_path: Path) -> None:
     assert "interrupted" in err
     alive = [k for k in kids if Path(f"/proc/{k}").exists()]
     assert alive == [], f"left behind: {alive}"
+
+
+def test_export_lpa2_and_e2h_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "sc.toml"
+    f.write_text('stage = 1\ngranule = "16K"\nia_bits = 52\npa_bits = 52\nlpa2 = true\ne2h = true\n'
+                 'maps = [{addr = "0x10000000", size = "64K", pa = "0x50000000"}]\n')
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "out"), "--scenario", str(f))
+    assert code == 0, err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["lpa2"], config["e2h"], config["start_level"]) == (True, True, 0)
+    assert config["registers"]["hcr_el2_set"] != 0  # HCR_EL2.E2H for the payload to set
+
+
+@pytest.mark.hw
+@pytest.mark.parametrize("argv", [
+    ["--stage", "2", "--granule", "4K", "--ia-bits", "52", "--pa-bits", "52", "--lpa2", "--start-level", "-1"],
+    ["--stage", "1", "--granule", "16K", "--ia-bits", "52", "--pa-bits", "52", "--lpa2", "--e2h"],
+])
+def test_check_lpa2_and_hvhe_from_the_command_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "check", *argv, "--map", "0x10000000:1M:0x50000000:rw", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["ok"], err
+    assert data["reports"][0]["checked"] > 0 and "lpa2" in data["reports"][0]["geometry"]

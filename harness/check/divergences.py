@@ -3,6 +3,17 @@
 These are QEMU bugs or QEMU choices where the architecture leaves room, not model bugs. The check
 and the fuzzer classify a disagreement that one of these explains as a known divergence (shown,
 counted, not failed); anything else is a mismatch. Each entry names the Arm ARM rule.
+
+A departure of walk semantics also carries the model's keywords that make the model walk as QEMU
+does (``semantics``): the check predicts both ways, so a disagreement is classified in batch,
+also when one descriptor meets two departures (the keys joined with "+"), and what must not be
+pointed at with ``AT`` (:data:`AT_HAZARDS`) is decided on *QEMU's* walk.
+
+Not a divergence: an ``AT`` whose walk reads a physical address with nothing behind it takes a
+synchronous external abort (ESR_EL2 EC 0x25, DFSC "external abort on translation table walk")
+on QEMU instead of reporting it in PAR_EL1. The firmware records it as that probe's result; the
+check expects it where the model's walk leaves the memory it models, and counts it apart
+(``engine.SKIP_AT_ABORT``); elsewhere it is an unexplained disagreement.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ class Divergence:
     matches: Callable[[Context], bool]
     semantics: Mapping[str, Any] = field(default_factory=dict)
     concerns: Callable[[Geometry], bool] = _every_geometry
+    translates_fault: FaultKind | None = None  # a fault the model predicts where QEMU may translate
 
 
 def _before(v: QemuVersion) -> Callable[[QemuVersion], bool]:
@@ -65,13 +77,22 @@ def _after_7_2(q: QemuVersion) -> bool:
     return q >= (8, 0, 0)
 
 
-def _l0_block_4k(c: Context) -> bool:
-    m = c.model
-    if c.geom.granule is not Granule.K4 or m.fault is not FaultKind.TRANSLATION or m.fault_level != 0:
-        return False
-    step = m.steps[-1] if m.steps else None
-    return step is not None and step.raw is not None and step.level == 0 and \
-        d.VALID.get(step.raw) == 1 and d.TYPE.get(step.raw) == d.TYPE_BLOCK
+def _reserved_block(granule: Granule, level: int) -> Callable[[Context], bool]:
+    """The model's translation fault on a block descriptor at a level of ``granule`` that has no
+    blocks (DS = 0)."""
+
+    def matches(c: Context) -> bool:
+        m = c.model
+        if c.geom.granule is not granule or m.fault is not FaultKind.TRANSLATION or m.fault_level != level:
+            return False
+        step = m.steps[-1] if m.steps else None
+        return step is not None and step.raw is not None and step.level == level and \
+            d.VALID.get(step.raw) == 1 and d.TYPE.get(step.raw) == d.TYPE_BLOCK
+
+    return matches
+
+
+_l0_block_4k = _reserved_block(Granule.K4, 0)
 
 
 def _s2_level_on_s1_walk(c: Context) -> bool:
@@ -116,13 +137,47 @@ def _lpa_oa_bits(c: Context) -> bool:
 LPA_OA_SEMANTICS: Mapping[str, Any] = {"qemu_lpa_oa": True}
 
 
+FINAL_OA_SEMANTICS: Mapping[str, Any] = {"qemu_final_oa_unchecked": True}
+
+
+def _blocks_beyond_ps(geom: Geometry) -> bool:
+    """Whether some block of this geometry is larger than the PA space."""
+    return any(geom.size(level) > 1 << geom.pa_bits for level in geom.block_levels)
+
+
+def _final_oa_beyond_ps(c: Context) -> bool:
+    """The model (the ASL) faults a leaf whose descriptor address fits the PA size because the
+    final output address does not; the MMU translated it to exactly that address."""
+    m = c.model
+    par = Par(c.actual)
+    step = m.steps[-1] if m.steps else None
+    if m.fault is not FaultKind.ADDRESS_SIZE or par.fault or step is None or step.raw is None:
+        return False
+    if step.decoded is None or step.decoded.kind not in (d.Kind.BLOCK, d.Kind.PAGE):
+        return False
+    size = c.geom.size(step.level)
+    base = step.decoded.address & ~(size - 1)
+    if base >> c.geom.pa_bits:
+        return False  # the descriptor itself is out of range: not this departure
+    final = base | (m.address & (size - 1))
+    return bool(final >> c.geom.pa_bits) and par.pa == final & ~0xFFF
+
+
 DIVERGENCES: tuple[Divergence, ...] = (
     Divergence(
         "qemu-l0-block-4k",
         "Arm ARM D8.3: with the 4K granule and DS = 0 a level-0 descriptor with bit 1 clear is "
         "reserved (no level-0 blocks): translation fault at level 0",
         "QEMU before 8.2 takes it as a 512 GiB block and translates",
-        _before((8, 2, 0)), _l0_block_4k,
+        _before((8, 2, 0)), _l0_block_4k, translates_fault=FaultKind.TRANSLATION,
+    ),
+    Divergence(
+        "qemu-l1-block-16k",
+        "Arm ARM D8.3: with the 16K granule and DS = 0 a level-1 descriptor with bit 1 clear is "
+        "reserved (16K has blocks at level 2 only): translation fault at level 1",
+        "QEMU before 8.2 takes it as a 64 GiB block (found by the fuzzer on 7.2.22; the same "
+        "block-level check as the 4K level-0 case, fixed in 8.2)",
+        _before((8, 2, 0)), _reserved_block(Granule.K16, 1), translates_fault=FaultKind.TRANSLATION,
     ),
     Divergence(
         "qemu-s2-level-on-s1-walk",
@@ -144,19 +199,32 @@ DIVERGENCES: tuple[Divergence, ...] = (
         "ignores them and translates (or walks on to the table they would not point to)",
         _always, _lpa_oa_bits, LPA_OA_SEMANTICS, _lpa_oa_concerns,
     ),
+    Divergence(
+        "qemu-final-oa-beyond-ps",
+        "Arm ARM (ASL AArch64.S1Translate/S2Translate: AArch64.OAOutOfRange on the walk's output "
+        "address): an output address at or above 2^PS is an Address size fault at the leaf level, "
+        "also when it comes from the input address bits inside a block (a 64K level-1 block is "
+        "4 TiB: with PS < 42 at stage 1 its upper part lies beyond the PA size)",
+        "QEMU (10.0.2 and 7.2.22 measured) checks only descriptor bits [47:PS] and translates to the "
+        "out-of-range address",
+        _always, _final_oa_beyond_ps, FINAL_OA_SEMANTICS, _blocks_beyond_ps,
+    ),
 )
 
 
 @dataclass(frozen=True)
 class AtHazard:
     """Addresses an ``AT`` must not be pointed at on this QEMU: it would abort QEMU itself.
-    The check probes them with real loads and stores instead."""
+    ``select`` is applied to the prediction of *QEMU's* walk (the model with
+    :func:`qemu_semantics`), since it is QEMU's walk that must not end there. The check probes
+    the selected addresses with real loads and stores instead."""
 
     key: str
     rule: str
     qemu: str
     applies_to: Callable[[QemuVersion], bool]
     select: Callable[[BatchResult], npt.NDArray[np.bool_]]
+    stage: Stage  # the stage whose AT forms it concerns
 
 
 def _s2_permission_fault(pred: BatchResult) -> npt.NDArray[np.bool_]:
@@ -175,9 +243,14 @@ AT_HAZARDS: tuple[AtHazard, ...] = (
         "the stage-2 fault with stage-2-format cache attributes. Translation and access-flag faults "
         "are reported correctly. QEMU 7.2.22 reports the permission fault correctly; versions in "
         "between are not measured and treated as affected.",
-        _after_7_2, _s2_permission_fault,
+        _after_7_2, _s2_permission_fault, Stage.S2,
     ),
 )
+
+
+def hazards(version: QemuVersion, stage: Stage) -> tuple[AtHazard, ...]:
+    """The AT hazards of this QEMU for the AT forms of ``stage``."""
+    return tuple(hz for hz in AT_HAZARDS if hz.stage is stage and hz.applies_to(version))
 
 
 def at_unsafe(pred: BatchResult, version: QemuVersion) -> tuple[npt.NDArray[np.bool_], list[str]]:
@@ -203,6 +276,22 @@ def semantic_departures(version: QemuVersion, geom: Geometry) -> list[tuple[Dive
     return [(dv, dict(dv.semantics)) for dv in active(version) if dv.semantics and dv.concerns(geom)]
 
 
+def semantic_explanations(version: QemuVersion, geom: Geometry) -> list[tuple[str, dict[str, Any]]]:
+    """What may explain a disagreement by walk semantics, tried in order: each departure alone,
+    then all of them together (a key joined with "+": one descriptor can meet two departures)."""
+    deps = semantic_departures(version, geom)
+    out = [(dv.key, kw) for dv, kw in deps]
+    if len(deps) > 1:
+        out.append(("+".join(dv.key for dv, _ in deps), qemu_semantics(version, geom)))
+    return out
+
+
+def untrusted_faults(version: QemuVersion) -> tuple[int, ...]:
+    """Batch fault codes the running QEMU may translate instead (a divergence the model has no
+    keyword for): a real access must not be aimed at them, it could land anywhere."""
+    return tuple(dv.translates_fault.value for dv in active(version) if dv.translates_fault is not None)
+
+
 def qemu_semantics(version: QemuVersion, geom: Geometry) -> dict[str, Any]:
     """The model's keywords that make it walk as this QEMU does on this geometry ({} when the
     Arm ARM's walk and QEMU's agree)."""
@@ -221,5 +310,39 @@ def explain(model: Translation, actual: int, geom: Geometry, rewalk: Callable[..
     return None
 
 
-__all__ = ["AT_HAZARDS", "DIVERGENCES", "AtHazard", "Context", "Divergence", "active", "at_unsafe", "explain",
-           "qemu_semantics", "semantic_departures", "translate"]
+def explain_key(model: Translation, actual: int, geom: Geometry, rewalk: Callable[..., Translation],
+                version: QemuVersion) -> str | None:
+    """The key of what explains a disagreement: one divergence, or a departure of walk semantics
+    together with another divergence seen on QEMU's walk (keys joined with "+")."""
+    found = explain(model, actual, geom, rewalk, version)
+    if found is not None:
+        return found.key
+    for name, kw in semantic_explanations(version, geom):
+        alt = rewalk(**kw)
+        if alt.unmodelled:
+            continue
+        if (expected_par(alt) ^ actual) & par_compare_mask(alt) == 0:
+            return name
+        other = explain(alt, actual, geom, rewalk, version)
+        if other is not None and not other.semantics:
+            return f"{name}+{other.key}"
+    return None
+
+
+__all__ = [
+    "AT_HAZARDS",
+    "DIVERGENCES",
+    "AtHazard",
+    "Context",
+    "Divergence",
+    "active",
+    "at_unsafe",
+    "explain",
+    "explain_key",
+    "hazards",
+    "qemu_semantics",
+    "semantic_departures",
+    "semantic_explanations",
+    "translate",
+    "untrusted_faults",
+]

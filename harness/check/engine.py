@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +45,7 @@ from harness.core.batch import BatchResult, expected_par_batch, par_compare_mask
 from harness.core.memory import PoolImage
 from harness.core.pgtable import KvmPgtable
 from harness.core.translate import DEFAULT_MAIR, READ, WRITE, Access, Translation, expected_par, translate
+from harness.target import mailbox
 
 U64 = npt.NDArray[np.uint64]
 Bools = npt.NDArray[np.bool_]
@@ -57,7 +58,6 @@ MAX_EXPLAINED = 200  # disagreements re-walked and reported in full (the rest ar
 MAX_ACCESS_PROBES = 20_000
 
 SKIP_UNMODELLED = "walk leaves the modelled memory (no prediction)"
-SKIP_UNMODELLED_WITHHELD = "walk leaves the modelled memory, AT withheld (target cannot report an AT abort)"
 SKIP_NO_ACCESS = "withheld from AT, and real accesses cannot run on this table"
 SKIP_AT_ABORT = "AT took an external abort: walk leaves the modelled memory"
 
@@ -174,6 +174,7 @@ class CheckReport:
     withheld: dict[str, int] = field(default_factory=dict)  # AT hazard key -> addresses checked by access
     known_by: dict[str, int] = field(default_factory=dict)  # divergence key -> disagreements
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> probes with no comparison
+    explain_limit: int = MAX_EXPLAINED  # disagreements kept with their full walk
 
     @property
     def checked(self) -> int:
@@ -203,7 +204,7 @@ class CheckReport:
 
     @property
     def room(self) -> bool:
-        return len(self.mismatches) < MAX_EXPLAINED
+        return len(self.mismatches) < self.explain_limit
 
     def merge(self, other: CheckReport) -> None:
         for mine, theirs in ((self.probes, other.probes), (self.withheld, other.withheld),
@@ -281,27 +282,12 @@ def _matches(pred: BatchResult, actual: U64) -> Bools:
 
 
 def _at_aborts(actual: U64) -> Bools:
-    """PAR slots the firmware tagged as "the AT took a synchronous exception" (when it can)."""
-    from harness.target import mailbox
-
-    tagged = cast("Callable[[U64], Any] | None", getattr(mailbox, "is_at_exception", None))
-    if tagged is None:
-        return np.zeros(actual.size, dtype=np.bool_)
-    return np.asarray(tagged(actual), dtype=np.bool_)
-
-
-def reports_at_aborts() -> bool:
-    """Whether the firmware records an AT's synchronous exception as that probe's result."""
-    from harness.target import mailbox
-
-    return hasattr(mailbox, "is_at_exception")
+    """Result slots the firmware tagged as "this AT took a synchronous exception"."""
+    return np.asarray(mailbox.is_at_exception(actual), dtype=np.bool_)
 
 
 def _at_abort_text(value: int) -> str:
-    from harness.target import mailbox
-
-    esr_of = cast("Callable[[int], Any] | None", getattr(mailbox, "at_exception_esr", None))
-    return f"AT took an exception: {describe_esr(int(esr_of(value)))}" if esr_of else f"AT abort {value:#x}"
+    return f"AT took an exception: {describe_esr(int(mailbox.at_exception_esr(value)))}"
 
 
 def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, addrs: U64, actual: U64,
@@ -310,21 +296,20 @@ def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, 
     change the model's walk; the rest one by one (text for the first :data:`MAX_EXPLAINED`)."""
     key = np.full(bad.size, "", dtype=object)
     sub_actual = actual[bad]
-    for dv, kw in divergences.semantic_departures(version, subject.geom):
+    for name, kw in divergences.semantic_explanations(version, subject.geom):
         todo = np.flatnonzero(key == "")
         if not todo.size:
             break
         alt = subject.predict(addrs[bad[todo]], access, **kw)
-        key[todo[_matches(alt, sub_actual[todo])]] = dv.key
+        key[todo[_matches(alt, sub_actual[todo])]] = name
     for n, i in enumerate(bad):
         addr = int(addrs[i])
         k = str(key[n]) or None
         if k is None or report.room:
             model = subject.walk(addr, access)
             if k is None:
-                found = divergences.explain(model, int(actual[i]), subject.geom,
+                k = divergences.explain_key(model, int(actual[i]), subject.geom,
                                             partial(subject.walk, addr, access), version)
-                k = found.key if found else None
             m = None
             if report.room:
                 exp = expected_par(model) if not model.unmodelled else 0
@@ -335,18 +320,12 @@ def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, 
             report.add(None, k)
 
 
-def _at_hazards(report: CheckReport, pred: Prediction, version: divergences.QemuVersion,
-                at_aborts: bool) -> tuple[Bools, Bools]:
-    """(addresses to withhold from AT, of which those to check with real accesses)."""
+def _at_hazards(report: CheckReport, pred: Prediction, version: divergences.QemuVersion) -> Bools:
+    """The addresses to withhold from AT (and check with real accesses instead)."""
     unsafe, keys = divergences.at_unsafe(pred.qemu, version)
     for k in keys:
         report.count(report.withheld, k, int(unsafe.sum()))
-    hold = unsafe.copy()
-    if not at_aborts:
-        lost = (pred.qemu.unmodelled | pred.arm.unmodelled) & ~unsafe
-        report.count(report.skipped, SKIP_UNMODELLED_WITHHELD, int(lost.sum()))
-        hold |= lost
-    return hold, unsafe
+    return unsafe
 
 
 def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64) -> dict[Access, U64]:
@@ -357,22 +336,28 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
     subj = subject if isinstance(subject, Subject) else subject_of_table(subject, report.scenario)
     max_at = int(target.layout.max_at)
     version = target.qemu_version
-    at_aborts = reports_at_aborts()
     withheld: dict[Access, list[U64]] = {}
     for op, access in AT_OPS[subj.stage]:
         for lo in range(0, addrs.size, max_at):
             chunk = addrs[lo : lo + max_at]
             t0 = time.perf_counter()
-            pred = Prediction.of(subj, chunk, access, version)
-            hold, unsafe = _at_hazards(report, pred, version, at_aborts)
-            if hold.any():
-                withheld.setdefault(access, []).append(chunk[unsafe])
-                chunk, pred = chunk[~hold], pred.take(~hold)
-            t1 = time.perf_counter()
-            if not chunk.size:
-                continue
-            target.at_start(chunk, op)
-            t2 = time.perf_counter()
+            early = not divergences.hazards(version, subj.stage)
+            if early:  # nothing to withhold: predict while the firmware probes
+                t1 = time.perf_counter()
+                target.at_start(chunk, op)
+                t2 = time.perf_counter()
+                pred = Prediction.of(subj, chunk, access, version)
+            else:
+                pred = Prediction.of(subj, chunk, access, version)
+                unsafe = _at_hazards(report, pred, version)
+                if unsafe.any():
+                    withheld.setdefault(access, []).append(chunk[unsafe])
+                    chunk, pred = chunk[~unsafe], pred.take(~unsafe)
+                t1 = time.perf_counter()
+                if not chunk.size:
+                    continue
+                target.at_start(chunk, op)
+                t2 = time.perf_counter()
             expected = expected_par_batch(pred.arm)
             mask = par_compare_mask_batch(pred.arm)
             t3 = time.perf_counter()
@@ -468,6 +453,36 @@ class Tokens:
 LOAD_TOKEN_BASE = 0x10AD_0000_0000_0000
 
 
+@dataclass(frozen=True)
+class StoreGuard:
+    """The 4K pages of scratch RAM that hold the stores' expected PAs, as they were before the
+    stores: afterwards, no other word of them may have changed (a store that went astray nearby)."""
+
+    index: npt.NDArray[np.intp]  # word indices in scratch RAM of the guarded pages
+    before: U64
+    expected: npt.NDArray[np.intp]  # word indices the stores are expected to write
+
+    MAX_PAGES = 4096
+    PAGE_WORDS = 512
+
+    @classmethod
+    def take(cls, target: TargetLike, pred: BatchResult, scratch: Any) -> StoreGuard | None:
+        ok = _in_scratch(pred, scratch)
+        expected = ((pred.pa[ok] - np.uint64(scratch.base)) >> np.uint64(3)).astype(np.intp)
+        pages = np.unique(expected // cls.PAGE_WORDS)
+        if not pages.size or pages.size > cls.MAX_PAGES:
+            return None
+        index = (pages[:, None] * cls.PAGE_WORDS + np.arange(cls.PAGE_WORDS)).reshape(-1)
+        return cls(index, _scratch_words(target, scratch)[index].copy(), expected)
+
+    def strays(self, target: TargetLike, scratch: Any) -> list[int]:
+        """PAs of words that changed but were no store's expected PA."""
+        after = _scratch_words(target, scratch)[self.index]
+        changed = self.index[after != self.before]
+        stray = np.setdiff1d(changed, self.expected)
+        return [int(scratch.base) + 8 * int(w) for w in stray]
+
+
 def _stores_landed(target: TargetLike, pred: BatchResult, rec: Any, scratch: Any) -> Bools:
     """Per lane: the value the store carried is at its expected PA (where several stores share
     a word, the last one's value), or no store was expected to complete."""
@@ -485,6 +500,18 @@ def _stores_landed(target: TargetLike, pred: BatchResult, rec: Any, scratch: Any
     return out
 
 
+def _access_departures(subject: Subject, addrs: U64, access: Access, rec: Any, write: bool,
+                       version: divergences.QemuVersion) -> list[str | None]:
+    """For accesses that disagree with the Arm ARM's walk: the declared departure (if any) whose
+    walk they agree with."""
+    keys: list[str | None] = [None] * addrs.size
+    for name, kw in divergences.semantic_explanations(version, subject.geom):
+        alt = subject.predict(addrs, access, **kw)
+        for i in np.flatnonzero(_access_agrees(alt, rec, addrs, subject.stage, write)):
+            keys[i] = keys[i] or name
+    return keys
+
+
 def _outside(addrs: U64, ranges: tuple[tuple[int, int], ...]) -> Bools:
     out = np.ones(addrs.size, dtype=np.bool_)
     for base, size in ranges:
@@ -493,7 +520,8 @@ def _outside(addrs: U64, ranges: tuple[tuple[int, int], ...]) -> Bools:
 
 
 def check_access(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64,
-                 rng: np.random.Generator, must: Mapping[Access, U64] | None = None) -> None:
+                 rng: np.random.Generator, must: Mapping[Access, U64] | None = None,
+                 sample: int = MAX_ACCESS_PROBES) -> None:
     """Real loads and stores on the addresses that fault (on both the Arm ARM's and QEMU's walk)
     or translate into scratch RAM; the addresses in ``must`` (withheld from AT) are always
     included."""
@@ -508,15 +536,19 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         pred = Prediction.of(subj, cand, access, version)
         a, q = pred.arm, pred.qemu
         safe = (_in_scratch(a, scratch) & q.ok & (a.pa == q.pa)) | (~a.ok & ~q.ok & ~a.unmodelled & ~q.unmodelled)
+        safe &= ~np.isin(a.fault, divergences.untrusted_faults(version))
+        if subj.stage is Stage.S2:  # a stage-1 fault of EL1 (above PAMax) is taken at EL1, not reported
+            safe &= a.ok | (a.fault_stage2 & q.fault_stage2)
         safe &= _outside(cand, subj.no_access)
         eligible = np.flatnonzero(safe & ~np.isin(cand, forced))
-        if eligible.size > MAX_ACCESS_PROBES:
-            eligible = rng.choice(eligible, MAX_ACCESS_PROBES, replace=False)
+        if eligible.size > sample:
+            eligible = rng.choice(eligible, sample, replace=False)
         idx = np.union1d(eligible, np.flatnonzero(np.isin(cand, forced)))
         if not idx.size:
             continue
         chosen, pred = cand[idx], pred.take(idx)
         tokens = Tokens.plant(target, pred.arm, scratch, report.checked) if not write else None
+        guard = StoreGuard.take(target, pred.arm, scratch) if write else None
         t0 = time.perf_counter()
         rec = target.access(chosen, write=write, stage=subj.stage)
         report.time("access", time.perf_counter() - t0)
@@ -526,16 +558,18 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         if "value" in (rec.dtype.names or ()):
             landed = tokens.loaded(rec) if tokens is not None else _stores_landed(target, pred.arm, rec, scratch)
             good &= landed
+        if guard is not None:
+            for pa in guard.strays(target, scratch):
+                report.add(Mismatch(pa, "store", "no store lands here (not an expected PA)",
+                                    f"the word at PA {pa:#x} changed", "") if report.room else None, None)
         bad = np.flatnonzero(~good)
         report.matched += int(chosen.size - bad.size)
         if not bad.size:
             continue
-        qemu_good = _access_agrees(pred.qemu, rec, chosen, subj.stage, write) if pred.qemu is not pred.arm \
-            else np.zeros(chosen.size, dtype=np.bool_)
-        departures = divergences.semantic_departures(version, subj.geom)
-        for i in bad:
+        keys = _access_departures(subj, chosen[bad], access, rec[bad], write, version)
+        for n, i in enumerate(bad):
             addr = int(chosen[i])
-            key = departures[0][0].key if qemu_good[i] and departures else None
+            key = keys[n]
             m = None
             if report.room:
                 t = subj.walk(addr, access)
@@ -551,7 +585,8 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
 
 
 def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.random.Generator | None = None,
-                  access: bool = False, report: CheckReport | None = None) -> CheckReport:
+                  access: bool = False, report: CheckReport | None = None,
+                  access_sample: int = MAX_ACCESS_PROBES) -> CheckReport:
     """Install the subject's tables, probe ``addrs`` with AT (and real accesses where asked or
     where AT is withheld), compare, uninstall."""
     rng = rng or np.random.default_rng(0)
@@ -564,7 +599,7 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
         if not subject.accesses:
             report.count(report.skipped, SKIP_NO_ACCESS, sum(int(v.size) for v in withheld.values()))
         elif withheld or access:
-            check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld)
+            check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld, access_sample)
     finally:
         if target.alive:
             target.uninstall()
@@ -617,9 +652,7 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
                        f"{kind} faulted: {describe_esr(int(r['esr']))} FAR {int(r['far']):#x} "
                        f"HPFAR {int(r['hpfar']):#x}") + f" (AT withheld: {', '.join(keys)})"
                 agree = bool(_access_agrees(pred.arm, rec, one, subject.stage, write)[0])
-                known = not agree and pred.qemu is not pred.arm and \
-                    bool(_access_agrees(pred.qemu, rec, one, subject.stage, write)[0])
-                withheld = True
+                key = None if agree else _access_departures(subject, one, access, rec, write, version)[0]
             else:
                 target.at_start(one, op)
                 actual = target.at_wait()
@@ -627,15 +660,12 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
                 mmu = _at_abort_text(int(actual[0])) if aborted else str(Par(int(actual[0])))
                 unmodelled = bool(pred.arm.unmodelled[0] or pred.qemu.unmodelled[0])
                 agree = unmodelled or (not aborted and bool(_matches(pred.arm, actual)[0]))
-                known = not agree and not aborted and bool(_matches(pred.qemu, actual)[0])
-                withheld = False
-            key = None
-            if known:
-                key = divergences.semantic_departures(version, subject.geom)[0][0].key
-            elif not agree and not withheld:
-                found = divergences.explain(model, int(actual[0]), subject.geom, partial(subject.walk, addr, access),
-                                            version)
-                key = found.key if found else None
+                key = None
+                if not agree and not aborted:
+                    key = next((name for name, kw in divergences.semantic_explanations(version, subject.geom)
+                                if _matches(subject.predict(one, access, **kw), actual)[0]), None)
+                    key = key or divergences.explain_key(
+                        model, int(actual[0]), subject.geom, partial(subject.walk, addr, access), version)
             out.append(AddressVerdict(op, model.explain(), mmu, agree, key))
     finally:
         if target.alive:

@@ -89,8 +89,10 @@ def export_built(built: BuiltScenario, directory: Path, rng: np.random.Generator
 
 
 def _write_directory(directory: Path, files: dict[str, bytes]) -> None:
-    """All files or none: written into a sibling temporary directory, then renamed into place."""
+    """All files or none: written into a sibling temporary directory, then renamed into place;
+    on failure every directory created on the way is removed again."""
     parent = directory.absolute().parent
+    first_created = next((p for p in (*reversed(parent.parents), parent) if not p.exists()), None)
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
     try:
@@ -100,5 +102,5 @@ def _write_directory(directory: Path, files: dict[str, bytes]) -> None:
             directory.rmdir()  # empty (checked by the caller); replaced by the staging directory
         staging.rename(directory)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(first_created or staging, ignore_errors=True)
         raise

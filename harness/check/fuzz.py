@@ -26,12 +26,12 @@ from harness.check.engine import (
     Mismatch,
     TargetLike,
     check_subject,
-    reports_at_aborts,
 )
 from harness.errors import MachineryError
 
-DEFAULT_PER_TABLE = 1600  # addresses per table (each probed with both AT forms)
+DEFAULT_PER_TABLE = 1500  # addresses per table (each probed with both AT forms)
 RAW_AT_PROBES = 1 << 19
+EXPLAIN_PER_TABLE = 16  # disagreements of one table re-walked in full (all are counted and classified)
 
 
 class FuzzTarget(TargetLike, Protocol):
@@ -46,6 +46,9 @@ class FuzzOptions:
     granule: Granule | None = None
     per_table: int = DEFAULT_PER_TABLE
     min_tables: int = 1
+    max_deaths: int = 10  # stop the run after this many targets died (each is a finding)
+    tables_per_config: int = 2  # consecutive tables share a configuration (and its builder tables)
+    accesses_per_table: int = 32  # real loads and stores (each) besides those withheld from AT
 
 
 @dataclass
@@ -79,6 +82,7 @@ class FuzzReport:
     examples: list[str] = field(default_factory=list)  # text of disagreements (unexplained first)
     findings: list[Finding] = field(default_factory=list)
     restarts: int = 0
+    stopped: str = ""  # why the run ended early, if it did
 
     @property
     def probes_per_s(self) -> float:
@@ -119,7 +123,7 @@ class FuzzReport:
             "disagreements": self.disagreements, "unexplained": self.unexplained, "skipped": self.skipped,
             "withheld_from_at": self.withheld, "probes_per_s": self.probes_per_s,
             "raw_at_per_s": self.raw_at_per_s, "seconds": self.seconds, "by_config": self.by_config,
-            "findings": [f.__dict__ for f in self.findings], "restarts": self.restarts,
+            "findings": [f.__dict__ for f in self.findings], "restarts": self.restarts, "stopped": self.stopped,
             "examples": self.examples,
         }
 
@@ -134,10 +138,11 @@ class FuzzReport:
         lines += [f"  {k}: {v['tables']} tables, {v['probes']} probes, {v['unexplained']} unexplained, "
                   f"{v['known']} known" for k, v in sorted(self.by_config.items())]
         lines += [f"  finding: {f.text()}" for f in self.findings]
+        lines += [f"  {self.stopped}"] if self.stopped else []
         shown = self.examples if full else self.examples[:20]
         lines += shown
         if len(shown) < len(self.examples):
-            lines.append(f"  ... {len(self.examples) - len(shown)} more examples (--report FILE keeps them all)")
+            lines.append(f"  ... {len(self.examples) - len(shown)} more examples (--report FILE keeps them)")
         return "\n".join(lines)
 
 
@@ -154,12 +159,11 @@ def config_key(stage: Stage, granule: Granule) -> str:
 
 
 def raw_at_rate(target: TargetLike, rng: np.random.Generator, probes: int = RAW_AT_PROBES) -> float:
-    """The firmware's bare AT loop rate (translations/s) on a random stage-1 table."""
+    """The firmware's bare AT loop rate (translations/s) on a stage-1 table that maps the
+    firmware's regions only (its walks stay inside tables the model wrote)."""
     geom = rawtables.random_geometry(rng, Stage.S1, Granule.K4)
-    raw = rawtables.random_tables(rng, geom, target.layout, outside_ram=False)
-    subject = raw.subject("raw AT rate")
-    addrs = rng.integers(0, geom.limit, size=probes, dtype=np.uint64)
-    addrs = addrs[~subject.predict(addrs, AT_OPS[Stage.S1][0][1]).unmodelled]
+    subject = rawtables.firmware_only(geom, target.layout).subject("raw AT rate")
+    addrs = rng.integers(0, 1 << 31, size=probes, dtype=np.uint64)
     target.install(subject.regs, subject.image)
     try:
         target.at(addrs[:1000], AT_OPS[Stage.S1][0][0])
@@ -182,22 +186,29 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
         report = FuzzReport(opts.seed, ".".join(map(str, target.qemu_version)))
         report.raw_at_per_s = raw_at_rate(target, np.random.default_rng([opts.seed, 1 << 40]))
         t0 = time.perf_counter()
-        outside = reports_at_aborts()
         index = 0
         while report.probes < opts.probes or report.tables < opts.min_tables:
             rng = np.random.default_rng([opts.seed, index])
-            geom = rawtables.random_geometry(rng, opts.stage, opts.granule)
-            raw = rawtables.random_tables(rng, geom, target.layout, outside_ram=outside)
+            geom = rawtables.random_geometry(np.random.default_rng([opts.seed, index // opts.tables_per_config]),
+                                             opts.stage, opts.granule)
+            raw = rawtables.random_tables(rng, geom, target.layout, outside_ram=True)
             addrs = rawtables.probe_addresses(rng, raw, opts.per_table)
             name = f"fuzz {opts.seed}/{index}"
+            rep = CheckReport(name, geom.describe(), report.qemu, explain_limit=EXPLAIN_PER_TABLE)
             try:
-                rep = check_subject(raw.subject(name), target, addrs, rng)
+                check_subject(raw.subject(name), target, addrs, rng, report=rep,
+                              access=opts.accesses_per_table > 0 and raw.can_access,
+                              access_sample=opts.accesses_per_table)
             except MachineryError as exc:
                 report.findings.append(Finding(opts.seed, index, raw.describe(), [int(a) for a in addrs],
                                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
                 report.unexplained += 1
                 _bump(report.disagreements, "target died", 1)
-                target.close()
+                if target is not first:
+                    target.close()
+                if len(report.findings) >= opts.max_deaths:
+                    report.stopped = f"stopped after {len(report.findings)} targets died"
+                    break
                 target = start()
                 report.restarts += 1
             else:

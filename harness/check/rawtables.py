@@ -48,6 +48,7 @@ U64 = npt.NDArray[np.uint64]
 _U = np.uint64
 
 WINDOW_BYTES = {Granule.K4: 128 << 12, Granule.K16: 64 << 14, Granule.K64: 48 << 16}
+MAX_NEW_TABLES = 24  # fresh random subtrees per set of tables
 OUTSIDE_RAM = 0x2_0000_0000  # no memory and no device behind it on QEMU's virt board (1 GiB RAM)
 MIN_STAGE2_IA_FOR_STUB = 31
 
@@ -117,9 +118,10 @@ class _Filler:
         self.layout = layout
         self.outside_ram = outside_ram
         self.tables: list[int] = []  # table pages written so far
-        self.spans: list[tuple[int, int]] = []
+        self.spans: list[U64] = []  # (n, 2) arrays of (input base, size)
         self.stats: dict[str, int] = {}
         self.reserve = 3  # pages kept zero for TABLE_ZERO pointers
+        self.new_tables = MAX_NEW_TABLES  # fresh subtrees left (most of the time goes into filling them)
         kinds = dict(_KIND_WEIGHTS)
         if not outside_ram:
             kinds.pop(TABLE_OUTSIDE)
@@ -220,9 +222,10 @@ class _Filler:
         desc[kinds >= TABLE_NEW] = self._table_attrs(int((kinds >= TABLE_NEW).sum()))
         new_tables: list[tuple[int, int]] = []
         for i in np.flatnonzero(kinds == TABLE_NEW):  # fresh subtrees while pages and depth remain
-            if self.pool.pages - self.pool.used_pages <= self.reserve or depth_budget <= 0:
+            if self.pool.pages - self.pool.used_pages <= self.reserve or depth_budget <= 0 or not self.new_tables:
                 kinds[i] = TABLE_OLD
                 continue
+            self.new_tables -= 1
             pa = self.pool.alloc_page()
             new_tables.append((pa, int(slots[i])))
             desc[i] |= _U(d.table_pte(pa, g.granule))
@@ -234,7 +237,8 @@ class _Filler:
             self.count(name, int((kinds == k).sum()))
         words[first + slots] = desc
         shift = g.shift(level)
-        self.spans.extend((va + (int(s) << shift), 1 << shift) for s in slots[kinds != INVALID])
+        used = slots[kinds != INVALID].astype(np.uint64)
+        self.spans.append(np.stack([_U(va) + (used << _U(shift)), np.full(used.size, 1 << shift, dtype=np.uint64)], 1))
         for pa, slot in new_tables:
             self.tables.append(pa)
             self.fill(pa, level + 1, va + (slot << shift), ptrs_per_table(g.granule), depth_budget - 1)
@@ -255,11 +259,12 @@ def _builder_tables(pool: PagePool, geom: Geometry, root: int) -> list[tuple[int
         i += 1
         if level == LAST_LEVEL:
             continue
-        for k in range(n):
-            pte = pool.read64(table + k * ENTRY_BYTES)
-            if d.is_table(pte, level):
-                out.append((d.pte_to_phys(pte, geom.granule), level + 1, va + (k << geom.shift(level)),
-                            ptrs_per_table(geom.granule)))
+        first = (table - pool.base) // ENTRY_BYTES
+        entries = pool.words()[first : first + n]
+        tab = _U(d.VALID.mask | d.TYPE.mask)
+        for k in np.flatnonzero((entries & tab) == tab):
+            out.append((d.pte_to_phys(int(entries[k]), geom.granule), level + 1, va + (int(k) << geom.shift(level)),
+                        ptrs_per_table(geom.granule)))
     return out
 
 
@@ -281,6 +286,16 @@ def _protected_base(geom: Geometry, layout: LayoutLike, regions: list[RegionLike
     pool.alloc_pages(used)  # the same pages in use again (first fit from the bottom), then their bytes
     pool.words()[:] = np.frombuffer(data, dtype=np.uint64)
     return pool, pgd
+
+
+def firmware_only(geom: Geometry, layout: LayoutLike) -> RawTables:
+    """The builder's identity map of the firmware's regions and nothing else (no random content)."""
+    regions = list(layout.stage1_regions() if geom.stage is Stage.S1 else layout.stage2_regions())
+    protected = [r for r in regions if r.base + r.size <= geom.limit]
+    pool, root = _protected_base(geom, layout, protected)
+    spans = np.array([(r.base, r.size) for r in protected], dtype=np.uint64).reshape(-1, 2)
+    return RawTables(geom, pool, root, regime_regs(geom, root), spans, tuple(protected), {},
+                     geom.stage is Stage.S1 or len(protected) == len(regions))
 
 
 def random_tables(rng: np.random.Generator, geom: Geometry, layout: LayoutLike, outside_ram: bool = False,
@@ -315,7 +330,7 @@ def random_tables(rng: np.random.Generator, geom: Geometry, layout: LayoutLike, 
     filler.tables = [t for t, *_ in built]
     for tpa, level, va, n in built:
         filler.fill(tpa, level, va, n, max_depth)
-    spans = np.array(filler.spans or [(0, geom.granule.size)], dtype=np.uint64).reshape(-1, 2)
+    spans = np.concatenate([*filler.spans, np.array([[0, geom.granule.size]], dtype=np.uint64)])
     return RawTables(geom, pool, root, regs, spans, tuple(protected), filler.stats, can_access)
 
 

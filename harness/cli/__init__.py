@@ -1,4 +1,4 @@
-"""The ``harness`` command line.
+"""The harness command line.
 
     harness run                  the main job: built-in scenarios, both stages, all granules, on QEMU
     harness check ...            one scenario from the command line or a JSON/TOML file
@@ -104,6 +104,19 @@ def _finish_logs(args: argparse.Namespace, code: int) -> None:
             print(f"harness {args.command}: logs kept in {d}", file=sys.stderr)
 
 
+def _raise_interruption(e: BaseException) -> None:
+    """Re-raise the SIGTERM/SIGHUP (SystemExit) or Ctrl-C (KeyboardInterrupt) that ``e`` was raised
+    while handling: a cleanup step that met the QEMU the signal handler had just killed must not
+    turn "terminated" into "the machinery failed"."""
+    seen: set[int] = set()
+    ctx = e.__context__
+    while ctx is not None and id(ctx) not in seen:
+        if isinstance(ctx, SystemExit | KeyboardInterrupt):
+            raise ctx from None
+        seen.add(id(ctx))
+        ctx = ctx.__context__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (``argv`` None: the program's own arguments, and SIGTERM/SIGHUP handlers
     that kill QEMU and gdb first, then unwind with status 128 + signal)."""
@@ -118,7 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.temporary_log_dirs = []  # ... and those of them it created: removed after success
     code = EXIT_MACHINERY
     try:
-        code = int(args.command_module.run(args))
+        try:
+            code = int(args.command_module.run(args))
+        except Exception as e:
+            _raise_interruption(e)  # cleanup that failed because QEMU was just killed hides the signal
+            raise
     except HarnessError as e:
         code = e.exit_code
         _report_error(args, e, expected=True)

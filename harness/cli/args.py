@@ -151,12 +151,12 @@ def _inline_scenario(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"scenario: {', '.join(missing)} required (or --scenario FILE / --builtin NAME)")
     fields: dict[str, Any] = {"name": "cli", "stage": args.stage, "granule": args.granule, "ia_bits": args.ia_bits,
                               "maps": [_map_from_arg(m) for m in args.map], "ops": [_op_from_arg(o) for o in args.op]}
-    for key in ("pa_bits", "start_level"):
+    for key in ("pa_bits", "start_level", "sample"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
-    for flag in ("lpa2", "e2h"):  # the geometry is validated with them, not before them
-        if getattr(args, flag):
-            fields[flag] = True
+    for key in ("lpa2", "e2h", "access"):
+        if getattr(args, key):
+            fields[key] = True
     return fields
 
 
@@ -226,17 +226,24 @@ def _existing_ancestor(p: Path) -> Path:
 
 # -- the target ---------------------------------------------------------------------------------
 
-@contextmanager
-def open_target(args: argparse.Namespace, layout: Layout = LAYOUT) -> Iterator[Target]:
-    """QEMU for one command (``args``: --timeout, --log-dir); its log directory is the user's
-    --log-dir or a temporary one that ``harness.cli.main`` removes after success and names after
-    a failure."""
+def start_target(args: argparse.Namespace, layout: Layout = LAYOUT) -> Target:
+    """Boot QEMU for a command that may start more than one (``args``: --timeout, --log-dir): each
+    boot logs into the user's --log-dir (``bootN`` below it after the first) or a temporary
+    directory that ``harness.cli.main`` removes after success and names after a failure."""
     if args.log_dir is not None:
         log_dir = Path(args.log_dir)
+        if args.log_dirs:
+            log_dir = log_dir / f"boot{len(args.log_dirs) + 1}"
         log_dir.mkdir(parents=True, exist_ok=True)
     else:
         log_dir = Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
         args.temporary_log_dirs.append(log_dir)
     args.log_dirs.append(log_dir)
-    with Target.start(timeout=args.timeout, request_timeout=args.timeout, layout=layout, log_dir=log_dir) as t:
+    return Target.start(timeout=args.timeout, request_timeout=args.timeout, layout=layout, log_dir=log_dir)
+
+
+@contextmanager
+def open_target(args: argparse.Namespace, layout: Layout = LAYOUT) -> Iterator[Target]:
+    """QEMU for one command (see :func:`start_target`), closed when the block ends."""
+    with start_target(args, layout) as t:
         yield t

@@ -8,11 +8,13 @@ was found (resumed if it was running; nothing is written).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from harness.check import attach as att
+from harness.cli.args import check_log_dir, start_target
 from harness.cli.output import print_json
 from harness.errors import EXIT_MISMATCH, EXIT_OK, HarnessError, InputError
 from harness.live.gdbstub import capture, parse_target
@@ -53,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.timeout <= 0:
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise InputError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
+    check_log_dir(args.log_dir)
     if args.samples < 0:
         raise InputError(f"--samples: expected 0 or more, got {args.samples}")
     window = att.parse_window(args.window) if args.window else None
@@ -94,8 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     report = None
     if args.verify:
         def start(layout: Layout) -> Target:
-            return Target.start(timeout=args.timeout, request_timeout=max(args.timeout, 60.0), layout=layout,
-                                log_dir=args.log_dir)
+            return start_target(args, layout)
 
         report = att.verify(snap, start, samples=args.samples, seed=args.seed, regimes=regimes)
         out["verify"] = report.to_json()

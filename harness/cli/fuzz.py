@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness.arch.geometry import GeometryError, Granule, parse_stage
 from harness.check.fuzz import DEFAULT_PER_TABLE, FuzzOptions, FuzzReport, fuzz
+from harness.cli.args import check_log_dir, start_target
 from harness.errors import EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, HarnessError
 from harness.target.target import Target
 
@@ -24,14 +25,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser("fuzz", help="random raw tables against the MMU; disagreements classified",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="RNG seed (table i of a run is seed/i; default 0)")
-    p.add_argument("--probes", type=int, default=1_000_000, help="AT probes to run (default 1e6)")
+    p.add_argument("--probes", type=int, default=1_000_000, help="probes: AT forms and real accesses (1e6)")
     p.add_argument("--stage", help="only stage 1 or 2 (default both)")
     p.add_argument("--granule", help="only 4K, 16K or 64K (default all)")
     p.add_argument("--per-table", type=int, default=DEFAULT_PER_TABLE,
                    help=f"addresses per table, each probed with both AT forms (default {DEFAULT_PER_TABLE})")
     p.add_argument("--min-tables", type=int, default=1, help="run at least this many tables")
+    p.add_argument("--max-deaths", type=int, default=10, help="stop after QEMU died this many times (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--report", metavar="FILE", help="write every disagreement's walk here")
+    p.add_argument("--report", metavar="FILE",
+                   help="write the walks here: unexplained ones (up to 200), one per known divergence")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for boot and each request")
     p.add_argument("--log-dir", help="keep QEMU/gdb/console logs here")
 
@@ -46,13 +49,21 @@ def _options(args: argparse.Namespace) -> FuzzOptions:
         raise bad("--probes", "a positive number of probes", args.probes)
     if args.per_table <= 0:
         raise bad("--per-table", "a positive number of addresses", args.per_table)
+    if args.max_deaths < 1:
+        raise bad("--max-deaths", "a positive number", args.max_deaths)
     if args.min_tables < 0:
         raise bad("--min-tables", "a non-negative number", args.min_tables)
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise bad("--timeout", "a positive number of seconds", args.timeout)
-    stage = parse_stage(args.stage) if args.stage is not None else None
-    granule = Granule.parse(args.granule) if args.granule is not None else None
-    return FuzzOptions(args.seed, args.probes, stage, granule, args.per_table, args.min_tables)
+    try:
+        stage = parse_stage(args.stage) if args.stage is not None else None
+    except GeometryError as exc:
+        raise ValueError(f"--{exc}") from exc
+    try:
+        granule = Granule.parse(args.granule) if args.granule is not None else None
+    except GeometryError as exc:
+        raise ValueError(f"--{exc}") from exc
+    return FuzzOptions(args.seed, args.probes, stage, granule, args.per_table, args.min_tables, args.max_deaths)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         report_path = Path(args.report) if args.report else None
         if report_path is not None and not report_path.parent.is_dir():
             raise ValueError(f"--report: directory {str(report_path.parent)!r} does not exist")
+        check_log_dir(args.log_dir)
     except (ValueError, GeometryError) as exc:
         print(f"harness fuzz: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -72,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
 
     def start() -> Target:
-        return Target.start(timeout=args.timeout, request_timeout=max(args.timeout, 60.0), log_dir=args.log_dir)
+        return start_target(args)
 
     try:
         rep = fuzz(start, opts, progress)

@@ -16,9 +16,11 @@ def _summary_rows(reports: list[CheckReport]) -> list[list[object]]:
 
 
 def print_reports(reports: list[CheckReport], args: argparse.Namespace, elapsed: float, t: Target) -> None:
+    ok = all(r.ok for r in reports)
     if args.json:
-        print_json({"ok": all(r.ok for r in reports), "elapsed_s": elapsed, "qemu": t.cmdline,
-                    "console_log": str(t.console_log), "reports": [r.to_json() for r in reports]})
+        kept = args.log_dir is not None or not ok  # a temporary log directory goes after a clean run
+        print_json({"ok": ok, "elapsed_s": elapsed, "qemu": t.cmdline,
+                    "console_log": str(t.console_log) if kept else None, "reports": [r.to_json() for r in reports]})
         return
     for r in reports:
         if not r.ok:

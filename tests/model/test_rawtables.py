@@ -113,3 +113,20 @@ def test_leaves_carry_every_kind_of_bit() -> None:
     valid = words[(words & np.uint64(1)) == 1]
     for field in (d.AF, d.CONTIG, d.S1_NG, d.SW, d.OA_51_48, d.AP_TABLE, d.XN_TABLE):
         assert ((valid & np.uint64(field.mask)) != 0).any(), field.name
+
+
+def test_declared_departures_are_model_keywords() -> None:
+    """Every walk-semantics keyword a divergence declares is accepted by both walks, and every
+    divergence names its Arm ARM rule and what QEMU does."""
+    from harness.check import divergences
+
+    raw = tables(1, granule=Granule.K64)
+    subject = raw.subject("t")
+    for dv in divergences.DIVERGENCES:
+        assert dv.rule and dv.qemu and dv.key
+        if dv.semantics:
+            subject.predict(np.array([0], dtype=np.uint64), READ, **dv.semantics)
+            subject.walk(0, READ, **dv.semantics)
+    assert divergences.qemu_semantics((10, 0, 2), Geometry.create(Stage.S1, Granule.K64, 48, 48)) == \
+        {"qemu_lpa_oa": True}
+    assert divergences.qemu_semantics((10, 0, 2), Geometry.create(Stage.S1, Granule.K4, 48, 48)) == {}

@@ -41,10 +41,6 @@ class LayoutLike(Protocol):
     def stage2_regions(self) -> Sequence[RegionLike]: ...
 
 
-# Regimes the model's table classes (HypPgtable, Stage2Pgtable) can build: the architecture and the
-# translate know LPA2 and hVHE; the table operations do not yet (issue 12).
-
-
 @dataclass(frozen=True)
 class PoolOnlyLayout:
     """A memory map with a page pool and no firmware: tables for the model alone (benchmarks,
@@ -99,7 +95,7 @@ def build(scenario: Scenario, layout: LayoutLike, rules: WalkRules = UPSTREAM_RU
 
 
 def empty_table(pool: PagePool, geom: Geometry, rules: WalkRules = UPSTREAM_RULES) -> KvmPgtable:
-    """The table KVM would create for the geometry: hyp stage 1 (EL2 or EL2&0) or guest stage 2."""
+    """The table KVM would create for the geometry: hyp stage 1 (nVHE or hVHE) or guest stage 2."""
     return KvmPgtable.for_geometry(geom, pool, rules)
 
 
