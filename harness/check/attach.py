@@ -2,15 +2,19 @@
 
 * :func:`decode` - every regime in use, its registers and its mapped ranges (merged leaves, via
   :func:`harness.core.dump.mapped_ranges` over the snapshot's pages), each with the permissions
-  and attributes the model's architectural walk gives its first address.
+  and attributes the model's architectural walk gives its first address, under the regime's own
+  SCTLR_EL2.WXN (:attr:`LiveRegime.wxn`; Linux sets it).
+* :func:`findings` - what the decoded permissions say about W^X at EL2, from the ranges alone:
+  writable and executable, execute-never only through WXN, execute-never at EL0 only (UXN = 1,
+  PXN = 0) in the EL2&0 regime (Linux 6.12's hVHE hyp mappings).
 * :func:`explain` - one address's walk in every regime (:func:`harness.core.translate.translate`).
 * :func:`verify` - replay: the snapshot's table pages are copied into the payload's page pool
   (next-level pointers relocated, leaves untouched), the payload's own regions are spliced into
   input-address space the snapshot leaves unmapped (the payload is moved, by choosing a memory
   layout, until that is possible; refused with the reason otherwise), the same control register
-  values are programmed with the relocated root, and ``AT`` checks every mapped range (both
-  edges and samples inside) and the holes between them against the model's walk of the
-  *original* snapshot. The model's walk of the relocated copy must give the same answers (only
+  values are programmed with the relocated root (SCTLR_EL2.WXN included), and ``AT`` checks
+  every mapped range (both edges and samples inside) and the holes between them against the
+  model's walk of the *original* snapshot. The model's walk of the relocated copy must give the same answers (only
   table addresses moved): that is checked too.
 """
 
