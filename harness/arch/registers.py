@@ -287,7 +287,7 @@ class Stage1Regs:
 
     ``sctlr_el2_set`` is M, C and I for the harness's own tables (SCTLR_EL2.WXN = 0, the walks'
     default); ``harness attach --verify`` adds WXN when the snapshot has it (the payload's code is
-    r-x and its data rw-, so it runs under WXN). The firmware's uninstall clears M, C and I only."""
+    r-x and its data rw-, so it runs under WXN). The firmware's uninstall clears M, C, I and WXN."""
 
     mair_el2: int
     tcr_el2: int

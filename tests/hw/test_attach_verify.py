@@ -173,3 +173,37 @@ def test_verify_replays_sctlr_el2_wxn(e2h: bool) -> None:
     assert r.wxn and r.sctlr_el2 is not None and SCTLR_WXN.get(r.sctlr_el2) == 1
     assert r.checked > 20 and report.mismatched == 0, report.text()
     assert report.to_json()["regimes"][0]["wxn"] is True
+
+
+class _Watched:
+    """A replay target that reads SCTLR_EL2 back when verify closes it (after its uninstall)."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.sctlr_after: int | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.target, name)
+
+    def close(self) -> None:
+        self.sctlr_after = self.target.sysreg("SCTLR_EL2")
+        self.target.close()
+
+
+def test_replayed_wxn_does_not_outlive_its_install() -> None:
+    """The firmware's uninstall clears SCTLR_EL2.WXN with M, C and I: a later install without it
+    does not inherit the replay's."""
+    t = HypPgtable(_pool(4096), "4K", 48, 48)
+    t.map(0x1_0000_0000, 2 * MIB, 0x5000_0000, Prot.RW)
+    snap = from_tables(t)
+    snap.registers["SCTLR_EL2"] |= SCTLR_WXN.mask
+    seen: list[_Watched] = []
+
+    def start(layout: Layout) -> _Watched:
+        seen.append(_Watched(_start(layout)))
+        return seen[-1]
+
+    report = verify(snap, start)
+    assert report.mismatched == 0 and SCTLR_WXN.get(report.regimes[0].sctlr_el2 or 0) == 1
+    (w,) = seen
+    assert w.sctlr_after is not None and SCTLR_WXN.get(w.sctlr_after) == 0 and w.sctlr_after & 1 == 0
