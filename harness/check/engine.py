@@ -41,7 +41,13 @@ from harness.arch.registers import (
 from harness.check import divergences
 from harness.check.addresses import probe_addresses
 from harness.check.scenario import BuiltScenario
-from harness.core.batch import BatchResult, expected_par_batch, par_compare_mask_batch, translate_batch
+from harness.core.batch import (
+    BatchResult,
+    expected_par_batch,
+    fault_status_batch,
+    par_compare_mask_batch,
+    translate_batch,
+)
 from harness.core.memory import PoolImage
 from harness.core.pgtable import KvmPgtable
 from harness.core.translate import DEFAULT_MAIR, READ, WRITE, Access, Translation, expected_par, translate
@@ -393,7 +399,7 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
 def _expected_esr(pred: BatchResult, stage: Stage, write: bool) -> tuple[U64, U64, int]:
     """(EC, DFSC, WnR) of the data aborts the model predicts, per lane."""
     ec = ExceptionClass.DABT_SAME if stage is Stage.S1 else ExceptionClass.DABT_LOWER
-    dfsc = (pred.fault.astype(np.uint64) << np.uint64(2)) | (pred.fault_level.astype(np.uint64) & np.uint64(3))
+    dfsc = fault_status_batch(pred)  # level -1 (DS = 1) has its own codes, not (kind << 2) | level
     return np.full(len(pred), int(ec), dtype=np.uint64), dfsc, int(write)
 
 

@@ -360,6 +360,18 @@ def translate_batch(
                        out.attr_unpredictable, out.sh_unpredictable)
 
 
+def fault_status_batch(result: BatchResult) -> U64:
+    """The 6-bit FST/DFSC per address (PAR_EL1.FST, ESR_ELx.ISS.DFSC) as
+    :func:`harness.arch.registers.fault_status` gives it, level -1 codes included; 0 where the
+    address translates or is unmodelled."""
+    faulted = ~result.ok & ~result.unmodelled
+    fst = (result.fault.astype(np.uint64) << _U(2)) | (result.fault_level.astype(np.uint64) & _U(3))
+    minus1 = faulted & (result.fault_level == -1)  # FEAT_LPA2 level -1 has codes of its own
+    if minus1.any():
+        fst[minus1] = _FST[result.fault[minus1].astype(np.intp), 0]
+    return np.asarray(np.where(faulted, fst, _U(0)), dtype=np.uint64)
+
+
 def expected_par_batch(result: BatchResult, stage: Stage | None = None) -> U64:
     """PAR_EL1 per address, as :func:`harness.core.translate.expected_par` (0 where unmodelled)."""
     if stage is not None and stage is not result.stage:
@@ -370,10 +382,7 @@ def expected_par_batch(result: BatchResult, stage: Stage | None = None) -> U64:
                     | (result.par_sh.astype(np.uint64) << _U(PAR_SH.lo))
                     | (result.attr.astype(np.uint64) << _U(PAR_ATTR.lo)), _U(0))
     faulted = ~ok & ~result.unmodelled
-    fst = (result.fault.astype(np.uint64) << _U(2)) | (result.fault_level.astype(np.uint64) & _U(3))
-    minus1 = faulted & (result.fault_level == -1)  # FEAT_LPA2 level -1 has codes of its own
-    if minus1.any():
-        fst[minus1] = _FST[result.fault[minus1].astype(np.intp), 0]
+    fst = fault_status_batch(result)
     par |= np.where(faulted, _U(PAR_F.mask) | (fst << _U(PAR_FST.lo))
                     | (result.fault_stage2.astype(np.uint64) << _U(PAR_S.lo)), _U(0))
     par[result.unmodelled] = 0
