@@ -74,7 +74,8 @@ static void tlbi_el2_regime(void)
 
 static void stage1_off(void)
 {
-    WRITE_SYSREG(sctlr_el2, READ_SYSREG(sctlr_el2) & ~(SCTLR_M | SCTLR_C | SCTLR_I));
+    /* WXN too: attach's replay sets it (the live snapshot's), the next install may not */
+    WRITE_SYSREG(sctlr_el2, READ_SYSREG(sctlr_el2) & ~(SCTLR_M | SCTLR_C | SCTLR_I | SCTLR_WXN));
     ISB();
     tlbi_el2_regime();
     if (READ_SYSREG(hcr_el2) & HCR_E2H) { /* back to the EL2 regime, and drop what it cached */

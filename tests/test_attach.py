@@ -11,12 +11,25 @@ from pathlib import Path
 
 import pytest
 
+from harness.arch.descriptors import S1_PXN
 from harness.arch.geometry import Stage
-from harness.check.attach import PermFilter, decode, filter_ranges, parse_window
+from harness.arch.registers import SCTLR_WXN
+from harness.check.attach import (
+    FINDING_EL0_ONLY_XN,
+    FINDING_WRITABLE_EXECUTABLE,
+    FINDING_WXN_ONLY,
+    PermFilter,
+    decode,
+    filter_ranges,
+    findings,
+    parse_window,
+    perm_label,
+)
 from harness.cli import main
 from harness.core.memory import PagePool
 from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
 from harness.core.prot import Prot
+from harness.core.walker import Walker, WalkFlags
 from harness.errors import InputError
 from harness.live.gdbstub import TargetSpecError, parse_target
 from harness.live.regimes import regimes_from_registers
@@ -270,3 +283,70 @@ def test_cli_missing_target_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_mmfr0_constant_is_qemu_max() -> None:
     assert QEMU_MAX_MMFR0 & 0xF == 6
+
+
+# -- findings: W^X through SCTLR_EL2.WXN, and EL0-only execute-never in the EL2&0 regime -------------
+
+TEXT, RODATA, DATA = 0x4000_0000, 0x4010_0000, 0x4020_0000
+
+
+def _hyp(e2h: bool, linux_6_12_xn: bool, wxn: bool) -> Snapshot:
+    """A hyp stage 1 with text r-x, rodata r--, data rw- as KVM maps them; ``linux_6_12_xn``: the
+    hVHE execute-never of Linux before "KVM: arm64: Fix EL2 S1 XN handling for hVHE setups"
+    (bit 54 alone, UXN there: PXN cleared); ``wxn``: SCTLR_EL2.WXN = 1 as Linux sets it."""
+    t = HypPgtable(pool_for("4K"), "4K", 48, 48, e2h=e2h)
+    t.map(TEXT, 64 * 1024, 0x5000_0000, Prot.RX)
+    t.map(RODATA, 64 * 1024, 0x5010_0000, Prot.R)
+    t.map(DATA, 64 * 1024, 0x5020_0000, Prot.RW)
+    if linux_6_12_xn:
+        def clear_pxn(addr: int, end: int, level: int, ptep: int, flag: WalkFlags) -> None:
+            t.mem.write64(ptep, t.mem.read64(ptep) & ~S1_PXN.mask)
+
+        t.walk(0, t.geom.limit, Walker(clear_pxn, WalkFlags.LEAF))
+    snap = from_tables(t)
+    if wxn:
+        snap.registers["SCTLR_EL2"] |= SCTLR_WXN.mask
+    return snap
+
+
+def _findings(snap: Snapshot) -> dict[str, list[tuple[int, str, bool]]]:
+    return {f.kind: [(r.va, perm_label(r.perms), r.xn_by_wxn) for r in f.ranges] for f in findings(decode(snap))}
+
+
+def test_findings_linux_6_12_hvhe() -> None:
+    """Linux 6.12.117's pKVM hyp stage 1: rodata is executable at EL2, data only WXN keeps from it."""
+    snap = _hyp(e2h=True, linux_6_12_xn=True, wxn=True)
+    (rd,) = decode(snap)
+    assert rd.regime.wxn
+    assert [(r.va, perm_label(r.perms), r.xn_by_wxn) for r in rd.ranges] == [
+        (TEXT, "r-x", False), (RODATA, "r-x", False), (DATA, "rw-", True)]
+    assert _findings(snap) == {FINDING_WXN_ONLY: [(DATA, "rw-", True)],
+                               FINDING_EL0_ONLY_XN: [(RODATA, "r-x", False), (DATA, "rw-", True)]}
+    # Without WXN the same tables are writable and executable at EL2.
+    assert _findings(_hyp(e2h=True, linux_6_12_xn=True, wxn=False)) == {
+        FINDING_WRITABLE_EXECUTABLE: [(DATA, "rwx", False)],
+        FINDING_EL0_ONLY_XN: [(RODATA, "r-x", False), (DATA, "rwx", False)]}
+
+
+@pytest.mark.parametrize("e2h", [False, True])
+@pytest.mark.parametrize("wxn", [False, True])
+def test_no_findings_when_xn_is_right(e2h: bool, wxn: bool) -> None:
+    """nVHE (XN = bit 54), and hVHE with the upstream fix (XN = UXN | PXN): nothing to report."""
+    snap = _hyp(e2h=e2h, linux_6_12_xn=False, wxn=wxn)
+    (rd,) = decode(snap)
+    assert [perm_label(r.perms) for r in rd.ranges] == ["r-x", "r--", "rw-"]
+    assert not any(r.xn_by_wxn for r in rd.ranges)
+    assert findings([rd]) == []
+
+
+def test_findings_in_cli_json_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "hvhe.json"
+    _hyp(e2h=True, linux_6_12_xn=True, wxn=True).save(str(path))
+    assert main(["attach", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(f["kind"], f["regime"], f["count"]) for f in out["findings"]] == [
+        (FINDING_WXN_ONLY, "el2&0", 1), (FINDING_EL0_ONLY_XN, "el2&0", 2)]
+    assert out["regimes"][0]["decoded"]["wxn"] is True
+    assert main(["attach", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "W^X holds only through SCTLR_EL2.WXN" in text and "UXN = 1, PXN = 0" in text

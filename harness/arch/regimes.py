@@ -45,6 +45,7 @@ from harness.arch.registers import (
     MMFR0_TGRAN64_2,
     PS,
     SCTLR_M,
+    SCTLR_WXN,
     SH0,
     T0SZ,
     TCR_E2H_DS,
@@ -78,6 +79,12 @@ class LiveRegime:
     root: int  # table base PA from TTBR0_EL2 / VTTBR_EL2 BADDR (incl. [51:48] forms)
     mair: int | None  # MAIR_EL2 for stage 1, None for stage 2
     registers: dict[str, int]  # the raw values used
+
+    @property
+    def wxn(self) -> bool:
+        """SCTLR_EL2.WXN for the stage-1 regimes (memory writable at EL2 is execute-never at EL2);
+        False for stage 2, which it does not govern. What the walks take as ``wxn``."""
+        return self.geom.stage is Stage.S1 and bool(SCTLR_WXN.get(self.registers.get("SCTLR_EL2", 0)))
 
     @property
     def sh0(self) -> int:

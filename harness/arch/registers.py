@@ -283,7 +283,11 @@ def describe_esr(esr: int) -> str:
 @dataclass(frozen=True)
 class Stage1Regs:
     """What the firmware programs for the EL2 stage-1 regime: HCR_EL2 |= hcr_el2_set (E2H for the
-    EL2&0 "hVHE" regime; 0 for the non-VHE EL2 regime), MAIR/TCR/TTBR0, then SCTLR_EL2 |= sctlr_set."""
+    EL2&0 "hVHE" regime; 0 for the non-VHE EL2 regime), MAIR/TCR/TTBR0, then SCTLR_EL2 |= sctlr_set.
+
+    ``sctlr_el2_set`` is M, C and I for the harness's own tables (SCTLR_EL2.WXN = 0, the walks'
+    default); ``harness attach --verify`` adds WXN when the snapshot has it (the payload's code is
+    r-x and its data rw-, so it runs under WXN). The firmware's uninstall clears M, C, I and WXN."""
 
     mair_el2: int
     tcr_el2: int

@@ -2,15 +2,19 @@
 
 * :func:`decode` - every regime in use, its registers and its mapped ranges (merged leaves, via
   :func:`harness.core.dump.mapped_ranges` over the snapshot's pages), each with the permissions
-  and attributes the model's architectural walk gives its first address.
+  and attributes the model's architectural walk gives its first address, under the regime's own
+  SCTLR_EL2.WXN (:attr:`LiveRegime.wxn`; Linux sets it).
+* :func:`findings` - what the decoded permissions say about W^X at EL2, from the ranges alone:
+  writable and executable, execute-never only through WXN, execute-never at EL0 only (UXN = 1,
+  PXN = 0) in the EL2&0 regime (Linux 6.12's hVHE hyp mappings).
 * :func:`explain` - one address's walk in every regime (:func:`harness.core.translate.translate`).
 * :func:`verify` - replay: the snapshot's table pages are copied into the payload's page pool
   (next-level pointers relocated, leaves untouched), the payload's own regions are spliced into
   input-address space the snapshot leaves unmapped (the payload is moved, by choosing a memory
   layout, until that is possible; refused with the reason otherwise), the same control register
-  values are programmed with the relocated root, and ``AT`` checks every mapped range (both
-  edges and samples inside) and the holes between them against the model's walk of the
-  *original* snapshot. The model's walk of the relocated copy must give the same answers (only
+  values are programmed with the relocated root (SCTLR_EL2.WXN included), and ``AT`` checks
+  every mapped range (both edges and samples inside) and the holes between them against the
+  model's walk of the *original* snapshot. The model's walk of the relocated copy must give the same answers (only
   table addresses moved): that is checked too.
 """
 
@@ -81,12 +85,14 @@ def perm_label(perms: int) -> str:
 
 @dataclass(frozen=True)
 class LiveRange:
-    """One merged range of a regime, with what the architectural walk says of it."""
+    """One merged range of a regime, with what the architectural walk says of it (SCTLR_EL2.WXN
+    applied: ``xn_by_wxn`` when the descriptors alone would let EL2 execute it)."""
 
     range: MappedRange
     perms: int
     attr: int | None  # MAIR encoding of the memory type (PAR_EL1.ATTR)
     level: int | None
+    xn_by_wxn: bool = False  # writable at EL2, execute-never at EL2 only through SCTLR_EL2.WXN
 
     @property
     def va(self) -> int:
@@ -97,13 +103,15 @@ class LiveRange:
         return self.range.end
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.range.to_json(), "perms": perm_label(self.perms), "attr": self.attr, "level": self.level}
+        return {**self.range.to_json(), "perms": perm_label(self.perms), "attr": self.attr, "level": self.level,
+                "xn_by_wxn": self.xn_by_wxn}
 
     def describe(self) -> str:
         r = self.range
         attr = f" attr={self.attr:#04x}" if self.attr is not None else ""
+        wxn = " (x by descriptor, off by WXN)" if self.xn_by_wxn else ""
         return (f"[{r.va:#018x}, {r.end:#018x}) {r.size:#12x} -> {r.pa:#014x} "
-                f"{perm_label(self.perms)}{attr} L{self.level}")
+                f"{perm_label(self.perms)}{attr} L{self.level}{wxn}")
 
 
 @dataclass
@@ -124,7 +132,7 @@ class RegimeDecode:
             "decoded": {
                 "stage": int(g.stage), "granule": g.granule.label, "ia_bits": g.ia_bits, "pa_bits": g.pa_bits,
                 "pamax": g.pamax, "start_level": g.start_level, "levels": g.levels, "pgd_pages": g.pgd_pages,
-                "lpa2": g.lpa2, "e2h": g.e2h, "sh0": self.regime.sh0,
+                "lpa2": g.lpa2, "e2h": g.e2h, "sh0": self.regime.sh0, "wxn": self.regime.wxn,
                 "mair_attrs": None if mair is None else [f"{mair_attr(mair, i):#04x}" for i in range(8)],
             },
             "root": self.regime.root,
@@ -133,30 +141,110 @@ class RegimeDecode:
         }
 
 
-def walk(snapshot: Snapshot, regime: Regime, address: int, access: Access = READ) -> Translation:
+def walk(snapshot: Snapshot, regime: Regime, address: int, access: Access = READ,
+         wxn: bool | None = None) -> Translation:
+    """The model's walk as the regime's registers configure it (MAIR, SH0, SCTLR_EL2.WXN; ``wxn``
+    overrides the last)."""
     mair = regime.mair if regime.mair is not None else DEFAULT_MAIR
-    return translate(snapshot.memory(), regime.geom, regime.root, address, access, mair)
+    return translate(snapshot.memory(), regime.geom, regime.root, address, access, mair, sh0=regime.sh0,
+                     wxn=regime.wxn if wxn is None else wxn)
 
 
 def decode(snapshot: Snapshot, regimes: Sequence[Regime] | None = None) -> list[RegimeDecode]:
-    """Every regime's merged ranges, with permissions and attributes."""
+    """Every regime's merged ranges, with permissions (SCTLR_EL2.WXN applied) and attributes."""
     out = []
     for regime in regimes if regimes is not None else regimes_from_registers(snapshot.registers):
         mem = snapshot.memory()
         ranges = []
         for r in mapped_ranges(mem, regime.geom, regime.root):
             t = walk(snapshot, regime, r.va)
-            ranges.append(LiveRange(r, wxn_perms(regime, t.perms), t.attr, t.level))
+            by_wxn = regime.wxn and not t.perms & PERM_X \
+                and bool(walk(snapshot, regime, r.va, wxn=False).perms & PERM_X)
+            ranges.append(LiveRange(r, t.perms, t.attr, t.level, by_wxn))
         out.append(RegimeDecode(regime, ranges))
     return out
 
 
-def wxn_perms(regime: Regime, perms: int) -> int:
-    """SCTLR_EL2.WXN = 1 (Linux sets it): memory writable at EL2 is execute-never at EL2, whatever
-    the descriptor's XN/PXN say (Arm ARM D8.4.1.3). The model's walk assumes WXN = 0."""
-    if regime.geom.stage is Stage.S1 and SCTLR_WXN.get(regime.registers.get("SCTLR_EL2", 0)) and perms & PERM_W:
-        return perms & ~PERM_X
-    return perms
+# ---------------------------------------------------------------------------------------------
+# Findings: what the decoded permissions say about the hypervisor's W^X, from the ranges alone.
+
+FINDING_WRITABLE_EXECUTABLE = "writable-executable"
+FINDING_WXN_ONLY = "wxn-only"
+FINDING_EL0_ONLY_XN = "el0-only-xn"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A property of a regime's mappings worth a human's attention (``kind`` is one of the
+    FINDING_* keys); ``ranges`` are the ranges it concerns."""
+
+    kind: str
+    regime: str
+    summary: str
+    ranges: tuple[LiveRange, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(r.range.size for r in self.ranges)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "regime": self.regime, "summary": self.summary, "count": len(self.ranges),
+                "bytes": self.size, "ranges": [r.to_json() for r in self.ranges]}
+
+    def text(self, limit: int = 8) -> str:
+        lines = [f"{self.regime}: {self.summary}"]
+        lines.extend(f"    {r.describe()}" for r in self.ranges[:limit])
+        if len(self.ranges) > limit:
+            lines.append(f"    ... and {len(self.ranges) - limit} more")
+        return "\n".join(lines)
+
+
+def _count(ranges: Sequence[LiveRange]) -> str:
+    return f"{len(ranges)} range{'s' if len(ranges) != 1 else ''} ({sum(r.range.size for r in ranges):#x} bytes)"
+
+
+def el0_only_xn(r: LiveRange) -> bool:
+    """EL2&0 leaf fields UXN = 1, PXN = 0: execute-never at EL0 only (EL2's bit is PXN)."""
+    fields = dict(r.range.fields)
+    return fields.get(d.S1_UXN.name) == 1 and fields.get(d.S1_PXN.name) == 0
+
+
+def regime_findings(rd: RegimeDecode) -> list[Finding]:
+    """The stage-1 findings, computed from the decoded ranges (a System.map would be needed to
+    tell which executable ranges are text; these need none):
+
+    * ``writable-executable``: writable and executable at EL2 (SCTLR_EL2.WXN = 0);
+    * ``wxn-only``: writable at EL2 and executable by its descriptors (XN/PXN clear), execute-never
+      at EL2 only because SCTLR_EL2.WXN = 1: W^X holds only through WXN;
+    * ``el0-only-xn`` (EL2&0 regime): execute-never at EL0 only (UXN = 1, PXN = 0), so executable
+      at EL2 unless WXN removes it: read-only ones (data, not text) run at EL2.
+    """
+    if rd.regime.geom.stage is not Stage.S1:
+        return []
+    out = []
+    wx = [r for r in rd.ranges if r.perms & PERM_W and r.perms & PERM_X]
+    if wx:
+        out.append(Finding(FINDING_WRITABLE_EXECUTABLE, rd.name,
+                           f"{_count(wx)} writable and executable at EL2 (SCTLR_EL2.WXN = 0)", tuple(wx)))
+    by_wxn = [r for r in rd.ranges if r.xn_by_wxn]
+    if by_wxn:
+        out.append(Finding(FINDING_WXN_ONLY, rd.name,
+                           f"W^X holds only through SCTLR_EL2.WXN: {_count(by_wxn)} writable at EL2 with "
+                           "XN/PXN clear (executable at EL2 without WXN)", tuple(by_wxn)))
+    if rd.regime.geom.e2h:
+        uxn = [r for r in rd.ranges if el0_only_xn(r) and (r.perms & PERM_X or r.xn_by_wxn)]
+        if uxn:
+            ro = [r for r in uxn if r.perms & PERM_X and not r.perms & PERM_W]
+            saved = [r for r in uxn if r.xn_by_wxn]
+            out.append(Finding(FINDING_EL0_ONLY_XN, rd.name,
+                               f"execute-never at EL0 only (UXN = 1, PXN = 0) in the EL2&0 regime: {_count(uxn)}; "
+                               f"{_count(ro)} read-only and executable at EL2, {_count(saved)} writable and "
+                               "execute-never at EL2 only through SCTLR_EL2.WXN", tuple(uxn)))
+    return out
+
+
+def findings(decoded: Iterable[RegimeDecode]) -> list[Finding]:
+    return [f for rd in decoded for f in regime_findings(rd)]
 
 
 @dataclass(frozen=True)
@@ -424,6 +512,8 @@ class RegimeVerify:
     spliced: list[str] = field(default_factory=list)
     layout_code: int = 0
     relocation_mismatches: list[Mismatch] = field(default_factory=list)
+    wxn: bool = False  # SCTLR_EL2.WXN of the snapshot, programmed on the replay and predicted with
+    sctlr_el2: int | None = None  # SCTLR_EL2 read back from the replay target while checking (stage 1)
 
     @property
     def checked(self) -> int:
@@ -438,7 +528,8 @@ class RegimeVerify:
                 "at_mismatched": self.check.mismatched, "relocation_checked": self.relocation_checked,
                 "relocation_mismatched": self.relocation_mismatched, "through_spliced_tables": self.excluded,
                 "pages": self.pages, "ranges": self.ranges, "spliced": self.spliced,
-                "payload_code": f"{self.layout_code:#x}",
+                "payload_code": f"{self.layout_code:#x}", "wxn": self.wxn,
+                "sctlr_el2": None if self.sctlr_el2 is None else f"{self.sctlr_el2:#x}",
                 "relocation_mismatches": [m.to_json() for m in self.relocation_mismatches[:50]]}
 
 
@@ -475,7 +566,8 @@ class VerifyReport:
         for r in self.regimes:
             lines.append(f"  {r.regime}: {r.pages} table pages, {r.ranges} ranges; payload at {r.layout_code:#x}, "
                          f"spliced {', '.join(r.spliced) or 'nothing'}; {r.excluded} walks through spliced "
-                         f"tables; relocation: {r.relocation_mismatched} of {r.relocation_checked} walks differ")
+                         f"tables; relocation: {r.relocation_mismatched} of {r.relocation_checked} walks differ"
+                         + (f"; SCTLR_EL2 {r.sctlr_el2:#x} (WXN {int(r.wxn)})" if r.sctlr_el2 is not None else ""))
             lines.append("    " + r.check.text().replace("\n", "\n    "))
             for m in r.relocation_mismatches[:20]:
                 lines.append(f"    relocation {m.op} {m.address:#x}: original {m.expected}; relocated {m.actual}")
@@ -488,15 +580,24 @@ class _ReplaySubject(Subject):
     """The replayed tables as the check engine's subject, with TCR/VTCR.SH0 (used with DS = 1)."""
 
     sh0: int = 3
+    wxn: bool = False  # SCTLR_EL2.WXN as the replay programs it (the snapshot's)
 
     def predict(self, addrs: npt.ArrayLike, access: Access, **semantics: Any) -> BatchResult:
-        return super().predict(addrs, access, sh0=self.sh0, **semantics)
+        return super().predict(addrs, access, sh0=self.sh0, wxn=self.wxn, **semantics)
 
     def walk(self, addr: int, access: Access, **semantics: Any) -> Translation:
-        return super().walk(addr, access, sh0=self.sh0, **semantics)
+        return super().walk(addr, access, sh0=self.sh0, wxn=self.wxn, **semantics)
 
 
 TargetFactory = Callable[[Layout], Any]  # a started harness.target.target.Target for a layout
+
+def replay_sctlr_el2_set(regime: Regime) -> int:
+    """SCTLR_EL2 bits the replay sets: the payload's M, C, I, and the snapshot's WXN, so that the
+    MMU is asked under the same WXN the model predicts with (the payload runs under it: its code
+    is mapped r-x, its data rw-). ``AT`` cannot observe WXN (no fetch form); the payload's own
+    fetches under it can."""
+    return SCTLR_M.prep(1) | SCTLR_C.prep(1) | SCTLR_I.prep(1) | SCTLR_WXN.prep(int(regime.wxn))
+
 
 def _regs_for(regime: Regime, root: int) -> Stage1Regs | Stage2Regs:
     regs = regime.registers
@@ -506,7 +607,7 @@ def _regs_for(regime: Regime, root: int) -> Stage1Regs | Stage2Regs:
         hcr = HCR_E2H.prep(int(regime.geom.e2h))
         return Stage1Regs(mair_el2=regime.mair if regime.mair is not None else DEFAULT_MAIR,
                           tcr_el2=regs["TCR_EL2"], ttbr0_el2=new_ttbr & ~1,  # CnP off: one PE
-                          sctlr_el2_set=SCTLR_M.prep(1) | SCTLR_C.prep(1) | SCTLR_I.prep(1), hcr_el2_set=hcr)
+                          sctlr_el2_set=replay_sctlr_el2_set(regime), hcr_el2_set=hcr)
     vttbr = regs.get("VTTBR_EL2", 0)
     new_vttbr = (vttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | ttbr_baddr(root, regime.geom)
     return Stage2Regs(vtcr_el2=regs["VTCR_EL2"], vttbr_el2=new_vttbr & ~1,
@@ -565,7 +666,7 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
     layout, rep, spliced, changed = _prepare(snapshot, regime, ranges)
     res = RegimeVerify(regime.name, CheckReport(regime.name, geom.describe(), ""),
                        pages=len(rep.moved) + geom.pgd_pages, ranges=len(ranges),
-                       spliced=[r.name for r in spliced], layout_code=layout.code)
+                       spliced=[r.name for r in spliced], layout_code=layout.code, wxn=regime.wxn)
     pool, root = rep.pool, rep.root
     addrs = probe_addresses(ranges, geom.limit, geom.granule.size, rng, samples)
     for r in spliced:  # the payload's own regions, edges and a sample inside (checked as replayed)
@@ -579,11 +680,11 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
     # addresses only), except where it goes through what the splice added.
     for op, access in AT_OPS[geom.stage]:
         for a in addrs:
-            replayed = translate(pool, geom, root, int(a), access, mair, sh0=sh0)
+            replayed = translate(pool, geom, root, int(a), access, mair, sh0=sh0, wxn=regime.wxn)
             if any(st.table_pa in rep.added or st.desc_pa in changed for st in replayed.steps):
                 res.excluded += 1
                 continue
-            original = translate(mem, geom, regime.root, int(a), access, mair, sh0=sh0)
+            original = translate(mem, geom, regime.root, int(a), access, mair, sh0=sh0, wxn=regime.wxn)
             res.relocation_checked += 1
             mask = par_compare_mask(original)
             if (_par(original) ^ _par(replayed)) & mask or replayed.unmodelled != original.unmodelled:
@@ -604,9 +705,12 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
     report.qemu = res.check.qemu = ".".join(map(str, target.qemu_version))
     regs = _regs_for(regime, root)
     subject = _ReplaySubject(f"{regime.name} (replayed)", geom, pool, root, regs,
-                             PoolImage(image.base, image.data[:used]), mair, accesses=False, sh0=sh0)
+                             PoolImage(image.base, image.data[:used]), mair, accesses=False, sh0=sh0,
+                             wxn=regime.wxn)
     target.install(regs, subject.image)
     try:
+        if geom.stage is Stage.S1:  # what the MMU runs under, read back (WXN included)
+            res.sctlr_el2 = target.sysreg("SCTLR_EL2")
         check_at(res.check, target, subject, addrs)
     finally:
         target.uninstall()

@@ -15,7 +15,6 @@ decided on QEMU's semantics) are checked with real loads and stores instead and 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
@@ -34,17 +33,21 @@ from harness.arch.registers import (
     ISS_S1PTW,
     ISS_WNR,
     ExceptionClass,
-    FaultKind,
     Par,
     RegimeRegs,
     Stage1Regs,
     describe_esr,
-    fault_status,
 )
 from harness.check import divergences
 from harness.check.addresses import probe_addresses
 from harness.check.scenario import BuiltScenario
-from harness.core.batch import BatchResult, expected_par_batch, par_compare_mask_batch, translate_batch
+from harness.core.batch import (
+    BatchResult,
+    expected_par_batch,
+    fault_status_batch,
+    par_compare_mask_batch,
+    translate_batch,
+)
 from harness.core.memory import PoolImage
 from harness.core.pgtable import KvmPgtable
 from harness.core.translate import DEFAULT_MAIR, READ, WRITE, Access, Translation, expected_par, translate
@@ -468,26 +471,10 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
 # Real loads and stores.
 
 
-def _dfsc_table() -> U64:
-    """DFSC per (fault kind, level + 1): :func:`fault_status` tabulated (level -1 has its own codes)."""
-    table = np.zeros((len(FaultKind), 5), dtype=np.uint64)
-    for kind in FaultKind:
-        for level in range(-1, 4):
-            with contextlib.suppress(ValueError):
-                table[kind.value, level + 1] = fault_status(kind, level)
-    return table
-
-
-_DFSC = _dfsc_table()
-
-
 def _expected_esr(pred: BatchResult, stage: Stage, write: bool) -> tuple[U64, U64, int]:
-    """(EC, DFSC, WnR) of the data aborts the model predicts, per lane (DFSC 0 where it translates)."""
+    """(EC, DFSC, WnR) of the data aborts the model predicts, per lane."""
     ec = ExceptionClass.DABT_SAME if stage is Stage.S1 else ExceptionClass.DABT_LOWER
-    faulted = ~pred.ok & ~pred.unmodelled
-    kind = np.where(faulted, pred.fault, 0).astype(np.intp)
-    level = np.where(faulted, pred.fault_level + 1, 0).astype(np.intp)
-    dfsc = np.where(faulted, _DFSC[np.clip(kind, 0, len(FaultKind) - 1), np.clip(level, 0, 4)], np.uint64(0))
+    dfsc = fault_status_batch(pred)  # level -1 (DS = 1) has its own codes, not (kind << 2) | level
     return np.full(len(pred), int(ec), dtype=np.uint64), dfsc, int(write)
 
 

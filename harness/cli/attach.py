@@ -88,6 +88,8 @@ def _run(args: argparse.Namespace) -> int:
         js = rd.to_json()
         js["ranges"] = [r.to_json() for r in att.filter_ranges(rd.ranges, window, perms)]
         out["regimes"].append(js)
+    found = att.findings(decoded)
+    out["findings"] = [f.to_json() for f in found]
     if address is not None:
         out["explain"] = [{"regime": name, "address": address, "ok": t.ok, "pa": t.pa,
                            "walk": t.explain()} for name, t in att.explain(snap, address, regimes)]
@@ -116,6 +118,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {len(shown)} of {len(rd.ranges)} ranges")
         for r in shown:
             print(f"  {r.describe()}")
+    if found:
+        print("\nfindings:")
+        for f in found:
+            print("  " + f.text().replace("\n", "\n  "))
     for item in out.get("explain", []):
         print(f"\n{item['regime']}: {item['walk']}")
     if report is not None:

@@ -39,6 +39,7 @@ from harness.core.translate import (
     Access,
     Translation,
     access_perm,
+    check_wxn,
     descriptor_faults,
     descriptor_is_table,
     leaf_oa,
@@ -185,6 +186,7 @@ class _Params:
     sh0: int
     with_51_48: bool
     check_final_oa: bool
+    wxn: bool = False
 
 
 def _level_step(p: _Params, out: _Outcome, words: U64, base_pa: int, cur: _Lanes, level: int,
@@ -249,7 +251,7 @@ def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> None:
         perms = _S2_PERMS[((desc >> _U(S2_AP.lo)) & _U(S2_AP.max))
                           | (((desc >> _U(S2_XN.lo)) & _U(S2_XN.max)) << _U(S2_AP.width))]
     else:
-        perms = s1_perms(desc, np.concatenate(found.restrictions), geom.e2h).astype(np.uint8)
+        perms = s1_perms(desc, np.concatenate(found.restrictions), geom.e2h, p.wxn).astype(np.uint8)
     if len(found.lanes) == 1:  # every leaf at one level
         size_mask = np.full(1, geom.size(int(level[0])) - 1, dtype=np.uint64)
     else:
@@ -257,7 +259,6 @@ def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> None:
         size_mask = masks[level.astype(np.intp) - geom.start_level]
     pa = np.asarray(leaf_oa(oa, addr[lanes], size_mask), dtype=np.uint64)
 
-    # The Arm ARM's order: final output address, then AF, then permissions.
     # The Arm ARM's order: final output address, then AF, then permissions. A leaf no larger
     # than 2**PS whose descriptor bits passed cannot reach beyond PS (the check is skipped).
     no_af = (desc & _U(AF.mask)) == 0
@@ -330,6 +331,7 @@ def translate_batch(
     sh0: int = SH_INNER,
     qemu_lpa_oa: bool = False,
     qemu_final_oa_unchecked: bool = False,
+    wxn: bool = False,
 ) -> BatchResult:
     """Translate every address in ``addresses`` through the tables at ``root_pa``.
 
@@ -337,9 +339,11 @@ def translate_batch(
     (``PagePool.words()``); a descriptor outside it is :data:`UNMODELLED`. The keywords are
     :func:`harness.core.translate.translate`'s.
     """
+    check_wxn(geom, wxn)
     addr = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
     words = np.asarray(words, dtype=np.uint64)
-    p = _Params(geom, access, mair, sh0, oa_hi_included(geom, qemu_lpa_oa), not qemu_final_oa_unchecked)
+    p = _Params(geom, access, mair, sh0, oa_hi_included(geom, qemu_lpa_oa), not qemu_final_oa_unchecked,
+                wxn)
     out = _Outcome(addr.size)
     lanes = np.flatnonzero(_prechecks(p, out, addr, root_pa))
     cur = _Lanes(lanes, addr[lanes], np.full(lanes.size, root_table_base(geom, root_pa), dtype=np.uint64),
@@ -356,6 +360,18 @@ def translate_batch(
                        out.attr_unpredictable, out.sh_unpredictable)
 
 
+def fault_status_batch(result: BatchResult) -> U64:
+    """The 6-bit FST/DFSC per address (PAR_EL1.FST, ESR_ELx.ISS.DFSC) as
+    :func:`harness.arch.registers.fault_status` gives it, level -1 codes included; 0 where the
+    address translates or is unmodelled."""
+    faulted = ~result.ok & ~result.unmodelled
+    fst = (result.fault.astype(np.uint64) << _U(2)) | (result.fault_level.astype(np.uint64) & _U(3))
+    minus1 = faulted & (result.fault_level == -1)  # FEAT_LPA2 level -1 has codes of its own
+    if minus1.any():
+        fst[minus1] = _FST[result.fault[minus1].astype(np.intp), 0]
+    return np.asarray(np.where(faulted, fst, _U(0)), dtype=np.uint64)
+
+
 def expected_par_batch(result: BatchResult, stage: Stage | None = None) -> U64:
     """PAR_EL1 per address, as :func:`harness.core.translate.expected_par` (0 where unmodelled)."""
     if stage is not None and stage is not result.stage:
@@ -366,10 +382,7 @@ def expected_par_batch(result: BatchResult, stage: Stage | None = None) -> U64:
                     | (result.par_sh.astype(np.uint64) << _U(PAR_SH.lo))
                     | (result.attr.astype(np.uint64) << _U(PAR_ATTR.lo)), _U(0))
     faulted = ~ok & ~result.unmodelled
-    fst = (result.fault.astype(np.uint64) << _U(2)) | (result.fault_level.astype(np.uint64) & _U(3))
-    minus1 = faulted & (result.fault_level == -1)  # FEAT_LPA2 level -1 has codes of its own
-    if minus1.any():
-        fst[minus1] = _FST[result.fault[minus1].astype(np.intp), 0]
+    fst = fault_status_batch(result)
     par |= np.where(faulted, _U(PAR_F.mask) | (fst << _U(PAR_FST.lo))
                     | (result.fault_stage2.astype(np.uint64) << _U(PAR_S.lo)), _U(0))
     par[result.unmodelled] = 0

@@ -10,7 +10,7 @@ architecturally defined here (the bits a differential check may compare).
 Regimes (see :mod:`harness.arch.registers` for the register values the harness programs):
 
 * Stage 1 is the EL2 regime with HCR_EL2.E2H = 0: one VA range through TTBR0_EL2, TBI = 0,
-  SCTLR_EL2.WXN = 0, no hardware AF/dirty update. AP[1] is RES1 (only AP[2], read-only,
+  no hardware AF/dirty update. AP[1] is RES1 (only AP[2], read-only,
   matters), XN is bit 54, PXN and PXNTable are RES0 (ignored); the table attributes APTable[1]
   (bit 62: subtree read-only) and XNTable (bit 60) apply hierarchically. ``AT S1E2R/W``.
 * Stage 1 with ``geom.e2h`` is the EL2&0 regime (HCR_EL2.E2H = 1, TGE = 0: KVM's hVHE), the
@@ -18,6 +18,10 @@ Regimes (see :mod:`harness.arch.registers` for the register values the harness p
   EL0 access and does not restrict EL2 reads or writes; EL2 fetches obey PXN (bit 53) and
   PXNTable (bit 59), and memory writable at EL0 (AP = 0b01) is never executable at EL2; UXN
   (bit 54) and UXNTable (bit 60) concern EL0 only.
+* SCTLR_EL2.WXN (``wxn=True``, stage 1 only; Linux sets it): memory writable at EL2 is
+  execute-never at EL2, whatever XN/PXN say (:func:`wxn_executable`). ``AT`` cannot observe it
+  (it has no instruction-fetch form); the default ``wxn=False`` is what the harness's own
+  firmware programs.
 * Stage 2 is the EL1&0 stage 2 with EL1's stage 1 off and HCR_EL2.DC = 1, so the IPA is the VA
   and the stage-1 attributes are Normal write-back non-shareable: the combined attributes are
   stage 2's. S2AP[0] allows reads, S2AP[1] writes; XN[54:53] (FEAT_XNX) for EL1 fetches.
@@ -224,11 +228,21 @@ def table_restrictions(desc: Word, e2h: bool) -> Word:
     return out
 
 
-def s1_perms(desc: Word, restrictions: Word, e2h: bool) -> Word:
+def wxn_executable(x: Word, w: Word, wxn: bool) -> Word:
+    """EL2's execute permission (0/1) once SCTLR_EL2.WXN applies: with WXN = 1 a location
+    writable at EL2 is execute-never at EL2 (``AArch64.S1DirectBasePermissions`` computes
+    ``wxn = WXN AND w AND x`` from the accessing EL's base permissions - EL2's, PAN = 0 - and
+    ``AArch64.S1ComputePermissions`` then clears ``x``). In the EL2&0 regime ``x`` already
+    excludes memory writable at EL0; WXN looks at EL2's own write permission only."""
+    return x & (w ^ 1) if wxn else x
+
+
+def s1_perms(desc: Word, restrictions: Word, e2h: bool, wxn: bool = False) -> Word:
     """EL2's effective permissions for a stage-1 leaf (PERM_R | PERM_W | PERM_X): AP[2] or
     APTable[1] read-only; XN or XNTable forbid fetches (E2H = 0). With E2H = 1 PXN or PXNTable
     forbid EL2 fetches, and so does memory writable at EL0 after the table attributes (AP[2:1] =
-    0b01 with neither APTable bit set: ``AArch64.S1DirectBasePermissions``)."""
+    0b01 with neither APTable bit set: ``AArch64.S1DirectBasePermissions``). ``wxn``:
+    SCTLR_EL2.WXN (:func:`wxn_executable`)."""
     ro = ((desc >> (S1_AP.lo + 1)) & 1) | ((restrictions >> 1) & 1)
     if e2h:
         el0_access = ((desc >> S1_AP.lo) & 1) & (((restrictions >> 2) & 1) ^ 1)
@@ -236,7 +250,14 @@ def s1_perms(desc: Word, restrictions: Word, e2h: bool) -> Word:
         xn = ((desc >> S1_PXN.lo) & 1) | (restrictions & _TABLE_XN) | el0_writable
     else:
         xn = ((desc >> S1_XN.lo) & 1) | (restrictions & _TABLE_XN)
-    return PERM_R | (ro ^ 1) * PERM_W | (xn ^ 1) * PERM_X
+    w = ro ^ 1
+    return PERM_R | w * PERM_W | wxn_executable(xn ^ 1, w, wxn) * PERM_X
+
+
+def check_wxn(geom: Geometry, wxn: bool) -> None:
+    """SCTLR_EL2.WXN governs the EL2 and EL2&0 stage 1 only (ValueError for stage 2)."""
+    if wxn and geom.stage is not Stage.S1:
+        raise ValueError("wxn: SCTLR_EL2.WXN applies to the EL2 stage-1 regimes, not to stage 2")
 
 
 def s2_perms(desc: Word) -> Word:
@@ -343,7 +364,9 @@ class Translation:
     # Stage-1 leaf fields.
     attr_index: int | None = None
     ap: int | None = None
-    xn: int | None = None  # stage 1: XN | XNTable (E2H = 1: PXN | PXNTable); stage 2: XN[1:0]
+    # stage 1: XN | XNTable (E2H = 1: PXN | PXNTable), the bits only (EL0-writable and
+    # SCTLR_EL2.WXN take execution away in ``perms``); stage 2: XN[1:0]
+    xn: int | None = None
     # Stage-2 leaf fields.
     memattr: int | None = None
     s2ap: int | None = None
@@ -420,6 +443,7 @@ class _Walk:
     sh0: int
     with_51_48: bool
     check_final_oa: bool
+    wxn: bool = False
 
 
 def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, level: int,
@@ -436,7 +460,7 @@ def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, l
         attr_index = None
         attr = s2_attr(S2_MEMATTR.get(raw))
     else:
-        perms = s1_perms(raw, restrictions, geom.e2h)
+        perms = s1_perms(raw, restrictions, geom.e2h, w.wxn)
         xn = (S1_PXN if geom.e2h else S1_XN).get(raw) | (restrictions & _TABLE_XN)
         memattr = None
         attr_index = S1_ATTRINDX.get(raw)
@@ -458,6 +482,8 @@ def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, l
             why += " (APTable[1] set on the way down)"
         if restrictions & _TABLE_XN and access is Access.EXEC:
             why += " (XNTable set on the way down)"
+        if access is Access.EXEC and not is_s2 and w.wxn and perms & PERM_W:
+            why += " (SCTLR_EL2.WXN: writable at EL2)"
         return _with_fault(leaf, FaultKind.PERMISSION, level, is_s2, why)
     return leaf
 
@@ -473,13 +499,16 @@ def translate(
     sh0: int = SH_INNER,
     qemu_lpa_oa: bool = False,
     qemu_final_oa_unchecked: bool = False,
+    wxn: bool = False,
 ) -> Translation:
     """Walk the tables at ``root_pa`` for ``address`` as the MMU does (see the module notes).
 
-    ``sh0`` is TCR_EL2/VTCR_EL2.SH0 (the shareability with lpa2). ``qemu_lpa_oa`` and
-    ``qemu_final_oa_unchecked`` model QEMU's declared departures from the Arm ARM."""
+    ``sh0`` is TCR_EL2/VTCR_EL2.SH0 (the shareability with lpa2); ``wxn`` is SCTLR_EL2.WXN (stage
+    1 only). ``qemu_lpa_oa`` and ``qemu_final_oa_unchecked`` model QEMU's declared departures
+    from the Arm ARM."""
     if not 0 <= address < 1 << 64:
         raise ValueError(f"address: expected a 64-bit value, got {address!r}")
+    check_wxn(geom, wxn)
     stage = geom.stage
     is_s2 = stage is Stage.S2
     steps: list[Step] = []
@@ -497,7 +526,7 @@ def translate(
         return fault(FaultKind.ADDRESS_SIZE, 0,
                      f"table base {root_pa:#x} beyond the {geom.pa_bits}-bit PA size")
 
-    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu_lpa_oa), not qemu_final_oa_unchecked)
+    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu_lpa_oa), not qemu_final_oa_unchecked, wxn)
     granule = geom.granule
     table = root_table_base(geom, root_pa)
     level = geom.start_level

@@ -99,6 +99,7 @@ def arch_header() -> str:
     integer literals: valid in both)."""
     fields = {
         "SCTLR_M": registers.SCTLR_M, "SCTLR_C": registers.SCTLR_C, "SCTLR_I": registers.SCTLR_I,
+        "SCTLR_WXN": registers.SCTLR_WXN,
         "HCR_VM": registers.HCR_VM, "HCR_DC": registers.HCR_DC, "HCR_RW": registers.HCR_RW,
         "HCR_E2H": registers.HCR_E2H, "HCR_TGE": registers.HCR_TGE,
         "PAR_F": registers.PAR_F, "ESR_EC": registers.ESR_EC, "ESR_ISS": registers.ESR_ISS, "ISS_IMM16": el2.ISS_IMM16,

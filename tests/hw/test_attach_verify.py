@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from harness.arch.geometry import Geometry
+from harness.arch.registers import SCTLR_WXN
 from harness.check import attach
 from harness.check.attach import VerifyRefused, verify
 from harness.cli import main
@@ -154,3 +155,55 @@ def test_verify_refuses_when_no_room_for_the_payload() -> None:
 def test_attach_refused_connection_is_machinery_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["attach", "127.0.0.1:1"]) == 3
     assert "connecting gdb" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("e2h", [False, True], ids=["el2", "hVHE"])
+def test_verify_replays_sctlr_el2_wxn(e2h: bool) -> None:
+    """A snapshot taken with SCTLR_EL2.WXN = 1 (as Linux runs) is replayed with WXN = 1: the
+    payload runs under it (its code r-x, its data rw-), SCTLR_EL2 read back from the MMU has it,
+    and the model predicts with it. ``AT S1E2R/W`` has no fetch form, so the MMU confirms the
+    replay's configuration and the read/write answers; execute permission stays the model's."""
+    t = HypPgtable(_pool(4096), "4K", 48, 48, e2h=e2h)
+    t.map(0x1_0000_0000, 2 * MIB, 0x5000_0000, Prot.RW)
+    t.map(0x1_0020_0000, 64 * 1024, 0x5020_0000, Prot.RX)
+    snap = from_tables(t)
+    snap.registers["SCTLR_EL2"] |= SCTLR_WXN.mask
+    report = verify(snap, _start)
+    (r,) = report.regimes
+    assert r.wxn and r.sctlr_el2 is not None and SCTLR_WXN.get(r.sctlr_el2) == 1
+    assert r.checked > 20 and report.mismatched == 0, report.text()
+    assert report.to_json()["regimes"][0]["wxn"] is True
+
+
+class _Watched:
+    """A replay target that reads SCTLR_EL2 back when verify closes it (after its uninstall)."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.sctlr_after: int | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.target, name)
+
+    def close(self) -> None:
+        self.sctlr_after = self.target.sysreg("SCTLR_EL2")
+        self.target.close()
+
+
+def test_replayed_wxn_does_not_outlive_its_install() -> None:
+    """The firmware's uninstall clears SCTLR_EL2.WXN with M, C and I: a later install without it
+    does not inherit the replay's."""
+    t = HypPgtable(_pool(4096), "4K", 48, 48)
+    t.map(0x1_0000_0000, 2 * MIB, 0x5000_0000, Prot.RW)
+    snap = from_tables(t)
+    snap.registers["SCTLR_EL2"] |= SCTLR_WXN.mask
+    seen: list[_Watched] = []
+
+    def start(layout: Layout) -> _Watched:
+        seen.append(_Watched(_start(layout)))
+        return seen[-1]
+
+    report = verify(snap, start)
+    assert report.mismatched == 0 and SCTLR_WXN.get(report.regimes[0].sctlr_el2 or 0) == 1
+    (w,) = seen
+    assert w.sctlr_after is not None and SCTLR_WXN.get(w.sctlr_after) == 0 and w.sctlr_after & 1 == 0

@@ -5,8 +5,19 @@ Four configurations: ``kvm-arm.mode=nvhe`` and ``kvm-arm.mode=protected`` on ``-
 captured through its gdbstub, and must (1) decode into the regimes the kernel uses (hyp stage 1;
 protected mode adds the host's stage 2), (2) verify on the payload's MMU with 0 mismatches, and
 (3) agree with the kernel itself: the hyp text named by the package's System.map is mapped, only
-read-only and executable, nothing is writable and executable (SCTLR_EL2.WXN counted), and in nVHE
-nothing else is executable.
+read-only and executable, nothing is writable and executable (SCTLR_EL2.WXN, which Linux sets, is
+part of the model's walk), and in nVHE nothing else is executable.
+
+The hVHE execute-never finding. In the EL2&0 regime (``kvm-arm.mode=protected`` here) bit 54 is UXN
+(EL0's execute-never) and EL2's is PXN (bit 53). Linux 6.12.117 marks hyp mappings execute-never
+with bit 54 alone, so the hyp rodata (and the ro_after_init page) is executable at EL2 (r-x:
+PXN = 0, UXN = 1), and writable hyp memory is kept from EL2 execution only by SCTLR_EL2.WXN. This
+is the upstream bug fixed by "KVM: arm64: Fix EL2 S1 XN handling for hVHE setups" (Marc Zyngier,
+2025-12-10; Fixes: 6537565fd9b7f), which makes the hVHE execute-never UXN | PXN. The tests assert
+it from the decoded descriptor bits and the model's walk; the MMU confirms the replayed tables'
+read and write permissions (``AT S1E2R/W``: 0 mismatches, every range's edges probed, under the
+snapshot's SCTLR_EL2.WXN, read back from the replay target), but ``AT`` has no instruction-fetch
+form, so the MMU cannot be asked about execute permission here: that part is the model's.
 """
 
 from __future__ import annotations
@@ -14,14 +25,26 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from harness.check.attach import decode, verify
+from harness.arch.descriptors import S1_PXN, S1_UXN
+from harness.arch.registers import SCTLR_WXN
+from harness.check.attach import (
+    FINDING_EL0_ONLY_XN,
+    FINDING_WXN_ONLY,
+    LiveRange,
+    RegimeDecode,
+    decode,
+    findings,
+    verify,
+    walk,
+)
 from harness.cli import main
-from harness.core.translate import PERM_W, PERM_X
-from harness.live.gdbstub import parse_target, session
+from harness.core.translate import PERM_R, PERM_W, PERM_X
+from harness.live.gdbstub import Capture, parse_target, session
 from harness.live.kernel import EXPECTED_BANNER, HYP_IDMAP_TEXT, HYP_RODATA, HYP_TEXT, find_image_pa
 from harness.pytestplugin.kernel import LiveKernel
 from harness.target.layout import Layout
@@ -56,12 +79,38 @@ def test_decode_and_verify(live_kernel: Callable[..., LiveKernel], mode: str, cp
     for r in report.regimes:
         assert r.checked > 2 * r.ranges, r
     assert report.mismatched == 0, report.text()
+    # Linux runs EL2 with SCTLR_EL2.WXN = 1: the replay ran under it too (read back from the MMU).
+    hyp = report.regimes[0]
+    assert hyp.wxn and hyp.sctlr_el2 is not None and SCTLR_WXN.get(hyp.sctlr_el2), hyp.to_json()
 
 
-@pytest.mark.parametrize(("mode", "cpu"), CONFIGS)
-def test_hyp_text_read_only_executable(live_kernel: Callable[..., LiveKernel], mode: str, cpu: str) -> None:
-    """The decode against the kernel's own System.map: hyp text r-x, hyp rodata r--, W^X."""
-    k = live_kernel(mode=mode, cpu=cpu)
+@dataclass
+class _Hyp:
+    """A kernel's hyp stage 1 decoded, with its System.map sections as physical ranges."""
+
+    cap: Capture
+    hyp: RegimeDecode
+    text: list[tuple[int, int]]  # hyp text and hyp idmap text
+    rodata: tuple[int, int]
+
+    def in_text(self, r: LiveRange) -> bool:
+        return any(_pa_overlap(r, lo, hi) for lo, hi in self.text)
+
+    def in_rodata(self, r: LiveRange) -> bool:
+        return _pa_overlap(r, *self.rodata)
+
+
+def _pa_overlap(r: LiveRange, lo: int, hi: int) -> bool:
+    return r.range.pa < hi and lo < r.range.pa + r.range.size
+
+
+def _xn_bits(r: LiveRange) -> tuple[int, int]:
+    """(PXN, UXN) of the range's leaf descriptors (EL2&0 regime)."""
+    f = dict(r.range.fields)
+    return f[S1_PXN.name], f[S1_UXN.name]
+
+
+def _hyp(k: LiveKernel) -> _Hyp:
     with session(parse_target(str(k.gdb_socket))) as sess:
         base = find_image_pa(sess.read_physical, k.image)
     assert base is not None, "the kernel Image's header is not in RAM at any 2 MiB boundary"
@@ -70,28 +119,68 @@ def test_hyp_text_read_only_executable(live_kernel: Callable[..., LiveKernel], m
     cap = k.capture()
     hyp = decode(cap.snapshot, cap.regimes)[0]
     assert hyp.regime.geom.stage == 1
+    return _Hyp(cap, hyp, text, (rodata_lo, rodata_hi))
 
-    def pa_overlap(r_pa: int, size: int, lo: int, hi: int) -> bool:
-        return r_pa < hi and lo < r_pa + size
 
+@pytest.mark.parametrize(("mode", "cpu"), CONFIGS)
+def test_hyp_text_read_only_executable(live_kernel: Callable[..., LiveKernel], mode: str, cpu: str) -> None:
+    """The decode against the kernel's own System.map: hyp text r-x, hyp rodata not writable, W^X
+    (with SCTLR_EL2.WXN); nVHE: nothing else executable, and no finding."""
+    h = _hyp(live_kernel(mode=mode, cpu=cpu))
     covered = 0
-    for r in hyp.ranges:
+    for r in h.hyp.ranges:
         m = r.range
-        in_text = any(pa_overlap(m.pa, m.size, lo, hi) for lo, hi in text)
-        if in_text:
+        if h.in_text(r):
             assert r.perms & PERM_X and not r.perms & PERM_W, f"hyp text mapped {r.describe()}"
-            covered += sum(max(0, min(m.pa + m.size, hi) - max(m.pa, lo)) for lo, hi in text)
+            covered += sum(max(0, min(m.pa + m.size, hi) - max(m.pa, lo)) for lo, hi in h.text)
         assert not (r.perms & PERM_X and r.perms & PERM_W), f"writable and executable: {r.describe()}"
-        if pa_overlap(m.pa, m.size, rodata_lo, rodata_hi):
+        if h.in_rodata(r):
             assert not r.perms & PERM_W, f"hyp rodata mapped writable: {r.describe()}"
-        if r.perms & PERM_X and not in_text:
-            # nVHE: only the hyp text is executable. hVHE (EL2&0 regime): Linux 6.12 marks hyp
-            # mappings execute-never with bit 54 alone, which is UXN there; PXN (bit 53) stays 0,
-            # so read-only data (hyp rodata, ro_after_init) is executable at EL2.
-            assert hyp.name == "el2&0", f"executable hyp mapping outside the hyp text: {r.describe()}"
+        if r.perms & PERM_X and not h.in_text(r):
+            # nVHE: only the hyp text is executable. hVHE: test_hvhe_execute_never_finding.
+            assert h.hyp.name == "el2&0", f"executable hyp mapping outside the hyp text: {r.describe()}"
     # Every byte of the hyp text (page-rounded) is mapped, once through its hyp VA at least.
-    text_lo, text_hi = text[0]
+    text_lo, text_hi = h.text[0]
     assert covered >= text_hi - text_lo
+    if mode == "nvhe":
+        # EL2 regime: bit 54 is XN and Linux sets it on everything but text: W^X without WXN.
+        found = findings([h.hyp])
+        assert not found, [f.text() for f in found]
+
+
+@pytest.mark.parametrize("cpu", ["max,lpa2=off", "max"])
+def test_hvhe_execute_never_finding(live_kernel: Callable[..., LiveKernel], cpu: str) -> None:
+    """Linux 6.12.117's hVHE execute-never bug (module text), precisely: the hyp rodata is r-x at
+    EL2 (PXN = 0, UXN = 1); every executable range outside the hyp text is such read-only data
+    (rodata, the ro_after_init page); every writable range has the same bits and is execute-never
+    at EL2 only through SCTLR_EL2.WXN. From the decoded descriptors and the model's walk: ``AT``
+    (S1E2R/W) has no instruction-fetch form, so the MMU cannot observe execute permission
+    (test_decode_and_verify has it confirm the read/write permissions of the same ranges)."""
+    h = _hyp(live_kernel(mode="protected", cpu=cpu))
+    assert h.hyp.name == "el2&0" and h.hyp.regime.wxn
+    found = {f.kind: f for f in findings([h.hyp])}
+    assert set(found) == {FINDING_WXN_ONLY, FINDING_EL0_ONLY_XN}, [f.text() for f in found.values()]
+    rodata = [r for r in h.hyp.ranges if h.in_rodata(r)]
+    assert rodata, "the hyp rodata is not mapped"
+    for r in rodata:
+        assert _xn_bits(r) == (0, 1), f"hyp rodata {r.describe()}: (PXN, UXN) = {_xn_bits(r)}"
+        assert r.perms == PERM_R | PERM_X, f"hyp rodata not r-x at EL2: {r.describe()}"
+    outside_text = [r for r in h.hyp.ranges if r.perms & PERM_X and not h.in_text(r)]
+    assert set(rodata) <= set(outside_text)
+    for r in outside_text:
+        assert _xn_bits(r) == (0, 1) and r.perms == PERM_R | PERM_X, r.describe()
+    writable = [r for r in h.hyp.ranges if r.perms & PERM_W]
+    assert writable and list(found[FINDING_WXN_ONLY].ranges) == writable
+    for r in writable:
+        assert _xn_bits(r) == (0, 1) and r.xn_by_wxn and r.perms == PERM_R | PERM_W, r.describe()
+        assert walk(h.cap.snapshot, h.hyp.regime, r.va, wxn=False).perms == PERM_R | PERM_W | PERM_X
+    # The el0-only-xn finding is exactly those two kinds of range.
+    assert sorted(found[FINDING_EL0_ONLY_XN].ranges, key=lambda r: r.va) == \
+        sorted([*outside_text, *writable], key=lambda r: r.va)
+    # The text itself is executable at EL0 and EL2 alike (PXN = UXN = 0), read-only.
+    for r in h.hyp.ranges:
+        if h.in_text(r):
+            assert _xn_bits(r) == (0, 0) and r.perms == PERM_R | PERM_X, r.describe()
 
 
 def test_attach_leaves_target_running(live_kernel: Callable[..., LiveKernel]) -> None:

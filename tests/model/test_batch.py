@@ -105,8 +105,10 @@ def random_tables(rng: np.random.Generator, geom: Geometry, pages: int) -> PageP
 
 
 def compare(pool: PagePool, geom: Geometry, root: int, addrs: npt.NDArray[np.uint64],
-            access: Access, mair: int, qemu_lpa_oa: bool, qemu_final_oa_unchecked: bool = False) -> BatchResult:
-    kw = {"qemu_lpa_oa": qemu_lpa_oa, "qemu_final_oa_unchecked": qemu_final_oa_unchecked}
+            access: Access, mair: int, qemu_lpa_oa: bool, qemu_final_oa_unchecked: bool = False,
+            wxn: bool = False) -> BatchResult:
+    kw = {"qemu_lpa_oa": qemu_lpa_oa, "qemu_final_oa_unchecked": qemu_final_oa_unchecked,
+          "wxn": wxn and geom.stage is Stage.S1}
     r = translate_batch(pool.words(), pool.base, geom, root, addrs, access, mair, **kw)
     pars = expected_par_batch(r)
     masks = par_compare_mask_batch(r)
@@ -128,10 +130,11 @@ def compare(pool: PagePool, geom: Geometry, root: int, addrs: npt.NDArray[np.uin
     qemu_lpa_oa=st.booleans(),
     random_mair=st.booleans(),
     bad_root=st.integers(0, 9),
+    wxn=st.booleans(),
 )
 def test_batch_equals_scalar_on_random_tables(geom_index: int, seed: int, pages: int,
                                               access: Access, qemu_lpa_oa: bool,
-                                              random_mair: bool, bad_root: int) -> None:
+                                              random_mair: bool, bad_root: int, wxn: bool) -> None:
     geom = GEOMS[geom_index]
     rng = np.random.default_rng(seed)
     pool = random_tables(rng, geom, max(pages, geom.pgd_pages))
@@ -145,7 +148,7 @@ def test_batch_equals_scalar_on_random_tables(geom_index: int, seed: int, pages:
     above_pamax = (u(1) << u(52)) | within
     choice = rng.integers(0, 10, n)
     addrs = np.select([choice < 7, choice < 8, choice < 9], [within, anywhere, near], above_pamax)
-    compare(pool, geom, root, addrs.astype(np.uint64), access, mair, qemu_lpa_oa)
+    compare(pool, geom, root, addrs.astype(np.uint64), access, mair, qemu_lpa_oa, wxn=wxn)
 
 
 def test_batch_on_hand_tables() -> None:
@@ -197,10 +200,12 @@ def test_benchmark_table_translates() -> None:
 
 @pytest.mark.parametrize("geom", GEOMS, ids=[g.describe() for g in GEOMS])
 @pytest.mark.parametrize("final_unchecked", [False, True])
-def test_batch_equals_scalar_every_geometry(geom: Geometry, final_unchecked: bool) -> None:
+@pytest.mark.parametrize("wxn", [False, True], ids=["wxn0", "wxn1"])
+def test_batch_equals_scalar_every_geometry(geom: Geometry, final_unchecked: bool, wxn: bool) -> None:
+    """Stage 1 also with SCTLR_EL2.WXN = 1 (stage 2 ignores the flag here: it has no WXN)."""
     for seed in range(3):
         rng = np.random.default_rng(seed)
         pool = random_tables(rng, geom, max(4, geom.pgd_pages))
         within = rng.integers(0, 2**63, 200, dtype=np.uint64) & np.uint64(geom.limit - 1)
         for access in (Access.READ, Access.WRITE, Access.EXEC):
-            compare(pool, geom, BASE, within, access, DEFAULT_MAIR, seed == 1, final_unchecked)
+            compare(pool, geom, BASE, within, access, DEFAULT_MAIR, seed == 1, final_unchecked, wxn)

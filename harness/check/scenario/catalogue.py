@@ -52,7 +52,55 @@ def builtin() -> list[Scenario]:
         maps=(MapSpec(0x20_0000_0000, 1 << 29, 0xF_FFFF_E000_0000, Prot.RW),
               MapSpec(0x30_0000_0000, 16 * 0x1_0000, 0xF_0000_0001_0000, Prot.R)),
     ))
+    out += lpa2_scenarios()
     return out
+
+
+def lpa2_scenarios() -> list[Scenario]:
+    """FEAT_LPA2 (DS = 1) and hVHE as Linux 6.12's protected mode runs them on ``-cpu max``: hyp
+    stage 1 in the EL2&0 regime with 4K pages and a 52-bit VA (start level -1), host stage 2 with
+    a 52-bit IPA at level 0 over 16 concatenated pages; and 16K with DS = 1 at stage 2. Blocks at
+    the levels only DS = 1 allows (4K level 0, 16K level 1) go to 52-bit output addresses (AT only:
+    no RAM there); real accesses go to scratch RAM."""
+    k4, k16 = Granule.K4.size, Granule.K16.size
+    high = 0xF_FFFF_0000_0000  # OA[51:48] = 0xf: descriptor bits [9:8] and [49:48] with DS = 1
+    hyp = Scenario(
+        "s1-4K-lpa2-hvhe", Stage.S1, Granule.K4, 52, pa_bits=52, lpa2=True, e2h=True, access=True, sample=8192,
+        maps=(MapSpec(0x1_0000_0000, 64 * k4, SCRATCH, Prot.RW),
+              MapSpec(0x1_0000_0000 + 128 * k4, 16 * k4, SCRATCH + 128 * k4, Prot.R),
+              MapSpec(0x2_0000_0000, 1 << 21, SCRATCH + (1 << 21), Prot.R | Prot.X),  # level-2 block
+              MapSpec(0x3_0000_0000, 8 * k4, 0x0A00_0000, Prot.RW | Prot.DEVICE),
+              MapSpec(0x8_0000_0000_0000, 1 << 30, high, Prot.R),  # level-1 block, VA[51] set
+              MapSpec((1 << 52) - 4 * k4, 4 * k4, SCRATCH + 256 * k4, Prot.RW)),  # the top of the VA range
+    )
+    host = Scenario(
+        "s2-4K-lpa2", Stage.S2, Granule.K4, 52, pa_bits=52, start_level=0, lpa2=True, access=True, sample=8192,
+        maps=(MapSpec(0x1000_0000, 32 * k4, SCRATCH, Prot.RW),
+              MapSpec(0x1000_0000 + 64 * k4, 8 * k4, SCRATCH + 64 * k4, Prot.R),
+              MapSpec(0x2000_0000, 1 << 21, SCRATCH + (1 << 21), Prot.RW),  # level-2 blocks in scratch
+              MapSpec(0x2040_0000, 1 << 21, SCRATCH + (2 << 21), Prot.RW),
+              MapSpec(0xA_0000_0000_0000, 1 << 39, 0xF_8000_0000_0000, Prot.RW),  # level-0 block (DS = 1)
+              MapSpec(0x5_0000_1000_0000, 16 * k4, high, Prot.RW),
+              MapSpec((1 << 52) - 4 * k4, 4 * k4, SCRATCH + 256 * k4, Prot.RW)),
+        ops=(OpSpec("wrprotect", 0x1000_0000 + 8 * k4, 4 * k4),
+             OpSpec("mkold", 0x1000_0000 + 16 * k4),
+             OpSpec("unmap", 0x1000_0000 + 20 * k4, 2 * k4),
+             OpSpec("unmap", 0x2040_0000 + 5 * k4, k4)),  # splits the second block
+    )
+    s2_16k = Scenario(
+        "s2-16K-lpa2", Stage.S2, Granule.K16, 52, pa_bits=52, lpa2=True, access=True, sample=8192,
+        maps=(MapSpec(0x1000_0000, 32 * k16, SCRATCH, Prot.RW),
+              MapSpec(0x1000_0000 + 64 * k16, 8 * k16, SCRATCH + 64 * k16, Prot.R),
+              MapSpec(0x2000_0000, 1 << 25, SCRATCH + (1 << 25), Prot.RW),  # level-2 block in scratch
+              MapSpec(0x8_0000_0000_0000, 1 << 36, 0xC_0000_0000_0000, Prot.RW),  # level-1 blocks (DS = 1)
+              MapSpec(0x8_0010_0000_0000, 1 << 36, 0xC_0010_0000_0000, Prot.R),
+              MapSpec(0x1_0000_0000_0000, 8 * k16, high, Prot.RW),
+              MapSpec((1 << 52) - 4 * k16, 4 * k16, SCRATCH + 256 * k16, Prot.RW)),
+        ops=(OpSpec("wrprotect", 0x1000_0000 + 8 * k16, 4 * k16),
+             OpSpec("mkold", 0x1000_0000 + 16 * k16),
+             OpSpec("unmap", 0x8_0010_0000_0000 + 3 * (1 << 25), 1 << 25)),  # splits the second 64 GiB block
+    )
+    return [hyp, host, s2_16k]
 
 
 def builtin_named(name: str, what: str = "builtin") -> Scenario:
