@@ -21,6 +21,9 @@ def figures(rep: FuzzReport) -> dict[str, object]:
     return {
         "probes": rep.probes, "tables": rep.tables, "seconds": round(rep.seconds, 2),
         "probes_per_s": round(rep.probes_per_s), "raw_at_per_s": round(rep.raw_at_per_s),
+        "raw_at_ratio": round(rep.probes_per_s / rep.raw_at_per_s, 3) if rep.raw_at_per_s else 0.0,
+        "tables_per_million_probes": round(rep.tables * 1e6 / rep.probes) if rep.probes else 0,
+        "seconds_by_phase": {k: round(v, 2) for k, v in sorted(rep.timings.items())},
         "unexplained": rep.unexplained, "disagreements": rep.disagreements, "skipped": rep.skipped,
         "withheld_from_at": rep.withheld, "by_config": rep.by_config, "restarts": rep.restarts,
     }

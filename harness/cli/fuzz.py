@@ -1,6 +1,10 @@
 """``harness fuzz``: random raw tables against QEMU's MMU; every disagreement classified.
 
-    harness fuzz --seed S --probes N [--stage 1|2] [--granule G] [--json] [--report FILE]
+    harness fuzz --seed S --probes N [--stage 1|2] [--granule G] [--[no-]lpa2] [--[no-]e2h] [--json] [--report FILE]
+
+Configurations are drawn over both stages, every granule, input and PA size, start level and
+concatenation, with DS = 1 (FEAT_LPA2) on some 4K/16K ones and the EL2&0 regime (hVHE) on some
+stage-1 ones; --lpa2/--no-lpa2 and --e2h/--no-e2h keep only (or never) those.
 
 Exit status 0 when every disagreement is explained by a declared QEMU divergence, 1 when any is
 unexplained (or QEMU died on a table), 2 for bad arguments, 3 when the machinery failed.
@@ -14,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from harness.arch.geometry import GeometryError, Granule, parse_stage
+from harness.arch.geometry import GeometryError, Granule, Stage, parse_stage
 from harness.check.fuzz import DEFAULT_PER_TABLE, FuzzOptions, FuzzReport, fuzz
 from harness.cli.args import check_log_dir, start_target
 from harness.errors import EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, HarnessError
@@ -28,6 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--probes", type=int, default=1_000_000, help="probes: AT forms and real accesses (1e6)")
     p.add_argument("--stage", help="only stage 1 or 2 (default both)")
     p.add_argument("--granule", help="only 4K, 16K or 64K (default all)")
+    p.add_argument("--lpa2", action=argparse.BooleanOptionalAction, default=None,
+                   help="only DS = 1 configurations (4K/16K), or with --no-lpa2 none (default: drawn)")
+    p.add_argument("--e2h", action=argparse.BooleanOptionalAction, default=None,
+                   help="only the EL2&0 regime at stage 1 (hVHE), or with --no-e2h never (default: drawn)")
     p.add_argument("--per-table", type=int, default=DEFAULT_PER_TABLE,
                    help=f"addresses per table, each probed with both AT forms (default {DEFAULT_PER_TABLE})")
     p.add_argument("--min-tables", type=int, default=1, help="run at least this many tables")
@@ -63,7 +71,12 @@ def _options(args: argparse.Namespace) -> FuzzOptions:
         granule = Granule.parse(args.granule) if args.granule is not None else None
     except GeometryError as exc:
         raise ValueError(f"--{exc}") from exc
-    return FuzzOptions(args.seed, args.probes, stage, granule, args.per_table, args.min_tables, args.max_deaths)
+    if args.lpa2 and granule is Granule.K64:
+        raise bad("--lpa2", "the 4K or 16K granule (DS = 1 does not apply to 64K)", "64K")
+    if args.e2h and stage is Stage.S2:
+        raise bad("--e2h", "stage 1 (the EL2&0 regime is a stage-1 regime)", "stage 2")
+    return FuzzOptions(args.seed, args.probes, stage, granule, args.per_table, args.min_tables, args.max_deaths,
+                       lpa2=args.lpa2, e2h=args.e2h)
 
 
 def run(args: argparse.Namespace) -> int:
