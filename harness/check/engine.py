@@ -426,12 +426,13 @@ def _compare_chunk(report: CheckReport, subj: Subject, job: _AtChunk, actual: U6
 
 
 def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64,
-             background: Callable[[], None] | None = None) -> dict[Access, U64]:
+             background: Callable[[bool], None] | None = None) -> dict[Access, U64]:
     """Probe ``addrs`` with each AT form of the subject's stage and compare with the model.
 
     Pipelined: the next chunk is predicted, and the previous one compared, while the firmware
-    probes; ``background`` (if given) runs while the last request is in flight (the fuzzer
-    builds its next table there). Returns, per access type, the addresses withheld from AT
+    probes; ``background`` (if given) is called with False while each earlier request is in
+    flight (a slice of work) and with True while the last one is (the rest): the fuzzer builds
+    its next table there. Returns, per access type, the addresses withheld from AT
     because of a known QEMU hazard (they are to be checked with real accesses)."""
     subj = subject if isinstance(subject, Subject) else subject_of_table(subject, report.scenario)
     max_at = int(target.layout.max_at)
@@ -458,9 +459,13 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
                 inflight = job
             if done is not None:
                 _compare_chunk(report, subj, *done, version)
+            if background is not None and inflight is not None:
+                t0 = time.perf_counter()
+                background(False)
+                report.time("background", time.perf_counter() - t0)
     if background is not None:
         t0 = time.perf_counter()
-        background()
+        background(True)
         report.time("background", time.perf_counter() - t0)
     if inflight is not None:
         _compare_chunk(report, subj, *wait(), version)
@@ -669,7 +674,7 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
 def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.random.Generator | None = None,
                   access: bool = False, report: CheckReport | None = None,
                   access_sample: int = MAX_ACCESS_PROBES,
-                  background: Callable[[], None] | None = None) -> CheckReport:
+                  background: Callable[[bool], None] | None = None) -> CheckReport:
     """Install the subject's tables, probe ``addrs`` with AT (and real accesses where asked or
     where AT is withheld), compare, uninstall. ``background`` runs while the last AT request is
     in flight (:func:`check_at`)."""

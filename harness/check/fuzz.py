@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -205,16 +204,42 @@ class _Table:
     rng: np.random.Generator
 
     @classmethod
-    def make(cls, opts: FuzzOptions, index: int, layout: Any) -> _Table:
+    def steps(cls, opts: FuzzOptions, index: int, layout: Any) -> Iterator[_Table | None]:
+        """Table ``index`` of the run, made in steps (None between them, the table last)."""
         rng = np.random.default_rng([opts.seed, index])
         geom = rawtables.random_geometry(np.random.default_rng([opts.seed, index // opts.tables_per_config]),
                                          opts.stage, opts.granule, opts.lpa2, opts.e2h)
-        raw = rawtables.random_tables(rng, geom, layout, outside_ram=True)
-        return cls(index, geom, raw, rawtables.probe_addresses(rng, raw, opts.per_table), rng)
+        raw = None
+        for raw in rawtables.random_tables_steps(rng, geom, layout, outside_ram=True):
+            if raw is None:
+                yield None
+        assert raw is not None
+        yield cls(index, geom, raw, rawtables.probe_addresses(rng, raw, opts.per_table), rng)
 
     @classmethod
-    def make_into(cls, out: list[_Table], opts: FuzzOptions, index: int, layout: Any) -> None:
-        out.append(cls.make(opts, index, layout))
+    def make(cls, opts: FuzzOptions, index: int, layout: Any) -> _Table:
+        return _Maker(cls.steps(opts, index, layout)).finish()
+
+
+class _Maker:
+    """The next table, made in slices while the firmware runs AT requests (check_at's
+    ``background``): a time slice in each earlier request, the rest during the last."""
+
+    SLICE = 0.0008  # seconds of work while an earlier request is in flight (it takes ~1-2 ms)
+
+    def __init__(self, steps: Iterator[_Table | None]) -> None:
+        self._steps = steps
+        self.table: _Table | None = None
+
+    def work(self, last: bool) -> None:
+        t0 = time.perf_counter()
+        while self.table is None and (last or time.perf_counter() - t0 < self.SLICE):
+            self.table = next(self._steps)
+
+    def finish(self) -> _Table:
+        self.work(True)
+        assert self.table is not None
+        return self.table
 
 
 def raw_at_rate(target: TargetLike, rng: np.random.Generator, probes: int = RAW_AT_PROBES) -> float:
@@ -251,8 +276,7 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
         while report.probes < opts.probes or report.tables < opts.min_tables:
             cur = nxt
             index = cur.index
-            made: list[_Table] = []  # the next table, made while the firmware runs this one's last AT
-            prepare_next = partial(_Table.make_into, made, opts, index + 1, target.layout)
+            maker = _Maker(_Table.steps(opts, index + 1, target.layout))  # while the firmware runs AT
             raw = cur.raw
             name = f"fuzz {opts.seed}/{index}"
             rep = CheckReport(name, cur.geom.describe(), report.qemu, explain_limit=EXPLAIN_PER_TABLE)
@@ -265,7 +289,7 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
                 window.unknown()  # until the install is known to have written it
                 check_subject(subject, target, cur.addrs, cur.rng, report=rep,
                               access=sample > 0 and raw.can_access, access_sample=max(sample, 1),
-                              background=prepare_next)
+                              background=maker.work)
                 if not rep.mismatched:  # (a stray store may have hit the window)
                     window.written(raw, len(subject.image.data), before)
             except MachineryError as exc:
@@ -282,11 +306,11 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
                 report.restarts += 1
             else:
                 report.add(config_key(cur.geom), rep, index, raw.describe())
-            if not made:
+            if maker.table is None:
                 t1 = time.perf_counter()
-                made.append(_Table.make(opts, index + 1, target.layout))
+                maker.finish()
                 _bump_time(report.timings, "generate (not overlapped)", time.perf_counter() - t1)
-            nxt = made[0]
+            nxt = maker.finish()
             if progress is not None:
                 report.seconds = time.perf_counter() - t0
                 progress(report)

@@ -22,6 +22,7 @@ Everything is drawn from one ``numpy`` generator: a table is reproduced from the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -461,6 +462,18 @@ def random_tables(rng: np.random.Generator, geom: Geometry, layout: LayoutLike, 
     ``outside_ram``: also plant table pointers to physical addresses with nothing behind them
     (only when the firmware reports an AT's external abort as a result). ``mair``: a random
     MAIR_EL2 (:func:`random_mair`) for a stage-1 table."""
+    steps = random_tables_steps(rng, geom, layout, outside_ram, max_depth, mair)
+    for raw in steps:
+        if raw is not None:
+            return raw
+    raise AssertionError("random_tables_steps ended without tables")
+
+
+def random_tables_steps(rng: np.random.Generator, geom: Geometry, layout: LayoutLike, outside_ram: bool = False,
+                        max_depth: int = 4, mair: bool = True) -> Iterator[RawTables | None]:
+    """:func:`random_tables` in steps (the identity map, then one level of random entries at a
+    time): yields None between them and the tables last, so that a caller can interleave the
+    work with other waits. The same tables as :func:`random_tables` for the same generator."""
     regions, protected, can_access = _regions(geom, layout)
     pool, root = _protected_base(geom, layout, regions)
     root_bytes = geom.pgd_entries * ENTRY_BYTES
@@ -486,10 +499,11 @@ def random_tables(rng: np.random.Generator, geom: Geometry, layout: LayoutLike, 
     for tpa, level, va, n in built:
         by_level.setdefault(level, []).append((tpa, va, n))
     for level in range(geom.start_level, LAST_LEVEL + 1):
+        yield None
         fresh = filler.fill_level(level, by_level.get(level, [])) if by_level.get(level) else []
         by_level.setdefault(level + 1, []).extend(fresh)
     spans = np.concatenate([*filler.spans, np.array([[0, geom.granule.size]], dtype=np.uint64)])
-    return RawTables(geom, pool, root, regs, spans, tuple(protected), filler.stats, can_access, table_mair)
+    yield RawTables(geom, pool, root, regs, spans, tuple(protected), filler.stats, can_access, table_mair)
 
 
 def probe_addresses(rng: np.random.Generator, raw: RawTables, n: int) -> U64:
