@@ -367,9 +367,10 @@ def _explain_at(report: CheckReport, subject: Subject, op: str, access: Access, 
 
 def _at_hazards(report: CheckReport, pred: Prediction, version: divergences.QemuVersion) -> Bools:
     """The addresses to withhold from AT (and check with real accesses instead)."""
-    unsafe, keys = divergences.at_unsafe(pred.qemu, version)
-    for k in keys:
-        report.count(report.withheld, k, int(unsafe.sum()))
+    unsafe, _ = divergences.at_unsafe(pred.qemu, version)
+    for hz in divergences.AT_HAZARDS:
+        if hz.applies_to(version):
+            report.count(report.withheld, hz.key, int(hz.select(pred.qemu).sum()))
     return unsafe
 
 
@@ -737,6 +738,10 @@ def check_address(built: BuiltScenario | Subject, target: TargetLike, addr: int)
             model = subject.walk(addr, access)
             unsafe, keys = divergences.at_unsafe(pred.qemu, version)
             write = access is WRITE
+            if divergences.unprobeable(pred.qemu, version).any():
+                mmu = f"not probed: neither AT nor an access may meet this on QEMU ({', '.join(keys)})"
+                out.append(AddressVerdict(op, model.explain(), mmu, True, None))
+                continue
             if unsafe.any():
                 rec = target.access(one, write=write, stage=subject.stage)
                 r = rec[0]
