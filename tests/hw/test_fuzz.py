@@ -8,7 +8,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from harness.arch import descriptors as d
@@ -111,29 +113,41 @@ def _lost_oa_51_48(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(batch, "oa_hi_included", lambda geom, qemu_lpa_oa=False: False)
 
 
-PLANTED: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], Stage | None, Granule | None]] = {
-    "wrong level shift": (_wrong_level_shift, None, None),
-    "AF ignored": (_af_ignored, None, None),
-    "AP[2] read as AP[1]": (_ap2_read_as_ap1, Stage.S1, None),
-    "roots rounded to 64 bytes": (_root_rounded_to_64, None, Granule.K4),
-    "lost OA[51:48]": (_lost_oa_51_48, None, Granule.K64),
+def _lost_oa_51_50_lpa2(mp: pytest.MonkeyPatch) -> None:
+    real = batch.descriptor_oa
+
+    def oa(desc: Any, granule: Granule, lpa2: bool = False, with_51_48: bool = True) -> Any:
+        return real(desc, granule, lpa2, with_51_48) & ~np.uint64(d.OA_51_50_LPA2.max << 50)
+
+    mp.setattr(batch, "descriptor_oa", oa)
+
+
+PLANTED: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], Stage | None, Granule | None, bool | None]] = {
+    "wrong level shift": (_wrong_level_shift, None, None, None),
+    "AF ignored": (_af_ignored, None, None, None),
+    "AP[2] read as AP[1]": (_ap2_read_as_ap1, Stage.S1, None, None),
+    "roots rounded to 64 bytes": (_root_rounded_to_64, None, Granule.K4, None),
+    "lost OA[51:48]": (_lost_oa_51_48, None, Granule.K64, None),
+    "lost OA[51:50] with DS = 1": (_lost_oa_51_50_lpa2, None, Granule.K4, True),
 }
 
 
 @pytest.fixture
 def planted(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Stage | None,
-                                                                                                   Granule | None]]:
-    plant, stage, granule = PLANTED[request.param]
+                                                                                                   Granule | None,
+                                                                                                   bool | None]]:
+    plant, stage, granule, lpa2 = PLANTED[request.param]
     plant(monkeypatch)
     rawtables._BASES.clear()
-    yield stage, granule
+    yield stage, granule, lpa2
     rawtables._BASES.clear()
 
 
 @pytest.mark.parametrize("planted", list(PLANTED), indirect=True)
-def test_planted_model_bug_is_caught(target: Target, planted: tuple[Stage | None, Granule | None]) -> None:
-    stage, granule = planted
-    rep = run(target, 31, 40_000, stage, granule)
+def test_planted_model_bug_is_caught(target: Target, planted: tuple[Stage | None, Granule | None,
+                                                                     bool | None]) -> None:
+    stage, granule, lpa2 = planted
+    rep = run(target, 31, 40_000, stage, granule, lpa2=lpa2)
     assert rep.unexplained > 0, rep.text()
     assert rep.disagreements.get("unexplained", 0) > 0  # (QEMU may also die: withholding trusts the model)
 
