@@ -6,6 +6,14 @@ by its seed and index. Tables are swapped through the mailbox without a reboot. 
 is either explained by a declared QEMU departure (:mod:`harness.check.divergences`) or it is
 unexplained (a model bug until shown otherwise). If QEMU itself dies, the table and the address
 chunk are recorded as a finding, a new target is started, and the run goes on.
+
+Throughput (a run is a stream of round trips to the firmware: install, AT read, AT write, real
+loads and stores when due, uninstall): the next table is made in slices while the firmware runs
+this one's AT requests, each AT chunk is predicted while the previous one runs and compared
+while the next one does, only the part of the table window that may differ from zero is written
+into guest RAM, and the sampled real accesses are batched on every ``access_every``-th table
+(the addresses withheld from AT are accessed on every table). ``FuzzReport.timings`` tells where
+the time went.
 """
 
 from __future__ import annotations
