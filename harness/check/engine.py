@@ -147,7 +147,8 @@ class Subject:
 
     def _memory(self, semantics: dict[str, Any]) -> TableMemory:
         """The memory the walk reads: with the bits a departure ignores cleared (the
-        :data:`divergences.IGNORED_BITS` entry of ``semantics``, taken out of it)."""
+        :data:`divergences.IGNORED_BITS` entry of ``semantics``, taken out of it). The cleared
+        copy is made once per subject: its tables must not change after the first such walk."""
         mask = int(semantics.pop(divergences.IGNORED_BITS, 0))
         if not mask:
             return self.mem
