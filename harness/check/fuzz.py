@@ -154,6 +154,8 @@ class FuzzReport:
         lines += [f"  skipped ({k}): {v}" for k, v in self.skipped.items()]
         lines += [f"  {k}: {v['tables']} tables, {v['probes']} probes, {v['unexplained']} unexplained, "
                   f"{v['known']} known" for k, v in sorted(self.by_config.items())]
+        if self.timings:
+            lines.append("  seconds by phase: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.timings.items())))
         lines += [f"  finding: {f.text()}" for f in self.findings]
         lines += [f"  {self.stopped}"] if self.stopped else []
         shown = self.examples if full else self.examples[:20]
