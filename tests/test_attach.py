@@ -353,12 +353,13 @@ def test_findings_in_cli_json_and_text(tmp_path: Path, capsys: pytest.CaptureFix
     _hyp(e2h=True, linux_6_12_xn=True, wxn=True).save(str(path))
     assert main(["attach", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [(f["kind"], f["regime"], f["count"]) for f in out["findings"]] == [
-        (FINDING_WXN_ONLY, "el2&0", 1), (FINDING_EL0_ONLY_XN, "el2&0", 2)]
+    assert [(f["kind"], f["regime"], f["cpus"], f["count"]) for f in out["findings"]] == [
+        (FINDING_WXN_ONLY, "el2&0", [0], 1), (FINDING_EL0_ONLY_XN, "el2&0", [0], 2)]
     assert out["regimes"][0]["decoded"]["wxn"] is True
     assert main(["attach", str(path)]) == 0
     text = capsys.readouterr().out
     assert "W^X holds only through SCTLR_EL2.WXN" in text and "UXN = 1, PXN = 0" in text
+    assert "el2&0 (vCPU 0): W^X" in text
 
 
 # -- several CPUs: one regime per distinct set of tables and controls, with its CPUs -----------------
@@ -457,6 +458,7 @@ def test_smp_snapshot_decode_save_and_cli(tmp_path: Path, capsys: pytest.Capture
     out = json.loads(capsys.readouterr().out)
     assert [(r["regime"], r["cpus"]) for r in out["regimes"]] == [("el2", [0, 1]), ("stage2", [1])]
     assert [(c["cpu"], c["regimes"]) for c in out["cpus"]] == [(0, [0]), (1, [0, 1])]
+    assert out["cpus"][1]["registers"]["VTTBR_EL2"] == f"{snap.cpus[1]['VTTBR_EL2']:#x}"
     assert [(e["regime"], e["cpus"], e["pa"]) for e in out["explain"]] == [
         ("el2", [0, 1], 0x4000_1000), ("stage2", [1], 0x6000_1000)]
     assert main(["attach", str(path)]) == 0

@@ -186,17 +186,20 @@ class Finding:
     regime: str
     summary: str
     ranges: tuple[LiveRange, ...]
+    cpus: tuple[int, ...] = ()  # the CPUs using the regime
 
     @property
     def size(self) -> int:
         return sum(r.range.size for r in self.ranges)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "regime": self.regime, "summary": self.summary, "count": len(self.ranges),
+        return {"kind": self.kind, "regime": self.regime, "cpus": list(self.cpus), "summary": self.summary,
+                "count": len(self.ranges),
                 "bytes": self.size, "ranges": [r.to_json() for r in self.ranges]}
 
     def text(self, limit: int = 8) -> str:
-        lines = [f"{self.regime}: {self.summary}"]
+        on = f" (vCPU{'s' if len(self.cpus) != 1 else ''} {', '.join(map(str, self.cpus))})" if self.cpus else ""
+        lines = [f"{self.regime}{on}: {self.summary}"]
         lines.extend(f"    {r.describe()}" for r in self.ranges[:limit])
         if len(self.ranges) > limit:
             lines.append(f"    ... and {len(self.ranges) - limit} more")
@@ -229,12 +232,12 @@ def regime_findings(rd: RegimeDecode) -> list[Finding]:
     wx = [r for r in rd.ranges if r.perms & PERM_W and r.perms & PERM_X]
     if wx:
         out.append(Finding(FINDING_WRITABLE_EXECUTABLE, rd.name,
-                           f"{_count(wx)} writable and executable at EL2 (SCTLR_EL2.WXN = 0)", tuple(wx)))
+                           f"{_count(wx)} writable and executable at EL2 (SCTLR_EL2.WXN = 0)", tuple(wx), rd.cpus))
     by_wxn = [r for r in rd.ranges if r.xn_by_wxn]
     if by_wxn:
         out.append(Finding(FINDING_WXN_ONLY, rd.name,
                            f"W^X holds only through SCTLR_EL2.WXN: {_count(by_wxn)} writable at EL2 with "
-                           "XN/PXN clear (executable at EL2 without WXN)", tuple(by_wxn)))
+                           "XN/PXN clear (executable at EL2 without WXN)", tuple(by_wxn), rd.cpus))
     if rd.regime.geom.e2h:
         uxn = [r for r in rd.ranges if el0_only_xn(r) and (r.perms & PERM_X or r.xn_by_wxn)]
         if uxn:
@@ -243,7 +246,7 @@ def regime_findings(rd: RegimeDecode) -> list[Finding]:
             out.append(Finding(FINDING_EL0_ONLY_XN, rd.name,
                                f"execute-never at EL0 only (UXN = 1, PXN = 0) in the EL2&0 regime: {_count(uxn)}; "
                                f"{_count(ro)} read-only and executable at EL2, {_count(saved)} writable and "
-                               "execute-never at EL2 only through SCTLR_EL2.WXN", tuple(uxn)))
+                               "execute-never at EL2 only through SCTLR_EL2.WXN", tuple(uxn), rd.cpus))
     return out
 
 

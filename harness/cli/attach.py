@@ -152,8 +152,9 @@ def _el(regs: dict[str, int]) -> int | None:
 
 
 def _cpus_json(snap: Snapshot, decoded: list[att.RegimeDecode]) -> list[dict[str, Any]]:
-    """Each vCPU of the snapshot: its exception level, QEMU's state for it, and the indexes (into
-    ``regimes``) of the regimes it uses."""
+    """Each vCPU of the snapshot: its exception level, QEMU's state for it, the indexes (into
+    ``regimes``) of the regimes it uses, and every register read on it (a regime's "registers"
+    are its first vCPU's: HCR_EL2 and SCTLR_EL2 bits the walk ignores may differ on the others)."""
     out = []
     for cpu in sorted(snap.cpus):
         regs = snap.cpus[cpu]
@@ -161,6 +162,7 @@ def _cpus_json(snap: Snapshot, decoded: list[att.RegimeDecode]) -> list[dict[str
                                  "regimes": [i for i, rd in enumerate(decoded) if cpu in rd.cpus]}
         if cpu in snap.cpu_states:
             entry["state"] = snap.cpu_states[cpu]
+        entry["registers"] = {k: f"{v:#x}" for k, v in regs.items()}
         out.append(entry)
     return out
 

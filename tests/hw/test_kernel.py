@@ -272,6 +272,9 @@ def test_smp_every_vcpu(live_kernel: Callable[..., LiveKernel], mode: str, tmp_p
     assert [(r["regime"], r["cpus"]) for r in out["verify"]["regimes"]] == [
         (n, [0, 1]) for n in EXPECTED_REGIMES[mode]]
     assert [c["cpu"] for c in json.loads(saved.read_text())["cpus"]] == [0, 1]
+    # pKVM's hVHE execute-never findings (test_hvhe_execute_never_finding) concern both vCPUs' regime.
+    assert [(f["regime"], f["cpus"]) for f in out["findings"]] == (
+        [("el2&0", [0, 1])] * 2 if mode == "protected" else [])
 
     one = k.capture(cpu=1)
     assert [v.cpu for v in one.vcpus] == [1] and list(one.snapshot.cpus) == [1]
