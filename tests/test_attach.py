@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
 from harness.core.prot import Prot
 from harness.core.walker import Walker, WalkFlags
 from harness.errors import InputError
-from harness.live.gdbstub import TargetSpecError, parse_target
+from harness.live.gdbstub import Session, TargetSpecError, VCpu, _restore_thread, parse_target
 from harness.live.regimes import RegisterDecodeError, regime_key, regimes_by_cpu, regimes_from_registers
 from harness.live.snapshot import FORMAT, QEMU_MAX_MMFR0, Snapshot, SnapshotError, from_tables
 
@@ -479,3 +480,33 @@ def test_cli_bad_cpu_exit_2(tmp_path: Path, bad: str, capsys: pytest.CaptureFixt
     assert main(["attach", str(path), f"--cpu={bad}"]) == 2
     err = capsys.readouterr().err
     assert "--cpu" in err and (bad != "2" or "its CPUs: 0, 1" in err)
+
+
+class _FakeGdb:
+    """gdb/MI answers as gdb 13 gives them for QEMU's gdbstub with -smp 3 (threads are vCPUs)."""
+
+    def __init__(self, current: str) -> None:
+        self.current = current
+        self.sent: list[str] = []
+
+    def command(self, cmd: str, timeout: float | None = None) -> dict[str, Any]:
+        self.sent.append(cmd)
+        if cmd.startswith("-thread-select "):
+            self.current = cmd.split()[1]
+            return {"payload": {}}
+        assert cmd == "-thread-info", cmd
+        threads = [{"id": "3", "target-id": "Thread 1.3", "details": "CPU#2 [halted ]", "state": "stopped"},
+                   {"id": "1", "target-id": "Thread 1.1", "details": "CPU#0 [running]", "state": "stopped"},
+                   {"id": "2", "target-id": "Thread 1.2", "state": "stopped"}]  # no details: thread id - 1
+        return {"payload": {"threads": threads, "current-thread-id": self.current}}
+
+
+def test_vcpus_from_gdb_threads_and_selection_restored() -> None:
+    gdb = _FakeGdb("1")
+    sess = Session(gdb, parse_target("localhost:1234"), 5.0)  # type: ignore[arg-type]
+    assert sess.vcpus() == [VCpu(0, "1", "CPU#0 [running]"), VCpu(1, "2", ""), VCpu(2, "3", "CPU#2 [halted ]")]
+    _restore_thread(gdb, "1")  # type: ignore[arg-type]
+    assert gdb.sent[-1] == "-thread-info"  # unchanged: nothing to do
+    gdb.current = "3"
+    _restore_thread(gdb, "1")  # type: ignore[arg-type]
+    assert gdb.sent[-1] == "-thread-select 1" and gdb.current == "1"
