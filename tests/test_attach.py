@@ -33,6 +33,7 @@ from harness.core.prot import Prot
 from harness.core.walker import Walker, WalkFlags
 from harness.errors import InputError
 from harness.live.gdbstub import Session, TargetSpecError, VCpu, _restore_thread, parse_target
+from harness.live.kernel import KernelBoot, KernelImage
 from harness.live.regimes import RegisterDecodeError, regime_key, regimes_by_cpu, regimes_from_registers
 from harness.live.snapshot import FORMAT, QEMU_MAX_MMFR0, Snapshot, SnapshotError, from_tables
 
@@ -510,3 +511,13 @@ def test_vcpus_from_gdb_threads_and_selection_restored() -> None:
     gdb.current = "3"
     _restore_thread(gdb, "1")  # type: ignore[arg-type]
     assert gdb.sent[-1] == "-thread-select 1" and gdb.current == "1"
+
+
+def test_kernel_boot_smp_argument(tmp_path: Path) -> None:
+    image = KernelImage(tmp_path / "vmlinuz-6.12", None, None)
+    assert "-smp" not in KernelBoot(image, log_dir=tmp_path).args
+    args = KernelBoot(image, smp=2, log_dir=tmp_path).args
+    assert args[args.index("-smp") + 1] == "2"
+    for bad in (0, 9, True, "2"):
+        with pytest.raises(InputError, match="smp: expected a number of CPUs from 1 to 8"):
+            KernelBoot(image, smp=bad, log_dir=tmp_path)  # type: ignore[arg-type]
