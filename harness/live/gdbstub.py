@@ -280,7 +280,8 @@ def _current_thread(gdb: GdbMI) -> str | None:
 
 
 def _restore_thread(gdb: GdbMI, thread: str | None) -> None:
-    """Select ``thread`` again (and so the gdbstub's register thread, Hg) if gdb's selection moved."""
+    """Select ``thread`` again if gdb's selection moved (``--thread`` does not move it). The
+    gdbstub's own register thread (``Hg``) is per connection: QEMU resets it on the next one."""
     if thread is None:
         return
     try:
