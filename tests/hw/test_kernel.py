@@ -290,3 +290,20 @@ def test_smp_every_vcpu(live_kernel: Callable[..., LiveKernel], mode: str, tmp_p
         # Physical mode is off again: a kernel virtual address reads the instruction there.
         pc = cap.snapshot.cpus[0]["pc"]
         assert sess.gdb.read_memory(pc & ~3, 4) != bytes(4)
+
+
+def test_smp_vcpu_never_started(live_kernel: Callable[..., LiveKernel], capsys: pytest.CaptureFixture[str]) -> None:
+    """``-smp 2`` with ``maxcpus=1``: Linux leaves CPU 1 off (PSCI), so its EL2 registers are
+    QEMU's powered-off ones (SCTLR_EL2 = 0, at EL2): the vCPUs differ, and attach says so: the hyp
+    stage 1 is vCPU 0's alone, vCPU 1 has no regime; ``--cpu 1`` decodes nothing and succeeds."""
+    k = live_kernel(mode="nvhe", cpu="max", smp=2, append="maxcpus=1")
+    cap = k.capture()
+    assert [(u.name, u.cpus) for u in cap.uses] == [("el2", (0,))]
+    off = cap.snapshot.cpus[1]
+    assert off["SCTLR_EL2"] & 1 == 0 and off["HCR_EL2"] & 1 == 0 and (off["cpsr"] >> 2) & 3 == 2
+    assert main(["attach", str(k.gdb_socket), "--json", "--cpu", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["regimes"] == [] and [(c["cpu"], c["el"], c["regimes"]) for c in out["cpus"]] == [(1, 2, [])]
+    assert main(["attach", str(k.gdb_socket), "--perm", "x"]) == 0
+    text = capsys.readouterr().out
+    assert "vCPU 1: stopped at EL2" in text and "no regime enabled" in text and "el2 (vCPU 0):" in text
