@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness.arch.descriptors import S1_PXN
 from harness.arch.geometry import Stage
-from harness.arch.registers import SCTLR_WXN
+from harness.arch.registers import HCR_VM, SCTLR_WXN
 from harness.check.attach import (
     FINDING_EL0_ONLY_XN,
     FINDING_WRITABLE_EXECUTABLE,
@@ -31,8 +32,9 @@ from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
 from harness.core.prot import Prot
 from harness.core.walker import Walker, WalkFlags
 from harness.errors import InputError
-from harness.live.gdbstub import TargetSpecError, parse_target
-from harness.live.regimes import regimes_from_registers
+from harness.live.gdbstub import Session, TargetSpecError, VCpu, _restore_thread, parse_target
+from harness.live.kernel import KernelBoot, KernelImage
+from harness.live.regimes import RegisterDecodeError, regime_key, regimes_by_cpu, regimes_from_registers
 from harness.live.snapshot import FORMAT, QEMU_MAX_MMFR0, Snapshot, SnapshotError, from_tables
 
 MIB = 1 << 20
@@ -184,17 +186,26 @@ def test_snapshot_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     snap.save(path)
     obj = json.loads(path.read_text())
-    assert obj["format"] == FORMAT and obj["version"] == 1 and obj["page_size"] == 4096
+    assert obj["format"] == FORMAT and obj["version"] == 2 and obj["page_size"] == 4096
+    assert [c["cpu"] for c in obj["cpus"]] == [0] and "registers" not in obj
     back = Snapshot.load(path)
-    assert back.registers == snap.registers and back.pages == snap.pages
+    assert back.cpus == snap.cpus and back.registers == snap.registers and back.pages == snap.pages
     assert [r.to_json() for r in decode(back)[0].ranges] == [r.to_json() for r in decode(snap)[0].ranges]
 
 
 @pytest.mark.parametrize(("edit", "key"), [
     (lambda o: o.update(format="other"), "format"),
-    (lambda o: o.update(version=2), "version"),
+    (lambda o: o.update(version=3), "version"),
+    (lambda o: o.update(version=True), "version"),
     (lambda o: o.update(page_size=1000), "page_size"),
-    (lambda o: o["registers"].update(TCR_EL2="zz"), "registers[TCR_EL2]"),
+    (lambda o: o["cpus"][0]["registers"].update(TCR_EL2="zz"), "cpus[0].registers[TCR_EL2]"),
+    (lambda o: o.update(cpus=[]), "cpus: expected a non-empty list"),
+    (lambda o: o.pop("cpus"), "cpus: expected a non-empty list"),
+    (lambda o: o["cpus"].append(dict(o["cpus"][0])), "cpus[1].cpu: CPU 0 appears twice"),
+    (lambda o: o["cpus"][0].update(cpu="0"), "cpus[0].cpu: expected a CPU index"),
+    (lambda o: o["cpus"][0].update(cpu=-1), "cpus[0].cpu: expected a CPU index"),
+    (lambda o: o["cpus"][0].pop("registers"), "cpus[0].registers: expected an object"),
+    (lambda o: o.update(version=1), "registers: expected an object"),  # version 1 has no cpus
     (lambda o: o.update(pages=[]), "pages"),
     (lambda o: o["pages"].update({"0x1234": ""}), "pages[0x1234]"),
     (lambda o: o["pages"].update({"0x1000": "AAAA"}), "pages[0x1000]: expected 4096 bytes"),
@@ -344,9 +355,169 @@ def test_findings_in_cli_json_and_text(tmp_path: Path, capsys: pytest.CaptureFix
     _hyp(e2h=True, linux_6_12_xn=True, wxn=True).save(str(path))
     assert main(["attach", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [(f["kind"], f["regime"], f["count"]) for f in out["findings"]] == [
-        (FINDING_WXN_ONLY, "el2&0", 1), (FINDING_EL0_ONLY_XN, "el2&0", 2)]
+    assert [(f["kind"], f["regime"], f["cpus"], f["count"]) for f in out["findings"]] == [
+        (FINDING_WXN_ONLY, "el2&0", [0], 1), (FINDING_EL0_ONLY_XN, "el2&0", [0], 2)]
     assert out["regimes"][0]["decoded"]["wxn"] is True
     assert main(["attach", str(path)]) == 0
     text = capsys.readouterr().out
     assert "W^X holds only through SCTLR_EL2.WXN" in text and "UXN = 1, PXN = 0" in text
+    assert "el2&0 (vCPU 0): W^X" in text
+
+
+# -- several CPUs: one regime per distinct set of tables and controls, with its CPUs -----------------
+
+V1_FILE = Path(__file__).parent / "data" / "snapshot-v1.json"
+
+
+def test_reads_a_version_1_snapshot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file written by the one-CPU format (version 1, top-level "registers"; made by main 6e89948's
+    from_tables) loads as CPU 0, decodes as before, and is written back as version 2."""
+    assert json.loads(V1_FILE.read_text())["version"] == 1
+    old = Snapshot.load(V1_FILE)
+    assert list(old.cpus) == [0] and old.registers["TCR_EL2"] == 0x80853519 and old.registers["cpsr"] == 0x3C9
+    (rd,) = decode(old)
+    assert rd.cpus == (0,)
+    assert [(r.va, r.range.size, r.range.pa, perm_label(r.perms)) for r in rd.ranges] == [
+        (0x0900_0000, 4096, 0x0900_0000, "rw-"), (0x4000_0000, 2 * MIB, 0x4000_0000, "r-x"),
+        (0x4020_0000, 0x10000, 0x5000_0000, "rw-")]
+    assert [r.to_json() for r in rd.ranges] == [r.to_json() for r in decode(from_tables(_demo()))[0].ranges]
+    assert main(["attach", str(V1_FILE), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["current_el"] == 2 and [c["cpu"] for c in out["cpus"]] == [0]
+    assert out["regimes"][0]["cpus"] == [0]
+    again = tmp_path / "v2.json"
+    old.save(again)
+    assert json.loads(again.read_text())["version"] == 2 and Snapshot.load(again).cpus == old.cpus
+
+
+GUEST_POOL = 0x4A00_0000
+HCR_IMO_FMO = 0x18  # interrupts routed to EL2 while a guest runs: a difference the stage 1 ignores
+
+
+def _hyp_and_guest() -> tuple[Snapshot, Snapshot]:
+    """An nVHE hyp stage 1 and a guest's stage 2, in separate pools, as from_tables sees them."""
+    hyp = HypPgtable(pool_for("4K"), "4K", 48, 48)
+    hyp.map(0x4000_0000, 2 * MIB, 0x4000_0000, Prot.RX)
+    hyp.map(0x4020_0000, 64 * 1024, 0x5000_0000, Prot.RW)
+    guest = Stage2Pgtable(PagePool(GUEST_POOL, 256 * 4096, 4096), "4K", 40)
+    guest.map(0x4000_0000, 2 * MIB, 0x6000_0000, Prot.RW)
+    return from_tables(hyp), from_tables(guest)
+
+
+def _smp(*cpus: dict[str, int], pages: dict[int, bytes]) -> Snapshot:
+    return Snapshot(dict(enumerate(cpus)), pages, 4096, source="model smp")
+
+
+def _guest_on(hyp: dict[str, int], guest: dict[str, int], vmid: int = 1) -> dict[str, int]:
+    """A vCPU at the hyp's EL2 running a guest: stage 2 on with that guest's VMID and tables."""
+    return {**hyp, "HCR_EL2": hyp["HCR_EL2"] | HCR_VM.mask | HCR_IMO_FMO,
+            "VTCR_EL2": guest["VTCR_EL2"], "VTTBR_EL2": guest["VTTBR_EL2"] | vmid << 48}
+
+
+def test_regimes_by_cpu_shares_the_hyp_and_splits_the_guests() -> None:
+    """CPU 0 in the host (stage 2 off), CPUs 1 and 2 running the same guest (same VMID), CPU 3
+    running another VM with the same tables but VMID 2, CPU 4 not started (SCTLR_EL2.M = 0). The hyp
+    stage 1 is one regime of CPUs 0-3, although their HCR_EL2 differ; the stage 2 is two."""
+    hyp, guest = _hyp_and_guest()
+    h, g = hyp.registers, guest.registers
+    off = {**h, "SCTLR_EL2": 0, "HCR_EL2": 0}
+    uses = regimes_by_cpu({0: h, 1: _guest_on(h, g), 2: _guest_on(h, g), 3: _guest_on(h, g, vmid=2), 4: off})
+    assert [(u.name, u.cpus) for u in uses] == [("el2", (0, 1, 2, 3)), ("stage2", (1, 2)), ("stage2", (3,))]
+    assert uses[0].regime.registers["HCR_EL2"] == h["HCR_EL2"]  # the first CPU's values
+    assert uses[1].regime.root == uses[2].regime.root == guest.regimes()[0].root
+    assert regime_key(uses[1].regime) != regime_key(uses[2].regime)  # VTTBR_EL2.VMID
+    # Each of WXN, MAIR, TCR, TTBR0 (an ASID or CnP too) makes another stage-1 regime.
+    for change in ({"SCTLR_EL2": h["SCTLR_EL2"] | SCTLR_WXN.mask}, {"MAIR_EL2": h["MAIR_EL2"] ^ 0xFF00},
+                   {"TCR_EL2": h["TCR_EL2"] | 1 << 20}, {"TTBR0_EL2": h["TTBR0_EL2"] | 1}):
+        split = regimes_by_cpu({0: h, 1: {**h, **change}})
+        assert [(u.name, u.cpus) for u in split] == [("el2", (0,)), ("el2", (1,))], change
+    # ... and SCTLR_EL2 bits the walk does not read do not.
+    assert [u.cpus for u in regimes_by_cpu({0: h, 1: {**h, "SCTLR_EL2": h["SCTLR_EL2"] | 1 << 2}})] == [(0, 1)]
+
+
+def test_regimes_by_cpu_names_the_cpu_it_cannot_decode() -> None:
+    hyp, _ = _hyp_and_guest()
+    bad = {**hyp.registers, "TCR_EL2": hyp.registers["TCR_EL2"] | 1 << 14 | 1 << 15}  # TG0 = 0b11: reserved
+    with pytest.raises(RegisterDecodeError, match=r"CPU 1: TCR_EL2\.TG0"):
+        regimes_by_cpu({0: hyp.registers, 1: bad})
+
+
+def test_smp_snapshot_decode_save_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two vCPUs sharing the hyp stage 1, vCPU 1 in a guest: each table page is stored once, the
+    hyp is decoded once with both vCPUs, the guest's stage 2 with vCPU 1; --cpu keeps one vCPU."""
+    hyp, guest = _hyp_and_guest()
+    snap = _smp(hyp.registers, _guest_on(hyp.registers, guest.registers), pages={**hyp.pages, **guest.pages})
+    decoded = decode(snap)
+    assert [(rd.name, rd.cpus) for rd in decoded] == [("el2", (0, 1)), ("stage2", (1,))]
+    assert [r.range.pa for r in decoded[1].ranges] == [0x6000_0000]
+    path = tmp_path / "smp.json"
+    snap.save(path)
+    obj = json.loads(path.read_text())
+    assert [c["cpu"] for c in obj["cpus"]] == [0, 1] and len(obj["pages"]) == len(hyp.pages) + len(guest.pages)
+    back = Snapshot.load(path)
+    assert back.cpus == snap.cpus and back.pages == snap.pages
+    assert main(["attach", str(path), "--json", "--explain", "0x40001000"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["regime"], r["cpus"]) for r in out["regimes"]] == [("el2", [0, 1]), ("stage2", [1])]
+    assert [(c["cpu"], c["regimes"]) for c in out["cpus"]] == [(0, [0]), (1, [0, 1])]
+    assert out["cpus"][1]["registers"]["VTTBR_EL2"] == f"{snap.cpus[1]['VTTBR_EL2']:#x}"
+    assert [(e["regime"], e["cpus"], e["pa"]) for e in out["explain"]] == [
+        ("el2", [0, 1], 0x4000_1000), ("stage2", [1], 0x6000_1000)]
+    assert main(["attach", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "el2 (vCPUs 0, 1):" in text and "stage2 (vCPU 1):" in text and "vCPU 1: stopped at EL?: el2, stage2" in text
+    for cpu, want in ((0, [("el2", [0])]), (1, [("el2", [1]), ("stage2", [1])])):
+        assert main(["attach", str(path), "--json", "--cpu", str(cpu)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert [(r["regime"], r["cpus"]) for r in out["regimes"]] == want
+        assert [c["cpu"] for c in out["cpus"]] == [cpu]
+
+
+@pytest.mark.parametrize("bad", ["2", "-1", "one", "0x"])
+def test_cli_bad_cpu_exit_2(tmp_path: Path, bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    hyp, _ = _hyp_and_guest()
+    path = tmp_path / "smp.json"
+    _smp(hyp.registers, hyp.registers, pages=hyp.pages).save(path)
+    assert main(["attach", str(path), f"--cpu={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert "--cpu" in err and (bad != "2" or "its CPUs: 0, 1" in err)
+
+
+class _FakeGdb:
+    """gdb/MI answers as gdb 13 gives them for QEMU's gdbstub with -smp 3 (threads are vCPUs)."""
+
+    def __init__(self, current: str) -> None:
+        self.current = current
+        self.sent: list[str] = []
+
+    def command(self, cmd: str, timeout: float | None = None) -> dict[str, Any]:
+        self.sent.append(cmd)
+        if cmd.startswith("-thread-select "):
+            self.current = cmd.split()[1]
+            return {"payload": {}}
+        assert cmd == "-thread-info", cmd
+        threads = [{"id": "3", "target-id": "Thread 1.3", "details": "CPU#2 [halted ]", "state": "stopped"},
+                   {"id": "1", "target-id": "Thread 1.1", "details": "CPU#0 [running]", "state": "stopped"},
+                   {"id": "2", "target-id": "Thread 1.2", "state": "stopped"}]  # no details: thread id - 1
+        return {"payload": {"threads": threads, "current-thread-id": self.current}}
+
+
+def test_vcpus_from_gdb_threads_and_selection_restored() -> None:
+    gdb = _FakeGdb("1")
+    sess = Session(gdb, parse_target("localhost:1234"), 5.0)  # type: ignore[arg-type]
+    assert sess.vcpus() == [VCpu(0, "1", "CPU#0 [running]"), VCpu(1, "2", ""), VCpu(2, "3", "CPU#2 [halted ]")]
+    _restore_thread(gdb, "1")  # type: ignore[arg-type]
+    assert gdb.sent[-1] == "-thread-info"  # unchanged: nothing to do
+    gdb.current = "3"
+    _restore_thread(gdb, "1")  # type: ignore[arg-type]
+    assert gdb.sent[-1] == "-thread-select 1" and gdb.current == "1"
+
+
+def test_kernel_boot_smp_argument(tmp_path: Path) -> None:
+    image = KernelImage(tmp_path / "vmlinuz-6.12", None, None)
+    assert "-smp" not in KernelBoot(image, log_dir=tmp_path).args
+    args = KernelBoot(image, smp=2, log_dir=tmp_path).args
+    assert args[args.index("-smp") + 1] == "2"
+    for bad in (0, 9, True, "2"):
+        with pytest.raises(InputError, match="smp: expected a number of CPUs from 1 to 8"):
+            KernelBoot(image, smp=bad, log_dir=tmp_path)  # type: ignore[arg-type]

@@ -1,6 +1,7 @@
 """Decode a live target's snapshot, and verify the decode on the harness's own MMU.
 
-* :func:`decode` - every regime in use, its registers and its mapped ranges (merged leaves, via
+* :func:`decode` - every regime in use on any CPU (the same regime on several CPUs once, with
+  their list: :attr:`RegimeDecode.cpus`), its registers and its mapped ranges (merged leaves, via
   :func:`harness.core.dump.mapped_ranges` over the snapshot's pages), each with the permissions
   and attributes the model's architectural walk gives its first address, under the regime's own
   SCTLR_EL2.WXN (:attr:`LiveRegime.wxn`; Linux sets it).
@@ -64,7 +65,7 @@ from harness.core.translate import (
     translate,
 )
 from harness.errors import InputError
-from harness.live.regimes import Regime, regimes_from_registers
+from harness.live.regimes import Regime
 from harness.live.snapshot import Snapshot, SnapshotMemory
 from harness.target.layout import LAYOUT, MIB, Layout, Region
 
@@ -118,6 +119,7 @@ class LiveRange:
 class RegimeDecode:
     regime: Regime
     ranges: list[LiveRange]
+    cpus: tuple[int, ...] = ()  # the CPUs of the snapshot using it (``regime.registers``: the first's)
 
     @property
     def name(self) -> str:
@@ -128,6 +130,7 @@ class RegimeDecode:
         mair = self.regime.mair
         return {
             "regime": self.regime.name,
+            "cpus": list(self.cpus),
             "geometry": g.describe(),
             "decoded": {
                 "stage": int(g.stage), "granule": g.granule.label, "ia_bits": g.ia_bits, "pa_bits": g.pa_bits,
@@ -151,9 +154,10 @@ def walk(snapshot: Snapshot, regime: Regime, address: int, access: Access = READ
 
 
 def decode(snapshot: Snapshot, regimes: Sequence[Regime] | None = None) -> list[RegimeDecode]:
-    """Every regime's merged ranges, with permissions (SCTLR_EL2.WXN applied) and attributes."""
+    """Every regime's merged ranges, with permissions (SCTLR_EL2.WXN applied) and attributes, and
+    the CPUs using it; ``regimes`` default: every distinct regime of every CPU of the snapshot."""
     out = []
-    for regime in regimes if regimes is not None else regimes_from_registers(snapshot.registers):
+    for regime in regimes if regimes is not None else snapshot.regimes():
         mem = snapshot.memory()
         ranges = []
         for r in mapped_ranges(mem, regime.geom, regime.root):
@@ -161,7 +165,7 @@ def decode(snapshot: Snapshot, regimes: Sequence[Regime] | None = None) -> list[
             by_wxn = regime.wxn and not t.perms & PERM_X \
                 and bool(walk(snapshot, regime, r.va, wxn=False).perms & PERM_X)
             ranges.append(LiveRange(r, t.perms, t.attr, t.level, by_wxn))
-        out.append(RegimeDecode(regime, ranges))
+        out.append(RegimeDecode(regime, ranges, snapshot.cpus_using(regime)))
     return out
 
 
@@ -182,17 +186,20 @@ class Finding:
     regime: str
     summary: str
     ranges: tuple[LiveRange, ...]
+    cpus: tuple[int, ...] = ()  # the CPUs using the regime
 
     @property
     def size(self) -> int:
         return sum(r.range.size for r in self.ranges)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "regime": self.regime, "summary": self.summary, "count": len(self.ranges),
+        return {"kind": self.kind, "regime": self.regime, "cpus": list(self.cpus), "summary": self.summary,
+                "count": len(self.ranges),
                 "bytes": self.size, "ranges": [r.to_json() for r in self.ranges]}
 
     def text(self, limit: int = 8) -> str:
-        lines = [f"{self.regime}: {self.summary}"]
+        on = f" (vCPU{'s' if len(self.cpus) != 1 else ''} {', '.join(map(str, self.cpus))})" if self.cpus else ""
+        lines = [f"{self.regime}{on}: {self.summary}"]
         lines.extend(f"    {r.describe()}" for r in self.ranges[:limit])
         if len(self.ranges) > limit:
             lines.append(f"    ... and {len(self.ranges) - limit} more")
@@ -225,12 +232,12 @@ def regime_findings(rd: RegimeDecode) -> list[Finding]:
     wx = [r for r in rd.ranges if r.perms & PERM_W and r.perms & PERM_X]
     if wx:
         out.append(Finding(FINDING_WRITABLE_EXECUTABLE, rd.name,
-                           f"{_count(wx)} writable and executable at EL2 (SCTLR_EL2.WXN = 0)", tuple(wx)))
+                           f"{_count(wx)} writable and executable at EL2 (SCTLR_EL2.WXN = 0)", tuple(wx), rd.cpus))
     by_wxn = [r for r in rd.ranges if r.xn_by_wxn]
     if by_wxn:
         out.append(Finding(FINDING_WXN_ONLY, rd.name,
                            f"W^X holds only through SCTLR_EL2.WXN: {_count(by_wxn)} writable at EL2 with "
-                           "XN/PXN clear (executable at EL2 without WXN)", tuple(by_wxn)))
+                           "XN/PXN clear (executable at EL2 without WXN)", tuple(by_wxn), rd.cpus))
     if rd.regime.geom.e2h:
         uxn = [r for r in rd.ranges if el0_only_xn(r) and (r.perms & PERM_X or r.xn_by_wxn)]
         if uxn:
@@ -239,7 +246,7 @@ def regime_findings(rd: RegimeDecode) -> list[Finding]:
             out.append(Finding(FINDING_EL0_ONLY_XN, rd.name,
                                f"execute-never at EL0 only (UXN = 1, PXN = 0) in the EL2&0 regime: {_count(uxn)}; "
                                f"{_count(ro)} read-only and executable at EL2, {_count(saved)} writable and "
-                               "execute-never at EL2 only through SCTLR_EL2.WXN", tuple(uxn)))
+                               "execute-never at EL2 only through SCTLR_EL2.WXN", tuple(uxn), rd.cpus))
     return out
 
 
@@ -316,7 +323,7 @@ def filter_ranges(ranges: Iterable[LiveRange], window: tuple[int, int] | None = 
 
 def explain(snapshot: Snapshot, address: int, regimes: Sequence[Regime] | None = None) -> list[tuple[str, Translation]]:
     return [(r.name, walk(snapshot, r, address))
-            for r in (regimes if regimes is not None else regimes_from_registers(snapshot.registers))]
+            for r in (regimes if regimes is not None else snapshot.regimes())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,7 +657,7 @@ def verify(snapshot: Snapshot, start_target: TargetFactory, samples: int = 3, se
     rng = np.random.default_rng(seed)
     targets: dict[Layout, Any] = {}
     try:
-        for regime in regimes if regimes is not None else regimes_from_registers(snapshot.registers):
+        for regime in regimes if regimes is not None else snapshot.regimes():
             report.regimes.append(_verify_regime(snapshot, regime, targets, start_target, rng, samples, report))
     finally:
         for t in targets.values():

@@ -3,6 +3,10 @@
 TARGET is a QEMU gdbstub (``HOST:PORT`` or a unix socket path) or a snapshot file written by
 ``--save``. The target is stopped while its registers and table pages are read, and left as it
 was found (resumed if it was running; nothing is written).
+
+Every vCPU's registers are read (each has its own HCR_EL2, VTTBR_EL2, ...): a regime that several
+vCPUs use (the same tables under the same controls) is shown once, with its vCPUs; --cpu N
+reads and shows vCPU N alone.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from harness.cli.args import check_log_dir, start_target
 from harness.cli.output import print_json
 from harness.errors import EXIT_MISMATCH, EXIT_OK, HarnessError, InputError
 from harness.live.gdbstub import capture, parse_target
-from harness.live.regimes import regimes_from_registers
 from harness.live.snapshot import Snapshot
 from harness.target.layout import Layout
 from harness.target.target import Target
@@ -31,6 +34,7 @@ def add_parser(sub: Any) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", metavar="TARGET", help="gdbstub HOST:PORT or unix socket path, or a snapshot FILE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--cpu", metavar="N", help="only vCPU N (QEMU's CPU index: gdb thread N+1)")
     p.add_argument("--regime", action="append", choices=REGIME_NAMES, help="only these regimes (repeatable)")
     p.add_argument("--range", dest="window", metavar="START:END", help="only ranges overlapping this input "
                    "range (clipped to it); START+SIZE also accepted")
@@ -63,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     window = att.parse_window(args.window) if args.window else None
     perms = att.PermFilter.parse(args.perm) if args.perm else None
     address = _address(args.explain) if args.explain else None
+    cpu = _cpu(args.cpu) if args.cpu is not None else None
     if args.save:
         save = Path(args.save)
         if not save.parent.is_dir():
@@ -71,9 +76,11 @@ def _run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     if spec.kind == "file":
         snap = Snapshot.load(spec.where)
-        regimes = regimes_from_registers(snap.registers)
+        if cpu is not None:
+            snap = snap.only_cpu(cpu)
+        regimes = snap.regimes()
     else:
-        cap = capture(spec, timeout=args.timeout)
+        cap = capture(spec, timeout=args.timeout, cpu=cpu)
         snap, regimes = cap.snapshot, cap.regimes
         timings.update(cap.timings)
     if args.regime:
@@ -81,9 +88,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.save:
         snap.save(args.save)
     decoded = att.decode(snap, regimes)
-    out: dict[str, Any] = {"source": snap.source, "pages": len(snap.pages), "regimes": []}
-    if "cpsr" in snap.registers:  # PSTATE.EL of the stopped CPU (gdb has no CurrentEL register)
-        out["current_el"] = (snap.registers["cpsr"] >> 2) & 3
+    out: dict[str, Any] = {"source": snap.source, "pages": len(snap.pages), "cpus": _cpus_json(snap, decoded),
+                           "regimes": []}
+    if "cpsr" in snap.registers:  # PSTATE.EL of the first vCPU (gdb has no CurrentEL register)
+        out["current_el"] = _el(snap.registers)
     for rd in decoded:
         js = rd.to_json()
         js["ranges"] = [r.to_json() for r in att.filter_ranges(rd.ranges, window, perms)]
@@ -91,8 +99,9 @@ def _run(args: argparse.Namespace) -> int:
     found = att.findings(decoded)
     out["findings"] = [f.to_json() for f in found]
     if address is not None:
-        out["explain"] = [{"regime": name, "address": address, "ok": t.ok, "pa": t.pa,
-                           "walk": t.explain()} for name, t in att.explain(snap, address, regimes)]
+        out["explain"] = [{"regime": name, "cpus": list(rd.cpus), "address": address, "ok": t.ok, "pa": t.pa,
+                           "walk": t.explain()}
+                          for (name, t), rd in zip(att.explain(snap, address, regimes), decoded, strict=True)]
     code = EXIT_OK
     report = None
     if args.verify:
@@ -101,6 +110,9 @@ def _run(args: argparse.Namespace) -> int:
 
         report = att.verify(snap, start, samples=args.samples, seed=args.seed, regimes=regimes)
         out["verify"] = report.to_json()
+        if len(out["verify"]["regimes"]) == len(decoded):  # verify goes regime by regime, in order
+            for js, rd in zip(out["verify"]["regimes"], decoded, strict=True):
+                js["cpus"] = list(rd.cpus)
         out["checked"] = report.checked
         out["mismatched"] = report.mismatched
         code = EXIT_OK if report.ok else EXIT_MISMATCH
@@ -108,12 +120,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
         return code
-    where = f", stopped at EL{out['current_el']}" if "current_el" in out else ""
-    print(f"{snap.source or args.target}: {len(snap.pages)} table pages{where}"
+    print(f"{snap.source or args.target}: {len(snap.pages)} table pages"
           + (f" (saved to {args.save})" if args.save else ""))
+    for c in out["cpus"]:
+        el = f"EL{c['el']}" if c["el"] is not None else "EL?"
+        uses = ", ".join(decoded[i].name for i in c["regimes"]) or "no regime enabled"
+        state = f" ({c['state']})" if c.get("state") else ""
+        print(f"  vCPU {c['cpu']}: stopped at {el}{state}: {uses}")
     for rd in decoded:
         regs = " ".join(f"{k}={v:#x}" for k, v in rd.regime.registers.items())
-        print(f"\n{rd.name}: {rd.regime.geom.describe()}, root {rd.regime.root:#x}\n  {regs}")
+        print(f"\n{rd.name} ({_cpu_list(rd.cpus)}): {rd.regime.geom.describe()}, root {rd.regime.root:#x}\n"
+              f"  {regs}")
         shown = att.filter_ranges(rd.ranges, window, perms)
         print(f"  {len(shown)} of {len(rd.ranges)} ranges")
         for r in shown:
@@ -123,10 +140,45 @@ def _run(args: argparse.Namespace) -> int:
         for f in found:
             print("  " + f.text().replace("\n", "\n  "))
     for item in out.get("explain", []):
-        print(f"\n{item['regime']}: {item['walk']}")
+        print(f"\n{item['regime']} ({_cpu_list(tuple(item['cpus']))}): {item['walk']}")
     if report is not None:
         print("\n" + report.text())
     return code
+
+
+def _el(regs: dict[str, int]) -> int | None:
+    """PSTATE.EL from gdb's cpsr (gdb has no CurrentEL register)."""
+    return (regs["cpsr"] >> 2) & 3 if "cpsr" in regs else None
+
+
+def _cpus_json(snap: Snapshot, decoded: list[att.RegimeDecode]) -> list[dict[str, Any]]:
+    """Each vCPU of the snapshot: its exception level, QEMU's state for it, the indexes (into
+    ``regimes``) of the regimes it uses, and every register read on it (a regime's "registers"
+    are its first vCPU's: HCR_EL2 and SCTLR_EL2 bits the walk ignores may differ on the others)."""
+    out = []
+    for cpu in sorted(snap.cpus):
+        regs = snap.cpus[cpu]
+        entry: dict[str, Any] = {"cpu": cpu, "el": _el(regs), "pc": regs.get("pc"),
+                                 "regimes": [i for i, rd in enumerate(decoded) if cpu in rd.cpus]}
+        if cpu in snap.cpu_states:
+            entry["state"] = snap.cpu_states[cpu]
+        entry["registers"] = {k: f"{v:#x}" for k, v in regs.items()}
+        out.append(entry)
+    return out
+
+
+def _cpu_list(cpus: tuple[int, ...]) -> str:
+    return f"vCPU{'s' if len(cpus) != 1 else ''} {', '.join(map(str, cpus))}" if cpus else "no vCPU"
+
+
+def _cpu(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise InputError(f"--cpu: expected a vCPU index (0, 1, ...), got {text!r}") from None
+    if value < 0:
+        raise InputError(f"--cpu: expected a vCPU index (0, 1, ...), got {text!r}")
+    return value
 
 
 def _address(text: str) -> int:

@@ -1,9 +1,13 @@
 """Capture a live target's translation state through its gdbstub, leaving the target as found.
 
 :func:`capture` connects gdb-multiarch (GDB/MI) to a QEMU gdbstub (``HOST:PORT`` or a unix
-socket), which stops the VM; reads the control registers through QEMU's
-``org.qemu.gdb.arm.sys.regs`` feature; derives the regimes in use; reads every table page
-reachable from each root with physical reads (``maint packet Qqemu.PhyMemMode:1``, back to 0
+socket), which stops the VM (every vCPU); lists the vCPUs (QEMU shows each as a gdb thread:
+thread N is CPU N - 1, ``-thread-info``); reads every vCPU's control registers through QEMU's
+``org.qemu.gdb.arm.sys.regs`` feature (``-data-list-register-values --thread N``, which leaves
+gdb's selected thread alone; the selection is put back anyway before leaving); derives each
+vCPU's regimes and merges the ones that are the same
+(:func:`harness.live.regimes.regimes_by_cpu`); reads every table page reachable from each
+distinct root once, with physical reads (``maint packet Qqemu.PhyMemMode:1``, back to 0
 afterwards); and lets the target go: detached (QEMU resumes the VM) if it was running,
 disconnected without a detach (the VM stays stopped) if it was not. Nothing is written.
 
@@ -26,13 +30,22 @@ from pathlib import Path
 
 from harness.core.dump import mapped_ranges
 from harness.errors import InputError, MachineryError
-from harness.live.regimes import OPTIONAL_REGISTERS, REGISTERS, Regime, regimes_from_registers
-from harness.live.snapshot import Snapshot
+from harness.live.regimes import (
+    OPTIONAL_REGISTERS,
+    REGISTERS,
+    Regime,
+    RegimeUse,
+    RegisterDecodeError,
+    regimes_by_cpu,
+    regimes_from_registers,
+)
+from harness.live.snapshot import NoSuchCpu, Snapshot
 from harness.target.errors import TargetError
 from harness.target.gdbmi import GdbError, GdbMI, Record
 from harness.target.physmem import GdbPhysMemory
 
 CAPTURE_PAGE = 4096  # snapshot unit: table pages of any granule are captured as 4K pieces
+_CPU_INDEX = re.compile(r"CPU#(\d+)")
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})$")
 
 
@@ -90,16 +103,39 @@ class _LiveGdb(GdbMI):
     def monitor(self, text: str, timeout: float = 10.0) -> str:
         return self.console_command(f"monitor {text}", timeout)
 
+    def read_thread_registers(self, names: list[str], thread: str) -> dict[str, int]:
+        """Registers of one thread (vCPU) by name; gdb's selected thread is left as it is."""
+        nums = self.register_numbers()
+        by_num = {nums[n]: n for n in names}
+        rec = self.command(f"-data-list-register-values --thread {thread} x "
+                           f"{' '.join(str(nums[n]) for n in names)}")
+        return {by_num[int(item["number"])]: int(item["value"], 16) for item in rec["payload"]["register-values"]}
+
+
+@dataclass(frozen=True)
+class VCpu:
+    """A vCPU as QEMU's gdbstub shows it: a gdb thread."""
+
+    cpu: int  # QEMU's CPU index (from the thread's "CPU#N" details; else thread id - 1)
+    thread: str  # gdb's thread id
+    state: str  # QEMU's thread details, e.g. "CPU#1 [halted ]"
+
 
 @dataclass
 class Capture:
-    """A snapshot and how it was taken."""
+    """A snapshot and how it was taken: ``uses`` are the distinct regimes with the vCPUs using
+    each, ``regimes`` the same regimes alone (in the same order)."""
 
     snapshot: Snapshot
-    regimes: list[Regime]
+    uses: list[RegimeUse]
     was_running: bool
     vm_status: str
+    vcpus: list[VCpu] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def regimes(self) -> list[Regime]:
+        return [u.regime for u in self.uses]
 
 
 def gdb_binary() -> str:
@@ -130,10 +166,13 @@ def session(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = Non
             sess.was_running = sess.vm_status == "VM status: paused"
         except GdbError:  # a stub without QEMU's monitor: it stopped on attach, resume on detach
             sess.vm_status, sess.was_running = "unknown (no QEMU monitor)", True
+        sess.selected_thread = _current_thread(gdb)
         yield sess
     except GdbError as exc:
         raise AttachFailed(f"gdb on {spec}: {exc}") from None
     finally:
+        if sess.connected:
+            _restore_thread(gdb, sess.selected_thread)
         _release(gdb, sess.connected, sess.was_running)
 
 
@@ -145,6 +184,23 @@ class Session:
     connected: bool = False
     was_running: bool = False
     vm_status: str = ""
+    selected_thread: str | None = None  # gdb's selected thread on connecting (put back on leaving)
+
+    def vcpus(self) -> list[VCpu]:
+        """Every vCPU (gdb thread), by CPU index."""
+        threads = self.gdb.command("-thread-info", self.timeout)["payload"].get("threads", [])
+        out = []
+        for t in threads:
+            details = str(t.get("details", ""))
+            m = _CPU_INDEX.search(details)
+            out.append(VCpu(int(m[1]) if m else int(t["id"]) - 1, str(t["id"]), details))
+        if not out:
+            raise AttachFailed(f"gdb lists no thread (vCPU) on {self.spec}")
+        return sorted(out, key=lambda v: v.cpu)
+
+    def read_registers(self, vcpu: VCpu) -> dict[str, int]:
+        """The control registers of one vCPU (gdb's selection unchanged)."""
+        return _read_registers(self.gdb, vcpu.thread)
 
     @contextlib.contextmanager
     def physical(self) -> Iterator[None]:
@@ -163,30 +219,51 @@ class Session:
                 raise AttachFailed(f"reading {length} bytes at physical {pa:#x}: {exc}") from None
 
 
-def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = None) -> Capture:
-    """Snapshot the registers and every reachable table page of a live target (see module doc)."""
+def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = None,
+            cpu: int | None = None) -> Capture:
+    """Snapshot the registers of every vCPU (only CPU ``cpu``, if given) and every table page
+    reachable from their regimes, of a live target (see module doc)."""
     t0 = time.perf_counter()
     with session(spec, timeout, log_path) as sess:
         t1 = time.perf_counter()
-        regs = _read_registers(sess.gdb)
-        try:
-            regimes = regimes_from_registers(regs)
-        except InputError as exc:
-            values = " ".join(f"{k}={v:#x}" for k, v in regs.items())
-            raise UndecodableRegisters(f"{exc} (registers read: {values})") from exc
+        vcpus = sess.vcpus()
+        if cpu is not None:
+            vcpus = [v for v in vcpus if v.cpu == cpu]
+            if not vcpus:
+                raise NoSuchCpu(f"--cpu: {cpu} is not a vCPU of {spec} (its vCPUs: "
+                                f"{', '.join(str(v.cpu) for v in sess.vcpus())})")
+        cpus = {v.cpu: sess.read_registers(v) for v in vcpus}
+        t2 = time.perf_counter()
+        uses = _uses(cpus)
         reader = GdbPhysMemory(sess.gdb, CAPTURE_PAGE)
         with sess.physical():
-            for regime in regimes:
-                mapped_ranges(reader, regime.geom, regime.root)  # reads every reachable table page
+            for use in uses:
+                mapped_ranges(reader, use.regime.geom, use.regime.root)  # reads every reachable table page
         pages = dict(reader.cache)
-        t2 = time.perf_counter()
-        snap = Snapshot(regs, pages, CAPTURE_PAGE, source=str(spec),
+        t3 = time.perf_counter()
+        snap = Snapshot(cpus, pages, CAPTURE_PAGE, source=str(spec),
                         captured=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        notes={"vm_status": sess.vm_status})
-        return Capture(snap, regimes, sess.was_running, sess.vm_status, {"connect": t1 - t0, "read": t2 - t1})
+                        notes={"vm_status": sess.vm_status}, cpu_states={v.cpu: v.state for v in vcpus})
+        timings = {"connect": t1 - t0, "registers": t2 - t1, "registers_per_cpu": (t2 - t1) / len(vcpus),
+                   "read": t3 - t2}
+        return Capture(snap, uses, sess.was_running, sess.vm_status, vcpus, timings)
 
 
-def _read_registers(gdb: GdbMI) -> dict[str, int]:
+def _uses(cpus: dict[int, dict[str, int]]) -> list[RegimeUse]:
+    for cpu, regs in sorted(cpus.items()):
+        try:
+            regimes_from_registers(regs)
+        except InputError as exc:
+            values = " ".join(f"{k}={v:#x}" for k, v in regs.items())
+            more = " (--cpu N attaches to another vCPU alone)" if len(cpus) > 1 else ""
+            raise UndecodableRegisters(f"CPU {cpu}: {exc} (registers read: {values}){more}") from exc
+    try:
+        return regimes_by_cpu(cpus)
+    except RegisterDecodeError as exc:  # already checked per CPU: not reached
+        raise UndecodableRegisters(str(exc)) from exc
+
+
+def _read_registers(gdb: _LiveGdb, thread: str) -> dict[str, int]:
     names = gdb.register_numbers()
     missing = [r for r in REGISTERS if r not in names]
     if missing:
@@ -194,7 +271,24 @@ def _read_registers(gdb: GdbMI) -> dict[str, int]:
             f"the gdbstub does not expose {', '.join(missing)} (QEMU's org.qemu.gdb.arm.sys.regs "
             "feature: qemu-system-aarch64 with an AArch64 CPU)")
     want = [*REGISTERS, *(r for r in OPTIONAL_REGISTERS if r in names)]
-    return gdb.read_registers(want)
+    return gdb.read_thread_registers(want, thread)
+
+
+def _current_thread(gdb: GdbMI) -> str | None:
+    cur = gdb.command("-thread-info")["payload"].get("current-thread-id")
+    return None if cur is None else str(cur)
+
+
+def _restore_thread(gdb: GdbMI, thread: str | None) -> None:
+    """Select ``thread`` again if gdb's selection moved (``--thread`` does not move it). The
+    gdbstub's own register thread (``Hg``) is per connection: QEMU resets it on the next one."""
+    if thread is None:
+        return
+    try:
+        if _current_thread(gdb) != thread:
+            gdb.command(f"-thread-select {thread}")
+    except (GdbError, TargetError):
+        pass
 
 
 def _release(gdb: _LiveGdb, connected: bool, resume: bool) -> None:

@@ -4,13 +4,16 @@
     with KernelBoot(image, mode="protected", cpu="max").start() as k:
         capture(parse_target(str(k.gdb_socket)))
 
-QEMU runs ``-M virt,virtualization=on -cpu CPU -m 1G -nodefaults -display none -serial file:LOG
+QEMU runs ``-M virt,virtualization=on -cpu CPU [-smp N] -m 1G -nodefaults -display none -serial file:LOG
 -no-reboot -kernel vmlinuz -append "console=ttyAMA0 kvm-arm.mode=MODE panic=0"`` with its gdbstub
 on a unix socket (``server=on,wait=off``: the VM runs from the start). :meth:`KernelBoot.start`
 waits for KVM's banner (``kvm [1]: Hyp nVHE mode initialized successfully``, ``... Protected hVHE
 mode initialized successfully``), then for the root-fs panic (``Kernel panic - not syncing``):
 protected mode turns the host's stage 2 on only after the banner (pKVM finalisation in a late
-initcall), and with ``panic=0`` the kernel then idles forever with every table live.
+initcall), and with ``panic=0`` the kernel then idles forever with every table live. With
+``smp=N`` every CPU has run KVM's per-CPU hyp init (and, in protected mode, pKVM's finalisation)
+before the banner and the panic: the panicking CPU then loops at EL1 (interrupts on, waiting in
+mdelay), the others are parked at EL1 with interrupts masked (``smp_send_stop``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ BANNER = re.compile(rb"kvm \[\d+\]: (?P<what>[^\n]*?) mode initialized successfu
 # The exact banners Linux 6.12 prints on QEMU -cpu max (with and without lpa2=off).
 EXPECTED_BANNER = {"nvhe": "Hyp nVHE", "protected": "Protected hVHE"}
 SETTLED = re.compile(rb"Kernel panic - not syncing")
+MAX_SMP = 8  # the virt board's GICv2 limit, and plenty for TCG on a small host
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -137,12 +141,16 @@ class KernelBoot:
     """One QEMU running a kernel; use :meth:`start` (a context manager), always :meth:`close`."""
 
     def __init__(self, image: KernelImage, mode: str = "nvhe", cpu: str = "max", memory: str = "1G",
-                 append: str = "", log_dir: Path | str | None = None, timeout: float = 60.0) -> None:
+                 append: str = "", log_dir: Path | str | None = None, timeout: float = 60.0,
+                 smp: int = 1) -> None:
         if mode not in MODES:
             raise InputError(f"mode: expected one of {', '.join(MODES)} (kvm-arm.mode), got {mode!r}")
+        if isinstance(smp, bool) or not isinstance(smp, int) or not 1 <= smp <= MAX_SMP:
+            raise InputError(f"smp: expected a number of CPUs from 1 to {MAX_SMP} (QEMU -smp), got {smp!r}")
         self.image = image
         self.mode = mode
         self.cpu = cpu
+        self.smp = smp
         self.timeout = timeout
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="pgtable-harness-kernel-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +162,8 @@ class KernelBoot:
         self.banner = ""
         self.timings: dict[str, float] = {}
         self.args = [
-            qemu_binary(), "-M", "virt,virtualization=on", "-cpu", cpu, "-m", memory,
+            qemu_binary(), "-M", "virt,virtualization=on", "-cpu", cpu, *(["-smp", str(smp)] if smp > 1 else []),
+            "-m", memory,
             "-nodefaults", "-display", "none", "-serial", f"file:{self.serial_log}", "-no-reboot",
             "-kernel", str(image.vmlinuz),
             "-append", f"console=ttyAMA0 kvm-arm.mode={mode} panic=0 {append}".strip(),

@@ -1,10 +1,19 @@
 """Live register values to the regimes in use: the model's registers-to-geometry function
-(:func:`harness.arch.regimes.regimes_from_registers`), fed the registers it reads."""
+(:func:`harness.arch.regimes.regimes_from_registers`), fed the registers it reads, per vCPU.
+
+On a system with several CPUs each one has its own EL2 registers: the hypervisor's stage 1 is
+usually shared (same TTBR0_EL2, TCR_EL2, MAIR_EL2 everywhere), while HCR_EL2/VTTBR_EL2/VTCR_EL2
+follow what the CPU runs (a guest's stage 2 with its VMID, pKVM's host stage 2, nothing).
+:func:`regimes_by_cpu` decodes every CPU's registers and merges the regimes that are the same one
+(:func:`regime_key`: everything the walk reads), each with the CPUs that use it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+from harness.arch.geometry import Geometry, Stage
 from harness.arch.regimes import REGISTER_KEYS, LiveRegime, RegisterDecodeError
 from harness.arch.regimes import regimes_from_registers as _decode
 
@@ -15,9 +24,66 @@ OPTIONAL_REGISTERS = ("TTBR1_EL2", "ID_AA64MMFR1_EL1", "ID_AA64MMFR2_EL1", "cpsr
 
 Regime = LiveRegime
 
-__all__ = ["OPTIONAL_REGISTERS", "REGISTERS", "Regime", "RegisterDecodeError", "regimes_from_registers"]
+__all__ = ["OPTIONAL_REGISTERS", "REGISTERS", "Regime", "RegimeKey", "RegimeUse", "RegisterDecodeError",
+           "regime_key", "regimes_by_cpu", "regimes_from_registers"]
 
 
 def regimes_from_registers(regs: Mapping[str, int]) -> list[LiveRegime]:
     """Every regime the registers put in use (stage 1 first); RegisterDecodeError names the field."""
     return _decode({k: v for k, v in regs.items() if k in REGISTER_KEYS})
+
+
+@dataclass(frozen=True)
+class RegimeKey:
+    """What makes two CPUs' regimes one: the geometry (granule, sizes, levels, DS, E2H, PAMax),
+    the table base, and every other register value the walk reads: TCR_EL2 / VTCR_EL2 whole,
+    TTBR0_EL2 / VTTBR_EL2 whole (ASID, VMID, CnP), MAIR_EL2 and SCTLR_EL2.WXN for stage 1.
+    HCR_EL2 and SCTLR_EL2's other bits may differ between CPUs sharing a regime."""
+
+    name: str
+    geom: Geometry
+    root: int
+    control: int  # TCR_EL2 or VTCR_EL2
+    base: int  # TTBR0_EL2 or VTTBR_EL2
+    mair: int | None
+    wxn: bool
+
+
+def regime_key(r: LiveRegime) -> RegimeKey:
+    s2 = r.geom.stage is Stage.S2
+    regs = r.registers
+    return RegimeKey(r.name, r.geom, r.root, regs["VTCR_EL2" if s2 else "TCR_EL2"],
+                     regs["VTTBR_EL2" if s2 else "TTBR0_EL2"], r.mair, r.wxn)
+
+
+@dataclass(frozen=True)
+class RegimeUse:
+    """One regime and the CPUs (QEMU's CPU indexes, ascending) whose registers put it in use;
+    ``regime.registers`` are the first of them's."""
+
+    regime: LiveRegime
+    cpus: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.regime.name
+
+
+class CpuRegisterDecodeError(RegisterDecodeError):
+    """One CPU's registers describe no regime the decoder accepts (the message names the CPU)."""
+
+
+def regimes_by_cpu(cpus: Mapping[int, Mapping[str, int]]) -> list[RegimeUse]:
+    """The distinct regimes the CPUs' registers put in use, in order of first use (CPUs ascending,
+    stage 1 before stage 2 on each), each with every CPU using it. A CPU with no regime enabled
+    (SCTLR_EL2.M = 0, HCR_EL2.VM = 0) adds none; one whose registers cannot be decoded raises
+    :class:`CpuRegisterDecodeError` naming it."""
+    found: dict[RegimeKey, tuple[LiveRegime, list[int]]] = {}
+    for cpu in sorted(cpus):
+        try:
+            regimes = regimes_from_registers(cpus[cpu])
+        except RegisterDecodeError as exc:
+            raise CpuRegisterDecodeError(f"CPU {cpu}: {exc}") from exc
+        for r in regimes:
+            found.setdefault(regime_key(r), (r, []))[1].append(cpu)
+    return [RegimeUse(r, tuple(users)) for r, users in found.values()]

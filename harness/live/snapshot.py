@@ -4,18 +4,27 @@ A :class:`Snapshot` is what ``harness attach`` captures from a running target (o
 file) and everything later decoding needs: no other memory is ever read, so a snapshot decodes
 and verifies the same way later, elsewhere.
 
-File format (``harness attach --save FILE``), version 1: one JSON object (UTF-8)::
+File format (``harness attach --save FILE``), version 2: one JSON object (UTF-8)::
 
     {
       "format": "pgtable-harness-snapshot",
-      "version": 1,
+      "version": 2,
       "source": "unix:/tmp/gdb.sock",              # where it was captured (free text)
       "captured": "2026-11-24T23:40:00Z",
-      "registers": {"TCR_EL2": "0x80853510", ...}, # every register read, hex strings
+      "cpus": [                                     # every CPU read, one entry each, ascending
+        {"cpu": 0,                                  # QEMU's CPU index (gdb thread N is CPU N - 1)
+         "state": "running",                        # optional free text (gdb's thread details)
+         "registers": {"TCR_EL2": "0x80853510", ...}},  # every register read, hex strings
+        {"cpu": 1, "registers": {...}}
+      ],
       "page_size": 4096,                            # bytes per captured page
       "pages": {"0x43a1e000": "<base64 of page_size bytes>", ...},
       "notes": {...}                                # optional free-form strings (banner, QEMU ...)
     }
+
+The pages are the union of the table pages reachable from every CPU's regimes, each stored once.
+Version 1 (still read) had one ``"registers"`` object instead of ``"cpus"``: the CPU gdb had
+selected on connecting, which is QEMU's first (CPU 0); it loads as ``cpus = {0: registers}``.
 
 Page addresses are physical and aligned to ``page_size``; pages are stored as read (physical
 reads of addresses with no memory behind them read as zeros on QEMU). Unknown keys are ignored;
@@ -30,16 +39,18 @@ import binascii
 import json
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from harness.arch.registers import Stage1Regs
 from harness.core.pgtable import KvmPgtable
 from harness.errors import InputError
+from harness.live.regimes import Regime, RegimeUse, regime_key, regimes_by_cpu
 
 FORMAT = "pgtable-harness-snapshot"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _U64 = struct.Struct("<Q")
 
 
@@ -47,28 +58,72 @@ class SnapshotError(InputError):
     """A snapshot file that cannot be read as one (the message names the key)."""
 
 
+class NoSuchCpu(InputError):
+    """A CPU the snapshot or target does not have (the message names ``--cpu`` and lists them)."""
+
+
 @dataclass
 class Snapshot:
-    """Register values and physical pages (``page_size`` bytes each, keyed by address)."""
+    """Each CPU's register values (keyed by QEMU's CPU index) and the physical pages their
+    tables are in (``page_size`` bytes each, keyed by address)."""
 
-    registers: dict[str, int]
+    cpus: dict[int, dict[str, int]]
     pages: dict[int, bytes]
     page_size: int = 4096
     source: str = ""
     captured: str = ""
     notes: dict[str, str] = field(default_factory=dict)
+    cpu_states: dict[int, str] = field(default_factory=dict)  # gdb's thread details, for the record
+
+    def __post_init__(self) -> None:
+        if not self.cpus:
+            raise SnapshotError("cpus: a snapshot has the registers of one CPU at least")
+
+    @property
+    def registers(self) -> dict[str, int]:
+        """The first CPU's registers (the only CPU's, in a one-CPU snapshot)."""
+        return self.cpus[min(self.cpus)]
 
     def memory(self) -> SnapshotMemory:
         return SnapshotMemory(self.pages, self.page_size)
 
+    # -- regimes -------------------------------------------------------------------------
+    def uses(self) -> list[RegimeUse]:
+        """The distinct regimes in use on the CPUs, each with its CPUs (:func:`regimes_by_cpu`)."""
+        return regimes_by_cpu(self.cpus)
+
+    def regimes(self) -> list[Regime]:
+        """The distinct regimes in use on any CPU, in order of first use."""
+        return [u.regime for u in self.uses()]
+
+    def cpus_using(self, regime: Regime) -> tuple[int, ...]:
+        """The CPUs whose registers put this regime (the same one: :func:`regime_key`) in use."""
+        key = regime_key(regime)
+        return next((u.cpus for u in self.uses() if regime_key(u.regime) == key), ())
+
+    def only_cpu(self, cpu: int) -> Snapshot:
+        """The same snapshot restricted to one CPU's registers (pages kept as captured)."""
+        if cpu not in self.cpus:
+            raise NoSuchCpu(f"--cpu: {cpu} is not a CPU of this snapshot (its CPUs: "
+                            f"{', '.join(map(str, sorted(self.cpus)))})")
+        states = {cpu: self.cpu_states[cpu]} if cpu in self.cpu_states else {}
+        return replace(self, cpus={cpu: self.cpus[cpu]}, cpu_states=states)
+
     # -- file form -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
+        cpus = []
+        for cpu in sorted(self.cpus):
+            entry: dict[str, Any] = {"cpu": cpu}
+            if cpu in self.cpu_states:
+                entry["state"] = self.cpu_states[cpu]
+            entry["registers"] = {k: f"{v:#x}" for k, v in sorted(self.cpus[cpu].items())}
+            cpus.append(entry)
         return {
             "format": FORMAT,
             "version": VERSION,
             "source": self.source,
             "captured": self.captured,
-            "registers": {k: f"{v:#x}" for k, v in sorted(self.registers.items())},
+            "cpus": cpus,
             "page_size": self.page_size,
             "pages": {f"{pa:#x}": base64.b64encode(data).decode("ascii")
                       for pa, data in sorted(self.pages.items())},
@@ -84,12 +139,18 @@ class Snapshot:
             raise SnapshotError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         if obj.get("format") != FORMAT:
             raise SnapshotError(f"{where}: format: expected {FORMAT!r}, got {obj.get('format')!r}")
-        if obj.get("version") != VERSION:
-            raise SnapshotError(f"{where}: version: expected {VERSION}, got {obj.get('version')!r}")
+        version = obj.get("version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise SnapshotError(f"{where}: version: expected one of {', '.join(map(str, READABLE_VERSIONS))}, "
+                                f"got {version!r}")
         page_size = obj.get("page_size")
         if not isinstance(page_size, int) or page_size not in (4096, 16384, 65536):
             raise SnapshotError(f"{where}: page_size: expected 4096, 16384 or 65536, got {page_size!r}")
-        registers = _hex_map(obj.get("registers"), f"{where}: registers")
+        states: dict[int, str] = {}
+        if version == 1:
+            cpus = {0: _hex_map(obj.get("registers"), f"{where}: registers")}
+        else:
+            cpus, states = _cpus(obj.get("cpus"), f"{where}: cpus")
         raw_pages = obj.get("pages")
         if not isinstance(raw_pages, dict):
             raise SnapshotError(f"{where}: pages: expected an object of address: base64, "
@@ -109,8 +170,8 @@ class Snapshot:
         notes = obj.get("notes", {})
         if not isinstance(notes, dict):
             raise SnapshotError(f"{where}: notes: expected an object")
-        return cls(registers, pages, page_size, str(obj.get("source", "")), str(obj.get("captured", "")),
-                   {str(k): str(v) for k, v in notes.items()})
+        return cls(cpus, pages, page_size, str(obj.get("source", "")), str(obj.get("captured", "")),
+                   {str(k): str(v) for k, v in notes.items()}, states)
 
     @classmethod
     def load(cls, path: Path | str) -> Snapshot:
@@ -124,6 +185,25 @@ class Snapshot:
         except json.JSONDecodeError as exc:
             raise SnapshotError(f"snapshot file {p}: not JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_json(obj, f"snapshot file {p}")
+
+
+def _cpus(value: object, where: str) -> tuple[dict[int, dict[str, int]], dict[int, str]]:
+    if not isinstance(value, list) or not value:
+        raise SnapshotError(f"{where}: expected a non-empty list of {{\"cpu\": N, \"registers\": {{...}}}}")
+    cpus: dict[int, dict[str, int]] = {}
+    states: dict[int, str] = {}
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise SnapshotError(f"{where}[{i}]: expected an object with cpu and registers")
+        cpu = entry.get("cpu")
+        if not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < 0:
+            raise SnapshotError(f"{where}[{i}].cpu: expected a CPU index (0, 1, ...), got {cpu!r}")
+        if cpu in cpus:
+            raise SnapshotError(f"{where}[{i}].cpu: CPU {cpu} appears twice")
+        cpus[cpu] = _hex_map(entry.get("registers"), f"{where}[{i}].registers")
+        if "state" in entry:
+            states[cpu] = str(entry["state"])
+    return cpus, states
 
 
 def _hex(value: object, where: str) -> int:
@@ -193,4 +273,4 @@ def from_tables(table: KvmPgtable, mmfr0: int = QEMU_MAX_MMFR0, source: str = "m
         if pool.refcount(pool.base + off):
             for piece in range(off, off + pool.page_size, unit):
                 pages[pool.base + piece] = data[piece : piece + unit]
-    return Snapshot(regs, pages, unit, source=source)
+    return Snapshot({0: regs}, pages, unit, source=source)

@@ -2,14 +2,16 @@
 
     @pytest.mark.hw
     def test_hyp_text_is_not_writable(live_kernel):
-        k = live_kernel(mode="protected", cpu="max")      # booted, KVM up, tables live
-        cap = k.capture()                                  # registers + table pages, target resumed
-        for rd in decode(cap.snapshot, cap.regimes): ...
+        k = live_kernel(mode="protected", cpu="max", smp=2)  # booted, KVM up, tables live
+        cap = k.capture()                                     # every vCPU + table pages, target resumed
+        for rd in decode(cap.snapshot, cap.regimes): ...      # rd.cpus: the vCPUs using the regime
 
-* ``live_kernel``: a factory; each call boots (or reuses, per session, for the same mode, CPU and
-  extra command line) QEMU running the kernel until KVM reports ``initialized successfully`` and
+* ``live_kernel``: a factory; each call boots (or reuses, per session, for the same mode, CPU model,
+  extra command line and number of CPUs ``smp``, default 1) QEMU running the kernel until KVM
+  reports ``initialized successfully`` and
   the kernel settles (the root-fs panic that follows with no root file system). The result is a
-  :class:`LiveKernel`: ``gdb_socket`` (for ``harness attach``), ``capture()``, ``image`` (with the
+  :class:`LiveKernel`: ``gdb_socket`` (for ``harness attach``), ``capture(cpu=None)`` (every vCPU,
+  or vCPU ``cpu`` alone), ``image`` (with the
   package's System.map symbols), ``banner``, ``serial_log``. QEMU is killed at the end of the
   session.
 * The kernel: ``--kernel PATH`` or ``HARNESS_KERNEL=PATH`` (a vmlinuz, or a directory holding
@@ -32,7 +34,8 @@ from harness.live.gdbstub import Capture, capture, parse_target
 from harness.live.kernel import KernelBoot, KernelImage, KernelImageError
 
 REQUIRE_ENV = "HARNESS_REQUIRE_HW"
-_BOOTS_KEY = pytest.StashKey[dict[tuple[str, str, str], "LiveKernel"]]()
+_BootKey = tuple[str, str, str, int]  # mode, CPU model, extra command line, number of CPUs
+_BOOTS_KEY = pytest.StashKey[dict[_BootKey, "LiveKernel"]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -67,9 +70,14 @@ class LiveKernel:
     def serial_log(self) -> Path:
         return self.boot.serial_log
 
-    def capture(self, timeout: float = 30.0) -> Capture:
-        """Registers and every reachable table page, through the gdbstub (target left running)."""
-        cap = capture(parse_target(str(self.boot.gdb_socket)), timeout=timeout)
+    @property
+    def smp(self) -> int:
+        return self.boot.smp
+
+    def capture(self, timeout: float = 30.0, cpu: int | None = None) -> Capture:
+        """Every vCPU's registers (or vCPU ``cpu``'s) and every table page reachable from their
+        regimes, through the gdbstub (target left running)."""
+        cap = capture(parse_target(str(self.boot.gdb_socket)), timeout=timeout, cpu=cpu)
         self.captures.append(cap)
         return cap
 
@@ -90,8 +98,8 @@ def kernel_image(request: pytest.FixtureRequest) -> KernelImage:
 
 
 @pytest.fixture(scope="session")
-def _kernel_boots(request: pytest.FixtureRequest) -> Iterator[dict[tuple[str, str, str], LiveKernel]]:
-    boots: dict[tuple[str, str, str], LiveKernel] = {}
+def _kernel_boots(request: pytest.FixtureRequest) -> Iterator[dict[_BootKey, LiveKernel]]:
+    boots: dict[_BootKey, LiveKernel] = {}
     request.config.stash[_BOOTS_KEY] = boots
     try:
         yield boots
@@ -103,17 +111,20 @@ def _kernel_boots(request: pytest.FixtureRequest) -> Iterator[dict[tuple[str, st
 
 @pytest.fixture
 def live_kernel(request: pytest.FixtureRequest, kernel_image: KernelImage, tmp_path_factory: pytest.TempPathFactory,
-                _kernel_boots: dict[tuple[str, str, str], LiveKernel]) -> Callable[..., LiveKernel]:
-    """``live_kernel(mode="nvhe", cpu="max", append="")`` -> a :class:`LiveKernel` (session-cached)."""
+                _kernel_boots: dict[_BootKey, LiveKernel]) -> Callable[..., LiveKernel]:
+    """``live_kernel(mode="nvhe", cpu="max", append="", smp=1)`` -> a :class:`LiveKernel`
+    (session-cached)."""
     timeout = float(request.config.getoption("--kernel-timeout"))
 
-    def get(mode: str = "nvhe", cpu: str = "max", append: str = "") -> LiveKernel:
-        key = (mode, cpu, append)
+    def get(mode: str = "nvhe", cpu: str = "max", append: str = "", smp: int = 1) -> LiveKernel:
+        key = (mode, cpu, append, smp)
         k = _kernel_boots.get(key)
         if k is not None and k.boot.pid is not None and _alive(k):
             return k
-        logs = tmp_path_factory.mktemp(f"kernel-{mode}-{cpu.replace(',', '-').replace('=', '')}")
-        boot = KernelBoot(kernel_image, mode=mode, cpu=cpu, append=append, timeout=timeout, log_dir=logs).start()
+        smp_tag = f"-smp{smp}" if smp != 1 else ""
+        logs = tmp_path_factory.mktemp(f"kernel-{mode}-{cpu.replace(',', '-').replace('=', '')}{smp_tag}")
+        boot = KernelBoot(kernel_image, mode=mode, cpu=cpu, append=append, timeout=timeout, log_dir=logs,
+                          smp=smp).start()
         k = _kernel_boots[key] = LiveKernel(boot)
         return k
 
@@ -132,7 +143,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if rep.when != "call" or not rep.failed or "live_kernel" not in getattr(item, "fixturenames", ()):
         return
     boots = item.config.stash.get(_BOOTS_KEY, {})
-    for (mode, cpu, _), k in boots.items():
-        rep.sections.append((f"kernel {mode} on -cpu {cpu}",
+    for (mode, cpu, _, smp), k in boots.items():
+        rep.sections.append((f"kernel {mode} on -cpu {cpu} -smp {smp}",
                              f"serial log: {k.serial_log}\nQEMU: {k.boot.cmdline}\n"
                              f"--- serial tail ---\n{k.boot.console_tail(1500)}"))

@@ -240,3 +240,70 @@ def test_cli_attach_socket_save_and_file(live_kernel: Callable[..., LiveKernel],
     assert main(["attach", str(saved), "--json", "--regime", "el2&0", "--explain", hex(first["va"] + 8)]) == 0
     (ex,) = json.loads(capsys.readouterr().out)["explain"]
     assert ex["ok"] and ex["pa"] == first["pa"] + 8
+
+
+# -- several CPUs: every vCPU read, the shared hyp stage 1 found once -----------------------------------
+
+@pytest.mark.parametrize("mode", ["nvhe", "protected"])
+def test_smp_every_vcpu(live_kernel: Callable[..., LiveKernel], mode: str, tmp_path: Path,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``-smp 2``: attach reads both vCPUs (gdb threads 1 and 2), finds the hyp stage 1 (and pKVM's
+    host stage 2, programmed on each CPU by pKVM's finalisation) once, used by both; the decode
+    and ``--verify`` give 0 mismatches; ``--cpu`` reads one vCPU; the target is left as found:
+    running, gdb's selected thread unchanged, physical memory mode off."""
+    k = live_kernel(mode=mode, cpu="max", smp=2)
+    cap = k.capture()
+    assert cap.was_running, cap.vm_status
+    assert [(v.cpu, v.thread) for v in cap.vcpus] == [(0, "1"), (1, "2")]
+    assert sorted(cap.snapshot.cpus) == [0, 1]
+    assert [(u.name, u.cpus) for u in cap.uses] == [(name, (0, 1)) for name in EXPECTED_REGIMES[mode]]
+    for regs in cap.snapshot.cpus.values():  # both in the host kernel at EL1 after the panic
+        assert (regs["cpsr"] >> 2) & 3 == 1, f"cpsr {regs['cpsr']:#x}"
+    for rd in decode(cap.snapshot, cap.regimes):
+        assert rd.cpus == (0, 1) and rd.ranges, rd.name
+
+    saved = tmp_path / "smp.json"
+    assert main(["attach", str(k.gdb_socket), "--json", "--verify", "--save", str(saved)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["regime"], r["cpus"]) for r in out["regimes"]] == [(n, [0, 1]) for n in EXPECTED_REGIMES[mode]]
+    assert [(c["cpu"], c["el"], c["regimes"]) for c in out["cpus"]] == [
+        (cpu, 1, list(range(len(EXPECTED_REGIMES[mode])))) for cpu in (0, 1)]
+    assert out["checked"] > 0 and out["mismatched"] == 0, out["verify"]
+    assert [(r["regime"], r["cpus"]) for r in out["verify"]["regimes"]] == [
+        (n, [0, 1]) for n in EXPECTED_REGIMES[mode]]
+    assert [c["cpu"] for c in json.loads(saved.read_text())["cpus"]] == [0, 1]
+    # pKVM's hVHE execute-never findings (test_hvhe_execute_never_finding) concern both vCPUs' regime.
+    assert [(f["regime"], f["cpus"]) for f in out["findings"]] == (
+        [("el2&0", [0, 1])] * 2 if mode == "protected" else [])
+
+    one = k.capture(cpu=1)
+    assert [v.cpu for v in one.vcpus] == [1] and list(one.snapshot.cpus) == [1]
+    assert [(u.name, u.cpus, u.regime.root) for u in one.uses] == [(u.name, (1,), u.regime.root) for u in cap.uses]
+    assert main(["attach", str(k.gdb_socket), "--cpu", "2"]) == 2
+    assert "--cpu: 2 is not a vCPU" in capsys.readouterr().err
+
+    with session(parse_target(str(k.gdb_socket))) as sess:
+        assert sess.was_running  # resumed after every attach above
+        before = sess.selected_thread
+        sess.read_registers(sess.vcpus()[1])
+        assert sess.gdb.command("-thread-info")["payload"]["current-thread-id"] == before
+        # Physical mode is off again: a kernel virtual address reads the instruction there.
+        pc = cap.snapshot.cpus[0]["pc"]
+        assert sess.gdb.read_memory(pc & ~3, 4) != bytes(4)
+
+
+def test_smp_vcpu_never_started(live_kernel: Callable[..., LiveKernel], capsys: pytest.CaptureFixture[str]) -> None:
+    """``-smp 2`` with ``maxcpus=1``: Linux leaves CPU 1 off (PSCI), so its EL2 registers are
+    QEMU's powered-off ones (SCTLR_EL2 = 0, at EL2): the vCPUs differ, and attach says so: the hyp
+    stage 1 is vCPU 0's alone, vCPU 1 has no regime; ``--cpu 1`` decodes nothing and succeeds."""
+    k = live_kernel(mode="nvhe", cpu="max", smp=2, append="maxcpus=1")
+    cap = k.capture()
+    assert [(u.name, u.cpus) for u in cap.uses] == [("el2", (0,))]
+    off = cap.snapshot.cpus[1]
+    assert off["SCTLR_EL2"] & 1 == 0 and off["HCR_EL2"] & 1 == 0 and (off["cpsr"] >> 2) & 3 == 2
+    assert main(["attach", str(k.gdb_socket), "--json", "--cpu", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["regimes"] == [] and [(c["cpu"], c["el"], c["regimes"]) for c in out["cpus"]] == [(1, 2, [])]
+    assert main(["attach", str(k.gdb_socket), "--perm", "x"]) == 0
+    text = capsys.readouterr().out
+    assert "vCPU 1: stopped at EL2" in text and "no regime enabled" in text and "el2 (vCPU 0):" in text
