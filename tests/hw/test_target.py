@@ -463,3 +463,46 @@ def wait_gone(pid: int, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return _gone(pid)
+
+
+# -- instruction fetches -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [Stage.S1, Stage.S2])
+def test_fetch_records_return_aborts_and_wrong_code(target: Target, stage: Stage) -> None:
+    """FETCH: a planted ``ret`` returns x0 = the address, a planted stub its tag; a non-executable
+    page is an instruction abort (EC 0x21 at EL2, 0x20 from EL1 with HPFAR); code that is not a
+    return (zeros: ``udf #0``) is recorded, not a panic, and the loop goes on."""
+    x = Region("x", SCRATCH.base, 1 << 20, Prot.RX)
+    nx = Region("nx", SCRATCH.base + (2 << 20), 1 << 20, Prot.RW)
+    tab = s1_identity(LAYOUT, "4K", extra=[x, nx]) if stage is Stage.S1 else s2_identity(LAYOUT, "4K", extra=[x, nx])
+    target.install(tab.s1_regs() if stage is Stage.S1 else tab.s2_regs(), tab.image())
+    ret_at, stub_at, zero_at, nx_at = x.base + 0x104, x.base + 0x200, x.base + 0x300, nx.base + 0x40
+    target.write_pa(x.base, bytes(0x1000))
+    target.write_pa(ret_at, mbx.A64_RET.to_bytes(4, "little"))
+    target.write_pa(stub_at, mbx.fetch_stub(0xBEEF).to_bytes(8, "little"))
+    target.write_pa(nx_at, mbx.fetch_stub(1).to_bytes(8, "little"))
+    rec = target.fetch([ret_at + 2, stub_at, nx_at, zero_at, stub_at])  # +2: taken 4-byte aligned
+    assert rec["completed"].tolist() == [True, True, False, False, True]
+    assert [int(v) for v in rec["value"][[0, 1, 4]]] == [ret_at, 0xBEEF, 0xBEEF]
+    esr = int(rec["esr"][2])
+    assert ESR_EC.get(esr) == (ExceptionClass.IABT_SAME if stage is Stage.S1 else ExceptionClass.IABT_LOWER)
+    assert ISS_DFSC.get(esr) == fault_status(FaultKind.PERMISSION, 3)
+    assert int(rec["far"][2]) == nx_at
+    if stage is Stage.S2:
+        assert HPFAR_FIPA.get(int(rec["hpfar"][2])) == nx_at >> 12
+    # udf #0 at the target: EC 0 (unknown), at EL2 (stage 1) or at EL1 (stage 2, ESR_EL1)
+    want = mbx.AccessStatus.FAULT if stage is Stage.S1 else mbx.AccessStatus.EL1_EXCEPTION
+    assert rec["status"][3] == want and ESR_EC.get(int(rec["esr"][3])) == ExceptionClass.UNKNOWN
+    assert target.fetch([stub_at])["completed"].all()  # still usable
+    with pytest.raises(ValueError, match="stage"):
+        target.fetch([stub_at], stage=3)
+
+
+def test_fetch_stub_encoding() -> None:
+    word = mbx.fetch_stub(0x1234)
+    assert word & 0xFFFF_FFFF == 0xD282_4680  # movz x0, #0x1234
+    assert word >> 32 == 0xD65F_03C0  # ret
+    assert mbx.fetch_stubs(np.array([0x1234, 0x1_1234], dtype=np.uint64)).tolist() == [word, word]
+    with pytest.raises(ValueError, match="tag"):
+        mbx.fetch_stub(1 << 16)
