@@ -292,8 +292,8 @@ def test_redirected_executable_page_is_caught_by_its_tag(target: Target, stage: 
     for _ in range(2):  # the model's (intact) and the MMU's (corrupted): allocated alike
         tab = s1_identity(LAYOUT, "4K") if stage is Stage.S1 else s2_identity(LAYOUT, "4K")
         tab.map(PAGES, 0x10000, Prot.RW)
-        for i in range(16):
-            tab.pool.write64(tab.entry_pa(PAGES + i * PAGE, 3), d.leaf_pte(PAGES + i * PAGE, attrs, 3, tab.geom.granule))
+        for va in range(PAGES, PAGES + 16 * PAGE, PAGE):
+            tab.pool.write64(tab.entry_pa(va, 3), d.leaf_pte(va, attrs, 3, tab.geom.granule))
         tabs.append(tab)
     model, mmu = tabs
     assert model.pgd == mmu.pgd
