@@ -37,6 +37,15 @@ class MapConflictError(PgtableError):
     """A valid, different mapping is already in place."""
 
 
+@dataclass
+class _MapData:
+    """A map walk's state (``struct stage2_map_data`` / ``hyp_map_data``): the next output
+    address and the leaf attributes."""
+
+    phys: int
+    attrs: int
+
+
 @dataclass(frozen=True)
 class Leaf:
     """A leaf entry found in the table: the descriptor, its level and the range it maps."""
@@ -168,13 +177,13 @@ class KvmPgtable:
         return addr % size == 0 and phys % size == 0
 
     def _map(self, addr: int, size: int, phys: int, attrs: int) -> None:
-        state = {"phys": phys}
+        data = _MapData(phys, attrs)
         granule = self.granule
 
         def visit(a: int, end: int, level: int, ptep: int, flag: WalkFlags) -> None:
-            pa = state["phys"]
+            pa = data.phys
             if self._block_mapping_supported(a, end, pa, level):
-                new = d.leaf_pte(pa, attrs, level, granule, self.lpa2)
+                new = d.leaf_pte(pa, data.attrs, level, granule, self.lpa2)
                 old = self.mem.read64(ptep)
                 if d.is_valid(old):
                     if old != new:
@@ -184,7 +193,7 @@ class KvmPgtable:
                         )
                 else:
                     self._install(ptep, new)
-                state["phys"] = pa + self.geom.size(level)
+                data.phys = pa + self.geom.size(level)
                 return
             old = self.mem.read64(ptep)
             if d.is_valid(old):
