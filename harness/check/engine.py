@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -660,12 +660,19 @@ def _fetch_agrees(pred: BatchResult, rec: Any, addrs: U64, stage: Stage, want_va
     return np.asarray(np.where(pred.ok, done, same), dtype=np.bool_)
 
 
+def _in_ranges(pa: U64, where: Sequence[Any], length: int) -> Bools:
+    out = np.zeros(pa.size, dtype=np.bool_)
+    for r in where:
+        out |= (pa >= np.uint64(r.base)) & (pa + np.uint64(length) <= np.uint64(r.base + r.size))
+    return out
+
+
 def _fetch_candidates(subject: Subject, addrs: U64, rng: np.random.Generator,
-                      sample: int, scratch: Any, version: divergences.QemuVersion,
+                      sample: int, where: Sequence[Any], version: divergences.QemuVersion,
                       wxn: bool) -> tuple[U64, BatchResult, U64]:
     """The addresses to fetch from (8-byte aligned; sampled, up to half of them faulting at their
     leaf), their Arm ARM prediction and their expected PAs: only where both walks (the Arm ARM's
-    and QEMU's) reach a valid leaf at the same PA, in scratch RAM."""
+    and QEMU's) reach a valid leaf at the same PA, inside ``where`` (RAM the payload does not use)."""
     cand = np.unique(addrs & ~np.uint64(7))
     cand = cand[_outside(cand, subject.no_access)]
     arm = subject.predict(cand, EXEC, wxn=wxn)
@@ -679,8 +686,7 @@ def _fetch_candidates(subject: Subject, addrs: U64, rng: np.random.Generator,
     pa = _leaf_pas(subject, cand[idx], take(arm, idx), wxn, rng, walks)
     if kw:
         pa = np.where(pa == _leaf_pas(subject, cand[idx], take(qemu, idx), wxn, rng, walks, **kw), pa, np.uint64(0))
-    base = np.uint64(scratch.base)
-    safe = (pa >= base) & (pa + np.uint64(mailbox.FETCH_STUB_SIZE) <= base + np.uint64(scratch.size))
+    safe = (pa != 0) & _in_ranges(pa, where, mailbox.FETCH_STUB_SIZE)
     idx, pa = idx[safe], pa[safe]
     faulting = np.flatnonzero(~arm.ok[idx])
     ok = np.flatnonzero(arm.ok[idx])
@@ -696,43 +702,68 @@ def _fetch_candidates(subject: Subject, addrs: U64, rng: np.random.Generator,
 class PlantedCode:
     """Fetch stubs planted at the expected PAs (one tag per distinct word), and what was there."""
 
-    words: npt.NDArray[np.intp]  # word indices in scratch RAM
+    words: npt.NDArray[np.intp]  # word indices in guest RAM
     before: U64
     tag: U64  # per lane: the tag its fetch must return
 
+    @staticmethod
+    def _ram(target: TargetLike) -> U64:
+        layout = target.layout
+        return target.ram_u64(int(layout.ram_base), int(layout.ram_size) // 8)
+
     @classmethod
-    def plant(cls, target: TargetLike, pa: U64, scratch: Any, salt: int) -> PlantedCode:
-        ram = _scratch_words(target, scratch)
-        offs = ((pa - np.uint64(scratch.base)) >> np.uint64(3)).astype(np.intp)
+    def plant(cls, target: TargetLike, pa: U64, salt: int) -> PlantedCode:
+        ram = cls._ram(target)
+        offs = ((pa - np.uint64(target.layout.ram_base)) >> np.uint64(3)).astype(np.intp)
         uniq, inverse = np.unique(offs, return_inverse=True)
         before = ram[uniq].copy()
         tags = (np.uint64(salt) + np.arange(uniq.size, dtype=np.uint64)) & np.uint64(mailbox.FETCH_TAG_MASK)
         ram[uniq] = mailbox.fetch_stubs(tags)
         return cls(uniq, before, tags[inverse.reshape(-1)])
 
-    def restore(self, target: TargetLike, scratch: Any) -> None:
-        _scratch_words(target, scratch)[self.words] = self.before
+    def restore(self, target: TargetLike) -> None:
+        self._ram(target)[self.words] = self.before
+
+
+@dataclass(frozen=True)
+class FetchProbes:
+    """What :func:`check_exec` ran: the addresses, their expected PAs, the model's prediction and
+    the MMU's records (``completed``, ``status``, ``esr``, ``far``, ``hpfar``, ``value``)."""
+
+    addresses: U64
+    pa: U64
+    predicted: BatchResult
+    records: Any
+    agree: Bools
+
+    def completed_in(self, lo: int, hi: int) -> Bools:
+        """Per probe in ``[lo, hi)``: whether the MMU ran it (an empty array if none there)."""
+        inside = (self.addresses >= np.uint64(lo)) & (self.addresses < np.uint64(hi))
+        return np.asarray(self.records["completed"][inside], dtype=np.bool_)
 
 
 def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs: U64,
-               rng: np.random.Generator, sample: int = MAX_FETCH_PROBES) -> None:
+               rng: np.random.Generator, sample: int = MAX_FETCH_PROBES,
+               where: Sequence[Any] | None = None) -> FetchProbes | None:
     """Instruction-fetch probes (``report.probes["fetch"]``) on up to ``sample`` of ``addrs``
-    whose walk reaches a valid leaf in scratch RAM (see the notes above), compared with the
-    model's EXEC walk: completes (returning the tag planted at the expected PA), or takes the
-    instruction abort the model predicts (access flag before permission, at the leaf level)."""
-    scratch = target.layout.scratch
+    whose walk reaches a valid leaf with its output in ``where`` (ranges with ``base`` and
+    ``size`` of RAM the payload does not use; default: the layout's scratch RAM; see the notes
+    above), compared with the model's EXEC walk: completes (returning the tag planted at the
+    expected PA), or takes the instruction abort the model predicts (access flag before
+    permission, at the leaf level). Returns what ran (None: nothing could)."""
     version = target.qemu_version
     wxn = subject_wxn(subject)
-    chosen, pred, pa = _fetch_candidates(subject, addrs, rng, sample, scratch, version, wxn)
+    chosen, pred, pa = _fetch_candidates(subject, addrs, rng, sample,
+                                         [target.layout.scratch] if where is None else where, version, wxn)
     if not chosen.size:
-        return
-    code = PlantedCode.plant(target, pa, scratch, report.checked)
+        return None
+    code = PlantedCode.plant(target, pa, report.checked)
     t0 = time.perf_counter()
     try:
         rec = target.fetch(chosen, stage=subject.stage)
     finally:
         if target.alive:
-            code.restore(target, scratch)
+            code.restore(target)
     report.time("fetch", time.perf_counter() - t0)
     report.count(report.probes, "fetch", int(chosen.size))
     good = _fetch_agrees(pred, rec, chosen, subject.stage, code.tag)
@@ -757,6 +788,7 @@ def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs:
             want = "completes" if t.ok else f"instruction abort, {t.summary()}"
             m = Mismatch(addr, "fetch", f"{t.summary()} -> {want}", got, t.explain(), key)
         report.add(m, key)
+    return FetchProbes(chosen, pa, pred, rec, good)
 
 
 # ---------------------------------------------------------------------------------------------
