@@ -8,6 +8,7 @@ and the same table is then checked against the model's EXEC walk by ``check_exec
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -305,3 +306,28 @@ def test_redirected_executable_page_is_caught_by_its_tag(target: Target, stage: 
     bad = [m for m in rep.mismatches if m.probe == "fetch"]
     assert [m.address for m in bad] == [PAGES + 3 * PAGE + 0x80], rep.text()
     assert "ran from another PA" in bad[0].actual
+
+
+# -- Debian 12's QEMU 7.2 ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def qemu_7_2(legacy_qemu: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
+    monkeypatch.setenv("HARNESS_QEMU", legacy_qemu)
+    with Target.start() as t:
+        assert t.qemu_version < (8, 0, 0)
+        yield t
+
+
+def test_execute_permission_on_qemu_7_2(qemu_7_2: Target) -> None:
+    """No fetch divergence on 7.2.22 either: every stage-1, hVHE and stage-2 case above, measured."""
+    tab = s1_identity(LAYOUT, "4K")
+    addrs = _place(tab, S1_CASES)  # before the subject: its image is the pool's bytes now
+    _run(qemu_7_2, tab, _subject(tab, "exec-s1", tab.geom), S1_CASES, addrs)
+    tab = s1_hvhe_identity(LAYOUT, "4K", 48)
+    addrs = _place(tab, HVHE_CASES)
+    _run(qemu_7_2, tab, _subject(tab, "exec-hvhe", Geometry.create(Stage.S1, Granule.K4, 48, 48, e2h=True)),
+         HVHE_CASES, addrs)
+    tab = s2_identity(LAYOUT, "4K")
+    addrs = _place(tab, S2_CASES)
+    _run(qemu_7_2, tab, _subject(tab, "exec-s2", tab.geom), S2_CASES, addrs)

@@ -506,3 +506,14 @@ def test_fetch_stub_encoding() -> None:
     assert mbx.fetch_stubs(np.array([0x1234, 0x1_1234], dtype=np.uint64)).tolist() == [word, word]
     with pytest.raises(ValueError, match="tag"):
         mbx.fetch_stub(1 << 16)
+
+
+def test_free_ram_is_ram_no_firmware_region_uses() -> None:
+    free = LAYOUT.free_ram()
+    assert LAYOUT.scratch.base in [r.base for r in free] and free[-1].end == LAYOUT.ram_end
+    regions = LAYOUT.firmware_regions()
+    for f in free:
+        assert LAYOUT.ram_base + (2 << 20) <= f.base < f.end <= LAYOUT.ram_end
+        assert not any(f.base < r.end and r.base < f.end for r in regions), f
+    covered = sum(f.size for f in free) + sum(r.size for r in regions)
+    assert covered == LAYOUT.ram_size - (LAYOUT.code - LAYOUT.ram_base)  # nothing else is left out
