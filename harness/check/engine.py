@@ -606,8 +606,11 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
 # PXNTable, SCTLR_EL2.WXN, EL0-writable memory with E2H = 1; stage-2 XN[54:53] for EL1) is only
 # seen by branching there. A fetch probe runs whatever is at the PA the MMU picks, so only
 # addresses whose walk (the Arm ARM's and QEMU's) reaches a valid leaf with its output in scratch
-# RAM are probed, and the host plants ``movz x0, #tag; ret`` at each expected PA first (restored
-# afterwards): a fetch that completes proves which PA it ran from by the tag it returns.
+# RAM are probed, and the host plants ``bti c; movz x0, #tag; ret`` at each expected PA first
+# (16-byte aligned, restored afterwards): a fetch that completes proves which PA it ran from by the
+# tag it returns. The ``bti c`` makes guarded pages (stage-1 GP, bit 50, FEAT_BTI: a ``blr`` must
+# land on a BTI, else a Branch Target exception - a property of the code, not of the
+# translation) execute it like any other: the probe asks about execute permission only.
 #
 # Device memory is not excluded: the current Arm ARM pseudocode (AArch64.S1Translate and
 # AArch64.S2Translate) treats an instruction fetch from Device memory as one from Normal
@@ -670,10 +673,10 @@ def _in_ranges(pa: U64, where: Sequence[Any], length: int) -> Bools:
 def _fetch_candidates(subject: Subject, addrs: U64, rng: np.random.Generator,
                       sample: int, where: Sequence[Any], version: divergences.QemuVersion,
                       wxn: bool) -> tuple[U64, BatchResult, U64]:
-    """The addresses to fetch from (8-byte aligned; sampled, up to half of them faulting at their
+    """The addresses to fetch from (16-byte aligned; sampled, up to half of them faulting at their
     leaf), their Arm ARM prediction and their expected PAs: only where both walks (the Arm ARM's
     and QEMU's) reach a valid leaf at the same PA, inside ``where`` (RAM the payload does not use)."""
-    cand = np.unique(addrs & ~np.uint64(7))
+    cand = np.unique(addrs & ~np.uint64(mailbox.FETCH_STUB_SIZE - 1))
     cand = cand[_outside(cand, subject.no_access)]
     arm = subject.predict(cand, EXEC, wxn=wxn)
     kw = divergences.qemu_semantics(version, subject.geom)
@@ -716,10 +719,11 @@ class PlantedCode:
         ram = cls._ram(target)
         offs = ((pa - np.uint64(target.layout.ram_base)) >> np.uint64(3)).astype(np.intp)
         uniq, inverse = np.unique(offs, return_inverse=True)
-        before = ram[uniq].copy()
+        words = (uniq[:, None] + np.arange(mailbox.FETCH_STUB_WORDS)).reshape(-1)
+        before = ram[words].copy()
         tags = (np.uint64(salt) + np.arange(uniq.size, dtype=np.uint64)) & np.uint64(mailbox.FETCH_TAG_MASK)
-        ram[uniq] = mailbox.fetch_stubs(tags)
-        return cls(uniq, before, tags[inverse.reshape(-1)])
+        ram[words] = mailbox.fetch_stubs(tags).reshape(-1)
+        return cls(words, before, tags[inverse.reshape(-1)])
 
     def restore(self, target: TargetLike) -> None:
         self._ram(target)[self.words] = self.before

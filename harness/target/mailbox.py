@@ -27,7 +27,7 @@ Request arguments:
   arg2 address buffer PA, arg3 record buffer PA (:data:`ACCESS_RECORD` each). Instruction-fetch
   probes: ``ic iallu`` first (the host plants code behind QEMU's back), then for each (4-byte
   aligned) address a ``blr`` to it with x0 = the address; the code there is expected to return
-  (plant :func:`fetch_stub`: ``movz x0, #tag; ret``). The record's ``value`` is x0 after the
+  (plant :func:`fetch_stub`: ``bti c; movz x0, #tag; ret``). The record's ``value`` is x0 after the
   return (the stub's tag). An instruction abort (EC 0x21 at EL2, EC 0x20 from EL1 for stage 2)
   is recorded (ESR_EL2, FAR_EL2, HPFAR_EL2) and the loop resumes after the ``blr``; any other
   exception raised by the code at the address is recorded too (status FAULT with ESR_EL2 at
@@ -201,26 +201,36 @@ def at_exception_esr(par: npt.ArrayLike) -> U64Array:
 
 
 # -- fetch probes -----------------------------------------------------------------------------
-# A64 encodings of the code the host plants for FETCH probes.
+# A64 encodings of the code the host plants for FETCH probes. The stub starts with ``bti c``: on
+# a guarded page (stage-1 GP, descriptor bit 50, FEAT_BTI) the ``blr`` of the probe must land on a
+# compatible BTI or take a Branch Target exception (EC 0x0D), which is about the code, not the
+# translation; elsewhere ``bti c`` is a NOP (hint space).
 A64_RET = 0xD65F03C0  # ret (x30)
+A64_BTI_C = 0xD503245F  # bti c: a landing pad for blr
 A64_MOVZ_X0 = 0xD2800000  # movz x0, #imm16 (imm16 in bits [20:5])
-A64_MOVZ_IMM16 = genmask(20, 5)
-FETCH_STUB_SIZE = 8
+A64_BRK_0 = 0xD4200000  # brk #0 (padding, never reached)
+FETCH_STUB_SIZE = 16  # bytes, 16-byte aligned
+FETCH_STUB_WORDS = FETCH_STUB_SIZE // 8
 FETCH_TAG_MASK = 0xFFFF
 
 
-def fetch_stub(tag: int) -> int:
-    """The 64-bit little-endian word ``movz x0, #tag; ret`` (8-byte aligned in RAM): a FETCH
-    probe branching to it records ``tag`` (16 bits) as its value."""
+def fetch_stubs(tags: npt.ArrayLike) -> U64Array:
+    """``bti c; movz x0, #tag; ret; brk #0`` per tag (taken modulo 2^16), as little-endian u64
+    pairs (shape ``(n, 2)``): planted 16-byte aligned, a FETCH probe branching there records the
+    tag as its value."""
+    t = np.asarray(tags, dtype=np.uint64).reshape(-1) & np.uint64(FETCH_TAG_MASK)
+    out = np.empty((t.size, FETCH_STUB_WORDS), dtype=np.uint64)
+    out[:, 0] = np.uint64(A64_BTI_C) | ((np.uint64(A64_MOVZ_X0) | (t << np.uint64(5))) << np.uint64(32))
+    out[:, 1] = np.uint64(A64_RET | A64_BRK_0 << 32)
+    return out
+
+
+def fetch_stub(tag: int) -> bytes:
+    """The :func:`fetch_stubs` code for one tag (0..0xFFFF), as bytes to write at a 16-byte
+    aligned PA."""
     if not 0 <= tag <= FETCH_TAG_MASK:
         raise ValueError(f"tag: expected 0..{FETCH_TAG_MASK:#x}, got {tag!r}")
-    return (A64_RET << 32) | A64_MOVZ_X0 | (tag << 5)
-
-
-def fetch_stubs(tags: npt.ArrayLike) -> U64Array:
-    """:func:`fetch_stub` for an array of tags (each taken modulo 2^16)."""
-    t = np.asarray(tags, dtype=np.uint64) & np.uint64(FETCH_TAG_MASK)
-    return np.asarray(np.uint64(A64_RET << 32 | A64_MOVZ_X0) | (t << np.uint64(5)), dtype=np.uint64)
+    return fetch_stubs([tag]).astype("<u8").tobytes()
 
 
 # -- access tokens ----------------------------------------------------------------------------

@@ -543,9 +543,11 @@ class Target:
         the code there to return.
 
         Plant the code first at each expected PA (:meth:`write_pa`, :meth:`ram_u64`):
-        :func:`mailbox.fetch_stub` (``movz x0, #tag; ret``, 8 bytes) makes the record's ``value``
-        the tag, so the host can tell which PA ran; a bare ``ret`` (:data:`mailbox.A64_RET`)
-        returns the address itself. Addresses are taken 4-byte aligned (``addr & ~3``). Stage 1
+        :func:`mailbox.fetch_stub` (``bti c; movz x0, #tag; ret``, 16 bytes) makes the record's
+        ``value`` the tag, so the host can tell which PA ran; a bare ``ret``
+        (:data:`mailbox.A64_RET`) returns the address itself (on a guarded page, GP = 1, code
+        without a ``bti`` landing pad takes a Branch Target exception, EC 0x0D: recorded).
+        Addresses are taken 4-byte aligned (``addr & ~3``). Stage 1
         runs at EL2 on the installed stage 1 (EL2 or EL2&0 regime: an instruction abort is EC 0x21);
         stage 2 branches from the EL1 stub with EL1's MMU off (a stage-2 instruction abort is EC
         0x20 with HPFAR_EL2). The firmware runs ``ic iallu`` first. Returns records like

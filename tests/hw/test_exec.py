@@ -80,7 +80,7 @@ def _place(tab: HandTable, cases: list[Case]) -> list[int]:
             entry = tab.entry_pa(va, 2)
             tab.pool.write64(entry, tab.pool.read64(entry) | c.table_bits)
         tab.pool.write64(tab.entry_pa(va, 3), d.leaf_pte(va, c.attrs, 3, g))
-        addrs.append(va + 0x100 + 8 * i)
+        addrs.append(va + 0x100 + mbx.FETCH_STUB_SIZE * i)
     return addrs
 
 
@@ -94,10 +94,10 @@ def _subject(tab: HandTable, name: str, geom: Geometry, regs: Stage1Regs | None 
 
 
 def _fetch_planted(target: Target, addrs: list[int], stage: Stage) -> np.ndarray:
-    """Plant ``movz x0, #tag; ret`` at each (identity) address, fetch, restore."""
-    before = [target.read_pa(a, 8) for a in addrs]
+    """Plant ``bti c; movz x0, #tag; ret`` at each (identity) address, fetch, restore."""
+    before = [target.read_pa(a, mbx.FETCH_STUB_SIZE) for a in addrs]
     for i, a in enumerate(addrs):
-        target.write_pa(a, mbx.fetch_stub(0x4000 + i).to_bytes(8, "little"))
+        target.write_pa(a, mbx.fetch_stub(0x4000 + i))
     try:
         return target.fetch(addrs, stage)
     finally:
@@ -141,6 +141,7 @@ def _run(target: Target, tab: HandTable, subject: Subject, cases: list[Case], ad
 # -- stage 1, EL2 regime (E2H = 0) -------------------------------------------------------------------
 
 RW, RO = int(d.S1AP.RW), int(d.S1AP.RO)
+GP = 1 << 50  # stage-1 Guarded Page (FEAT_BTI), bit 50: not a permission, but it governs a blr's target
 S1_CASES = [
     Case("rw, XN = 0", s1_attrs(RW), RUNS),
     Case("rw, XN = 1", s1_attrs(RW, xn=1), FaultKind.PERMISSION),
@@ -152,6 +153,7 @@ S1_CASES = [
     Case("Device, XN = 1", s1_attrs(RO, xn=1, device=True), FaultKind.PERMISSION),
     Case("XNTable above", s1_attrs(RO), FaultKind.PERMISSION, d.XN_TABLE.mask),
     Case("PXNTable above is RES0 (E2H = 0)", s1_attrs(RO), RUNS, d.PXN_TABLE.mask),
+    Case("GP = 1 (guarded page): the stub's bti c is a landing pad", s1_attrs(RO) | GP, RUNS),
 ]
 
 

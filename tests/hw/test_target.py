@@ -480,8 +480,8 @@ def test_fetch_records_return_aborts_and_wrong_code(target: Target, stage: Stage
     ret_at, stub_at, zero_at, nx_at = x.base + 0x104, x.base + 0x200, x.base + 0x300, nx.base + 0x40
     target.write_pa(x.base, bytes(0x1000))
     target.write_pa(ret_at, mbx.A64_RET.to_bytes(4, "little"))
-    target.write_pa(stub_at, mbx.fetch_stub(0xBEEF).to_bytes(8, "little"))
-    target.write_pa(nx_at, mbx.fetch_stub(1).to_bytes(8, "little"))
+    target.write_pa(stub_at, mbx.fetch_stub(0xBEEF))
+    target.write_pa(nx_at, mbx.fetch_stub(1))
     rec = target.fetch([ret_at + 2, stub_at, nx_at, zero_at, stub_at])  # +2: taken 4-byte aligned
     assert rec["completed"].tolist() == [True, True, False, False, True]
     assert [int(v) for v in rec["value"][[0, 1, 4]]] == [ret_at, 0xBEEF, 0xBEEF]
@@ -500,12 +500,31 @@ def test_fetch_records_return_aborts_and_wrong_code(target: Target, stage: Stage
 
 
 def test_fetch_stub_encoding() -> None:
-    word = mbx.fetch_stub(0x1234)
-    assert word & 0xFFFF_FFFF == 0xD282_4680  # movz x0, #0x1234
-    assert word >> 32 == 0xD65F_03C0  # ret
-    assert mbx.fetch_stubs(np.array([0x1234, 0x1_1234], dtype=np.uint64)).tolist() == [word, word]
+    code = mbx.fetch_stub(0x1234)
+    words = [int.from_bytes(code[i : i + 4], "little") for i in range(0, 16, 4)]
+    assert words == [0xD503_245F, 0xD282_4680, 0xD65F_03C0, 0xD420_0000]  # bti c; movz x0, #0x1234; ret; brk #0
+    assert mbx.fetch_stubs(np.array([0x1234, 0x1_1234], dtype=np.uint64)).astype("<u8").tobytes() == code * 2
     with pytest.raises(ValueError, match="tag"):
         mbx.fetch_stub(1 << 16)
+
+
+def test_fetch_guarded_page_needs_a_landing_pad(target: Target) -> None:
+    """Stage-1 GP (bit 50, FEAT_BTI on -cpu max): the probe's blr must land on a BTI: a bare ret
+    takes a Branch Target exception (EC 0x0D, recorded); the stub's ``bti c`` runs. Why every
+    planted stub starts with it (found by the fuzzer: random descriptors set GP)."""
+    tab = s1_identity(LAYOUT, "4K")
+    tab.map(PAGES, 0x10000, Prot.RX)
+    entry = tab.entry_pa(PAGES, 3)
+    tab.pool.write64(entry, tab.pool.read64(entry) | 1 << 50)
+    target.install(tab.s1_regs(), tab.image())
+    target.write_pa(PAGES, bytes(0x100))
+    target.write_pa(PAGES + 0x10, mbx.A64_RET.to_bytes(4, "little"))
+    target.write_pa(PAGES + 0x20, mbx.fetch_stub(7))
+    target.write_pa(PAGES + 0x1010, mbx.A64_RET.to_bytes(4, "little"))  # next page: not guarded
+    rec = target.fetch([PAGES + 0x10, PAGES + 0x20, PAGES + 0x1010])
+    assert rec["completed"].tolist() == [False, True, True]
+    assert ESR_EC.get(int(rec["esr"][0])) == 0x0D  # Branch Target exception
+    assert int(rec["value"][1]) == 7
 
 
 def test_free_ram_is_ram_no_firmware_region_uses() -> None:
