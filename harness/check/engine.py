@@ -787,8 +787,9 @@ def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs:
                 got += "" if int(r["value"]) == int(code.tag[i]) else f" (tag {int(code.tag[i]):#x} planted at " \
                     f"{int(pa[i]):#x}: ran from another PA)"
             else:
-                what = "at EL1: ESR_EL1" if r["status"] == mailbox.AccessStatus.EL1_EXCEPTION else ""
-                got = f"{what}{describe_esr(int(r['esr']))} FAR {int(r['far']):#x} HPFAR {int(r['hpfar']):#x}"
+                got = f"{describe_esr(int(r['esr']))} FAR {int(r['far']):#x} HPFAR {int(r['hpfar']):#x}"
+                if r["status"] == mailbox.AccessStatus.EL1_EXCEPTION:  # the code ran and raised this at EL1
+                    got = f"exception at EL1 (ESR_EL1, FAR_EL1): {got}"
             want = "completes" if t.ok else f"instruction abort, {t.summary()}"
             m = Mismatch(addr, "fetch", f"{t.summary()} -> {want}", got, t.explain(), key)
         report.add(m, key)
