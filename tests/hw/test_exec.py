@@ -19,6 +19,7 @@ from harness.arch import descriptors as d
 from harness.arch.geometry import Geometry, Granule, Stage
 from harness.arch.registers import (
     ESR_EC,
+    HCR_DC,
     HPFAR_FIPA,
     ISS_DFSC,
     SCTLR_WXN,
@@ -216,6 +217,18 @@ def test_stage2_xn_for_el1(target: Target) -> None:
     tab = s2_identity(LAYOUT, "4K")
     addrs = _place(tab, S2_CASES)
     _run(target, tab, _subject(tab, "exec-s2", tab.geom), S2_CASES, addrs)
+
+
+def test_stage2_xn_for_el1_without_hcr_dc(target: Target) -> None:
+    """HCR_EL2.DC = 0: EL1's instruction fetches with its MMU off are still to Normal memory
+    (SCTLR_EL1.I decides only their cacheability), so stage 2's XN[54:53] alone decides, as with
+    DC = 1 (the MMU only: the model's stage-2 attributes assume DC = 1, so no AT comparison)."""
+    tab = s2_identity(LAYOUT, "4K")
+    addrs = _place(tab, S2_CASES)
+    regs = tab.s2_regs()
+    target.install(replace(regs, hcr_el2_set=regs.hcr_el2_set & ~HCR_DC.mask), tab.image())
+    assert not target.sysreg("HCR_EL2") & HCR_DC.mask
+    _assert_outcomes(_fetch_planted(target, addrs, Stage.S2), S2_CASES, addrs, Stage.S2)
 
 
 # -- tables the model built ------------------------------------------------------------------------
