@@ -24,6 +24,7 @@ extern void at_loop_s12e1r(const u64 *, u64 *, u64);
 extern void at_loop_s12e1w(const u64 *, u64 *, u64);
 extern void s1_access_loop(const u64 *, struct access_record *, u64, u64, const u64 *);
 extern void s2_access_loop(const u64 *, struct access_record *, u64, u64, const u64 *);
+extern void s1_fetch_loop(const u64 *, struct access_record *, u64);
 extern char el1_vectors[];
 
 /* ---- PL011 ---------------------------------------------------------------------------- */
@@ -181,6 +182,40 @@ static u64 do_access(void)
     return STATUS_OK;
 }
 
+/* Instruction fetches: the host planted the code behind QEMU's back (through the shared RAM file),
+ * so drop whatever instruction cache state the architecture allows (QEMU: a no-op, its TCG keys
+ * translated code by physical address and checks execute permission on each TLB fill). */
+static void invalidate_icache(void)
+{
+    DSB(ish);
+    __asm__ volatile("ic iallu" ::: "memory");
+    DSB(nsh);
+    ISB();
+}
+
+static u64 do_fetch(void)
+{
+    u64 stage = mb->arg[0], n = mb->arg[1], src = mb->arg[2], dst = mb->arg[3];
+    if (n > PROBE_ADDRS_SIZE / 8 || !in_buffer(src, n * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
+        !in_buffer(dst, n * ACCESS_RECORD_SIZE, PROBE_RESULTS_BASE, PROBE_RESULTS_SIZE))
+        return STATUS_BAD_ARG;
+    invalidate_icache();
+    if (stage == 1) {
+        s1_fetch_loop((const u64 *)src, (struct access_record *)dst, n);
+    } else if (stage == 2) {
+        if (READ_SYSREG(hcr_el2) & HCR_E2H) /* the EL1 stub needs the EL1&0 regime */
+            return STATUS_BAD_ARG;
+        WRITE_SYSREG(hcr_el2, READ_SYSREG(hcr_el2) | HCR_RW);
+        ISB();
+        /* mode 2: the stub branches to each address (the values buffer is read and ignored) */
+        s2_access_loop((const u64 *)src, (struct access_record *)dst, n, 2, (const u64 *)src);
+    } else {
+        return STATUS_BAD_ARG;
+    }
+    mb->ret0 = n;
+    return STATUS_OK;
+}
+
 static u64 serve(u64 cmd)
 {
     switch (cmd) {
@@ -199,6 +234,8 @@ static u64 serve(u64 cmd)
         return do_at();
     case CMD_ACCESS:
         return do_access();
+    case CMD_FETCH:
+        return do_fetch();
     case CMD_SPIN:
         for (;;)
             __asm__ volatile("" ::: "memory");

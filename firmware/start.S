@@ -4,6 +4,10 @@
 #include "gen/layout.h"
 #include "gen/mailbox.h"
 
+/* s2_probing: what the EL1 stub is doing (0: nothing, lower-EL exceptions are unexpected) */
+#define S2_PROBING_DATA 1
+#define S2_PROBING_FETCH 2
+
     .section .text.start, "ax"
     .global _start
 _start:
@@ -127,10 +131,42 @@ s1_probe_st:
     ldp     x19, x20, [sp], #32
     ret
 
-/* void s2_access_loop(const u64 *addrs, struct access_record *records, u64 count, u64 write,
+/* void s1_fetch_loop(const u64 *addrs, struct access_record *records, u64 count)
+ * Instruction fetches at EL2 through the installed stage 1: blr to each address (x0 = the
+ * address), whose code is expected to return; the record's value is x0 after the return. An
+ * exception raised at the target (an instruction abort, or the code found there) is recorded by
+ * el2_sync (x30 = s1_fetch_ret tells it apart), which resumes at s1_fetch_next. */
+    .global s1_fetch_loop
+    .type s1_fetch_loop, %function
+s1_fetch_loop:
+    stp     x19, x20, [sp, #-32]!
+    stp     x21, x30, [sp, #16]
+    mov     x19, x1
+    mov     x20, x0
+    mov     x21, x2
+1:  cbz     x21, 9f
+    ldr     x0, [x20], #8
+    RECORD_START
+    str     xzr, [x19, #ACCESS_RECORD_OFF_VALUE]
+    blr     x0
+    .global s1_fetch_ret
+s1_fetch_ret:
+    str     x0, [x19, #ACCESS_RECORD_OFF_VALUE]
+    .global s1_fetch_next
+s1_fetch_next:
+    add     x19, x19, #ACCESS_RECORD_SIZE
+    sub     x21, x21, #1
+    b       1b
+9:  ldp     x21, x30, [sp, #16]
+    ldp     x19, x20, [sp], #32
+    ret
+
+/* void s2_access_loop(const u64 *addrs, struct access_record *records, u64 count, u64 mode,
  *                     const u64 *values)
- * For each address: eret into the EL1 stub (x0 = address, x1 = value to store, 0 for a load),
- * which accesses it and issues HVC #0; a stage-2 fault arrives as a lower-EL data abort. Both
+ * mode 0: loads, 1: stores, 2: instruction fetches (values is read and ignored).
+ * For each address: eret into the EL1 stub (x0 = address, x1 = value to store, 0 for a load or a
+ * fetch), which accesses it (a fetch: blr to it) and issues HVC #0; a stage-2 fault arrives as a
+ * lower-EL data or instruction abort. Both
  * come back through the lower-EL sync vector to s2_resume (x0 = status, x1 = the stub's x1: the
  * value loaded or stored) with x19..x24 intact (EL1 only touches x0/x1). */
     .global s2_access_loop
@@ -147,12 +183,17 @@ s2_access_loop:
     mov     x29, x3
     adrp    x22, el1_stub_ld
     add     x22, x22, :lo12:el1_stub_ld
+    mov     x1, #S2_PROBING_DATA
     cbz     x3, 1f
     adrp    x22, el1_stub_st
     add     x22, x22, :lo12:el1_stub_st
+    cmp     x3, #1
+    b.eq    1f
+    adrp    x22, el1_stub_fx
+    add     x22, x22, :lo12:el1_stub_fx
+    mov     x1, #S2_PROBING_FETCH
 1:  adrp    x23, s2_probing
     add     x23, x23, :lo12:s2_probing
-    mov     x1, #1
     str     x1, [x23]
 s2_next:
     cbz     x21, 9f
@@ -163,8 +204,8 @@ s2_next:
     mov     x1, #SPSR_EL1H_MASKED
     msr     spsr_el2, x1
     ldr     x1, [x24], #8
-    cmp     x29, #0
-    csel    x1, xzr, x1, eq     /* a load starts from 0: a faulting load records 0 */
+    cmp     x29, #1
+    csel    x1, x1, xzr, eq     /* a load or fetch starts from 0: a faulting one records 0 */
     eret
     .global s2_resume
 s2_resume:                      /* x0 = status, x1 = value, from the lower-EL sync vector */
@@ -235,7 +276,27 @@ el2_sync:
     b.eq    1f
     adr     x1, s1_probe_st
     cmp     x0, x1
+    b.eq    1f
+    adr     x1, s1_fetch_ret    /* a fetch probe's target raising an exception? */
+    cmp     x30, x1
     b.ne    2f
+    ldr     x1, =CODE_BASE      /* (never the firmware's own code) */
+    sub     x0, x0, x1
+    cmp     x0, #CODE_SIZE
+    b.lo    2f
+    mrs     x0, esr_el2
+    str     x0, [x19, #ACCESS_RECORD_OFF_ESR]
+    mrs     x0, far_el2
+    str     x0, [x19, #ACCESS_RECORD_OFF_FAR]
+    mrs     x0, hpfar_el2
+    str     x0, [x19, #ACCESS_RECORD_OFF_HPFAR]
+    mov     x0, #ACCESS_FAULT
+    str     x0, [x19, #ACCESS_RECORD_OFF_STATUS]
+    adr     x0, s1_fetch_next
+    msr     elr_el2, x0
+    mrs     x0, tpidr_el2
+    mrs     x1, tpidr_el0
+    eret
 1:  mrs     x0, esr_el2
     ubfx    x1, x0, #ESR_EC_SHIFT, #ESR_EC_WIDTH
     cmp     x1, #EC_DABT_SAME
@@ -286,19 +347,46 @@ lower_sync:                     /* EL1 stub: HVC #0 (done) or a stage-2 data abo
     cmp     x1, #EC_HVC64
     b.ne    1f
     tst     x0, #ISS_IMM16
-    b.ne    3f
+    b.ne    4f
     mov     x0, #ACCESS_COMPLETED
-    mrs     x1, tpidr_el0       /* the stub's x1: the value loaded or stored */
+    mrs     x1, tpidr_el0       /* the stub's x1: the value loaded, stored or returned */
     b       s2_resume
 1:  cmp     x1, #EC_DABT_LOWER
+    b.eq    2f
+    cmp     x1, #EC_IABT_LOWER  /* a fetch probe's instruction abort, outside the stub's page */
     b.ne    3f
-    str     x0, [x19, #ACCESS_RECORD_OFF_ESR]
+    adrp    x1, s2_probing
+    ldr     x1, [x1, :lo12:s2_probing]
+    cmp     x1, #S2_PROBING_FETCH
+    b.ne    3f
+    mrs     x1, elr_el2
+    ldr     x0, =EL1_STUB_BASE
+    sub     x1, x1, x0
+    cmp     x1, #EL1_STUB_SIZE
+    b.lo    3f
+    mrs     x0, esr_el2
+2:  str     x0, [x19, #ACCESS_RECORD_OFF_ESR]
     mrs     x0, far_el2
     str     x0, [x19, #ACCESS_RECORD_OFF_FAR]
     mrs     x0, hpfar_el2
     str     x0, [x19, #ACCESS_RECORD_OFF_HPFAR]
     mov     x0, #ACCESS_FAULT
     mrs     x1, tpidr_el0
+    b       s2_resume
+4:  and     x1, x0, #ISS_IMM16  /* an exception at EL1 from a fetch probe's code: recorded */
+    cmp     x1, #MB_EL1_FORWARD_HVC
+    b.ne    3f
+    adrp    x1, s2_probing
+    ldr     x1, [x1, :lo12:s2_probing]
+    cmp     x1, #S2_PROBING_FETCH
+    b.ne    3f
+    mrs     x0, esr_el1
+    str     x0, [x19, #ACCESS_RECORD_OFF_ESR]
+    mrs     x0, far_el1
+    str     x0, [x19, #ACCESS_RECORD_OFF_FAR]
+    str     xzr, [x19, #ACCESS_RECORD_OFF_HPFAR]
+    mov     x0, #ACCESS_EL1_EXCEPTION
+    mov     x1, xzr
     b       s2_resume
 3:  mov     x1, #VEC_LOWER_A64_SYNC
     b       unexpected
@@ -357,6 +445,12 @@ el1_stub_ld:
     .global el1_stub_st
 el1_stub_st:
     str     x1, [x0]
+    hvc     #0
+    b       .
+    .global el1_stub_fx
+el1_stub_fx:                    /* fetch: the code at x0 returns here with its tag in x0 */
+    blr     x0
+    mov     x1, x0
     hvc     #0
     b       .
 

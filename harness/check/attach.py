@@ -16,7 +16,11 @@
   values are programmed with the relocated root (SCTLR_EL2.WXN included), and ``AT`` checks
   every mapped range (both edges and samples inside) and the holes between them against the
   model's walk of the *original* snapshot. The model's walk of the relocated copy must give the same answers (only
-  table addresses moved): that is checked too.
+  table addresses moved): that is checked too. In a stage-1 regime, execute permission at EL2 is
+  checked with instruction fetches (:func:`harness.check.engine.check_exec`) at the probe
+  addresses whose leaf lies in RAM the payload does not use (:meth:`Layout.free_ram`: the replay's
+  RAM holds none of the snapshot's data, so a stub is planted there and restored). Not at stage 2:
+  the EL1 stub would run through the snapshot's own stage-2 mapping of its page.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from harness.arch.registers import (
     mair_attr,
     ttbr_baddr,
 )
-from harness.check.engine import AT_OPS, CheckReport, Subject, check_at
+from harness.check.engine import AT_OPS, CheckReport, FetchProbes, Subject, check_at, check_exec
 from harness.core.batch import BatchResult
 from harness.core.dump import MappedRange, mapped_ranges
 from harness.core.memory import PagePool, PoolImage
@@ -521,6 +525,7 @@ class RegimeVerify:
     relocation_mismatches: list[Mismatch] = field(default_factory=list)
     wxn: bool = False  # SCTLR_EL2.WXN of the snapshot, programmed on the replay and predicted with
     sctlr_el2: int | None = None  # SCTLR_EL2 read back from the replay target while checking (stage 1)
+    fetches: FetchProbes | None = None  # instruction fetches at EL2 on the replay (stage 1)
 
     @property
     def checked(self) -> int:
@@ -537,7 +542,15 @@ class RegimeVerify:
                 "pages": self.pages, "ranges": self.ranges, "spliced": self.spliced,
                 "payload_code": f"{self.layout_code:#x}", "wxn": self.wxn,
                 "sctlr_el2": None if self.sctlr_el2 is None else f"{self.sctlr_el2:#x}",
-                "relocation_mismatches": [m.to_json() for m in self.relocation_mismatches[:50]]}
+                "relocation_mismatches": [m.to_json() for m in self.relocation_mismatches[:50]],
+                "fetch": self._fetch_json()}
+
+    def _fetch_json(self) -> dict[str, int]:
+        f = self.fetches
+        if f is None:
+            return {"probes": 0, "completed": 0, "faulted": 0}
+        done = int(np.count_nonzero(f.records["completed"]))
+        return {"probes": int(f.addresses.size), "completed": done, "faulted": int(f.addresses.size) - done}
 
 
 @dataclass
@@ -568,7 +581,7 @@ class VerifyReport:
                 "regimes": [r.to_json() for r in self.regimes], "timings": self.timings}
 
     def text(self) -> str:
-        lines = [f"verify: {'OK' if self.ok else 'MISMATCH'}: {self.checked} AT probes, "
+        lines = [f"verify: {'OK' if self.ok else 'MISMATCH'}: {self.checked} probes (AT, fetch), "
                  f"{self.mismatched} mismatched ({self.qemu})"]
         for r in self.regimes:
             lines.append(f"  {r.regime}: {r.pages} table pages, {r.ranges} ranges; payload at {r.layout_code:#x}, "
@@ -590,10 +603,10 @@ class _ReplaySubject(Subject):
     wxn: bool = False  # SCTLR_EL2.WXN as the replay programs it (the snapshot's)
 
     def predict(self, addrs: npt.ArrayLike, access: Access, **semantics: Any) -> BatchResult:
-        return super().predict(addrs, access, sh0=self.sh0, wxn=self.wxn, **semantics)
+        return super().predict(addrs, access, **{"sh0": self.sh0, "wxn": self.wxn, **semantics})
 
     def walk(self, addr: int, access: Access, **semantics: Any) -> Translation:
-        return super().walk(addr, access, sh0=self.sh0, wxn=self.wxn, **semantics)
+        return super().walk(addr, access, **{"sh0": self.sh0, "wxn": self.wxn, **semantics})
 
 
 TargetFactory = Callable[[Layout], Any]  # a started harness.target.target.Target for a layout
@@ -719,6 +732,8 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
         if geom.stage is Stage.S1:  # what the MMU runs under, read back (WXN included)
             res.sctlr_el2 = target.sysreg("SCTLR_EL2")
         check_at(res.check, target, subject, addrs)
+        if geom.stage is Stage.S1:  # execute permission at EL2: fetches where the leaf's PA is free RAM
+            res.fetches = check_exec(res.check, target, subject, addrs, rng, where=layout.free_ram())
     finally:
         target.uninstall()
     return res

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -32,7 +32,9 @@ from harness.arch.registers import (
     ISS_DFSC,
     ISS_S1PTW,
     ISS_WNR,
+    SCTLR_WXN,
     ExceptionClass,
+    FaultKind,
     Par,
     RegimeRegs,
     Stage1Regs,
@@ -50,7 +52,16 @@ from harness.core.batch import (
 )
 from harness.core.memory import PoolImage
 from harness.core.pgtable import KvmPgtable
-from harness.core.translate import DEFAULT_MAIR, READ, WRITE, Access, Translation, expected_par, translate
+from harness.core.translate import (
+    DEFAULT_MAIR,
+    EXEC,
+    READ,
+    WRITE,
+    Access,
+    Translation,
+    expected_par,
+    translate,
+)
 from harness.target import mailbox
 
 U64 = npt.NDArray[np.uint64]
@@ -62,6 +73,7 @@ AT_OPS: dict[Stage, tuple[tuple[str, Access], ...]] = {
 }
 MAX_EXPLAINED = 200  # disagreements re-walked and reported in full (the rest are counted)
 MAX_ACCESS_PROBES = 20_000
+MAX_FETCH_PROBES = 2_000
 
 SKIP_UNMODELLED = "walk leaves the modelled memory (no prediction)"
 SKIP_NO_ACCESS = "withheld from AT, and real accesses cannot run on this table"
@@ -85,6 +97,7 @@ class TargetLike(Protocol):
     def at_wait(self) -> U64: ...
     def at(self, addresses: npt.ArrayLike, op: str) -> U64: ...
     def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None) -> Any: ...
+    def fetch(self, addresses: npt.ArrayLike, stage: Stage | int | None = None) -> Any: ...
     def read_pa(self, pa: int, n: int) -> bytes: ...
     def write_pa(self, pa: int, data: bytes) -> None: ...
     def ram_u64(self, pa: int, count: int) -> U64: ...
@@ -670,16 +683,221 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
 
 
 # ---------------------------------------------------------------------------------------------
+# Instruction fetches.
+#
+# AT has no fetch form, so execute permission (stage-1 XN, or PXN in the EL2&0 regime, XNTable /
+# PXNTable, SCTLR_EL2.WXN, EL0-writable memory with E2H = 1; stage-2 XN[54:53] for EL1) is only
+# seen by branching there. A fetch probe runs whatever is at the PA the MMU picks, so only
+# addresses whose walk (the Arm ARM's and QEMU's) reaches a valid leaf with its output in scratch
+# RAM are probed, and the host plants ``bti c; movz x0, #tag; ret`` at each expected PA first
+# (16-byte aligned, restored afterwards): a fetch that completes proves which PA it ran from by the
+# tag it returns. The ``bti c`` makes guarded pages (stage-1 GP, bit 50, FEAT_BTI: a ``blr`` must
+# land on a BTI, else a Branch Target exception - a property of the code, not of the
+# translation) execute it like any other: the probe asks about execute permission only.
+#
+# Device memory is not excluded: the current Arm ARM pseudocode (AArch64.S1Translate and
+# AArch64.S2Translate) treats an instruction fetch from Device memory as one from Normal
+# Non-cacheable memory (older issues made it CONSTRAINED UNPREDICTABLE, INSTRDEVICE: a Permission
+# fault or Normal Non-cacheable); the model's permissions ignore the memory type, so a Device leaf
+# without XN is executable, and the MMU is checked against that.
+
+def subject_wxn(subject: Subject) -> bool:
+    """SCTLR_EL2.WXN as the subject's registers set it (stage 1 only)."""
+    return isinstance(subject.regs, Stage1Regs) and bool(subject.regs.sctlr_el2_set & SCTLR_WXN.mask)
+
+
+_LEAF_FAULTS = (FaultKind.PERMISSION.value, FaultKind.ACCESS_FLAG.value)
+
+
+def _leaf_pas(subject: Subject, addrs: U64, pred: BatchResult, wxn: bool, rng: np.random.Generator,
+              walks: int, **semantics: Any) -> U64:
+    """Each lane's leaf output address (0 where unknown): from the EXEC batch where it translates;
+    where it faults at its leaf (AF, permission: the batch keeps no leaf fields there), from a READ
+    batch where that translates, else from a scalar walk (at most ``walks`` of them, sampled)."""
+    pa = np.where(pred.ok, pred.pa, np.uint64(0))
+    faulting = np.flatnonzero(~pred.ok)
+    if faulting.size:
+        read = subject.predict(addrs[faulting], READ, **semantics)
+        pa[faulting] = np.where(read.ok, read.pa, np.uint64(0))
+        rest = faulting[~read.ok]
+        if rest.size > walks:
+            rest = rng.choice(rest, walks, replace=False)
+        for i in rest:
+            t = subject.walk(int(addrs[i]), EXEC, wxn=wxn, **semantics)
+            pa[i] = np.uint64(t.pa if t.pa is not None else 0)
+    return np.asarray(pa, dtype=np.uint64)
+
+
+def _fetch_agrees(pred: BatchResult, rec: Any, addrs: U64, stage: Stage, want_value: U64) -> Bools:
+    """Per lane: the fetch completed with the planted tag where the model translates, or raised
+    exactly the instruction abort the model predicts (EC 0x21 at EL2 / 0x20 from EL1, IFSC,
+    S1PTW = 0, FAR, and HPFAR at stage 2)."""
+    esr = rec["esr"].astype(np.uint64)
+    ec = ExceptionClass.IABT_SAME if stage is Stage.S1 else ExceptionClass.IABT_LOWER
+    faulted = rec["status"].astype(np.uint64) == np.uint64(mailbox.AccessStatus.FAULT)
+    same = faulted & (((esr >> np.uint64(ESR_EC.lo)) & np.uint64(ESR_EC.max)) == np.uint64(int(ec)))
+    same &= (esr & np.uint64(ISS_DFSC.max)) == fault_status_batch(pred)  # IFSC: ISS[5:0] like DFSC
+    same &= ((esr >> np.uint64(ISS_S1PTW.lo)) & np.uint64(1)) == 0
+    same &= rec["far"].astype(np.uint64) == addrs
+    if stage is Stage.S2:
+        fipa = (rec["hpfar"].astype(np.uint64) >> np.uint64(HPFAR_FIPA.lo)) & np.uint64(HPFAR_FIPA.max)
+        same &= fipa == (addrs >> np.uint64(12))
+    done = np.asarray(rec["completed"], dtype=np.bool_) & (rec["value"].astype(np.uint64) == want_value)
+    return np.asarray(np.where(pred.ok, done, same), dtype=np.bool_)
+
+
+def _in_ranges(pa: U64, where: Sequence[Any], length: int) -> Bools:
+    out = np.zeros(pa.size, dtype=np.bool_)
+    for r in where:
+        out |= (pa >= np.uint64(r.base)) & (pa + np.uint64(length) <= np.uint64(r.base + r.size))
+    return out
+
+
+def _fetch_candidates(subject: Subject, addrs: U64, rng: np.random.Generator,
+                      sample: int, where: Sequence[Any], version: divergences.QemuVersion,
+                      wxn: bool) -> tuple[U64, BatchResult, U64]:
+    """The addresses to fetch from (16-byte aligned; sampled, up to half of them faulting at their
+    leaf), their Arm ARM prediction and their expected PAs: only where both walks (the Arm ARM's
+    and QEMU's) reach a valid leaf at the same PA, inside ``where`` (RAM the payload does not use)."""
+    cand = np.unique(addrs & ~np.uint64(mailbox.FETCH_STUB_SIZE - 1))
+    cand = cand[_outside(cand, subject.no_access)]
+    arm = subject.predict(cand, EXEC, wxn=wxn)
+    kw = divergences.qemu_semantics(version, subject.geom)
+    qemu = subject.predict(cand, EXEC, wxn=wxn, **kw) if kw else arm
+    leaf = arm.ok | np.isin(arm.fault, _LEAF_FAULTS)
+    leaf &= (qemu.fault == arm.fault) & (qemu.fault_level == arm.fault_level) & (qemu.pa == arm.pa)
+    leaf &= ~np.isin(arm.fault, divergences.untrusted_faults(version))
+    idx = np.flatnonzero(leaf)
+    walks = max(1, sample // 4)
+    pa = _leaf_pas(subject, cand[idx], take(arm, idx), wxn, rng, walks)
+    if kw:
+        pa = np.where(pa == _leaf_pas(subject, cand[idx], take(qemu, idx), wxn, rng, walks, **kw), pa, np.uint64(0))
+    safe = (pa != 0) & _in_ranges(pa, where, mailbox.FETCH_STUB_SIZE)
+    idx, pa = idx[safe], pa[safe]
+    faulting = np.flatnonzero(~arm.ok[idx])
+    ok = np.flatnonzero(arm.ok[idx])
+    if faulting.size > sample // 2:
+        faulting = rng.choice(faulting, sample // 2, replace=False)
+    if ok.size > sample - faulting.size:
+        ok = rng.choice(ok, sample - faulting.size, replace=False)
+    pick = np.sort(np.concatenate([ok, faulting]))
+    return cand[idx[pick]], take(arm, idx[pick]), pa[pick]
+
+
+@dataclass(frozen=True)
+class PlantedCode:
+    """Fetch stubs planted at the expected PAs (one tag per distinct word), and what was there."""
+
+    words: npt.NDArray[np.intp]  # word indices in guest RAM
+    before: U64
+    tag: U64  # per lane: the tag its fetch must return
+
+    @staticmethod
+    def _ram(target: TargetLike) -> U64:
+        layout = target.layout
+        return target.ram_u64(int(layout.ram_base), int(layout.ram_size) // 8)
+
+    @classmethod
+    def plant(cls, target: TargetLike, pa: U64, salt: int) -> PlantedCode:
+        ram = cls._ram(target)
+        offs = ((pa - np.uint64(target.layout.ram_base)) >> np.uint64(3)).astype(np.intp)
+        uniq, inverse = np.unique(offs, return_inverse=True)
+        words = (uniq[:, None] + np.arange(mailbox.FETCH_STUB_WORDS)).reshape(-1)
+        before = ram[words].copy()
+        tags = (np.uint64(salt) + np.arange(uniq.size, dtype=np.uint64)) & np.uint64(mailbox.FETCH_TAG_MASK)
+        ram[words] = mailbox.fetch_stubs(tags).reshape(-1)
+        return cls(words, before, tags[inverse.reshape(-1)])
+
+    def restore(self, target: TargetLike) -> None:
+        self._ram(target)[self.words] = self.before
+
+
+@dataclass(frozen=True)
+class FetchProbes:
+    """What :func:`check_exec` ran: the addresses, their expected PAs, the model's prediction and
+    the MMU's records (``completed``, ``status``, ``esr``, ``far``, ``hpfar``, ``value``)."""
+
+    addresses: U64
+    pa: U64
+    predicted: BatchResult
+    records: Any
+    agree: Bools
+
+    def completed_in(self, lo: int, hi: int) -> Bools:
+        """Per probe in ``[lo, hi)``: whether the MMU ran it (an empty array if none there)."""
+        inside = (self.addresses >= np.uint64(lo)) & (self.addresses < np.uint64(hi))
+        return np.asarray(self.records["completed"][inside], dtype=np.bool_)
+
+
+def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs: U64,
+               rng: np.random.Generator, sample: int = MAX_FETCH_PROBES,
+               where: Sequence[Any] | None = None) -> FetchProbes | None:
+    """Instruction-fetch probes (``report.probes["fetch"]``) on up to ``sample`` of ``addrs``
+    whose walk reaches a valid leaf with its output in ``where`` (ranges with ``base`` and
+    ``size`` of RAM the payload does not use; default: the layout's scratch RAM; see the notes
+    above), compared with the model's EXEC walk: completes (returning the tag planted at the
+    expected PA), or takes the instruction abort the model predicts (access flag before
+    permission, at the leaf level). Returns what ran (None: nothing could)."""
+    version = target.qemu_version
+    wxn = subject_wxn(subject)
+    # Not where the firmware's own code sits in the fetch's VA space (stage 2: EL1's VA is the
+    # IPA): gdb's hardware breakpoints (idle, panic) match the PC at any EL, so a fetch through
+    # a random stage 2 at IPA == the address of ``idle`` stops as if the request had ended
+    # (found by the fuzzer: RequestFailed "FETCH: firmware answered PENDING").
+    firmware_code = tuple((r.base, r.size) for r in target.layout.firmware_regions() if r.name == "code")
+    addrs = addrs[_outside(addrs, firmware_code)]
+    chosen, pred, pa = _fetch_candidates(subject, addrs, rng, sample,
+                                         [target.layout.scratch] if where is None else where, version, wxn)
+    if not chosen.size:
+        return None
+    code = PlantedCode.plant(target, pa, report.checked)
+    t0 = time.perf_counter()
+    try:
+        rec = target.fetch(chosen, stage=subject.stage)
+    finally:
+        if target.alive:
+            code.restore(target)
+    report.time("fetch", time.perf_counter() - t0)
+    report.count(report.probes, "fetch", int(chosen.size))
+    good = _fetch_agrees(pred, rec, chosen, subject.stage, code.tag)
+    bad = np.flatnonzero(~good)
+    report.matched += int(chosen.size - bad.size)
+    for i in bad:
+        addr = int(chosen[i])
+        key = next((name for name, kw in divergences.semantic_explanations(version, subject.geom)
+                    if _fetch_agrees(subject.predict(chosen[i : i + 1], EXEC, wxn=wxn, **kw), rec[i : i + 1],
+                                     chosen[i : i + 1], subject.stage, code.tag[i : i + 1])[0]), None)
+        m = None
+        if report.room:
+            t = subject.walk(addr, EXEC, wxn=wxn)
+            r = rec[i]
+            if r["completed"]:
+                got = f"fetch completed, returned {int(r['value']):#x}"
+                got += "" if int(r["value"]) == int(code.tag[i]) else f" (tag {int(code.tag[i]):#x} planted at " \
+                    f"{int(pa[i]):#x}: ran from another PA)"
+            else:
+                got = f"{describe_esr(int(r['esr']))} FAR {int(r['far']):#x} HPFAR {int(r['hpfar']):#x}"
+                if r["status"] == mailbox.AccessStatus.EL1_EXCEPTION:  # the code ran and raised this at EL1
+                    got = f"exception at EL1 (ESR_EL1, FAR_EL1): {got}"
+            want = "completes" if t.ok else f"instruction abort, {t.summary()}"
+            m = Mismatch(addr, "fetch", f"{t.summary()} -> {want}", got, t.explain(), key)
+        report.add(m, key)
+    return FetchProbes(chosen, pa, pred, rec, good)
+
+
+# ---------------------------------------------------------------------------------------------
 # A whole check.
 
 
 def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.random.Generator | None = None,
                   access: bool = False, report: CheckReport | None = None,
-                  access_sample: int = MAX_ACCESS_PROBES,
+                  access_sample: int = MAX_ACCESS_PROBES, fetch_sample: int | None = None,
                   background: Callable[[bool], None] | None = None) -> CheckReport:
     """Install the subject's tables, probe ``addrs`` with AT (and real accesses where asked or
-    where AT is withheld), compare, uninstall. ``background`` runs while the last AT request is
-    in flight (:func:`check_at`)."""
+    where AT is withheld; with ``access``, instruction fetches too: :func:`check_exec`, at most
+    ``fetch_sample``, default the smaller of :data:`MAX_FETCH_PROBES` and ``access_sample``),
+    compare, uninstall. ``background`` is called while AT requests are in flight
+    (:func:`check_at`)."""
     rng = rng or np.random.default_rng(0)
     report = report or CheckReport(subject.name, subject.geom.describe(), ".".join(map(str, target.qemu_version)))
     t0 = time.perf_counter()
@@ -693,6 +911,11 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
             t0 = time.perf_counter()
             check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld, access_sample)
             report.time("accesses (all)", time.perf_counter() - t0)
+        if access and subject.accesses:
+            t0 = time.perf_counter()
+            check_exec(report, target, subject, addrs, rng,
+                       min(MAX_FETCH_PROBES, access_sample) if fetch_sample is None else fetch_sample)
+            report.time("fetches (all)", time.perf_counter() - t0)
     finally:
         if target.alive:
             t0 = time.perf_counter()

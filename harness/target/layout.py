@@ -20,6 +20,7 @@ KIB = 1 << 10
 MIB = 1 << 20
 GIB = 1 << 30
 ALIGN = 64 * KIB
+DTB_RESERVE = 2 * MIB  # QEMU's device tree at the start of RAM, below an ELF -kernel image
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,18 @@ class Layout:
         regions = [*self.stage1_regions(), *self.stage2_regions(), self.pool]
         return sorted((r for r in regions if r.name != "uart"), key=lambda r: r.base)
 
+    def free_ram(self) -> list[Region]:
+        """RAM the payload never uses: everything above QEMU's device tree (the first 2 MiB) that
+        no firmware region (nor the pool) holds, in address order (``scratch`` is part of it; a
+        moved layout also leaves the RAM below its code free)."""
+        out: list[Region] = []
+        lo = self.ram_base + DTB_RESERVE
+        for r in [*self.firmware_regions(), Region("end", self.ram_end, 0, Prot.NONE)]:
+            if r.base > lo:
+                out.append(Region("free", lo, r.base - lo, Prot.RW))
+            lo = max(lo, r.end)
+        return out
+
     def check(self) -> None:
         """Alignment, containment in RAM and no overlap; raises ValueError."""
         regions = [*self.firmware_regions(), self.scratch]
@@ -127,7 +140,7 @@ class Layout:
         for a, b in itertools.pairwise(ordered):
             if a.end > b.base:
                 raise ValueError(f"layout: {a} overlaps {b}")
-        if self.code < self.ram_base + 2 * MIB:
+        if self.code < self.ram_base + DTB_RESERVE:
             raise ValueError("layout: keep the first 2 MiB of RAM free for QEMU's device tree")
 
     def constants(self) -> dict[str, int]:

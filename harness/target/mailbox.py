@@ -23,6 +23,16 @@ Request arguments:
   value buffer PA (one u64 per address: what a store writes). Each probe is a 64-bit ``ldr``/``str``
   at the (8-byte aligned) address; the record's ``value`` is the loaded value (0 if the load
   faulted) or the stored value.
+* FETCH: arg0 stage (1: EL2 with its stage 1; 2: EL1 through stage 2, EL1's MMU off), arg1 count,
+  arg2 address buffer PA, arg3 record buffer PA (:data:`ACCESS_RECORD` each). Instruction-fetch
+  probes: ``ic iallu`` first (the host plants code behind QEMU's back), then for each (4-byte
+  aligned) address a ``blr`` to it with x0 = the address; the code there is expected to return
+  (plant :func:`fetch_stub`: ``bti c; movz x0, #tag; ret``). The record's ``value`` is x0 after the
+  return (the stub's tag). An instruction abort (EC 0x21 at EL2, EC 0x20 from EL1 for stage 2)
+  is recorded (ESR_EL2, FAR_EL2, HPFAR_EL2) and the loop resumes after the ``blr``; any other
+  exception raised by the code at the address is recorded too (status FAULT with ESR_EL2 at
+  stage 1; :attr:`AccessStatus.EL1_EXCEPTION` with ESR_EL1/FAR_EL1 at stage 2), so code that
+  ran somewhere unexpected shows as a wrong outcome rather than a panic.
 * SPIN: loop forever (tests of the host's timeout handling).
 """
 
@@ -39,7 +49,7 @@ from harness.arch.el2 import PAR_RES0_55_52, Vector
 from harness.arch.registers import PAR_F
 
 MAGIC = 0x5047_5441_424C_4521  # "PGTABLE!"
-VERSION = 2
+VERSION = 3
 
 U64Array = npt.NDArray[np.uint64]
 BoolArray = npt.NDArray[np.bool_]
@@ -127,6 +137,7 @@ class Cmd(enum.IntEnum):
     AT = 4
     ACCESS = 5
     SPIN = 6
+    FETCH = 7
 
 
 class Status(enum.IntEnum):
@@ -148,6 +159,7 @@ class AccessStatus(enum.IntEnum):
     NOT_RUN = 0
     COMPLETED = 1
     FAULT = 2
+    EL1_EXCEPTION = 3  # a stage-2 fetch probe's code raised an exception at EL1 (ESR_EL1, FAR_EL1)
 
 
 # panic_vector: the EL2 vector taken (harness.arch.el2.Vector), or one of these firmware events.
@@ -186,6 +198,39 @@ def at_exception_esr(par: npt.ArrayLike) -> U64Array:
     """ESR_EL2[31:0] of each AT exception slot (meaningful where :func:`is_at_exception`)."""
     p = np.asarray(par, dtype=np.uint64)
     return np.asarray((p >> np.uint64(AT_EXCEPTION_ESR_SHIFT)) & np.uint64(AT_EXCEPTION_ESR_MASK))
+
+
+# -- fetch probes -----------------------------------------------------------------------------
+# A64 encodings of the code the host plants for FETCH probes. The stub starts with ``bti c``: on
+# a guarded page (stage-1 GP, descriptor bit 50, FEAT_BTI) the ``blr`` of the probe must land on a
+# compatible BTI or take a Branch Target exception (EC 0x0D), which is about the code, not the
+# translation; elsewhere ``bti c`` is a NOP (hint space).
+A64_RET = 0xD65F03C0  # ret (x30)
+A64_BTI_C = 0xD503245F  # bti c: a landing pad for blr
+A64_MOVZ_X0 = 0xD2800000  # movz x0, #imm16 (imm16 in bits [20:5])
+A64_BRK_0 = 0xD4200000  # brk #0 (padding, never reached)
+FETCH_STUB_SIZE = 16  # bytes, 16-byte aligned
+FETCH_STUB_WORDS = FETCH_STUB_SIZE // 8
+FETCH_TAG_MASK = 0xFFFF
+
+
+def fetch_stubs(tags: npt.ArrayLike) -> U64Array:
+    """``bti c; movz x0, #tag; ret; brk #0`` per tag (taken modulo 2^16), as little-endian u64
+    pairs (shape ``(n, 2)``): planted 16-byte aligned, a FETCH probe branching there records the
+    tag as its value."""
+    t = np.asarray(tags, dtype=np.uint64).reshape(-1) & np.uint64(FETCH_TAG_MASK)
+    out = np.empty((t.size, FETCH_STUB_WORDS), dtype=np.uint64)
+    out[:, 0] = np.uint64(A64_BTI_C) | ((np.uint64(A64_MOVZ_X0) | (t << np.uint64(5))) << np.uint64(32))
+    out[:, 1] = np.uint64(A64_RET | A64_BRK_0 << 32)
+    return out
+
+
+def fetch_stub(tag: int) -> bytes:
+    """The :func:`fetch_stubs` code for one tag (0..0xFFFF), as bytes to write at a 16-byte
+    aligned PA."""
+    if not 0 <= tag <= FETCH_TAG_MASK:
+        raise ValueError(f"tag: expected 0..{FETCH_TAG_MASK:#x}, got {tag!r}")
+    return fetch_stubs([tag]).astype("<u8").tobytes()
 
 
 # -- access tokens ----------------------------------------------------------------------------

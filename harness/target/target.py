@@ -4,6 +4,7 @@
         t.install(stage1_regs(geom, pgd), pool.export())
         par = t.at(addresses, "S1E2R")
         rec = t.access(addresses, write=False)
+        rec = t.fetch(addresses)            # instruction fetches (plant code first)
         t.uninstall()
 """
 
@@ -529,6 +530,41 @@ class Target:
             del vview
             self.request(mbx.Cmd.ACCESS, int(write), st, n, self.layout.probe_addrs, self.layout.probe_results,
                          values_pa)
+            off = self._ram_offset(self.layout.probe_results, n * mbx.ACCESS_RECORD_SIZE)
+            view = np.frombuffer(self._mm, dtype=ACCESS_DTYPE, count=n, offset=off)
+            for name in ("status", "esr", "far", "hpfar", "value"):
+                out[name][i : i + n] = view[name]
+            del view
+        out["completed"] = out["status"] == mbx.AccessStatus.COMPLETED
+        return out
+
+    def fetch(self, addresses: npt.ArrayLike, stage: Stage | int | None = None) -> AccessRecords:
+        """Instruction-fetch probes: the firmware branches (``blr``) to each address and expects
+        the code there to return.
+
+        Plant the code first at each expected PA (:meth:`write_pa`, :meth:`ram_u64`):
+        :func:`mailbox.fetch_stub` (``bti c; movz x0, #tag; ret``, 16 bytes) makes the record's
+        ``value`` the tag, so the host can tell which PA ran; a bare ``ret``
+        (:data:`mailbox.A64_RET`) returns the address itself (on a guarded page, GP = 1, code
+        without a ``bti`` landing pad takes a Branch Target exception, EC 0x0D: recorded).
+        Addresses are taken 4-byte aligned (``addr & ~3``). Stage 1
+        runs at EL2 on the installed stage 1 (EL2 or EL2&0 regime: an instruction abort is EC 0x21);
+        stage 2 branches from the EL1 stub with EL1's MMU off (a stage-2 instruction abort is EC
+        0x20 with HPFAR_EL2). The firmware runs ``ic iallu`` first. Returns records like
+        :meth:`access`: ``status`` (:class:`AccessStatus`: COMPLETED, FAULT, or EL1_EXCEPTION when
+        the code at a stage-2 target raised an exception at EL1, ESR_EL1/FAR_EL1 in ``esr``/``far``),
+        ``completed``, ``esr``, ``far``, ``hpfar`` and ``value`` (x0 after the return, 0 on a fault).
+        """
+        st = int(stage) if stage is not None else int(self._installed or Stage.S1)
+        if st not in (1, 2):
+            raise ValueError(f"stage: expected 1 or 2, got {stage!r}")
+        addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1) & ~np.uint64(3)
+        out = np.zeros(addrs.size, dtype=ACCESS_RESULT_DTYPE)
+        step = min(self.layout.max_at, self.layout.probe_results_size // mbx.ACCESS_RECORD_SIZE)
+        for i in range(0, addrs.size, step):
+            chunk = self._put_addresses(addrs[i : i + step], step)
+            n = int(chunk.size)
+            self.request(mbx.Cmd.FETCH, st, n, self.layout.probe_addrs, self.layout.probe_results)
             off = self._ram_offset(self.layout.probe_results, n * mbx.ACCESS_RECORD_SIZE)
             view = np.frombuffer(self._mm, dtype=ACCESS_DTYPE, count=n, offset=off)
             for name in ("status", "esr", "far", "hpfar", "value"):

@@ -198,3 +198,28 @@ def test_store_gone_astray_is_caught_in_its_page(target: Target) -> None:
         target.uninstall()
     strays = [m for m in rep.mismatches if m.expected.startswith("no store lands here")]
     assert [m.address for m in strays] == [SCRATCH + 0x2208], rep.text()
+
+
+def test_fetches_never_run_at_the_firmwares_breakpoints(target: Target) -> None:
+    """Found by the fuzzer: a random stage 2 mapping the IPA of the firmware's ``idle`` (EL1's VA
+    is the IPA) to scratch RAM; a fetch there stopped at gdb's hardware breakpoint on ``idle``
+    (it matches the PC at any EL) as if the request had ended. Fetch probes keep out of the
+    firmware's code region; the target stays usable."""
+    from harness.check.engine import subject_of_table
+    from harness.core.memory import PagePool
+    from harness.core.pgtable import KvmPgtable
+
+    layout = target.layout
+    code = next(r for r in layout.firmware_regions() if r.name == "code")
+    geom = Geometry.create(Stage.S2, Granule.K4, 35, 40, 1)
+    table = KvmPgtable.for_geometry(geom, PagePool(layout.pool_base, 4 << 20, 4096))
+    for r in layout.stage2_regions():
+        table.map(r.base, r.size, r.base, r.prot)
+    table.map(code.base, code.size, layout.scratch.base, Prot.R | Prot.X)
+    table.map(0x1000_0000, 0x1000, layout.scratch.base + code.size, Prot.R | Prot.X)
+    addrs = np.concatenate([np.arange(code.base, code.base + code.size, 16, dtype=np.uint64),
+                            np.array([0x1000_0000], dtype=np.uint64)])
+    rep = check_subject(subject_of_table(table, "fetch-at-idle"), target, addrs, np.random.default_rng(0),
+                        access=True, access_sample=64, fetch_sample=2000)
+    assert target.alive and rep.ok, rep.text()
+    assert rep.probes.get("fetch") == 1, rep.text()

@@ -16,8 +16,11 @@ is the upstream bug fixed by "KVM: arm64: Fix EL2 S1 XN handling for hVHE setups
 2025-12-10; Fixes: 6537565fd9b7f), which makes the hVHE execute-never UXN | PXN. The tests assert
 it from the decoded descriptor bits and the model's walk; the MMU confirms the replayed tables'
 read and write permissions (``AT S1E2R/W``: 0 mismatches, every range's edges probed, under the
-snapshot's SCTLR_EL2.WXN, read back from the replay target), but ``AT`` has no instruction-fetch
-form, so the MMU cannot be asked about execute permission here: that part is the model's.
+snapshot's SCTLR_EL2.WXN, read back from the replay target), and their execute permission at EL2
+with instruction fetches (``AT`` has no fetch form): in the replay, a ``movz x0, #tag; ret`` is
+planted at each probed range's PA (RAM the payload does not use, restored afterwards) and the
+payload branches to the VA at EL2: the hyp rodata runs, the writable pages take a permission
+fault (WXN), exactly as the model predicts.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from harness.arch.descriptors import S1_PXN, S1_UXN
-from harness.arch.registers import SCTLR_WXN
+from harness.arch.registers import ESR_EC, ISS_DFSC, SCTLR_WXN, ExceptionClass, FaultKind, fault_status
 from harness.check.attach import (
     FINDING_EL0_ONLY_XN,
     FINDING_WXN_ONLY,
@@ -153,9 +156,10 @@ def test_hvhe_execute_never_finding(live_kernel: Callable[..., LiveKernel], cpu:
     """Linux 6.12.117's hVHE execute-never bug (module text), precisely: the hyp rodata is r-x at
     EL2 (PXN = 0, UXN = 1); every executable range outside the hyp text is such read-only data
     (rodata, the ro_after_init page); every writable range has the same bits and is execute-never
-    at EL2 only through SCTLR_EL2.WXN. From the decoded descriptors and the model's walk: ``AT``
-    (S1E2R/W) has no instruction-fetch form, so the MMU cannot observe execute permission
-    (test_decode_and_verify has it confirm the read/write permissions of the same ranges)."""
+    at EL2 only through SCTLR_EL2.WXN. From the decoded descriptors and the model's walk, then on
+    the MMU: the replay fetches from every range whose PA is free RAM there (instruction-fetch
+    probes at EL2, the snapshot's WXN programmed): the hyp rodata runs at EL2, every writable page
+    takes a permission fault at its leaf, and the model agrees with each probe."""
     h = _hyp(live_kernel(mode="protected", cpu=cpu))
     assert h.hyp.name == "el2&0" and h.hyp.regime.wxn
     found = {f.kind: f for f in findings([h.hyp])}
@@ -181,6 +185,24 @@ def test_hvhe_execute_never_finding(live_kernel: Callable[..., LiveKernel], cpu:
     for r in h.hyp.ranges:
         if h.in_text(r):
             assert _xn_bits(r) == (0, 0) and r.perms == PERM_R | PERM_X, r.describe()
+    # On the MMU: fetch from the replayed hyp tables at EL2.
+    report = verify(h.cap.snapshot, _start, regimes=[h.hyp.regime])
+    assert report.mismatched == 0, report.text()
+    f = report.regimes[0].fetches
+    assert f is not None and f.agree.all()
+    for r in rodata:  # r-x at EL2 through UXN-only execute-never: the MMU ran it
+        ran = f.completed_in(r.va, r.end)
+        assert ran.size and ran.all(), f"hyp rodata {r.describe()}: fetched {ran.tolist()}"
+    faulted = 0
+    for r in writable:  # rw-, PXN = 0: execute-never at EL2 only through WXN, and the MMU faults
+        inside = (f.addresses >= r.va) & (f.addresses < r.end)
+        for esr in f.records["esr"][inside]:
+            assert ESR_EC.get(int(esr)) == ExceptionClass.IABT_SAME
+            assert ISS_DFSC.get(int(esr)) >> 2 == FaultKind.PERMISSION.value
+            faulted += 1
+        assert not f.completed_in(r.va, r.end).any()
+    assert faulted, "no writable hyp page was fetched from"
+    assert any(int(ISS_DFSC.get(int(e))) == fault_status(FaultKind.PERMISSION, 3) for e in f.records["esr"])
 
 
 def test_attach_leaves_target_running(live_kernel: Callable[..., LiveKernel]) -> None:

@@ -8,10 +8,9 @@ output addresses with 64K pages, the table operations, and random maps under a f
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
+from checks import Check, ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,24 +33,6 @@ from harness.target.target import Target
 
 pytestmark = pytest.mark.hw
 
-Check = Callable[[Scenario], CheckReport]
-
-
-def _ids(v: object) -> str:
-    return v.label if isinstance(v, Granule) else str(v)
-
-
-@pytest.fixture
-def check(check_scenario: Check) -> Check:
-    """The plugin's check_scenario, asserting that something was checked and all of it matched."""
-
-    def run(sc: Scenario) -> CheckReport:
-        rep = check_scenario(sc)
-        assert rep.checked > 0
-        assert rep.ok, rep.text()
-        return rep
-
-    return run
 
 
 # -- stage 2: every start level and concatenation count ----------------------------------------
@@ -92,7 +73,7 @@ def edge_maps(geom: Geometry, firmware_top: int = 0x4100_0000) -> tuple[MapSpec,
     return tuple(sorted(maps.values(), key=lambda m: m.addr))
 
 
-@pytest.mark.parametrize(("granule", "ia", "pa", "level"), stage2_configs(), ids=_ids)
+@pytest.mark.parametrize(("granule", "ia", "pa", "level"), stage2_configs(), ids=ids)
 def test_stage2_start_level_and_concatenation(check: Check, granule: Granule, ia: int, pa: int, level: int) -> None:
     geom = Geometry.create(Stage.S2, granule, ia, pa, level)
     sc = Scenario(f"s2-{granule.label}-ia{ia}-L{level}", Stage.S2, granule, ia, pa, level, maps=edge_maps(geom))
@@ -112,7 +93,7 @@ def stage1_configs() -> list[tuple[Granule, int]]:
     return sorted(out.values())
 
 
-@pytest.mark.parametrize(("granule", "ia"), stage1_configs(), ids=_ids)
+@pytest.mark.parametrize(("granule", "ia"), stage1_configs(), ids=ids)
 def test_stage1_start_levels(check: Check, granule: Granule, ia: int) -> None:
     geom = Geometry.create(Stage.S1, granule, ia)
     g = granule.size

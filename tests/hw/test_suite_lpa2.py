@@ -31,10 +31,10 @@ fixture probes (same seed), every one of which the MMU agreed with.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 import numpy as np
 import pytest
+from checks import Check, ids
 
 from harness.arch import descriptors as d
 from harness.arch.geometry import (
@@ -60,7 +60,6 @@ from harness.target.target import Target
 
 pytestmark = pytest.mark.hw
 
-Check = Callable[[Scenario], CheckReport]
 
 LPA2_GRANULES = (Granule.K4, Granule.K16)
 PA52 = 1 << 48  # output addresses from here on need DS = 1 (or 64K): AT only, no RAM there
@@ -70,23 +69,6 @@ _RAM_REGIONS = [r for r in (*LAYOUT.stage1_regions(), *LAYOUT.stage2_regions()) 
 FIRMWARE = (min(r.base for r in _RAM_REGIONS), max(r.base + r.size for r in _RAM_REGIONS))
 STAGE1_SAMPLE = 512  # of the firmware's ~100 MiB of identity-mapped pages (every leaf's edges always)
 CHECK_SEED = 1  # the fixture's default seed: probe_addresses below sees the same addresses
-
-
-def _ids(v: object) -> str:
-    return v.label if isinstance(v, Granule) else str(v)
-
-
-@pytest.fixture
-def check(check_scenario: Check) -> Check:
-    """The plugin's check_scenario, asserting that something was checked and all of it matched."""
-
-    def run(sc: Scenario) -> CheckReport:
-        rep = check_scenario(sc)
-        assert rep.checked > 0
-        assert rep.ok, rep.text()
-        return rep
-
-    return run
 
 
 def test_firmware_window_is_below_scratch() -> None:
@@ -164,7 +146,7 @@ def edge_maps(geom: Geometry) -> tuple[MapSpec, ...]:
     return tuple(sorted(maps.values(), key=lambda m: m.addr))
 
 
-@pytest.mark.parametrize(("granule", "ia", "level"), stage2_lpa2_configs(), ids=_ids)
+@pytest.mark.parametrize(("granule", "ia", "level"), stage2_lpa2_configs(), ids=ids)
 def test_stage2_lpa2_start_level_and_concatenation(check: Check, granule: Granule, ia: int, level: int) -> None:
     geom = Geometry.create(Stage.S2, granule, ia, 52, level, lpa2=True)
     sc = Scenario(f"s2-{granule.label}-lpa2-ia{ia}-L{level}", Stage.S2, granule, ia, 52, level,
@@ -230,7 +212,7 @@ def _stage1_check(check: Check, granule: Granule, ia: int, lpa2: bool, e2h: bool
 
 
 @pytest.mark.parametrize("e2h", [False, True], ids=["el2", "hvhe"])
-@pytest.mark.parametrize(("granule", "ia"), stage1_configs(LPA2_GRANULES, True), ids=_ids)
+@pytest.mark.parametrize(("granule", "ia"), stage1_configs(LPA2_GRANULES, True), ids=ids)
 def test_stage1_lpa2_start_levels(check: Check, granule: Granule, ia: int, e2h: bool) -> None:
     _stage1_check(check, granule, ia, True, e2h)
 
@@ -241,7 +223,7 @@ def test_hvhe_configs_cover_every_granule() -> None:
     assert (Granule.K64, 52) in cfgs  # FEAT_LVA: 52-bit VA with 64K, no DS
 
 
-@pytest.mark.parametrize(("granule", "ia"), stage1_configs(tuple(Granule), False), ids=_ids)
+@pytest.mark.parametrize(("granule", "ia"), stage1_configs(tuple(Granule), False), ids=ids)
 def test_hvhe_without_lpa2(check: Check, granule: Granule, ia: int) -> None:
     _stage1_check(check, granule, ia, False, True)
 
@@ -281,7 +263,7 @@ BLOCK_CONFIGS = [  # (stage, granule, ia_bits, start level, e2h): both stage-2 s
 ]
 
 
-@pytest.mark.parametrize(("stage", "granule", "ia", "start", "e2h"), BLOCK_CONFIGS, ids=_ids)
+@pytest.mark.parametrize(("stage", "granule", "ia", "start", "e2h"), BLOCK_CONFIGS, ids=ids)
 def test_lpa2_blocks_at_every_level(check: Check, stage: Stage, granule: Granule, ia: int,
                                     start: int | None, e2h: bool) -> None:
     geom = Geometry.create(stage, granule, ia, 52, start, lpa2=True, e2h=e2h)
@@ -305,7 +287,7 @@ FORBIDDEN_BLOCKS = [  # (stage, granule, lpa2, ia_bits, start level, level of th
 ]
 
 
-@pytest.mark.parametrize(("stage", "granule", "lpa2", "ia", "start", "level"), FORBIDDEN_BLOCKS, ids=_ids)
+@pytest.mark.parametrize(("stage", "granule", "lpa2", "ia", "start", "level"), FORBIDDEN_BLOCKS, ids=ids)
 def test_block_descriptor_where_the_level_forbids_it(target: Target, stage: Stage, granule: Granule, lpa2: bool,
                                                       ia: int, start: int | None, level: int) -> None:
     """A raw block descriptor (bits[1:0] = 0b01) written over a table entry at a level where
@@ -337,7 +319,7 @@ def test_block_descriptor_where_the_level_forbids_it(target: Target, stage: Stag
 OPS_CONFIGS = [(Granule.K4, 52, -1), (Granule.K4, 52, 0), (Granule.K16, 52, 0), (Granule.K16, 51, 1)]
 
 
-@pytest.mark.parametrize(("granule", "ia", "start"), OPS_CONFIGS, ids=_ids)
+@pytest.mark.parametrize(("granule", "ia", "start"), OPS_CONFIGS, ids=ids)
 def test_stage2_operations_lpa2(check: Check, granule: Granule, ia: int, start: int) -> None:
     g = granule.size
     l1, l2 = level_size(granule, 1), level_size(granule, 2)
@@ -394,7 +376,7 @@ def test_stage2_operations_lpa2(check: Check, granule: Granule, ia: int, start: 
 
 
 @pytest.mark.parametrize("e2h", [False, True], ids=["el2", "hvhe"])
-@pytest.mark.parametrize("granule", LPA2_GRANULES, ids=_ids)
+@pytest.mark.parametrize("granule", LPA2_GRANULES, ids=ids)
 def test_stage1_unmap_lpa2(check: Check, granule: Granule, e2h: bool) -> None:
     g = granule.size
     l1, l2 = level_size(granule, 1), level_size(granule, 2)
@@ -441,7 +423,7 @@ OUTSIDE_S1 = [  # (granule, ia_bits, lpa2, e2h)
 ]
 
 
-@pytest.mark.parametrize(("granule", "ia", "lpa2", "e2h"), OUTSIDE_S1, ids=_ids)
+@pytest.mark.parametrize(("granule", "ia", "lpa2", "e2h"), OUTSIDE_S1, ids=ids)
 def test_stage1_addresses_outside_the_range(target: Target, granule: Granule, ia: int, lpa2: bool,
                                             e2h: bool) -> None:
     """Above 2**ia, including the TTBR1_EL2 half (EPD1 = 1 in hVHE), every address is a
@@ -464,7 +446,7 @@ OUTSIDE_S2 = [(Granule.K4, 52, -1), (Granule.K4, 52, 0), (Granule.K4, 49, -1), (
               (Granule.K16, 48, 0)]
 
 
-@pytest.mark.parametrize(("granule", "ia", "start"), OUTSIDE_S2, ids=_ids)
+@pytest.mark.parametrize(("granule", "ia", "start"), OUTSIDE_S2, ids=ids)
 def test_stage2_addresses_outside_the_range(target: Target, granule: Granule, ia: int, start: int) -> None:
     """An IPA in [2**ia, 2**52) is a stage-2 translation fault at level 0 (not at the start
     level); an address from 2**52 on is a stage-1 address size fault (EL1's MMU is off and it is
@@ -538,7 +520,7 @@ def test_builtin_lpa2_scenarios_are_the_regimes_linux_612_programs() -> None:
 # -- the check can fail: a model that reads DS = 1 descriptors wrongly ---------------------------
 
 @pytest.mark.parametrize(("stage", "granule", "e2h"), [(Stage.S1, Granule.K4, True), (Stage.S2, Granule.K16, False)],
-                         ids=_ids)
+                         ids=ids)
 def test_a_model_dropping_oa_51_50_fails_the_check(target: Target, stage: Stage, granule: Granule,
                                                     e2h: bool) -> None:
     """A test double of the model whose copy of one page descriptor lost bits [9:8] (OA[51:50]

@@ -463,3 +463,76 @@ def wait_gone(pid: int, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return _gone(pid)
+
+
+# -- instruction fetches -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [Stage.S1, Stage.S2])
+def test_fetch_records_return_aborts_and_wrong_code(target: Target, stage: Stage) -> None:
+    """FETCH: a planted ``ret`` returns x0 = the address, a planted stub its tag; a non-executable
+    page is an instruction abort (EC 0x21 at EL2, 0x20 from EL1 with HPFAR); code that is not a
+    return (zeros: ``udf #0``) is recorded, not a panic, and the loop goes on."""
+    x = Region("x", SCRATCH.base, 1 << 20, Prot.RX)
+    nx = Region("nx", SCRATCH.base + (2 << 20), 1 << 20, Prot.RW)
+    tab = s1_identity(LAYOUT, "4K", extra=[x, nx]) if stage is Stage.S1 else s2_identity(LAYOUT, "4K", extra=[x, nx])
+    target.install(tab.s1_regs() if stage is Stage.S1 else tab.s2_regs(), tab.image())
+    ret_at, stub_at, zero_at, nx_at = x.base + 0x104, x.base + 0x200, x.base + 0x300, nx.base + 0x40
+    target.write_pa(x.base, bytes(0x1000))
+    target.write_pa(ret_at, mbx.A64_RET.to_bytes(4, "little"))
+    target.write_pa(stub_at, mbx.fetch_stub(0xBEEF))
+    target.write_pa(nx_at, mbx.fetch_stub(1))
+    rec = target.fetch([ret_at + 2, stub_at, nx_at, zero_at, stub_at])  # +2: taken 4-byte aligned
+    assert rec["completed"].tolist() == [True, True, False, False, True]
+    assert [int(v) for v in rec["value"][[0, 1, 4]]] == [ret_at, 0xBEEF, 0xBEEF]
+    esr = int(rec["esr"][2])
+    assert ESR_EC.get(esr) == (ExceptionClass.IABT_SAME if stage is Stage.S1 else ExceptionClass.IABT_LOWER)
+    assert ISS_DFSC.get(esr) == fault_status(FaultKind.PERMISSION, 3)
+    assert int(rec["far"][2]) == nx_at
+    if stage is Stage.S2:
+        assert HPFAR_FIPA.get(int(rec["hpfar"][2])) == nx_at >> 12
+    # udf #0 at the target: EC 0 (unknown), at EL2 (stage 1) or at EL1 (stage 2, ESR_EL1)
+    want = mbx.AccessStatus.FAULT if stage is Stage.S1 else mbx.AccessStatus.EL1_EXCEPTION
+    assert rec["status"][3] == want and ESR_EC.get(int(rec["esr"][3])) == ExceptionClass.UNKNOWN
+    assert target.fetch([stub_at])["completed"].all()  # still usable
+    with pytest.raises(ValueError, match="stage"):
+        target.fetch([stub_at], stage=3)
+
+
+def test_fetch_stub_encoding() -> None:
+    code = mbx.fetch_stub(0x1234)
+    words = [int.from_bytes(code[i : i + 4], "little") for i in range(0, 16, 4)]
+    assert words == [0xD503_245F, 0xD282_4680, 0xD65F_03C0, 0xD420_0000]  # bti c; movz x0, #0x1234; ret; brk #0
+    assert mbx.fetch_stubs(np.array([0x1234, 0x1_1234], dtype=np.uint64)).astype("<u8").tobytes() == code * 2
+    with pytest.raises(ValueError, match="tag"):
+        mbx.fetch_stub(1 << 16)
+
+
+def test_fetch_guarded_page_needs_a_landing_pad(target: Target) -> None:
+    """Stage-1 GP (bit 50, FEAT_BTI on -cpu max): the probe's blr must land on a BTI: a bare ret
+    takes a Branch Target exception (EC 0x0D, recorded); the stub's ``bti c`` runs. Why every
+    planted stub starts with it (found by the fuzzer: random descriptors set GP)."""
+    tab = s1_identity(LAYOUT, "4K")
+    tab.map(PAGES, 0x10000, Prot.RX)
+    entry = tab.entry_pa(PAGES, 3)
+    tab.pool.write64(entry, tab.pool.read64(entry) | 1 << 50)
+    target.install(tab.s1_regs(), tab.image())
+    target.write_pa(PAGES, bytes(0x100))
+    target.write_pa(PAGES + 0x10, mbx.A64_RET.to_bytes(4, "little"))
+    target.write_pa(PAGES + 0x20, mbx.fetch_stub(7))
+    target.write_pa(PAGES + 0x1010, mbx.A64_RET.to_bytes(4, "little"))  # next page: not guarded
+    rec = target.fetch([PAGES + 0x10, PAGES + 0x20, PAGES + 0x1010])
+    assert rec["completed"].tolist() == [False, True, True]
+    assert ESR_EC.get(int(rec["esr"][0])) == 0x0D  # Branch Target exception
+    assert int(rec["value"][1]) == 7
+
+
+def test_free_ram_is_ram_no_firmware_region_uses() -> None:
+    free = LAYOUT.free_ram()
+    assert LAYOUT.scratch.base in [r.base for r in free] and free[-1].end == LAYOUT.ram_end
+    regions = LAYOUT.firmware_regions()
+    for f in free:
+        assert LAYOUT.ram_base + (2 << 20) <= f.base < f.end <= LAYOUT.ram_end
+        assert not any(f.base < r.end and r.base < f.end for r in regions), f
+    covered = sum(f.size for f in free) + sum(r.size for r in regions)
+    assert covered == LAYOUT.ram_size - (LAYOUT.code - LAYOUT.ram_base)  # nothing else is left out
