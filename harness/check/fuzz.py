@@ -182,25 +182,36 @@ def config_key(geom: Geometry) -> str:
     return f"stage {int(geom.stage)} {geom.granule.label}{extra}"
 
 
+_WINDOW_UNIT = 4096  # the smallest granule: the unit of what is known of the windows in guest RAM
+_WINDOW_UNITS = max(rawtables.WINDOW_BYTES.values()) // _WINDOW_UNIT
+
+
+def _all_dirty() -> npt.NDArray[np.bool_]:
+    return np.ones(_WINDOW_UNITS, dtype=np.bool_)
+
+
 @dataclass
 class _GuestWindow:
     """What is known of the table windows in guest RAM (they share their base; a granule's
-    window is :data:`rawtables.WINDOW_BYTES`): how many bytes from the base may differ from zero.
-    A table's image covers that much (clipped to its own window) or its own extent if larger:
-    the rest of its window is zero on both sides."""
+    window is :data:`rawtables.WINDOW_BYTES`): which 4K units may differ from zero. A table's
+    image covers its window up to the last such unit in it, or its own extent if larger: the
+    rest of its window is zero on both sides."""
 
-    dirty: int = max(rawtables.WINDOW_BYTES.values())  # unknown: all of the largest window
+    dirty: npt.NDArray[np.bool_] = field(default_factory=_all_dirty)
 
     def extent(self, raw: rawtables.RawTables) -> int:
-        return max(self.dirty, raw.extent)
+        units = np.flatnonzero(self.dirty[: raw.pool.size // _WINDOW_UNIT])
+        return max(int(units[-1]) + 1 if units.size else 0, raw.extent // _WINDOW_UNIT) * _WINDOW_UNIT
 
-    def written(self, raw: rawtables.RawTables, covered: int, before: int) -> None:
-        """The image of ``raw`` (``covered`` bytes) is in place: beyond them, what was dirty
-        ``before`` still is."""
-        self.dirty = max(raw.extent, before if before > covered else 0)
+    def written(self, raw: rawtables.RawTables, covered: int, before: npt.NDArray[np.bool_]) -> None:
+        """The image of ``raw`` (``covered`` bytes) is in place: below them only the table's
+        extent may be nonzero; beyond them, what was dirty ``before`` still is."""
+        self.dirty = before.copy()
+        self.dirty[: covered // _WINDOW_UNIT] = False
+        self.dirty[: -(-raw.extent // _WINDOW_UNIT)] = True
 
     def unknown(self) -> None:
-        self.dirty = max(rawtables.WINDOW_BYTES.values())
+        self.dirty = _all_dirty()
 
 
 @dataclass
