@@ -911,7 +911,7 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
             t0 = time.perf_counter()
             check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld, access_sample)
             report.time("accesses (all)", time.perf_counter() - t0)
-        if access and subject.accesses:
+        if access and subject.accesses and fetch_sample != 0:
             t0 = time.perf_counter()
             check_exec(report, target, subject, addrs, rng,
                        min(MAX_FETCH_PROBES, access_sample) if fetch_sample is None else fetch_sample)

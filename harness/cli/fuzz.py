@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="only DS = 1 configurations (4K/16K), or with --no-lpa2 none (default: drawn)")
     p.add_argument("--e2h", action=argparse.BooleanOptionalAction, default=None,
                    help="only the EL2&0 regime at stage 1 (hVHE), or with --no-e2h never (default: drawn)")
+    p.add_argument("--fetch", action="store_true",
+                   help="instruction-fetch probes too, on the tables with sampled real accesses (off by default: "
+                        "once one has run, every later firmware request takes ~2.5x as long on QEMU 10.0.2)")
     p.add_argument("--per-table", type=int, default=DEFAULT_PER_TABLE,
                    help=f"addresses per table, each probed with both AT forms (default {DEFAULT_PER_TABLE})")
     p.add_argument("--min-tables", type=int, default=1, help="run at least this many tables")
@@ -76,7 +79,7 @@ def _options(args: argparse.Namespace) -> FuzzOptions:
     if args.e2h and stage is Stage.S2:
         raise bad("--e2h", "stage 1 (the EL2&0 regime is a stage-1 regime)", "stage 2")
     return FuzzOptions(args.seed, args.probes, stage, granule, args.per_table, args.min_tables, args.max_deaths,
-                       lpa2=args.lpa2, e2h=args.e2h)
+                       lpa2=args.lpa2, e2h=args.e2h, fetches=args.fetch)
 
 
 def run(args: argparse.Namespace) -> int:
