@@ -97,12 +97,19 @@ static void stage2_off(void)
     ISB();
 }
 
+/* Whatever was installed goes first, exactly as UNINSTALL does it: an install is a swap. */
+static void uninstall(void)
+{
+    stage1_off();
+    stage2_off();
+}
+
 /* hcr_set: HCR_EL2.E2H for the EL2&0 regime (hVHE), set before TCR_EL2 (read in its E2H = 1 layout). */
 static u64 install_s1(u64 mair, u64 tcr, u64 ttbr0, u64 sctlr_set, u64 hcr_set)
 {
     if (hcr_set & ~HCR_E2H)
         return STATUS_BAD_ARG;
-    stage1_off();
+    uninstall();
     if (hcr_set) {
         WRITE_SYSREG(hcr_el2, READ_SYSREG(hcr_el2) | hcr_set);
         ISB();
@@ -119,8 +126,7 @@ static u64 install_s1(u64 mair, u64 tcr, u64 ttbr0, u64 sctlr_set, u64 hcr_set)
 
 static void install_s2(u64 vtcr, u64 vttbr, u64 hcr_set)
 {
-    stage1_off(); /* E2H = 0: the *_el1 writes below must reach EL1's registers */
-    stage2_off();
+    uninstall(); /* E2H = 0 after it: the *_el1 writes below must reach EL1's registers */
     WRITE_SYSREG(vtcr_el2, vtcr);
     WRITE_SYSREG(vttbr_el2, vttbr);
     WRITE_SYSREG(sctlr_el1, SCTLR_EL1_RES1); /* EL1 MMU, caches, alignment checks off */
@@ -227,8 +233,7 @@ static u64 serve(u64 cmd)
         install_s2(mb->arg[0], mb->arg[1], mb->arg[2]);
         return STATUS_OK;
     case CMD_UNINSTALL:
-        stage1_off();
-        stage2_off();
+        uninstall();
         return STATUS_OK;
     case CMD_AT:
         return do_at();

@@ -892,12 +892,12 @@ def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs:
 def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.random.Generator | None = None,
                   access: bool = False, report: CheckReport | None = None,
                   access_sample: int = MAX_ACCESS_PROBES, fetch_sample: int | None = None,
-                  background: Callable[[bool], None] | None = None) -> CheckReport:
+                  background: Callable[[bool], None] | None = None, uninstall: bool = True) -> CheckReport:
     """Install the subject's tables, probe ``addrs`` with AT (and real accesses where asked or
     where AT is withheld; with ``access``, instruction fetches too: :func:`check_exec`, at most
     ``fetch_sample``, default the smaller of :data:`MAX_FETCH_PROBES` and ``access_sample``),
-    compare, uninstall. ``background`` is called while AT requests are in flight
-    (:func:`check_at`)."""
+    compare, uninstall (unless ``uninstall`` is false: the next install swaps the tables).
+    ``background`` is called while AT requests are in flight (:func:`check_at`)."""
     rng = rng or np.random.default_rng(0)
     report = report or CheckReport(subject.name, subject.geom.describe(), ".".join(map(str, target.qemu_version)))
     t0 = time.perf_counter()
@@ -917,7 +917,7 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
                        min(MAX_FETCH_PROBES, access_sample) if fetch_sample is None else fetch_sample)
             report.time("fetches (all)", time.perf_counter() - t0)
     finally:
-        if target.alive:
+        if target.alive and uninstall:
             t0 = time.perf_counter()
             target.uninstall()
             report.time("uninstall", time.perf_counter() - t0)

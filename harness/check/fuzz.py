@@ -8,7 +8,8 @@ unexplained (a model bug until shown otherwise). If QEMU itself dies, the table 
 chunk are recorded as a finding, a new target is started, and the run goes on.
 
 Throughput (a run is a stream of round trips to the firmware: install, AT read, AT write, real
-loads and stores when due, uninstall): the next table is made in slices while the firmware runs
+loads and stores when due; no uninstall: the next install swaps the tables in the same request,
+except after a stage-1 table, see :meth:`harness.target.Target.install`): the next table is made in slices while the firmware runs
 this one's AT requests, each AT chunk is predicted while the previous one runs and compared
 while the next one does, only the part of the table window that may differ from zero is written
 into guest RAM, and the sampled real accesses are batched on every ``access_every``-th table
@@ -313,7 +314,8 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
                 window.unknown()  # until the install is known to have written it
                 check_subject(subject, target, cur.addrs, cur.rng, report=rep,
                               access=sample > 0 and raw.can_access, access_sample=max(sample, 1),
-                              fetch_sample=None if opts.fetches else 0, background=maker.work)
+                              fetch_sample=None if opts.fetches else 0, background=maker.work,
+                              uninstall=False)  # the next install swaps
                 if not rep.mismatched:  # (a stray store may have hit the window)
                     window.written(raw, len(subject.image.data), before)
             except MachineryError as exc:

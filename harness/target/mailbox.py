@@ -9,6 +9,8 @@ stops at ``panic`` instead.
 
 Request arguments:
 
+* INSTALL_S1 and INSTALL_S2 first uninstall whatever is installed, exactly as UNINSTALL does (so
+  swapping tables is one request); a refused argument leaves the installed regime as it was.
 * INSTALL_S1: arg0 MAIR_EL2, arg1 TCR_EL2, arg2 TTBR0_EL2, arg3 SCTLR_EL2 bits to set, arg4 HCR_EL2
   bits to set first (0: the EL2 regime; HCR_EL2.E2H: the EL2&0 "hVHE" regime, TCR_EL2 in its
   E2H = 1 layout; any other bit is refused).
@@ -49,7 +51,7 @@ from harness.arch.el2 import PAR_RES0_55_52, Vector
 from harness.arch.registers import PAR_F
 
 MAGIC = 0x5047_5441_424C_4521  # "PGTABLE!"
-VERSION = 3
+VERSION = 4  # 4: INSTALL_* uninstall first
 
 U64Array = npt.NDArray[np.uint64]
 BoolArray = npt.NDArray[np.bool_]

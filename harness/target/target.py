@@ -427,8 +427,14 @@ class Target:
 
     # -- regimes ---------------------------------------------------------------------------
     def install(self, regs: Stage1Regs | Stage2Regs, image: PoolImage | None = None) -> None:
-        """Write the table image into guest RAM, then program the regime (uninstalling first)."""
-        if self._installed is not None:
+        """Write the table image into guest RAM, then program the regime. The firmware's install
+        first uninstalls whatever was installed (as :meth:`uninstall` does), so a swap is one
+        request, except after a stage-1 install with a new image: the firmware's own code, stack
+        and mailbox are translated by the live stage 1 until the request turns it off, and QEMU
+        walks its tables again after the stop at ``idle`` (measured: an S2 image written over a
+        live S1 table made the return from ``idle`` take an instruction abort), so the old
+        regime is uninstalled (a separate request) before the new image is written."""
+        if self._installed is Stage.S1 and image is not None:
             self.uninstall()
         t0 = time.perf_counter()
         if image is not None:

@@ -21,6 +21,7 @@ from harness.arch.registers import (
     ESR_EC,
     HCR_E2H,
     HCR_TGE,
+    HCR_VM,
     HPFAR_FIPA,
     ISS_DFSC,
     ISS_WNR,
@@ -290,6 +291,43 @@ def test_hvhe_stage1(target: Target) -> None:
     target.install(plain.s1_regs(), plain.image())
     assert not target.sysreg("HCR_EL2") & HCR_E2H.mask
     assert Par(int(target.at([SCRATCH.base], "S1E2R")[0])).pa == SCRATCH.base
+
+
+def test_install_swaps_in_one_request(target: Target) -> None:
+    """INSTALL uninstalls first in the firmware: from nothing or stage 2 a swap is one request
+    (HCR_EL2.VM goes with stage 2, E2H with hVHE); after stage 1 the host uninstalls first (its
+    image would overwrite the tables the firmware's own code is translated by)."""
+    target.uninstall()
+    s2 = s2_identity(LAYOUT, "4K", extra=[SCRATCH])
+    hvhe = s1_hvhe_identity(LAYOUT, "4K", 48, extra=[SCRATCH])
+    plain = s1_identity(LAYOUT, "64K", extra=[SCRATCH])
+
+    def requests() -> int:
+        return int(target.ram_u64(LAYOUT.mailbox + mbx.OFFSET["requests"], 1)[0])
+
+    before = requests()
+    target.install(s2.s2_regs(), s2.image())  # nothing installed: one request
+    assert requests() == before + 1 and target.sysreg("HCR_EL2") & HCR_VM.mask
+    before = requests()
+    target.install(hvhe.s1_regs(), hvhe.image())  # stage 2 -> hVHE stage 1: one request
+    assert requests() == before + 1
+    assert not target.sysreg("HCR_EL2") & HCR_VM.mask and target.sysreg("HCR_EL2") & HCR_E2H.mask
+    assert Par(int(target.at([SCRATCH.base + 0x1238], "S1E2R")[0])).pa == SCRATCH.base + 0x1000
+    before = requests()
+    target.install(plain.s1_regs(), plain.image())  # stage 1 -> stage 1: uninstall, install
+    assert requests() == before + 2 and not target.sysreg("HCR_EL2") & HCR_E2H.mask
+    assert Par(int(target.at([SCRATCH.base + 0x1238], "S1E2R")[0])).pa == SCRATCH.base + 0x1000
+    before = requests()
+    target.install(s2.s2_regs(), s2.image())
+    assert requests() == before + 2 and not target.sysreg("SCTLR_EL2") & SCTLR_M.mask
+    pars = [Par(int(p)) for p in target.at([SCRATCH.base + 0x2345, UNMAPPED], "S12E1R")]
+    assert not pars[0].fault and pars[0].pa == SCRATCH.base + 0x2000 and pars[1].stage2
+    before = requests()
+    target.install(s2.s2_regs(), s2.image())  # stage 2 -> stage 2: one request
+    assert requests() == before + 1
+    assert Par(int(target.at([SCRATCH.base + 0x2345], "S12E1R")[0])).pa == SCRATCH.base + 0x2000
+    target.uninstall()
+    assert not target.sysreg("HCR_EL2") & HCR_VM.mask
 
 
 def test_install_s1_refuses_other_hcr_bits(target: Target) -> None:
