@@ -9,12 +9,12 @@ chunk are recorded as a finding, a new target is started, and the run goes on.
 
 Throughput (a run is a stream of round trips to the firmware: install, AT read, AT write, real
 loads and stores when due; no uninstall: the next install swaps the tables in the same request,
-except after a stage-1 table, see :meth:`harness.target.Target.install`): the next table is made in slices while the firmware runs
-this one's AT requests, each AT chunk is predicted while the previous one runs and compared
-while the next one does, only the part of the table window that may differ from zero is written
-into guest RAM, and the sampled real accesses are batched on every ``access_every``-th table
-(the addresses withheld from AT are accessed on every table). ``FuzzReport.timings`` tells where
-the time went.
+except after a stage-1 table, see :meth:`harness.target.Target.install`): the next table is made
+in slices while the firmware runs this one's AT requests, each AT chunk is predicted while the
+previous one runs and compared while the next one does, only the part of the table window that may
+differ from zero is written into guest RAM, and the sampled real accesses are batched on every
+``access_every``-th table (the addresses withheld from AT are accessed on every table).
+``FuzzReport.timings`` tells where the time went.
 """
 
 from __future__ import annotations
