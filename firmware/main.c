@@ -146,11 +146,16 @@ static int in_buffer(u64 pa, u64 len, u64 base, u64 size)
     return pa >= base && len <= size && pa - base <= size - len && (pa & 7) == 0;
 }
 
+/* AT_S1E2RW / AT_S12E1RW: the read form over the first n addresses, then the write form over
+ * the next n2 (arg4), results in the same order: both forms of a stage in one request. */
 static u64 do_at(void)
 {
     u64 op = mb->arg[0], n = mb->arg[1], src = mb->arg[2], dst = mb->arg[3];
-    if (n > PROBE_ADDRS_SIZE / 8 || !in_buffer(src, n * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
-        !in_buffer(dst, n * 8, PROBE_RESULTS_BASE, PROBE_RESULTS_SIZE))
+    u64 n2 = (op == AT_S1E2RW || op == AT_S12E1RW) ? mb->arg[4] : 0;
+    u64 total = n + n2;
+    if (n > PROBE_ADDRS_SIZE / 8 || n2 > PROBE_ADDRS_SIZE / 8 ||
+        !in_buffer(src, total * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
+        !in_buffer(dst, total * 8, PROBE_RESULTS_BASE, PROBE_RESULTS_SIZE))
         return STATUS_BAD_ARG;
     const u64 *a = (const u64 *)src;
     u64 *r = (u64 *)dst;
@@ -159,9 +164,17 @@ static u64 do_at(void)
     case AT_S1E2W: at_loop_s1e2w(a, r, n); break;
     case AT_S12E1R: at_loop_s12e1r(a, r, n); break;
     case AT_S12E1W: at_loop_s12e1w(a, r, n); break;
+    case AT_S1E2RW:
+        at_loop_s1e2r(a, r, n);
+        at_loop_s1e2w(a + n, r + n, n2);
+        break;
+    case AT_S12E1RW:
+        at_loop_s12e1r(a, r, n);
+        at_loop_s12e1w(a + n, r + n, n2);
+        break;
     default: return STATUS_BAD_ARG;
     }
-    mb->ret0 = n;
+    mb->ret0 = total;
     return STATUS_OK;
 }
 

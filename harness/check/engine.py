@@ -94,6 +94,7 @@ class TargetLike(Protocol):
     def install(self, regs: RegimeRegs, image: PoolImage | None = None) -> None: ...
     def uninstall(self) -> None: ...
     def at_start(self, addresses: npt.ArrayLike, op: str) -> None: ...
+    def at_start_both(self, reads: npt.ArrayLike, writes: npt.ArrayLike, stage: Stage | int) -> None: ...
     def at_wait(self) -> U64: ...
     def at(self, addresses: npt.ArrayLike, op: str) -> U64: ...
     def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None) -> Any: ...
@@ -444,46 +445,54 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
              background: Callable[[bool], None] | None = None) -> dict[Access, U64]:
     """Probe ``addrs`` with each AT form of the subject's stage and compare with the model.
 
+    Both forms of a chunk go in one request (:meth:`harness.target.Target.at_start_both`).
     Pipelined: the next chunk is predicted, and the previous one compared, while the firmware
     probes; ``background`` (if given) is called with False while each earlier request is in
     flight (a slice of work) and with True while the last one is (the rest): the fuzzer builds
     its next table there. Returns, per access type, the addresses withheld from AT
     because of a known QEMU hazard (they are to be checked with real accesses)."""
     subj = subject if isinstance(subject, Subject) else subject_of_table(subject, report.scenario)
-    max_at = int(target.layout.max_at)
+    (read_op, read), (write_op, write) = AT_OPS[subj.stage]
+    assert read is READ and write is WRITE
+    step = int(target.layout.max_at) // 2
     version = target.qemu_version
     withheld: dict[Access, list[U64]] = {}
-    inflight: _AtChunk | None = None
+    inflight: list[_AtChunk] = []
 
-    def wait() -> tuple[_AtChunk, U64]:
-        assert inflight is not None
+    def wait() -> list[tuple[_AtChunk, U64]]:
         t0 = time.perf_counter()
         actual = target.at_wait()
         report.time("wait", time.perf_counter() - t0)
-        return inflight, actual
+        out, lo = [], 0
+        for job in inflight:
+            out.append((job, actual[lo : lo + job.addrs.size]))
+            lo += job.addrs.size
+        return out
 
-    for op, access in AT_OPS[subj.stage]:
-        for lo in range(0, addrs.size, max_at):
-            job = _predict_chunk(report, subj, op, access, addrs[lo : lo + max_at], version, withheld)
-            done = wait() if inflight is not None else None
-            inflight = None
-            if job.addrs.size:
-                t0 = time.perf_counter()
-                target.at_start(job.addrs, op)
-                report.time("submit", time.perf_counter() - t0)
-                inflight = job
-            if done is not None:
-                _compare_chunk(report, subj, *done, version)
-            if background is not None and inflight is not None:
-                t0 = time.perf_counter()
-                background(False)
-                report.time("background", time.perf_counter() - t0)
+    for lo in range(0, addrs.size, step):
+        chunk = addrs[lo : lo + step]
+        jobs = [_predict_chunk(report, subj, op, access, chunk, version, withheld)
+                for op, access in ((read_op, read), (write_op, write))]
+        done = wait() if inflight else []
+        inflight = []
+        if any(job.addrs.size for job in jobs):
+            t0 = time.perf_counter()
+            target.at_start_both(jobs[0].addrs, jobs[1].addrs, subj.stage)
+            report.time("submit", time.perf_counter() - t0)
+            inflight = jobs
+        for job, actual in done:
+            _compare_chunk(report, subj, job, actual, version)
+        if background is not None and inflight:
+            t0 = time.perf_counter()
+            background(False)
+            report.time("background", time.perf_counter() - t0)
     if background is not None:
         t0 = time.perf_counter()
         background(True)
         report.time("background", time.perf_counter() - t0)
-    if inflight is not None:
-        _compare_chunk(report, subj, *wait(), version)
+    if inflight:
+        for job, actual in wait():
+            _compare_chunk(report, subj, job, actual, version)
     return {a: np.concatenate(v) for a, v in withheld.items()}
 
 

@@ -19,7 +19,9 @@ Request arguments:
 * AT: arg0 op (:class:`AtOp`), arg1 count, arg2 address buffer PA, arg3 result buffer PA. A probe
   whose AT takes a synchronous exception (e.g. an external abort on a table walk outside RAM)
   gets the :data:`AT_EXCEPTION_TAG` form in its result slot (see :func:`is_at_exception`), counted
-  in ``at_exceptions``; the loop goes on.
+  in ``at_exceptions``; the loop goes on. The paired ops S1E2RW and S12E1RW run both forms of a
+  stage in one request: the read form over the first ``count`` addresses, then the write form over
+  the next arg4 addresses (results in the same order).
 * ACCESS: arg0 write (0/1), arg1 stage (1: EL2 with its stage 1; 2: EL1 through stage 2),
   arg2 count, arg3 address buffer PA, arg4 record buffer PA (:data:`ACCESS_RECORD` each), arg5
   value buffer PA (one u64 per address: what a store writes). Each probe is a 64-bit ``ldr``/``str``
@@ -51,7 +53,7 @@ from harness.arch.el2 import PAR_RES0_55_52, Vector
 from harness.arch.registers import PAR_F
 
 MAGIC = 0x5047_5441_424C_4521  # "PGTABLE!"
-VERSION = 4  # 4: INSTALL_* uninstall first
+VERSION = 4  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW
 
 U64Array = npt.NDArray[np.uint64]
 BoolArray = npt.NDArray[np.bool_]
@@ -155,6 +157,8 @@ class AtOp(enum.IntEnum):
     S1E2W = 1
     S12E1R = 2
     S12E1W = 3
+    S1E2RW = 4  # S1E2R over arg1 addresses, then S1E2W over the next arg4
+    S12E1RW = 5  # S12E1R, then S12E1W, likewise
 
 
 class AccessStatus(enum.IntEnum):
