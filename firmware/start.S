@@ -42,11 +42,13 @@ idle:
     nop
     ret
 
-/* Reached after an unexpected exception has been reported (host breakpoint); parks. */
+/* Reached after an unexpected exception has been reported: stops at the host's one breakpoint
+ * (idle; the host tells this stop by the mailbox's panic_count, which saves gdb inserting and
+ * removing a second hardware breakpoint on every request), then parks. */
     .global panic
     .type panic, %function
 panic:
-    nop
+    bl      idle
 
     .global park
 park:

@@ -179,7 +179,7 @@ MEMORY
 SECTIONS
 {{
     .text : {{ KEEP(*(.text.start)) *(.text .text.*) }} > CODE
-    /* The host's breakpoints (idle, panic) alone in their page: QEMU runs every TB of a page holding
+    /* The host's breakpoint (idle) and panic alone in their page: QEMU runs every TB of a page holding
        a gdb breakpoint one instruction at a time, unchained, so hot loops must live elsewhere. */
     .text.hostbp ALIGN(0x1000) : {{ KEEP(*(.hostbp)) . = ALIGN(0x1000); }} > CODE
     .rodata : {{ *(.rodata .rodata.*) }} > CODE

@@ -4,8 +4,8 @@ The mailbox is an array of little-endian u64 fields at ``Layout.mailbox`` in gue
 (breakpoint-driven, no polling): the firmware calls ``idle`` (a hardware breakpoint on the host);
 while it is stopped there the host writes ``cmd``, ``arg0..arg7``, sets ``status = PENDING`` and
 ``seq``, and continues; the firmware serves the request, writes ``status`` (OK or an error) and
-``ret0/ret1``, and calls ``idle`` again. An unexpected exception fills the ``panic_*`` fields and
-stops at ``panic`` instead.
+``ret0/ret1``, and calls ``idle`` again. An unexpected exception fills the ``panic_*`` fields
+(``panic_count`` non-zero) and stops at ``idle`` from ``panic``, then parks.
 
 Request arguments:
 
