@@ -147,13 +147,15 @@ static int in_buffer(u64 pa, u64 len, u64 base, u64 size)
 }
 
 /* AT_S1E2RW / AT_S12E1RW: the read form over the first n addresses, then the write form over
- * the next n2 (arg4), results in the same order: both forms of a stage in one request. */
+ * the next n2 (arg4), results in the same order: both forms of a stage in one request; arg5 = 1:
+ * then uninstall (as UNINSTALL does), so the last probe of a table needs no request of its own. */
 static u64 do_at(void)
 {
     u64 op = mb->arg[0], n = mb->arg[1], src = mb->arg[2], dst = mb->arg[3];
-    u64 n2 = (op == AT_S1E2RW || op == AT_S12E1RW) ? mb->arg[4] : 0;
+    int paired = op == AT_S1E2RW || op == AT_S12E1RW;
+    u64 n2 = paired ? mb->arg[4] : 0, then_uninstall = paired ? mb->arg[5] : 0;
     u64 total = n + n2;
-    if (n > PROBE_ADDRS_SIZE / 8 || n2 > PROBE_ADDRS_SIZE / 8 ||
+    if (n > PROBE_ADDRS_SIZE / 8 || n2 > PROBE_ADDRS_SIZE / 8 || then_uninstall > 1 ||
         !in_buffer(src, total * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
         !in_buffer(dst, total * 8, PROBE_RESULTS_BASE, PROBE_RESULTS_SIZE))
         return STATUS_BAD_ARG;
@@ -174,6 +176,8 @@ static u64 do_at(void)
         break;
     default: return STATUS_BAD_ARG;
     }
+    if (then_uninstall)
+        uninstall();
     mb->ret0 = total;
     return STATUS_OK;
 }

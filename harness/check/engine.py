@@ -94,7 +94,8 @@ class TargetLike(Protocol):
     def install(self, regs: RegimeRegs, image: PoolImage | None = None) -> None: ...
     def uninstall(self) -> None: ...
     def at_start(self, addresses: npt.ArrayLike, op: str) -> None: ...
-    def at_start_both(self, reads: npt.ArrayLike, writes: npt.ArrayLike, stage: Stage | int) -> None: ...
+    def at_start_both(self, reads: npt.ArrayLike, writes: npt.ArrayLike, stage: Stage | int,
+                      uninstall: bool = False) -> None: ...
     def at_wait(self) -> U64: ...
     def at(self, addresses: npt.ArrayLike, op: str) -> U64: ...
     def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None) -> Any: ...
@@ -444,6 +445,16 @@ def _compare_chunk(report: CheckReport, subj: Subject, job: _AtChunk, actual: U6
 def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64,
              background: Callable[[bool], None] | None = None) -> dict[Access, U64]:
     """Probe ``addrs`` with each AT form of the subject's stage and compare with the model.
+    See :func:`_check_at`."""
+    return _check_at(report, target, subject, addrs, background)[0]
+
+
+def _check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgtable, addrs: U64,
+              background: Callable[[bool], None] | None = None,
+              uninstall_after: bool = False) -> tuple[dict[Access, U64], bool]:
+    """Probe ``addrs`` with each AT form of the subject's stage and compare with the model.
+    With ``uninstall_after``, the last request uninstalls the tables when nothing was withheld
+    (returned second: whether it did).
 
     Both forms of a chunk go in one request (:meth:`harness.target.Target.at_start_both`).
     Pipelined: the next chunk is predicted, and the previous one compared, while the firmware
@@ -458,6 +469,7 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
     version = target.qemu_version
     withheld: dict[Access, list[U64]] = {}
     inflight: list[_AtChunk] = []
+    uninstalled = False
 
     def wait() -> list[tuple[_AtChunk, U64]]:
         t0 = time.perf_counter()
@@ -477,7 +489,8 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
         inflight = []
         if any(job.addrs.size for job in jobs):
             t0 = time.perf_counter()
-            target.at_start_both(jobs[0].addrs, jobs[1].addrs, subj.stage)
+            uninstalled = uninstall_after and lo + step >= addrs.size and not withheld
+            target.at_start_both(jobs[0].addrs, jobs[1].addrs, subj.stage, uninstall=uninstalled)
             report.time("submit", time.perf_counter() - t0)
             inflight = jobs
         for job, actual in done:
@@ -493,7 +506,7 @@ def check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgta
     if inflight:
         for job, actual in wait():
             _compare_chunk(report, subj, job, actual, version)
-    return {a: np.concatenate(v) for a, v in withheld.items()}
+    return {a: np.concatenate(v) for a, v in withheld.items()}, uninstalled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,15 +918,19 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
     """Install the subject's tables, probe ``addrs`` with AT (and real accesses where asked or
     where AT is withheld; with ``access``, instruction fetches too: :func:`check_exec`, at most
     ``fetch_sample``, default the smaller of :data:`MAX_FETCH_PROBES` and ``access_sample``),
-    compare, uninstall (unless ``uninstall`` is false: the next install swaps the tables).
-    ``background`` is called while AT requests are in flight (:func:`check_at`)."""
+    compare, uninstall (unless ``uninstall`` is false: the next install swaps the tables; a
+    stage-1 table is uninstalled anyway, as the next install would have to do it first). Where no
+    real access follows, the last AT request uninstalls. ``background`` is called while AT
+    requests are in flight (:func:`check_at`)."""
     rng = rng or np.random.default_rng(0)
     report = report or CheckReport(subject.name, subject.geom.describe(), ".".join(map(str, target.qemu_version)))
     t0 = time.perf_counter()
     target.install(subject.regs, subject.image)
     report.time("install", time.perf_counter() - t0)
+    uninstalled = False
     try:
-        withheld = check_at(report, target, subject, addrs, background)
+        fold = (uninstall or subject.stage is Stage.S1) and not (access and subject.accesses)
+        withheld, uninstalled = _check_at(report, target, subject, addrs, background, uninstall_after=fold)
         if not subject.accesses:
             report.count(report.skipped, SKIP_NO_ACCESS, sum(int(v.size) for v in withheld.values()))
         elif withheld or access:
@@ -926,7 +943,7 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
                        min(MAX_FETCH_PROBES, access_sample) if fetch_sample is None else fetch_sample)
             report.time("fetches (all)", time.perf_counter() - t0)
     finally:
-        if target.alive and uninstall:
+        if target.alive and uninstall and not uninstalled:
             t0 = time.perf_counter()
             target.uninstall()
             report.time("uninstall", time.perf_counter() - t0)

@@ -21,7 +21,7 @@ Request arguments:
   gets the :data:`AT_EXCEPTION_TAG` form in its result slot (see :func:`is_at_exception`), counted
   in ``at_exceptions``; the loop goes on. The paired ops S1E2RW and S12E1RW run both forms of a
   stage in one request: the read form over the first ``count`` addresses, then the write form over
-  the next arg4 addresses (results in the same order).
+  the next arg4 addresses (results in the same order); arg5 = 1 then uninstalls (as UNINSTALL).
 * ACCESS: arg0 write (0/1), arg1 stage (1: EL2 with its stage 1; 2: EL1 through stage 2),
   arg2 count, arg3 address buffer PA, arg4 record buffer PA (:data:`ACCESS_RECORD` each), arg5
   value buffer PA (one u64 per address: what a store writes). Each probe is a 64-bit ``ldr``/``str``

@@ -485,18 +485,22 @@ class Target:
         self._submit(mbx.Cmd.AT, int(at_op), n, self.layout.probe_addrs, self.layout.probe_results)
         self._pending = ("AT", n, self.layout.probe_results, time.monotonic())
 
-    def at_start_both(self, reads: npt.ArrayLike, writes: npt.ArrayLike, stage: Stage | int) -> None:
+    def at_start_both(self, reads: npt.ArrayLike, writes: npt.ArrayLike, stage: Stage | int,
+                      uninstall: bool = False) -> None:
         """Start one request running both AT forms of ``stage``: the read form (S1E2R, S12E1R)
         over ``reads``, then the write form (S1E2W, S12E1W) over ``writes`` (at most
         ``layout.max_at`` addresses in all); :meth:`at_wait` returns the read forms' PAR_EL1s
-        followed by the write forms'."""
+        followed by the write forms'. ``uninstall``: the same request then uninstalls (as
+        :meth:`uninstall`), for a table's last probes."""
         st = Stage(int(stage))
         r = np.ascontiguousarray(reads, dtype=np.uint64).reshape(-1)
         w = np.ascontiguousarray(writes, dtype=np.uint64).reshape(-1)
         addrs = self._put_addresses(np.concatenate([r, w]), self.layout.max_at)
         self._submit(mbx.Cmd.AT, int(_AT_PAIRS[st]), int(r.size), self.layout.probe_addrs,
-                     self.layout.probe_results, int(w.size))
+                     self.layout.probe_results, int(w.size), int(uninstall))
         self._pending = ("AT", int(addrs.size), self.layout.probe_results, time.monotonic())
+        if uninstall:
+            self._installed = None
 
     def at_both(self, addresses: npt.ArrayLike, stage: Stage | int) -> tuple[U64Array, U64Array]:
         """PAR_EL1 after the read and the write AT form of ``stage`` for each address (any

@@ -360,10 +360,16 @@ def test_both_at_forms_in_one_request(target: Target, stage: Stage) -> None:
     assert target.at_wait().tolist() == r.tolist()
     with pytest.raises(RequestFailed):  # the second count beyond the buffers
         target.request(mbx.Cmd.AT, int(mbx.AtOp.S1E2RW), 1, LAYOUT.probe_addrs, LAYOUT.probe_results,
-                       LAYOUT.probe_addrs_size // 8)
+                       LAYOUT.probe_addrs_size // 8, 0)
     with pytest.raises(ValueError):
         target.at_start(reads, "S1E2RW")  # the paired ops are at_start_both's
-    target.uninstall()
+    before = int(target.ram_u64(LAYOUT.mailbox + mbx.OFFSET["requests"], 1)[0])
+    target.at_start_both(reads, writes, stage, uninstall=True)  # a table's last probes, then uninstall
+    assert target.at_wait().tolist() == pars.tolist() and target.installed is None
+    assert int(target.ram_u64(LAYOUT.mailbox + mbx.OFFSET["requests"], 1)[0]) == before + 1
+    assert not target.sysreg("SCTLR_EL2") & SCTLR_M.mask and not target.sysreg("HCR_EL2") & HCR_VM.mask
+    flat = Par(int(target.at([UNMAPPED], ops[0])[0]))
+    assert not flat.fault and flat.pa == UNMAPPED  # nothing installed: the flat map
 
 
 def test_install_s1_refuses_other_hcr_bits(target: Target) -> None:
