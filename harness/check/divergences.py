@@ -149,12 +149,7 @@ def _lpa_oa_bits(c: Context) -> bool:
 
 LPA_OA_SEMANTICS: Mapping[str, Any] = {"qemu_lpa_oa": True}
 
-# Not a keyword of the model's walks: the descriptor bits a departure ignores. The check's
-# subject walks memory with them cleared in every word (``engine.Subject``), which is QEMU's
-# walk exactly when those bits have one meaning only (DS = 1: bits [9:8] are OA[51:50] in every
-# descriptor, table or leaf).
-IGNORED_BITS = "qemu_ignored_descriptor_bits"
-LPA2_OA_SEMANTICS: Mapping[str, Any] = {IGNORED_BITS: d.OA_51_50_LPA2.mask}
+LPA2_OA_SEMANTICS: Mapping[str, Any] = {"qemu_lpa2_oa": True}
 
 
 def _lpa2_oa_concerns(geom: Geometry) -> bool:
@@ -430,7 +425,6 @@ def explain_key(model: Translation, actual: int, geom: Geometry, rewalk: Callabl
 __all__ = [
     "AT_HAZARDS",
     "DIVERGENCES",
-    "IGNORED_BITS",
     "AtHazard",
     "Context",
     "Divergence",

@@ -44,6 +44,10 @@ Fault and level conventions (Arm ARM pseudocode, and QEMU 10.0 ``get_phys_addr_l
   QEMU 10 checks only the descriptor's bits: pass ``qemu_final_oa_unchecked=True`` to model it.
 * FEAT_LPA2 (``geom.lpa2``, DS = 1): OA[51:50] in descriptor bits [9:8], OA[49:48] in [49:48],
   for next-table addresses too; the shareability is TCR/VTCR SH0 (``sh0``), not the descriptor.
+  The Arm ARM reads bits [9:8] whatever the PA size, so a nonzero value with PS under 52 bits is
+  an Address size fault. QEMU 10 reads them only when PS = 52 bits and otherwise ignores them
+  (in table descriptors too), while bits [49:48] are read and checked against PS as the Arm ARM
+  says: pass ``qemu_lpa2_oa=True`` to model that known divergence.
 * The initial table's base is aligned to the table's size (at least 64 bytes for a 52-bit base):
   :attr:`Geometry.root_align`.
 * 4K/16K granule (DS = 0): descriptor bits [50:48] are RES0 and take no part in the address
@@ -164,8 +168,13 @@ def pamax(geom: Geometry) -> int:
     return geom.pamax
 
 
-def oa_hi_included(geom: Geometry, qemu_lpa_oa: bool = False) -> bool:
-    """Whether descriptor bits [15:12] form OA[51:48] (64K granule only, see module notes)."""
+def oa_hi_included(geom: Geometry, qemu_lpa_oa: bool = False, qemu_lpa2_oa: bool = False) -> bool:
+    """Whether the walk reads the descriptor's high output-address field: bits [15:12] as
+    OA[51:48] (64K granule with FEAT_LPA) or bits [9:8] as OA[51:50] (DS = 1). The Arm ARM reads
+    it whatever the PA size; QEMU 10 only when PS = 52 bits (``qemu_lpa_oa`` for 64K,
+    ``qemu_lpa2_oa`` for DS = 1; see the module notes)."""
+    if geom.lpa2:
+        return geom.pa_bits == WIDE_ADDRESS_BITS or not qemu_lpa2_oa
     if geom.granule is not Granule.K64 or not geom.feat_lpa:
         return False
     return geom.pa_bits == WIDE_ADDRESS_BITS or not qemu_lpa_oa
@@ -441,7 +450,7 @@ class _Walk:
     geom: Geometry
     mair: int
     sh0: int
-    with_51_48: bool
+    with_oa_hi: bool
     check_final_oa: bool
     wxn: bool = False
 
@@ -498,13 +507,14 @@ def translate(
     *,
     sh0: int = SH_INNER,
     qemu_lpa_oa: bool = False,
+    qemu_lpa2_oa: bool = False,
     qemu_final_oa_unchecked: bool = False,
     wxn: bool = False,
 ) -> Translation:
     """Walk the tables at ``root_pa`` for ``address`` as the MMU does (see the module notes).
 
     ``sh0`` is TCR_EL2/VTCR_EL2.SH0 (the shareability with lpa2); ``wxn`` is SCTLR_EL2.WXN (stage
-    1 only). ``qemu_lpa_oa`` and ``qemu_final_oa_unchecked`` model QEMU's declared departures
+    1 only). ``qemu_lpa_oa``, ``qemu_lpa2_oa`` and ``qemu_final_oa_unchecked`` model QEMU's declared departures
     from the Arm ARM."""
     if not 0 <= address < 1 << 64:
         raise ValueError(f"address: expected a 64-bit value, got {address!r}")
@@ -526,7 +536,8 @@ def translate(
         return fault(FaultKind.ADDRESS_SIZE, 0,
                      f"table base {root_pa:#x} beyond the {geom.pa_bits}-bit PA size")
 
-    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu_lpa_oa), not qemu_final_oa_unchecked, wxn)
+    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu_lpa_oa, qemu_lpa2_oa),
+              not qemu_final_oa_unchecked, wxn)
     granule = geom.granule
     table = root_table_base(geom, root_pa)
     level = geom.start_level
@@ -548,7 +559,7 @@ def translate(
             return fault(FaultKind.TRANSLATION, level,
                          f"reserved encoding: bit 1 clear at level {level}, which has no blocks "
                          f"for the {granule.label} granule")
-        oa = descriptor_oa(raw, granule, geom.lpa2, w.with_51_48)
+        oa = descriptor_oa(raw, granule, geom.lpa2, w.with_oa_hi)
         if oa_out_of_range(oa, geom.pa_bits):
             return fault(FaultKind.ADDRESS_SIZE, level,
                          f"address {oa:#x} beyond the {geom.pa_bits}-bit PA size")

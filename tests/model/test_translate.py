@@ -247,6 +247,33 @@ def test_64k_oa_51_48_with_48bit_pa() -> None:
     assert t.ok and t.pa == 0x7_0000_0000 | (ipa & 0xFFFF)
 
 
+@pytest.mark.parametrize(("stage", "granule", "pa"), [(1, "4K", 48), (2, "16K", 40), (1, "16K", 52)])
+def test_lpa2_oa_51_50_below_52bit_ps(stage: int, granule: str, pa: int) -> None:
+    """Arm ARM: with DS = 1 bits [9:8] are OA[51:50] whatever PS: address size fault, at the
+    table or the leaf that holds them. QEMU 10 reads them only with PS = 52 bits
+    (qemu_lpa2_oa=True): below, it ignores them in tables and leaves; OA[49:48] ([49:48])
+    beyond PS faults on both readings."""
+    geom = Geometry.create(stage, granule, 48 if stage == 1 else 40, pa, lpa2=True)
+    pool = PagePool(BASE, 40 * geom.granule.size, geom.granule.size)
+    addr = PATTERN & (geom.limit - 1)
+    leaf = 0x7_0000_0000 | PAGE | (S1_NORMAL if stage == 1 else S2_NORMAL) & ~SH_IS
+    s2 = stage == 2
+    for table_bits, leaf_bits, level in (((), 0b01 << 8, 3), ((0b10 << 8,), 0, geom.start_level)):
+        pool.words()[:] = 0
+        root = chain(pool, geom, addr, 3, leaf | leaf_bits, table_bits)
+        arm, qemu = translate(pool, geom, root, addr), translate(pool, geom, root, addr, qemu_lpa2_oa=True)
+        if pa == 52:  # both read them: the leaf's PA has them, the table is beyond the pool
+            assert arm == qemu and (arm.pa is not None and arm.pa >> 50 == 1 if leaf_bits else arm.unmodelled)
+            continue
+        assert fault_of(arm) == (FaultKind.ADDRESS_SIZE, level, s2)
+        assert qemu.ok and qemu.pa == 0x7_0000_0000 | (addr & (geom.granule.size - 1))
+    if pa < 50:
+        pool.words()[:] = 0
+        root = chain(pool, geom, addr, 3, leaf | 1 << 49)
+        for t in (translate(pool, geom, root, addr), translate(pool, geom, root, addr, qemu_lpa2_oa=True)):
+            assert fault_of(t) == (FaultKind.ADDRESS_SIZE, 3, s2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Access flag and permissions.
 
