@@ -32,12 +32,14 @@ from harness.arch.registers import (
     mair_attr,
 )
 from harness.core.translate import (
+    ARM_ARM,
     DEFAULT_MAIR,
     PAR_COMPARE_MASK_FAULT,
     PAR_COMPARE_MASK_OK,
     READ,
     Access,
     Translation,
+    WalkSemantics,
     access_perm,
     check_wxn,
     descriptor_faults,
@@ -329,10 +331,8 @@ def translate_batch(
     mair: int = DEFAULT_MAIR,
     *,
     sh0: int = SH_INNER,
-    qemu_lpa_oa: bool = False,
-    qemu_lpa2_oa: bool = False,
-    qemu_final_oa_unchecked: bool = False,
     wxn: bool = False,
+    qemu: WalkSemantics = ARM_ARM,
 ) -> BatchResult:
     """Translate every address in ``addresses`` through the tables at ``root_pa``.
 
@@ -343,8 +343,7 @@ def translate_batch(
     check_wxn(geom, wxn)
     addr = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
     words = np.asarray(words, dtype=np.uint64)
-    p = _Params(geom, access, mair, sh0, oa_hi_included(geom, qemu_lpa_oa, qemu_lpa2_oa),
-                not qemu_final_oa_unchecked, wxn)
+    p = _Params(geom, access, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn)
     out = _Outcome(addr.size)
     lanes = np.flatnonzero(_prechecks(p, out, addr, root_pa))
     cur = _Lanes(lanes, addr[lanes], np.full(lanes.size, root_table_base(geom, root_pa), dtype=np.uint64),

@@ -25,6 +25,7 @@ from harness.core.translate import (
     DEFAULT_MAIR,
     Access,
     Translation,
+    WalkSemantics,
     expected_par,
     par_compare_mask,
     translate,
@@ -88,7 +89,7 @@ def random_tables(rng: np.random.Generator, geom: Geometry, pages: int) -> PageP
     rand = rng.integers(0, 2**63, n, dtype=np.uint64) * u(2) + rng.integers(0, 2, n, dtype=np.uint64)
     ignored = rand & u(0xFFF8_0000_0000_0FFC)  # attribute and ignored bits, [50:48], [11:2]
     # Table attributes; with DS = 1 and PS under 52 bits also OA[51:50] in [9:8], which QEMU
-    # ignores (qemu_lpa2_oa) and the Arm ARM faults: both walks must agree on either reading.
+    # ignores (WalkSemantics.lpa2_oa) and the Arm ARM faults: both walks must agree on either reading.
     table_ignored = 0xF800_0000_0000_0000 | (d.OA_51_50_LPA2.mask if geom.lpa2 and geom.pa_bits < 52 else 0)
     hi = (rng.integers(0, 16, n, dtype=np.uint64) << u(12)) * (rng.integers(0, 4, n) == 0)
     page = u(BASE) + rng.integers(0, pages, n, dtype=np.uint64) * u(gsize)
@@ -111,8 +112,7 @@ def random_tables(rng: np.random.Generator, geom: Geometry, pages: int) -> PageP
 def compare(pool: PagePool, geom: Geometry, root: int, addrs: npt.NDArray[np.uint64],
             access: Access, mair: int, qemu_lpa_oa: bool, qemu_final_oa_unchecked: bool = False,
             wxn: bool = False, qemu_lpa2_oa: bool = False) -> BatchResult:
-    kw = {"qemu_lpa_oa": qemu_lpa_oa, "qemu_final_oa_unchecked": qemu_final_oa_unchecked,
-          "qemu_lpa2_oa": qemu_lpa2_oa,
+    kw = {"qemu": WalkSemantics(qemu_lpa_oa, qemu_lpa2_oa, qemu_final_oa_unchecked),
           "wxn": wxn and geom.stage is Stage.S1}
     r = translate_batch(pool.words(), pool.base, geom, root, addrs, access, mair, **kw)
     pars = expected_par_batch(r)

@@ -19,7 +19,7 @@ from harness.arch.registers import FaultKind, Par
 from harness.core.memory import PagePool
 from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
 from harness.core.prot import Prot
-from harness.core.translate import READ, WRITE, Access, expected_par, par_compare_mask, translate
+from harness.core.translate import READ, WRITE, Access, WalkSemantics, expected_par, par_compare_mask, translate
 from harness.target.layout import LAYOUT
 from harness.target.target import Target
 
@@ -108,7 +108,7 @@ def test_final_output_address_beyond_ps(target: Target) -> None:
     got = target.at(np.array(addrs, dtype=np.uint64), "S1E2R").tolist()
     target.uninstall()
     arm = [translate(t.mem, geom, t.pgd, a) for a in addrs]
-    qemu = [translate(t.mem, geom, t.pgd, a, qemu_final_oa_unchecked=True) for a in addrs]
+    qemu = [translate(t.mem, geom, t.pgd, a, qemu=WalkSemantics(final_oa_unchecked=True)) for a in addrs]
     assert arm[0].ok and arm[1].fault is not None
     matches_arm = all((expected_par(m) ^ p) & par_compare_mask(m) == 0 for m, p in zip(arm, got, strict=True))
     matches_qemu = all((expected_par(m) ^ p) & par_compare_mask(m) == 0 for m, p in zip(qemu, got, strict=True))
@@ -146,7 +146,7 @@ def test_small_root_alignment_and_pamax_start_level(target: Target) -> None:
 def test_lpa2_oa_51_50_below_52bit_ps(target: Target, pa_bits: int) -> None:
     """DS = 1 with PS under 52 bits: the Arm ARM reads descriptor bits [9:8] as OA[51:50] (an
     address size fault); QEMU 10 ignores them, in a leaf and in a table descriptor alike
-    (``qemu_lpa2_oa``), while OA[49:48] in bits [49:48] beyond PS faults on both."""
+    (``WalkSemantics.lpa2_oa``), while OA[49:48] in bits [49:48] beyond PS faults on both."""
     geom = Geometry.create(1, "4K", 48, pa_bits, lpa2=True)
     t = HypPgtable(pool_for(geom), "4K", 48, pa_bits, lpa2=True)
     for r in LAYOUT.stage1_regions():
@@ -167,7 +167,7 @@ def test_lpa2_oa_51_50_below_52bit_ps(target: Target, pa_bits: int) -> None:
     got = target.at(np.array(addrs, dtype=np.uint64), "S1E2R").tolist()
     target.uninstall()
     arm = [translate(t.mem, geom, t.pgd, a) for a in addrs]
-    qemu = [translate(t.mem, geom, t.pgd, a, qemu_lpa2_oa=True) for a in addrs]
+    qemu = [translate(t.mem, geom, t.pgd, a, qemu=WalkSemantics(lpa2_oa=True)) for a in addrs]
     assert [(m.fault, m.fault_level) for m in arm] == [(FaultKind.ADDRESS_SIZE, 3), (FaultKind.ADDRESS_SIZE, 2),
                                                        (FaultKind.ADDRESS_SIZE, 3)]
     assert qemu[0].ok and qemu[1].ok and qemu[2].fault is FaultKind.ADDRESS_SIZE
