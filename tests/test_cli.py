@@ -261,6 +261,14 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _exe_name(pid: int) -> str:
+    """The executable's name of a process, or "" if it is gone (it may exit while we look)."""
+    try:
+        return Path(f"/proc/{pid}/exe").resolve(strict=True).name
+    except OSError:
+        return ""
+
+
 @pytest.mark.hw
 def test_ctrl_c_reaps_qemu_and_gdb(tmp_path: Path) -> None:
     """SIGINT in the middle of `harness bench`: exit status 130, no QEMU or gdb left behind."""
@@ -276,7 +284,7 @@ def test_ctrl_c_reaps_qemu_and_gdb(tmp_path: Path) -> None:
         console = tmp_path / "console.log"
         while time.monotonic() < deadline:
             kids = _descendants(proc.pid)
-            names = {Path(f"/proc/{k}/exe").resolve().name for k in kids if Path(f"/proc/{k}").exists()}
+            names = {_exe_name(k) for k in kids}
             booted = console.exists() and "ready" in console.read_text(errors="replace")
             if booted and any("qemu" in n for n in names) and any("gdb" in n for n in names):
                 break

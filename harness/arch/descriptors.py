@@ -119,15 +119,16 @@ def oa_mask(granule: Granule, lpa2: bool = False) -> int:
     return genmask(OA_HI_LPA2 if lpa2 else OA_HI, granule.shift)
 
 
-def descriptor_oa(desc: Word, granule: Granule, lpa2: bool = False, with_51_48: bool = True) -> Word:
+def descriptor_oa(desc: Word, granule: Granule, lpa2: bool = False, with_oa_hi: bool = True) -> Word:
     """The output (or next-table) address a descriptor holds, as the walk reads it: bits [47:g];
-    with 64K, OA[51:48] from bits [15:12] (unless ``with_51_48`` is False: QEMU's reading below a
-    52-bit PA size); with DS = 1, bits [49:g] and OA[51:50] from bits [9:8]. The address is not
-    aligned to a block's size (its low RES0 bits are kept, as the raw-bits size check needs)."""
+    with 64K, OA[51:48] from bits [15:12]; with DS = 1, bits [49:g] and OA[51:50] from bits
+    [9:8]. ``with_oa_hi`` False leaves out that high field ([15:12] or [9:8]): QEMU's reading
+    below a 52-bit PA size. The address is not aligned to a block's size (its low RES0 bits are
+    kept, as the raw-bits size check needs)."""
     oa = desc & oa_mask(granule, lpa2)
-    if granule is Granule.K64 and with_51_48:
+    if granule is Granule.K64 and with_oa_hi:
         oa |= ((desc >> OA_51_48.lo) & OA_51_48.max) << 48
-    if lpa2:
+    if lpa2 and with_oa_hi:
         oa |= ((desc >> OA_51_50_LPA2.lo) & OA_51_50_LPA2.max) << 50
     return oa
 

@@ -18,8 +18,8 @@ check expects it where the model's walk leaves the memory it models, and counts 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from harness.arch import descriptors as d
 from harness.arch.geometry import WIDE_ADDRESS_BITS, Geometry, Granule, Stage
 from harness.arch.registers import FaultKind, Par, decode_fault_status
 from harness.core.batch import BatchResult
-from harness.core.translate import Translation, expected_par, par_compare_mask, translate
+from harness.core.translate import ARM_ARM, Translation, WalkSemantics, expected_par, par_compare_mask, translate
 
 QemuVersion = tuple[int, int, int]
 
@@ -41,7 +41,7 @@ class Context:
     model: Translation
     actual: int
     geom: Geometry
-    rewalk: Callable[..., Translation]  # translate(...) with keyword overrides (e.g. qemu_lpa_oa)
+    rewalk: Callable[..., Translation]  # translate(...) with keyword overrides (e.g. qemu=...)
 
 
 def _every_geometry(geom: Geometry) -> bool:
@@ -50,17 +50,17 @@ def _every_geometry(geom: Geometry) -> bool:
 
 @dataclass(frozen=True)
 class Divergence:
-    """One departure of QEMU from the Arm ARM. ``semantics`` are the keyword arguments of the
-    model's walk (``translate``/``translate_batch``) that make it walk as QEMU does, when the
-    departure is one of walk semantics (on the geometries ``concerns`` selects); the check then
-    predicts both ways, and decides what an ``AT`` may be pointed at with QEMU's walk."""
+    """One departure of QEMU from the Arm ARM. ``semantics`` is the model's walk's ``qemu``
+    (:class:`WalkSemantics`: ``translate``/``translate_batch``) that makes it walk as QEMU does,
+    when the departure is one of walk semantics (on the geometries ``concerns`` selects); the
+    check then predicts both ways, and decides what an ``AT`` may be pointed at with QEMU's walk."""
 
     key: str
     rule: str  # the Arm ARM rule
     qemu: str  # what QEMU does instead
     applies_to: Callable[[QemuVersion], bool]
     matches: Callable[[Context], bool]
-    semantics: Mapping[str, Any] = field(default_factory=dict)
+    semantics: WalkSemantics = ARM_ARM
     concerns: Callable[[Geometry], bool] = _every_geometry
     translates_fault: FaultKind | None = None  # a fault the model predicts where QEMU may translate
 
@@ -129,11 +129,11 @@ def _lpa_oa_concerns(geom: Geometry) -> bool:
     return geom.granule is Granule.K64 and geom.pa_bits < WIDE_ADDRESS_BITS
 
 
-def _walks_as_qemu(semantics: Mapping[str, Any]) -> Callable[[Context], bool]:
+def _walks_as_qemu(semantics: WalkSemantics) -> Callable[[Context], bool]:
     """A matcher: the MMU's answer is the model's walk with QEMU's ``semantics``."""
 
     def matches(c: Context) -> bool:
-        alt = c.rewalk(**semantics)
+        alt = c.rewalk(qemu=semantics)
         if alt.unmodelled:
             return False
         return bool((expected_par(alt) ^ c.actual) & par_compare_mask(alt) == 0)
@@ -147,14 +147,9 @@ def _lpa_oa_bits(c: Context) -> bool:
     return _walks_as_qemu(LPA_OA_SEMANTICS)(c)
 
 
-LPA_OA_SEMANTICS: Mapping[str, Any] = {"qemu_lpa_oa": True}
+LPA_OA_SEMANTICS = WalkSemantics(lpa_oa=True)
 
-# Not a keyword of the model's walks: the descriptor bits a departure ignores. The check's
-# subject walks memory with them cleared in every word (``engine.Subject``), which is QEMU's
-# walk exactly when those bits have one meaning only (DS = 1: bits [9:8] are OA[51:50] in every
-# descriptor, table or leaf).
-IGNORED_BITS = "qemu_ignored_descriptor_bits"
-LPA2_OA_SEMANTICS: Mapping[str, Any] = {IGNORED_BITS: d.OA_51_50_LPA2.mask}
+LPA2_OA_SEMANTICS = WalkSemantics(lpa2_oa=True)
 
 
 def _lpa2_oa_concerns(geom: Geometry) -> bool:
@@ -167,7 +162,7 @@ def _lpa2_oa_bits(c: Context) -> bool:
     return _walks_as_qemu(LPA2_OA_SEMANTICS)(c)
 
 
-FINAL_OA_SEMANTICS: Mapping[str, Any] = {"qemu_final_oa_unchecked": True}
+FINAL_OA_SEMANTICS = WalkSemantics(final_oa_unchecked=True)
 
 
 def _blocks_beyond_ps(geom: Geometry) -> bool:
@@ -363,8 +358,8 @@ def active(version: QemuVersion) -> tuple[Divergence, ...]:
 
 def semantic_departures(version: QemuVersion, geom: Geometry) -> list[tuple[Divergence, dict[str, Any]]]:
     """The departures of walk semantics that apply to this QEMU and geometry, with the model's
-    keywords for each."""
-    return [(dv, dict(dv.semantics)) for dv in active(version) if dv.semantics and dv.concerns(geom)]
+    keywords for each (``{"qemu": WalkSemantics}``)."""
+    return [(dv, {"qemu": dv.semantics}) for dv in active(version) if dv.semantics.departs and dv.concerns(geom)]
 
 
 def semantic_explanations(version: QemuVersion, geom: Geometry) -> list[tuple[str, dict[str, Any]]]:
@@ -380,7 +375,7 @@ def semantic_explanations(version: QemuVersion, geom: Geometry) -> list[tuple[st
 def unusable(version: QemuVersion, geom: Geometry) -> list[str]:
     """Keys of the departures that make every walk of this configuration fail on this QEMU
     (no real access can run on it: the firmware's own fetches would fault)."""
-    return [dv.key for dv in active(version) if not dv.semantics and dv.concerns is not _every_geometry
+    return [dv.key for dv in active(version) if not dv.semantics.departs and dv.concerns is not _every_geometry
             and dv.concerns(geom)]
 
 
@@ -392,11 +387,11 @@ def untrusted_faults(version: QemuVersion) -> tuple[int, ...]:
 
 def qemu_semantics(version: QemuVersion, geom: Geometry) -> dict[str, Any]:
     """The model's keywords that make it walk as this QEMU does on this geometry ({} when the
-    Arm ARM's walk and QEMU's agree)."""
-    out: dict[str, Any] = {}
-    for _, kw in semantic_departures(version, geom):
-        out.update(kw)
-    return out
+    Arm ARM's walk and QEMU's agree; else ``{"qemu": WalkSemantics}``)."""
+    qemu = ARM_ARM
+    for dv, _ in semantic_departures(version, geom):
+        qemu |= dv.semantics
+    return {"qemu": qemu} if qemu.departs else {}
 
 
 def explain(model: Translation, actual: int, geom: Geometry, rewalk: Callable[..., Translation],
@@ -422,7 +417,7 @@ def explain_key(model: Translation, actual: int, geom: Geometry, rewalk: Callabl
         if (expected_par(alt) ^ actual) & par_compare_mask(alt) == 0:
             return name
         other = explain(alt, actual, geom, rewalk, version)
-        if other is not None and not other.semantics:
+        if other is not None and not other.semantics.departs:
             return f"{name}+{other.key}"
     return None
 
@@ -430,7 +425,6 @@ def explain_key(model: Translation, actual: int, geom: Geometry, rewalk: Callabl
 __all__ = [
     "AT_HAZARDS",
     "DIVERGENCES",
-    "IGNORED_BITS",
     "AtHazard",
     "Context",
     "Divergence",

@@ -115,26 +115,6 @@ class TableMemory(Protocol):
     def contains(self, pa: int, length: int = 8) -> bool: ...
 
 
-class ClearedMemory:
-    """Table memory as a walk sees it that ignores some descriptor bits: every word with
-    ``mask`` cleared (the declared QEMU departures that ignore bits, :data:`divergences.IGNORED_BITS`)."""
-
-    def __init__(self, mem: TableMemory, mask: int) -> None:
-        self.base = mem.base
-        self._mem = mem
-        self._words = mem.words() & ~np.uint64(mask)
-
-    def words(self) -> U64:
-        return self._words
-
-    def contains(self, pa: int, length: int = 8) -> bool:
-        return self._mem.contains(pa, length)
-
-    def read64(self, pa: int) -> int:
-        self._mem.read64(pa)  # the same checks (and errors) as the memory itself
-        return int(self._words[(pa - self.base) // 8])
-
-
 @dataclass(frozen=True)
 class Subject:
     """What is checked: tables in memory and how the MMU is to use them.
@@ -154,29 +134,16 @@ class Subject:
     no_access: tuple[tuple[int, int], ...] = ()
     accesses: bool = True
 
-    cleared: dict[int, ClearedMemory] = field(default_factory=dict, compare=False, repr=False)
-
     @property
     def stage(self) -> Stage:
         return self.geom.stage
 
-    def _memory(self, semantics: dict[str, Any]) -> TableMemory:
-        """The memory the walk reads: with the bits a departure ignores cleared (the
-        :data:`divergences.IGNORED_BITS` entry of ``semantics``, taken out of it). The cleared
-        copy is made once per subject: its tables must not change after the first such walk."""
-        mask = int(semantics.pop(divergences.IGNORED_BITS, 0))
-        if not mask:
-            return self.mem
-        if mask not in self.cleared:
-            self.cleared[mask] = ClearedMemory(self.mem, mask)
-        return self.cleared[mask]
-
     def predict(self, addrs: npt.ArrayLike, access: Access, **semantics: Any) -> BatchResult:
-        mem = self._memory(semantics)
-        return translate_batch(mem.words(), mem.base, self.geom, self.root, addrs, access, self.mair, **semantics)
+        return translate_batch(self.mem.words(), self.mem.base, self.geom, self.root, addrs, access, self.mair,
+                               **semantics)
 
     def walk(self, addr: int, access: Access, **semantics: Any) -> Translation:
-        return translate(self._memory(semantics), self.geom, self.root, addr, access, self.mair, **semantics)
+        return translate(self.mem, self.geom, self.root, addr, access, self.mair, **semantics)
 
 
 def used_image(table: KvmPgtable) -> PoolImage:

@@ -32,12 +32,14 @@ from harness.arch.registers import (
     mair_attr,
 )
 from harness.core.translate import (
+    ARM_ARM,
     DEFAULT_MAIR,
     PAR_COMPARE_MASK_FAULT,
     PAR_COMPARE_MASK_OK,
     READ,
     Access,
     Translation,
+    WalkSemantics,
     access_perm,
     check_wxn,
     descriptor_faults,
@@ -184,7 +186,7 @@ class _Params:
     access: Access
     mair: int
     sh0: int
-    with_51_48: bool
+    with_oa_hi: bool
     check_final_oa: bool
     wxn: bool = False
 
@@ -216,7 +218,7 @@ def _level_step(p: _Params, out: _Outcome, words: U64, base_pa: int, cur: _Lanes
     good = ~descriptor_faults(desc, level, geom.block_levels)
     if not good.all():
         out.set_fault(cur.lanes[~good], FaultKind.TRANSLATION.value, level, is_s2)
-    oa = np.asarray(descriptor_oa(desc, geom.granule, geom.lpa2, p.with_51_48), dtype=np.uint64)
+    oa = np.asarray(descriptor_oa(desc, geom.granule, geom.lpa2, p.with_oa_hi), dtype=np.uint64)
     too_big = good & oa_out_of_range(oa, geom.pa_bits)
     if too_big.any():
         out.set_fault(cur.lanes[too_big], FaultKind.ADDRESS_SIZE.value, level, is_s2)
@@ -329,9 +331,8 @@ def translate_batch(
     mair: int = DEFAULT_MAIR,
     *,
     sh0: int = SH_INNER,
-    qemu_lpa_oa: bool = False,
-    qemu_final_oa_unchecked: bool = False,
     wxn: bool = False,
+    qemu: WalkSemantics = ARM_ARM,
 ) -> BatchResult:
     """Translate every address in ``addresses`` through the tables at ``root_pa``.
 
@@ -342,8 +343,7 @@ def translate_batch(
     check_wxn(geom, wxn)
     addr = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
     words = np.asarray(words, dtype=np.uint64)
-    p = _Params(geom, access, mair, sh0, oa_hi_included(geom, qemu_lpa_oa), not qemu_final_oa_unchecked,
-                wxn)
+    p = _Params(geom, access, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn)
     out = _Outcome(addr.size)
     lanes = np.flatnonzero(_prechecks(p, out, addr, root_pa))
     cur = _Lanes(lanes, addr[lanes], np.full(lanes.size, root_table_base(geom, root_pa), dtype=np.uint64),

@@ -41,9 +41,13 @@ Fault and level conventions (Arm ARM pseudocode, and QEMU 10.0 ``get_phys_addr_l
 * The final output address (a block's base plus the input's offset in it) at or above the PA
   size: Address size fault at the leaf level (``AArch64.OAOutOfRange`` on the stage's output
   address; reachable only with blocks larger than 2**PS, e.g. a 64K level-1 block with PS = 36).
-  QEMU 10 checks only the descriptor's bits: pass ``qemu_final_oa_unchecked=True`` to model it.
+  QEMU 10 checks only the descriptor's bits: ``qemu=WalkSemantics(final_oa_unchecked=True)``.
 * FEAT_LPA2 (``geom.lpa2``, DS = 1): OA[51:50] in descriptor bits [9:8], OA[49:48] in [49:48],
   for next-table addresses too; the shareability is TCR/VTCR SH0 (``sh0``), not the descriptor.
+  The Arm ARM reads bits [9:8] whatever the PA size, so a nonzero value with PS under 52 bits is
+  an Address size fault. QEMU 10 reads them only when PS = 52 bits and otherwise ignores them
+  (in table descriptors too), while bits [49:48] are read and checked against PS as the Arm ARM
+  says: ``qemu=WalkSemantics(lpa2_oa=True)`` models that known divergence.
 * The initial table's base is aligned to the table's size (at least 64 bytes for a 52-bit base):
   :attr:`Geometry.root_align`.
 * 4K/16K granule (DS = 0): descriptor bits [50:48] are RES0 and take no part in the address
@@ -51,8 +55,8 @@ Fault and level conventions (Arm ARM pseudocode, and QEMU 10.0 ``get_phys_addr_l
   ``NextTableBase`` take bits [47:g]) and by QEMU 10.
 * 64K granule: with FEAT_LPA (PAMax = 52) bits [15:12] are OA[51:48] whatever the PA size, so a
   nonzero value with a PA size under 52 bits is an Address size fault (Arm ARM). QEMU 10 only
-  reads them when PS = 52 bits and otherwise ignores them: pass ``qemu_lpa_oa=True`` to model
-  that known divergence.
+  reads them when PS = 52 bits and otherwise ignores them: ``qemu=WalkSemantics(lpa_oa=True)``
+  models that known divergence.
 * Leaf with AF = 0: Access flag fault at the leaf level; it takes priority over a Permission
   fault (Arm ARM ``AArch64.S1Translate``/QEMU check AF first).
 * Access not allowed: Permission fault at the leaf level.
@@ -164,11 +168,47 @@ def pamax(geom: Geometry) -> int:
     return geom.pamax
 
 
-def oa_hi_included(geom: Geometry, qemu_lpa_oa: bool = False) -> bool:
-    """Whether descriptor bits [15:12] form OA[51:48] (64K granule only, see module notes)."""
+@dataclass(frozen=True)
+class WalkSemantics:
+    """QEMU 10's declared departures from the Arm ARM's walk, the ``qemu`` keyword of both walks
+    (:func:`translate`, :func:`harness.core.batch.translate_batch`); :data:`ARM_ARM` (all False)
+    is the Arm ARM's walk. See the module notes for each.
+
+    * ``lpa_oa``: 64K granule with FEAT_LPA, PS under 52 bits: descriptor bits [15:12] ignored
+      (not OA[51:48]).
+    * ``lpa2_oa``: DS = 1, PS under 52 bits: descriptor bits [9:8] ignored (not OA[51:50]), in
+      tables and leaves; OA[49:48] in bits [49:48] still read and checked.
+    * ``final_oa_unchecked``: only the descriptor's address is checked against PS, not the final
+      output address (a block's base plus the input's offset in it)."""
+
+    lpa_oa: bool = False
+    lpa2_oa: bool = False
+    final_oa_unchecked: bool = False
+
+    def __or__(self, other: WalkSemantics) -> WalkSemantics:
+        """Both sets of departures (a walk may meet two)."""
+        return WalkSemantics(self.lpa_oa or other.lpa_oa, self.lpa2_oa or other.lpa2_oa,
+                             self.final_oa_unchecked or other.final_oa_unchecked)
+
+    @property
+    def departs(self) -> bool:
+        """Whether this walk is not the Arm ARM's."""
+        return self != ARM_ARM
+
+
+ARM_ARM = WalkSemantics()
+
+
+def oa_hi_included(geom: Geometry, qemu: WalkSemantics = ARM_ARM) -> bool:
+    """Whether the walk reads the descriptor's high output-address field: bits [15:12] as
+    OA[51:48] (64K granule with FEAT_LPA) or bits [9:8] as OA[51:50] (DS = 1). The Arm ARM reads
+    it whatever the PA size; QEMU 10 only when PS = 52 bits (``qemu.lpa_oa`` for 64K,
+    ``qemu.lpa2_oa`` for DS = 1; see the module notes)."""
+    if geom.lpa2:
+        return geom.pa_bits == WIDE_ADDRESS_BITS or not qemu.lpa2_oa
     if geom.granule is not Granule.K64 or not geom.feat_lpa:
         return False
-    return geom.pa_bits == WIDE_ADDRESS_BITS or not qemu_lpa_oa
+    return geom.pa_bits == WIDE_ADDRESS_BITS or not qemu.lpa_oa
 
 
 def root_table_base(geom: Geometry, root_pa: int) -> int:
@@ -441,7 +481,7 @@ class _Walk:
     geom: Geometry
     mair: int
     sh0: int
-    with_51_48: bool
+    with_oa_hi: bool
     check_final_oa: bool
     wxn: bool = False
 
@@ -497,15 +537,13 @@ def translate(
     mair: int = DEFAULT_MAIR,
     *,
     sh0: int = SH_INNER,
-    qemu_lpa_oa: bool = False,
-    qemu_final_oa_unchecked: bool = False,
     wxn: bool = False,
+    qemu: WalkSemantics = ARM_ARM,
 ) -> Translation:
     """Walk the tables at ``root_pa`` for ``address`` as the MMU does (see the module notes).
 
     ``sh0`` is TCR_EL2/VTCR_EL2.SH0 (the shareability with lpa2); ``wxn`` is SCTLR_EL2.WXN (stage
-    1 only). ``qemu_lpa_oa`` and ``qemu_final_oa_unchecked`` model QEMU's declared departures
-    from the Arm ARM."""
+    1 only). ``qemu`` selects QEMU's declared departures from the Arm ARM (:class:`WalkSemantics`)."""
     if not 0 <= address < 1 << 64:
         raise ValueError(f"address: expected a 64-bit value, got {address!r}")
     check_wxn(geom, wxn)
@@ -526,7 +564,7 @@ def translate(
         return fault(FaultKind.ADDRESS_SIZE, 0,
                      f"table base {root_pa:#x} beyond the {geom.pa_bits}-bit PA size")
 
-    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu_lpa_oa), not qemu_final_oa_unchecked, wxn)
+    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn)
     granule = geom.granule
     table = root_table_base(geom, root_pa)
     level = geom.start_level
@@ -548,7 +586,7 @@ def translate(
             return fault(FaultKind.TRANSLATION, level,
                          f"reserved encoding: bit 1 clear at level {level}, which has no blocks "
                          f"for the {granule.label} granule")
-        oa = descriptor_oa(raw, granule, geom.lpa2, w.with_51_48)
+        oa = descriptor_oa(raw, granule, geom.lpa2, w.with_oa_hi)
         if oa_out_of_range(oa, geom.pa_bits):
             return fault(FaultKind.ADDRESS_SIZE, level,
                          f"address {oa:#x} beyond the {geom.pa_bits}-bit PA size")

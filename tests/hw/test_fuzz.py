@@ -121,14 +121,14 @@ def _root_rounded_to_64(mp: pytest.MonkeyPatch) -> None:
 
 
 def _lost_oa_51_48(mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(batch, "oa_hi_included", lambda geom, qemu_lpa_oa=False: False)
+    mp.setattr(batch, "oa_hi_included", lambda geom, *qemu: False)
 
 
 def _lost_oa_51_50_lpa2(mp: pytest.MonkeyPatch) -> None:
     real = batch.descriptor_oa
 
-    def oa(desc: Any, granule: Granule, lpa2: bool = False, with_51_48: bool = True) -> Any:
-        return real(desc, granule, lpa2, with_51_48) & ~np.uint64(d.OA_51_50_LPA2.max << 50)
+    def oa(desc: Any, granule: Granule, lpa2: bool = False, with_oa_hi: bool = True) -> Any:
+        return real(desc, granule, lpa2, with_oa_hi) & ~np.uint64(d.OA_51_50_LPA2.max << 50)
 
     mp.setattr(batch, "descriptor_oa", oa)
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.arch import descriptors as d
 from harness.arch.geometry import Geometry, Stage
 from harness.arch.registers import FaultKind
 from harness.core.batch import (
@@ -24,6 +25,7 @@ from harness.core.translate import (
     DEFAULT_MAIR,
     Access,
     Translation,
+    WalkSemantics,
     expected_par,
     par_compare_mask,
     translate,
@@ -86,6 +88,9 @@ def random_tables(rng: np.random.Generator, geom: Geometry, pages: int) -> PageP
     pick = rng.integers(0, 100, n)
     rand = rng.integers(0, 2**63, n, dtype=np.uint64) * u(2) + rng.integers(0, 2, n, dtype=np.uint64)
     ignored = rand & u(0xFFF8_0000_0000_0FFC)  # attribute and ignored bits, [50:48], [11:2]
+    # Table attributes; with DS = 1 and PS under 52 bits also OA[51:50] in [9:8], which QEMU
+    # ignores (WalkSemantics.lpa2_oa) and the Arm ARM faults: both walks must agree on either reading.
+    table_ignored = 0xF800_0000_0000_0000 | (d.OA_51_50_LPA2.mask if geom.lpa2 and geom.pa_bits < 52 else 0)
     hi = (rng.integers(0, 16, n, dtype=np.uint64) << u(12)) * (rng.integers(0, 4, n) == 0)
     page = u(BASE) + rng.integers(0, pages, n, dtype=np.uint64) * u(gsize)
     oa = (rng.integers(0, 1 << geom.pa_bits, n, dtype=np.uint64) & ~u(gsize - 1)) & u((1 << 48) - 1)
@@ -94,7 +99,7 @@ def random_tables(rng: np.random.Generator, geom: Geometry, pages: int) -> PageP
     out = np.select(
         [pick < 12, pick < 50, pick < 55, pick < 60, pick < 88],
         [rand & ~u(1),  # invalid
-         page | u(3) | (ignored & u(0xF800_0000_0000_0000)),  # table into the pool
+         page | u(3) | (ignored & u(table_ignored)),  # table into the pool
          oa | u(3),  # table somewhere else
          big | u(3) | (rand & u(2)),  # beyond the PA size
          oa | hi | ignored | u(1) | (rand & u(2)) | u(1 << 10) * (pick % 8 != 0)],  # leaf
@@ -106,8 +111,8 @@ def random_tables(rng: np.random.Generator, geom: Geometry, pages: int) -> PageP
 
 def compare(pool: PagePool, geom: Geometry, root: int, addrs: npt.NDArray[np.uint64],
             access: Access, mair: int, qemu_lpa_oa: bool, qemu_final_oa_unchecked: bool = False,
-            wxn: bool = False) -> BatchResult:
-    kw = {"qemu_lpa_oa": qemu_lpa_oa, "qemu_final_oa_unchecked": qemu_final_oa_unchecked,
+            wxn: bool = False, qemu_lpa2_oa: bool = False) -> BatchResult:
+    kw = {"qemu": WalkSemantics(qemu_lpa_oa, qemu_lpa2_oa, qemu_final_oa_unchecked),
           "wxn": wxn and geom.stage is Stage.S1}
     r = translate_batch(pool.words(), pool.base, geom, root, addrs, access, mair, **kw)
     pars = expected_par_batch(r)
@@ -128,12 +133,13 @@ def compare(pool: PagePool, geom: Geometry, root: int, addrs: npt.NDArray[np.uin
     pages=st.integers(1, 6),
     access=st.sampled_from(list(Access)),
     qemu_lpa_oa=st.booleans(),
+    qemu_lpa2_oa=st.booleans(),
     random_mair=st.booleans(),
     bad_root=st.integers(0, 9),
     wxn=st.booleans(),
 )
 def test_batch_equals_scalar_on_random_tables(geom_index: int, seed: int, pages: int,
-                                              access: Access, qemu_lpa_oa: bool,
+                                              access: Access, qemu_lpa_oa: bool, qemu_lpa2_oa: bool,
                                               random_mair: bool, bad_root: int, wxn: bool) -> None:
     geom = GEOMS[geom_index]
     rng = np.random.default_rng(seed)
@@ -148,7 +154,8 @@ def test_batch_equals_scalar_on_random_tables(geom_index: int, seed: int, pages:
     above_pamax = (u(1) << u(52)) | within
     choice = rng.integers(0, 10, n)
     addrs = np.select([choice < 7, choice < 8, choice < 9], [within, anywhere, near], above_pamax)
-    compare(pool, geom, root, addrs.astype(np.uint64), access, mair, qemu_lpa_oa, wxn=wxn)
+    compare(pool, geom, root, addrs.astype(np.uint64), access, mair, qemu_lpa_oa, wxn=wxn,
+            qemu_lpa2_oa=qemu_lpa2_oa)
 
 
 def test_batch_on_hand_tables() -> None:

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from harness.arch.geometry import Geometry
-from harness.arch.registers import Par
+from harness.arch.registers import FaultKind, Par
 from harness.core.memory import PagePool
 from harness.core.pgtable import HypPgtable, KvmPgtable, Stage2Pgtable
 from harness.core.prot import Prot
-from harness.core.translate import READ, WRITE, Access, expected_par, par_compare_mask, translate
+from harness.core.translate import READ, WRITE, Access, WalkSemantics, expected_par, par_compare_mask, translate
 from harness.target.layout import LAYOUT
 from harness.target.target import Target
 
@@ -108,7 +108,7 @@ def test_final_output_address_beyond_ps(target: Target) -> None:
     got = target.at(np.array(addrs, dtype=np.uint64), "S1E2R").tolist()
     target.uninstall()
     arm = [translate(t.mem, geom, t.pgd, a) for a in addrs]
-    qemu = [translate(t.mem, geom, t.pgd, a, qemu_final_oa_unchecked=True) for a in addrs]
+    qemu = [translate(t.mem, geom, t.pgd, a, qemu=WalkSemantics(final_oa_unchecked=True)) for a in addrs]
     assert arm[0].ok and arm[1].fault is not None
     matches_arm = all((expected_par(m) ^ p) & par_compare_mask(m) == 0 for m, p in zip(arm, got, strict=True))
     matches_qemu = all((expected_par(m) ^ p) & par_compare_mask(m) == 0 for m, p in zip(qemu, got, strict=True))
@@ -140,3 +140,37 @@ def test_small_root_alignment_and_pamax_start_level(target: Target) -> None:
     t = Stage2Pgtable(pool_for(g0), "4K", 40, 40, 0)
     t.map(0x80_0000_0000 - (1 << 30), 1 << 30, 0xC0_0000_0000 >> 4, Prot.RW)
     assert check(target, t, [0x7F_C000_1234, 0x1000], (READ, WRITE)) == 4
+
+
+@pytest.mark.parametrize("pa_bits", [48, 40])
+def test_lpa2_oa_51_50_below_52bit_ps(target: Target, pa_bits: int) -> None:
+    """DS = 1 with PS under 52 bits: the Arm ARM reads descriptor bits [9:8] as OA[51:50] (an
+    address size fault); QEMU 10 ignores them, in a leaf and in a table descriptor alike
+    (``WalkSemantics.lpa2_oa``), while OA[49:48] in bits [49:48] beyond PS faults on both."""
+    geom = Geometry.create(1, "4K", 48, pa_bits, lpa2=True)
+    t = HypPgtable(pool_for(geom), "4K", 48, pa_bits, lpa2=True)
+    for r in LAYOUT.stage1_regions():
+        t.map(r.base, r.size, r.base, r.prot)
+    assert t.pgd is not None
+    leaf_va, table_va, hi_va = 0x7F_0000_1000, 0x7F_0020_2000, 0x7F_0040_3000
+    for va in (leaf_va, table_va, hi_va):
+        t.map(va, 0x1000, 0x80_0000_0000 - 0x10_0000 + (va & 0xFF_F000), Prot.RW)
+
+    def step(va: int, level: int) -> int:
+        return next(s.desc_pa for s in translate(t.mem, geom, t.pgd, va).steps if s.level == level)
+
+    for va, level, bits in ((leaf_va, 3, 0b01 << 8), (table_va, 2, 0b10 << 8), (hi_va, 3, 0b11 << 48)):
+        pa = step(va, level)
+        t.mem.write64(pa, t.mem.read64(pa) | bits)
+    addrs = [leaf_va + 0x10, table_va + 0x18, hi_va + 0x20]
+    target.install(t.regs(), t.mem.export())
+    got = target.at(np.array(addrs, dtype=np.uint64), "S1E2R").tolist()
+    target.uninstall()
+    arm = [translate(t.mem, geom, t.pgd, a) for a in addrs]
+    qemu = [translate(t.mem, geom, t.pgd, a, qemu=WalkSemantics(lpa2_oa=True)) for a in addrs]
+    assert [(m.fault, m.fault_level) for m in arm] == [(FaultKind.ADDRESS_SIZE, 3), (FaultKind.ADDRESS_SIZE, 2),
+                                                       (FaultKind.ADDRESS_SIZE, 3)]
+    assert qemu[0].ok and qemu[1].ok and qemu[2].fault is FaultKind.ADDRESS_SIZE
+    for a, m, p in zip(addrs, qemu, got, strict=True):
+        assert (expected_par(m) ^ p) & par_compare_mask(m) == 0, f"{a:#x}: MMU {Par(p)}\nQEMU model {m.explain()}"
+    assert Par(got[0]).pa == 0x80_0000_0000 - 0x10_0000 + 0x1000

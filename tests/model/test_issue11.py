@@ -5,7 +5,7 @@
 2. Stage-2 start-level legality uses PAMax (``AArch64.S2InvalidSL``), not VTCR_EL2.PS.
 3. The final output address is checked against the PA size (``AArch64.OAOutOfRange``): a 64K
    level-1 block (4 TiB) at stage 1 with PS = 36 gives an Address size fault at level 1 for
-   inputs whose offset reaches 2**36; QEMU 10 does not check it (``qemu_final_oa_unchecked``).
+   inputs whose offset reaches 2**36; QEMU 10 does not check it (``WalkSemantics.final_oa_unchecked``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from harness.arch.geometry import Geometry
 from harness.arch.registers import FaultKind, Par
 from harness.core.batch import expected_par_batch, translate_batch
 from harness.core.memory import PagePool
-from harness.core.translate import expected_par, translate
+from harness.core.translate import WalkSemantics, expected_par, translate
 
 BASE = 0x4000_0000
 TABLE = 0b11
@@ -75,7 +75,7 @@ def test_final_output_address_beyond_ps_is_an_address_size_fault() -> None:
     t = translate(pool, geom, BASE, beyond)
     assert (t.fault, t.fault_level, t.fault_stage2) == (FaultKind.ADDRESS_SIZE, 1, False)
     assert Par(expected_par(t)).fst == 0b000001
-    q = translate(pool, geom, BASE, beyond, qemu_final_oa_unchecked=True)
+    q = translate(pool, geom, BASE, beyond, qemu=WalkSemantics(final_oa_unchecked=True))
     assert q.ok and q.pa == beyond
     addrs = np.array([inside, beyond, (1 << 42) - 4096], dtype=np.uint64)
     res = translate_batch(pool.words(), pool.base, geom, BASE, addrs)
@@ -83,7 +83,7 @@ def test_final_output_address_beyond_ps_is_an_address_size_fault() -> None:
     assert res.fault.tolist()[1:] == [FaultKind.ADDRESS_SIZE.value] * 2
     assert res.fault_level.tolist()[1:] == [1, 1]
     assert expected_par_batch(res).tolist() == [expected_par(translate(pool, geom, BASE, int(a))) for a in addrs]
-    qres = translate_batch(pool.words(), pool.base, geom, BASE, addrs, qemu_final_oa_unchecked=True)
+    qres = translate_batch(pool.words(), pool.base, geom, BASE, addrs, qemu=WalkSemantics(final_oa_unchecked=True))
     assert qres.ok.all()
 
 

@@ -12,7 +12,7 @@ from harness.arch.geometry import PA_SIZES, Geometry, GeometryError, Granule, St
 from harness.check import rawtables
 from harness.core.batch import fault_code, translate_batch
 from harness.core.prot import Prot
-from harness.core.translate import READ, WRITE
+from harness.core.translate import READ, WRITE, WalkSemantics
 from harness.target.layout import LAYOUT
 
 SEEDS = range(40)
@@ -132,11 +132,11 @@ def test_declared_departures_are_model_keywords() -> None:
     subject = raw.subject("t")
     for dv in divergences.DIVERGENCES:
         assert dv.rule and dv.qemu and dv.key
-        if dv.semantics:
-            subject.predict(np.array([0], dtype=np.uint64), READ, **dv.semantics)
-            subject.walk(0, READ, **dv.semantics)
+        if dv.semantics.departs:
+            subject.predict(np.array([0], dtype=np.uint64), READ, qemu=dv.semantics)
+            subject.walk(0, READ, qemu=dv.semantics)
     assert divergences.qemu_semantics((10, 0, 2), Geometry.create(Stage.S1, Granule.K64, 48, 48)) == \
-        {"qemu_lpa_oa": True}
+        {"qemu": WalkSemantics(lpa_oa=True)}
     assert divergences.qemu_semantics((10, 0, 2), Geometry.create(Stage.S1, Granule.K4, 48, 48)) == {}
 
 

@@ -17,6 +17,7 @@ from harness.core.translate import (
     WRITE,
     Access,
     Translation,
+    WalkSemantics,
     expected_par,
     par_compare_mask,
     translate,
@@ -237,14 +238,42 @@ def test_64k_52bit_output_level2_block() -> None:
 
 def test_64k_oa_51_48_with_48bit_pa() -> None:
     """Arm ARM: with FEAT_LPA bits [15:12] are OA[51:48] whatever PS: address size fault.
-    QEMU 10 ignores them unless PS is 52 bits (qemu_lpa_oa=True)."""
+    QEMU 10 ignores them unless PS is 52 bits (WalkSemantics.lpa_oa)."""
     pool, geom = setup(2, "64K", 42, 48)
     ipa = 0x2_3456_7890
     root = chain(pool, geom, ipa, 3, 0x7_0000_0000 | (0x1 << 12) | PAGE | S2_NORMAL)
     t = translate(pool, geom, root, ipa)
     assert fault_of(t) == (FaultKind.ADDRESS_SIZE, 3, True)
-    t = translate(pool, geom, root, ipa, qemu_lpa_oa=True)
+    t = translate(pool, geom, root, ipa, qemu=WalkSemantics(lpa_oa=True))
     assert t.ok and t.pa == 0x7_0000_0000 | (ipa & 0xFFFF)
+
+
+@pytest.mark.parametrize(("stage", "granule", "pa"), [(1, "4K", 48), (2, "16K", 40), (1, "16K", 52)])
+def test_lpa2_oa_51_50_below_52bit_ps(stage: int, granule: str, pa: int) -> None:
+    """Arm ARM: with DS = 1 bits [9:8] are OA[51:50] whatever PS: address size fault, at the
+    table or the leaf that holds them. QEMU 10 reads them only with PS = 52 bits
+    (WalkSemantics.lpa2_oa): below, it ignores them in tables and leaves; OA[49:48] ([49:48])
+    beyond PS faults on both readings."""
+    geom = Geometry.create(stage, granule, 48 if stage == 1 else 40, pa, lpa2=True)
+    pool = PagePool(BASE, 40 * geom.granule.size, geom.granule.size)
+    addr = PATTERN & (geom.limit - 1)
+    leaf = 0x7_0000_0000 | PAGE | (S1_NORMAL if stage == 1 else S2_NORMAL) & ~SH_IS
+    s2 = stage == 2
+    qemu_walk = WalkSemantics(lpa2_oa=True)
+    for table_bits, leaf_bits, level in (((), 0b01 << 8, 3), ((0b10 << 8,), 0, geom.start_level)):
+        pool.words()[:] = 0
+        root = chain(pool, geom, addr, 3, leaf | leaf_bits, table_bits)
+        arm, qemu = translate(pool, geom, root, addr), translate(pool, geom, root, addr, qemu=qemu_walk)
+        if pa == 52:  # both read them: the leaf's PA has them, the table is beyond the pool
+            assert arm == qemu and (arm.pa is not None and arm.pa >> 50 == 1 if leaf_bits else arm.unmodelled)
+            continue
+        assert fault_of(arm) == (FaultKind.ADDRESS_SIZE, level, s2)
+        assert qemu.ok and qemu.pa == 0x7_0000_0000 | (addr & (geom.granule.size - 1))
+    if pa < 50:
+        pool.words()[:] = 0
+        root = chain(pool, geom, addr, 3, leaf | 1 << 49)
+        for t in (translate(pool, geom, root, addr), translate(pool, geom, root, addr, qemu=qemu_walk)):
+            assert fault_of(t) == (FaultKind.ADDRESS_SIZE, 3, s2)
 
 
 # ---------------------------------------------------------------------------------------------
