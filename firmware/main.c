@@ -182,26 +182,35 @@ static u64 do_at(void)
     return STATUS_OK;
 }
 
+/* arg0 write: 0 loads, 1 stores, 2 both: loads over the first n addresses, then stores over the
+ * next n2 (arg6), records and values in the same order. */
 static u64 do_access(void)
 {
     u64 write = mb->arg[0], stage = mb->arg[1], n = mb->arg[2], src = mb->arg[3], dst = mb->arg[4];
-    u64 vals = mb->arg[5];
-    if (n > PROBE_ADDRS_SIZE / 8 || !in_buffer(src, n * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
-        !in_buffer(vals, n * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
-        !in_buffer(dst, n * ACCESS_RECORD_SIZE, PROBE_RESULTS_BASE, PROBE_RESULTS_SIZE) || write > 1)
+    u64 vals = mb->arg[5], n2 = write == 2 ? mb->arg[6] : 0, total = n + n2;
+    if (n > PROBE_ADDRS_SIZE / 8 || n2 > PROBE_ADDRS_SIZE / 8 ||
+        !in_buffer(src, total * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
+        !in_buffer(vals, total * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
+        !in_buffer(dst, total * ACCESS_RECORD_SIZE, PROBE_RESULTS_BASE, PROBE_RESULTS_SIZE) || write > 2)
         return STATUS_BAD_ARG;
+    const u64 *a = (const u64 *)src, *v = (const u64 *)vals;
+    struct access_record *r = (struct access_record *)dst;
     if (stage == 1) {
-        s1_access_loop((const u64 *)src, (struct access_record *)dst, n, write, (const u64 *)vals);
+        s1_access_loop(a, r, n, write & 1, v);
+        if (write == 2)
+            s1_access_loop(a + n, r + n, n2, 1, v + n);
     } else if (stage == 2) {
         if (READ_SYSREG(hcr_el2) & HCR_E2H) /* the EL1 stub needs the EL1&0 regime */
             return STATUS_BAD_ARG;
         WRITE_SYSREG(hcr_el2, READ_SYSREG(hcr_el2) | HCR_RW);
         ISB();
-        s2_access_loop((const u64 *)src, (struct access_record *)dst, n, write, (const u64 *)vals);
+        s2_access_loop(a, r, n, write & 1, v);
+        if (write == 2)
+            s2_access_loop(a + n, r + n, n2, 1, v + n);
     } else {
         return STATUS_BAD_ARG;
     }
-    mb->ret0 = n;
+    mb->ret0 = total;
     return STATUS_OK;
 }
 

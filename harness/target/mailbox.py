@@ -22,7 +22,8 @@ Request arguments:
   in ``at_exceptions``; the loop goes on. The paired ops S1E2RW and S12E1RW run both forms of a
   stage in one request: the read form over the first ``count`` addresses, then the write form over
   the next arg4 addresses (results in the same order); arg5 = 1 then uninstalls (as UNINSTALL).
-* ACCESS: arg0 write (0/1), arg1 stage (1: EL2 with its stage 1; 2: EL1 through stage 2),
+* ACCESS: arg0 write (0/1; 2: loads over the first ``count`` addresses, then stores over the next
+  arg6, records and values in the same order), arg1 stage (1: EL2 with its stage 1; 2: EL1 through stage 2),
   arg2 count, arg3 address buffer PA, arg4 record buffer PA (:data:`ACCESS_RECORD` each), arg5
   value buffer PA (one u64 per address: what a store writes). Each probe is a 64-bit ``ldr``/``str``
   at the (8-byte aligned) address; the record's ``value`` is the loaded value (0 if the load
@@ -53,7 +54,7 @@ from harness.arch.el2 import PAR_RES0_55_52, Vector
 from harness.arch.registers import PAR_F
 
 MAGIC = 0x5047_5441_424C_4521  # "PGTABLE!"
-VERSION = 4  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW
+VERSION = 4  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW; ACCESS write = 2
 
 U64Array = npt.NDArray[np.uint64]
 BoolArray = npt.NDArray[np.bool_]

@@ -579,6 +579,35 @@ class Target:
         out["completed"] = out["status"] == mbx.AccessStatus.COMPLETED
         return out
 
+    def access_both(self, loads: npt.ArrayLike, stores: npt.ArrayLike,
+                    stage: Stage | int | None = None) -> tuple[AccessRecords, AccessRecords]:
+        """Loads at ``loads``, then stores at ``stores``, as :meth:`access` would make them (the
+        stores carry the default :func:`mailbox.store_tokens`, the same as a load request then a
+        store request), in one request where both fit (``layout.max_access`` in all; else two).
+        Returns ``(load records, store records)``."""
+        st = int(stage) if stage is not None else int(self._installed or Stage.S1)
+        la = np.ascontiguousarray(loads, dtype=np.uint64).reshape(-1) & ~np.uint64(7)
+        sa = np.ascontiguousarray(stores, dtype=np.uint64).reshape(-1) & ~np.uint64(7)
+        n1, n2 = int(la.size), int(sa.size)
+        if n1 + n2 > self.layout.max_access or not n1 or not n2:
+            return self.access(la, False, st), self.access(sa, True, st)
+        self._access_requests += 2  # as a load request, then a store request
+        vals = np.concatenate([np.zeros(n1, dtype=np.uint64), mbx.store_tokens(self._access_requests, n2)])
+        self._put_addresses(np.concatenate([la, sa]), self.layout.max_access)
+        vview = self.ram_u64(self.layout.probe_values, n1 + n2)
+        vview[:] = vals
+        del vview
+        self.request(mbx.Cmd.ACCESS, 2, st, n1, self.layout.probe_addrs, self.layout.probe_results,
+                     self.layout.probe_values, n2)
+        off = self._ram_offset(self.layout.probe_results, (n1 + n2) * mbx.ACCESS_RECORD_SIZE)
+        view = np.frombuffer(self._mm, dtype=ACCESS_DTYPE, count=n1 + n2, offset=off)
+        out = np.zeros(n1 + n2, dtype=ACCESS_RESULT_DTYPE)
+        for name in ("status", "esr", "far", "hpfar", "value"):
+            out[name] = view[name]
+        del view
+        out["completed"] = out["status"] == mbx.AccessStatus.COMPLETED
+        return out[:n1], out[n1:]
+
     def fetch(self, addresses: npt.ArrayLike, stage: Stage | int | None = None) -> AccessRecords:
         """Instruction-fetch probes: the firmware branches (``blr``) to each address and expects
         the code there to return.

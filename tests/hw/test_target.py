@@ -372,6 +372,33 @@ def test_both_at_forms_in_one_request(target: Target, stage: Stage) -> None:
     assert not flat.fault and flat.pa == UNMAPPED  # nothing installed: the flat map
 
 
+@pytest.mark.parametrize("stage", [Stage.S1, Stage.S2])
+def test_loads_and_stores_in_one_request(target: Target, stage: Stage) -> None:
+    """ACCESS write = 2: loads over one list, then stores over another, one request; records as
+    from a load request and a store request."""
+    if stage is Stage.S1:
+        tab = s1_identity(LAYOUT, "4K", extra=[SCRATCH, SCRATCH_RO])
+        target.install(tab.s1_regs(), tab.image())
+    else:
+        tab = s2_identity(LAYOUT, "4K", extra=[SCRATCH, SCRATCH_RO])
+        target.install(tab.s2_regs(), tab.image())
+    target.write_pa(SCRATCH.base + 0x100, (0x10AD_0000_0000_0001).to_bytes(8, "little"))
+    loads = [SCRATCH.base + 0x100, UNMAPPED + 0x10, SCRATCH_RO.base]
+    stores = [SCRATCH.base + 0x200, SCRATCH_RO.base + 8, UNMAPPED]
+    before = int(target.ram_u64(LAYOUT.mailbox + mbx.OFFSET["requests"], 1)[0])
+    ld, st = target.access_both(loads, stores, stage)
+    assert int(target.ram_u64(LAYOUT.mailbox + mbx.OFFSET["requests"], 1)[0]) == before + 1
+    assert ld["completed"].tolist() == [True, False, True] and int(ld["value"][0]) == 0x10AD_0000_0000_0001
+    assert st["completed"].tolist() == [True, False, False]
+    assert target.ram_u64(SCRATCH.base + 0x200, 1)[0] == st["value"][0] and st["value"][0] != 0
+    ld2 = target.access(loads, write=False, stage=stage)
+    st2 = target.access(stores, write=True, stage=stage)
+    for name in ("status", "esr", "far", "hpfar"):
+        assert ld[name].tolist() == ld2[name].tolist() and st[name].tolist() == st2[name].tolist()
+    assert ISS_WNR.get(int(st["esr"][1])) == 1 and ISS_WNR.get(int(ld["esr"][1])) == 0
+    target.uninstall()
+
+
 def test_install_s1_refuses_other_hcr_bits(target: Target) -> None:
     tab = s1_identity(LAYOUT, "4K")
     with pytest.raises(RequestFailed):
