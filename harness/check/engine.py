@@ -99,6 +99,8 @@ class TargetLike(Protocol):
     def at_wait(self) -> U64: ...
     def at(self, addresses: npt.ArrayLike, op: str) -> U64: ...
     def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None) -> Any: ...
+    def access_both(self, loads: npt.ArrayLike, stores: npt.ArrayLike,
+                    stage: Stage | int | None = None) -> tuple[Any, Any]: ...
     def fetch(self, addresses: npt.ArrayLike, stage: Stage | int | None = None) -> Any: ...
     def read_pa(self, pa: int, n: int) -> bytes: ...
     def write_pa(self, pa: int, data: bytes) -> None: ...
@@ -614,10 +616,11 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
                  sample: int = MAX_ACCESS_PROBES) -> None:
     """Real loads and stores on the addresses that fault (on both the Arm ARM's and QEMU's walk)
     or translate into scratch RAM; the addresses in ``must`` (withheld from AT) are always
-    included."""
+    included. The loads and the stores go in one request (:meth:`harness.target.Target.access_both`)."""
     subj = subject if isinstance(subject, Subject) else subject_of_table(subject, report.scenario)
     scratch = target.layout.scratch
     version = target.qemu_version
+    plans: dict[bool, tuple[U64, Prediction]] = {}
     for write, access in ((False, READ), (True, WRITE)):
         forced = (must or {}).get(access, addrs[:0])
         cand = np.unique(np.concatenate([addrs, forced]))
@@ -635,40 +638,58 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
         if eligible.size > sample:
             eligible = rng.choice(eligible, sample, replace=False)
         idx = np.union1d(eligible, np.flatnonzero(np.isin(cand, forced)))
-        if not idx.size:
-            continue
-        chosen, pred = cand[idx], pred.take(idx)
-        tokens = Tokens.plant(target, pred.arm, scratch, report.checked) if not write else None
-        guard = StoreGuard.take(target, pred.arm, scratch) if write else None
-        t0 = time.perf_counter()
-        rec = target.access(chosen, write=write, stage=subj.stage)
-        report.time("access", time.perf_counter() - t0)
-        name = "store" if write else "load"
-        report.count(report.probes, name, int(chosen.size))
-        good = _access_agrees(pred.arm, rec, chosen, subj.stage, write)
-        if "value" in (rec.dtype.names or ()):
-            landed = tokens.loaded(rec) if tokens is not None else _stores_landed(target, pred.arm, rec, scratch)
-            good &= landed
-        if guard is not None:
-            for pa in guard.strays(target, scratch):
-                report.add(Mismatch(pa, "store", "no store lands here (not an expected PA)",
-                                    f"the word at PA {pa:#x} changed", "") if report.room_for(None) else None, None)
-        bad = np.flatnonzero(~good)
-        report.matched += int(chosen.size - bad.size)
-        if not bad.size:
-            continue
-        keys = _access_departures(subj, chosen[bad], access, rec[bad], write, version)
-        for n, i in enumerate(bad):
-            addr = int(chosen[i])
-            key = keys[n]
-            m = None
-            if report.room_for(key):
-                t = subj.walk(addr, access)
-                got = "completed" if rec["completed"][i] else (
-                    f"{describe_esr(int(rec['esr'][i]))} FAR {int(rec['far'][i]):#x} HPFAR {int(rec['hpfar'][i]):#x}")
-                want = "completes" if t.ok else f"data abort, {t.summary()}"
-                m = Mismatch(addr, name, f"{t.summary()} -> {want}", got, t.explain(), key)
-            report.add(m, key)
+        if idx.size:
+            plans[write] = (cand[idx], pred.take(idx))
+    if not plans:
+        return
+    # As a load request then a store request: the loads' tokens planted, then the stores' guard.
+    tokens = Tokens.plant(target, plans[False][1].arm, scratch, report.checked) if False in plans else None
+    guard = StoreGuard.take(target, plans[True][1].arm, scratch) if True in plans else None
+    t0 = time.perf_counter()
+    if len(plans) == 2:
+        recs = dict(zip((False, True), target.access_both(plans[False][0], plans[True][0], subj.stage), strict=True))
+    else:
+        ((write, (chosen, _)),) = plans.items()
+        recs = {write: target.access(chosen, write=write, stage=subj.stage)}
+    report.time("access", time.perf_counter() - t0)
+    for write, access in ((False, READ), (True, WRITE)):
+        if write in plans:
+            chosen, pred = plans[write]
+            _judge_access(report, target, subj, chosen, pred, recs[write], write, access,
+                          tokens if not write else None, guard if write else None)
+
+
+def _judge_access(report: CheckReport, target: TargetLike, subj: Subject, chosen: U64, pred: Prediction,
+                  rec: Any, write: bool, access: Access, tokens: Tokens | None, guard: StoreGuard | None) -> None:
+    """Compare one kind of real access (loads or stores) with the model."""
+    scratch = target.layout.scratch
+    version = target.qemu_version
+    name = "store" if write else "load"
+    report.count(report.probes, name, int(chosen.size))
+    good = _access_agrees(pred.arm, rec, chosen, subj.stage, write)
+    if "value" in (rec.dtype.names or ()):
+        landed = tokens.loaded(rec) if tokens is not None else _stores_landed(target, pred.arm, rec, scratch)
+        good &= landed
+    if guard is not None:
+        for pa in guard.strays(target, scratch):
+            report.add(Mismatch(pa, "store", "no store lands here (not an expected PA)",
+                                f"the word at PA {pa:#x} changed", "") if report.room_for(None) else None, None)
+    bad = np.flatnonzero(~good)
+    report.matched += int(chosen.size - bad.size)
+    if not bad.size:
+        return
+    keys = _access_departures(subj, chosen[bad], access, rec[bad], write, version)
+    for n, i in enumerate(bad):
+        addr = int(chosen[i])
+        key = keys[n]
+        m = None
+        if report.room_for(key):
+            t = subj.walk(addr, access)
+            got = "completed" if rec["completed"][i] else (
+                f"{describe_esr(int(rec['esr'][i]))} FAR {int(rec['far'][i]):#x} HPFAR {int(rec['hpfar'][i]):#x}")
+            want = "completes" if t.ok else f"data abort, {t.summary()}"
+            m = Mismatch(addr, name, f"{t.summary()} -> {want}", got, t.explain(), key)
+        report.add(m, key)
 
 
 # ---------------------------------------------------------------------------------------------
