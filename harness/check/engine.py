@@ -71,6 +71,8 @@ AT_OPS: dict[Stage, tuple[tuple[str, Access], ...]] = {
     Stage.S1: (("S1E2R", READ), ("S1E2W", WRITE)),
     Stage.S2: (("S12E1R", READ), ("S12E1W", WRITE)),
 }
+AT_PIPELINE_CHUNK = 1 << 15  # addresses below which an AT request is not split (round trip ~1 ms)
+AT_PIPELINE_DEPTH = 4  # more addresses: at least this many requests, each predicted while the last runs
 MAX_EXPLAINED = 200  # disagreements re-walked and reported in full (the rest are counted)
 MAX_ACCESS_PROBES = 20_000
 MAX_FETCH_PROBES = 2_000
@@ -434,7 +436,7 @@ def _check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgt
     subj = subject if isinstance(subject, Subject) else subject_of_table(subject, report.scenario)
     (read_op, read), (write_op, write) = AT_OPS[subj.stage]
     assert read is READ and write is WRITE
-    step = int(target.layout.max_at) // 2
+    step = min(int(target.layout.max_at) // 2, max(AT_PIPELINE_CHUNK, -(-addrs.size // AT_PIPELINE_DEPTH)))
     version = target.qemu_version
     withheld: dict[Access, list[U64]] = {}
     inflight: list[_AtChunk] = []
