@@ -3,8 +3,12 @@
     with Target.start(timeout=30) as t:
         t.install(stage1_regs(geom, pgd), pool.export())
         par = t.at(addresses, "S1E2R")
+        read_par, write_par = t.at_both(addresses, Stage.S1)   # both AT forms, one request per chunk
         rec = t.access(addresses, write=False)
+        loads, stores = t.access_both(load_addrs, store_addrs)  # one request
         rec = t.fetch(addresses)            # instruction fetches (plant code first)
+        t.install(other_regs, other_image)  # a swap: uninstalls first (in the same request
+                                            # unless stage 1 was installed)
         t.uninstall()
 """
 
