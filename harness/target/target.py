@@ -411,7 +411,7 @@ class Target:
         if self._dead is not None:
             raise TargetError(f"target is unusable: {self._dead}")
         if self._pending is not None:
-            raise TargetError("a request is in flight: call at_wait() first")
+            raise TargetError(f"a request is in flight: call {self._pending[0].lower()}_wait() first")
 
     def _submit(self, cmd: mbx.Cmd, *args: int) -> None:
         self._ensure_idle()
@@ -442,9 +442,16 @@ class Target:
         walks its tables again after the stop at ``idle`` (measured: an S2 image written over a
         live S1 table made the return from ``idle`` take an instruction abort), so the old
         regime is uninstalled (a separate request) before the new image is written."""
+        t0 = time.perf_counter()
+        self.install_start(regs, image)
+        self.install_wait()
+        self.timings["install"] = time.perf_counter() - t0
+
+    def install_start(self, regs: Stage1Regs | Stage2Regs, image: PoolImage | None = None) -> None:
+        """:meth:`install` up to the request in flight (the host may work meanwhile);
+        :meth:`install_wait` finishes it."""
         if self._installed is Stage.S1 and image is not None:
             self.uninstall()
-        t0 = time.perf_counter()
         if image is not None:
             end = image.base + len(image.data)
             for r in self.layout.firmware_regions():
@@ -452,13 +459,21 @@ class Target:
                     raise ValueError(f"image: [{image.base:#x}, {end:#x}) overlaps the firmware's {r}")
             self.write_pa(image.base, image.data)
         if isinstance(regs, Stage1Regs):
-            self.request(mbx.Cmd.INSTALL_S1, regs.mair_el2, regs.tcr_el2, regs.ttbr0_el2, regs.sctlr_el2_set,
+            self._submit(mbx.Cmd.INSTALL_S1, regs.mair_el2, regs.tcr_el2, regs.ttbr0_el2, regs.sctlr_el2_set,
                          regs.hcr_el2_set)
-            self._installed = Stage.S1
+            self._pending = ("INSTALL", int(Stage.S1), 0, time.monotonic())
         else:
-            self.request(mbx.Cmd.INSTALL_S2, regs.vtcr_el2, regs.vttbr_el2, regs.hcr_el2_set)
-            self._installed = Stage.S2
-        self.timings["install"] = time.perf_counter() - t0
+            self._submit(mbx.Cmd.INSTALL_S2, regs.vtcr_el2, regs.vttbr_el2, regs.hcr_el2_set)
+            self._pending = ("INSTALL", int(Stage.S2), 0, time.monotonic())
+
+    def install_wait(self) -> None:
+        if self._pending is None or self._pending[0] != "INSTALL":
+            raise TargetError("install_wait: no install in flight")
+        stage = Stage(self._pending[1])
+        self._pending = None
+        self._installed = None  # until the firmware says it is done (it uninstalled first)
+        self._complete(mbx.Cmd.INSTALL_S1 if stage is Stage.S1 else mbx.Cmd.INSTALL_S2, self.request_timeout)
+        self._installed = stage
 
     def uninstall(self) -> None:
         """Stage 1 off, HCR_EL2.E2H off, stage 2 off, TLBs invalidated (safe to call at any time)."""

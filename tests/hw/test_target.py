@@ -34,7 +34,7 @@ from harness.arch.registers import (
 )
 from harness.core.prot import Prot
 from harness.target import mailbox as mbx
-from harness.target.errors import FirmwareException, QemuExited, RequestFailed, TargetTimeout
+from harness.target.errors import FirmwareException, QemuExited, RequestFailed, TargetError, TargetTimeout
 from harness.target.firmware import available_toolchains, build, choose_toolchain
 from harness.target.layout import LAYOUT, Region
 from harness.target.physmem import GdbPhysMemory
@@ -396,6 +396,23 @@ def test_loads_and_stores_in_one_request(target: Target, stage: Stage) -> None:
     for name in ("status", "esr", "far", "hpfar"):
         assert ld[name].tolist() == ld2[name].tolist() and st[name].tolist() == st2[name].tolist()
     assert ISS_WNR.get(int(st["esr"][1])) == 1 and ISS_WNR.get(int(ld["esr"][1])) == 0
+    target.uninstall()
+
+
+def test_install_in_flight(target: Target) -> None:
+    """install_start leaves the request in flight (nothing else may be asked meanwhile), install_wait
+    finishes it."""
+    tab = s2_identity(LAYOUT, "4K", extra=[SCRATCH])
+    target.install_start(tab.s2_regs(), tab.image())
+    with pytest.raises(TargetError, match="install_wait"):
+        target.request_nop()
+    with pytest.raises(TargetError):
+        target.at_wait()
+    target.install_wait()
+    assert target.installed is Stage.S2
+    assert Par(int(target.at([SCRATCH.base + 0x2345], "S12E1R")[0])).pa == SCRATCH.base + 0x2000
+    with pytest.raises(TargetError):
+        target.install_wait()
     target.uninstall()
 
 
