@@ -2,8 +2,9 @@
 
     python -m harness.bench.target [--json] [--count N]
 
-Prints launch to ready, table install, AT probes/s (one million addresses by default), access
-probes/s (stage 1 at EL2 and stage 2 from EL1) and one gdb/MI round trip.
+Prints launch to ready, table install, AT probes/s (one million addresses by default; both forms
+per request too), access probes/s (stage 1 at EL2 and stage 2 from EL1), a table swap (stage 2 over
+stage 2) and one gdb/MI round trip.
 """
 
 from __future__ import annotations
@@ -61,7 +62,15 @@ def run(count: int = 1_000_000, access_count: int = 200_000) -> dict[str, float]
         t0 = time.perf_counter()
         t.access(acc, write=True)
         out["access_s2_per_s"] = access_count / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        t.at_both(addrs, Stage.S2)
+        out["at_both_s12e1_per_s"] = 2 * count / (time.perf_counter() - t0)
         n = 200
+        image2 = used_image(s2)
+        t0 = time.perf_counter()
+        for _ in range(n // 4):  # stage 2 over stage 2: one request each
+            t.install(s2.regs(), image2)
+        out["install_swap_s2_ms"] = (time.perf_counter() - t0) / (n // 4) * 1e3
         t0 = time.perf_counter()
         for _ in range(n):
             t.gdb.command("-data-evaluate-expression 1")
@@ -88,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"table install (S1)   {res['install_s1_s'] * 1e3:8.1f} ms  ({res['install_image_mib']:.1f} MiB image)")
     print(f"AT S1E2R             {res['at_s1e2r_per_s'] / 1e6:8.2f} M/s  ({args.count} addresses)")
     print(f"AT S12E1R            {res['at_s12e1r_per_s'] / 1e6:8.2f} M/s")
+    print(f"AT S12E1R + S12E1W   {res['at_both_s12e1_per_s'] / 1e6:8.2f} M/s  (both forms in each request)")
+    print(f"table swap (S2->S2)  {res['install_swap_s2_ms']:8.3f} ms  (image written, one request)")
     print(f"access (S1, load)    {res['access_s1_per_s'] / 1e6:8.2f} M/s  "
           f"({res['access_s1_first_touch_per_s'] / 1e6:.2f} M/s when each page is touched the first time)")
     print(f"access (S2, store)   {res['access_s2_per_s'] / 1e6:8.2f} M/s")
