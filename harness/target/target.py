@@ -590,11 +590,7 @@ class Target:
             del vview
             self.request(mbx.Cmd.ACCESS, int(write), st, n, self.layout.probe_addrs, self.layout.probe_results,
                          values_pa)
-            off = self._ram_offset(self.layout.probe_results, n * mbx.ACCESS_RECORD_SIZE)
-            view = np.frombuffer(self._mm, dtype=ACCESS_DTYPE, count=n, offset=off)
-            for name in ("status", "esr", "far", "hpfar", "value"):
-                out[name][i : i + n] = view[name]
-            del view
+            self._read_records(out[i : i + n])
         out["completed"] = out["status"] == mbx.AccessStatus.COMPLETED
         return out
 
@@ -618,14 +614,21 @@ class Target:
         del vview
         self.request(mbx.Cmd.ACCESS, 2, st, n1, self.layout.probe_addrs, self.layout.probe_results,
                      self.layout.probe_values, n2)
-        off = self._ram_offset(self.layout.probe_results, (n1 + n2) * mbx.ACCESS_RECORD_SIZE)
-        view = np.frombuffer(self._mm, dtype=ACCESS_DTYPE, count=n1 + n2, offset=off)
         out = np.zeros(n1 + n2, dtype=ACCESS_RESULT_DTYPE)
-        for name in ("status", "esr", "far", "hpfar", "value"):
-            out[name] = view[name]
-        del view
+        self._read_records(out)
         out["completed"] = out["status"] == mbx.AccessStatus.COMPLETED
         return out[:n1], out[n1:]
+
+    def _read_records(self, out: AccessRecords) -> None:
+        """Copy the firmware's access records (the first ``len(out)`` in the result buffer) into
+        ``out``'s fields of the same names (``completed`` is derived by the callers)."""
+        n = len(out)
+        off = self._ram_offset(self.layout.probe_results, n * mbx.ACCESS_RECORD_SIZE)
+        view = np.frombuffer(self._mm, dtype=ACCESS_DTYPE, count=n, offset=off)
+        for name in ACCESS_DTYPE.names or ():
+            if name in (out.dtype.names or ()):
+                out[name] = view[name]
+        del view
 
     def fetch(self, addresses: npt.ArrayLike, stage: Stage | int | None = None) -> AccessRecords:
         """Instruction-fetch probes: the firmware branches (``blr``) to each address and expects
@@ -654,11 +657,7 @@ class Target:
             chunk = self._put_addresses(addrs[i : i + step], step)
             n = int(chunk.size)
             self.request(mbx.Cmd.FETCH, st, n, self.layout.probe_addrs, self.layout.probe_results)
-            off = self._ram_offset(self.layout.probe_results, n * mbx.ACCESS_RECORD_SIZE)
-            view = np.frombuffer(self._mm, dtype=ACCESS_DTYPE, count=n, offset=off)
-            for name in ("status", "esr", "far", "hpfar", "value"):
-                out[name][i : i + n] = view[name]
-            del view
+            self._read_records(out[i : i + n])
         out["completed"] = out["status"] == mbx.AccessStatus.COMPLETED
         return out
 
