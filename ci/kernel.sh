@@ -18,14 +18,9 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dest="${HARNESS_KERNEL_DIR:-$root/.cache/kernel}"
 
-log() { printf 'kernel: %s\n' "$*" >&2; }
-
-as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"
-    elif command -v sudo >/dev/null 2>&1; then sudo -n "$@"
-    else log "need root to run: $*"; exit 1
-    fi
-}
+log_prefix=kernel
+# shellcheck source=ci/lib.sh
+source "$root/ci/lib.sh"
 
 [ "${HARNESS_SKIP_KERNEL:-0}" = 1 ] && { log "skipped (HARNESS_SKIP_KERNEL=1)"; exit 0; }
 

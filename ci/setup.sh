@@ -9,14 +9,9 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="${HARNESS_VENV:-$root/.venv}"
 
-log() { printf 'setup: %s\n' "$*" >&2; }
-
-as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"
-    elif command -v sudo >/dev/null 2>&1; then sudo -n "$@"
-    else log "need root to run: $*"; exit 1
-    fi
-}
+log_prefix=setup
+# shellcheck source=ci/lib.sh
+source "$root/ci/lib.sh"
 
 deb_packages=(gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu clang lld gdb-multiarch python3 python3-venv)
 backports_list=/etc/apt/sources.list.d/pgtable-harness-backports.list
