@@ -1,12 +1,15 @@
-"""Shared by the hardware suites: the strict ``check`` fixture."""
+"""Shared by the hardware tests: the strict ``check`` fixture and ``any_qemu``."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 from checks import Check
 
 from harness.check.engine import CheckReport
 from harness.check.scenario import Scenario
+from harness.target.target import Target
 
 
 @pytest.fixture
@@ -20,3 +23,14 @@ def check(check_scenario: Check) -> Check:
         return rep
 
     return run
+
+
+@pytest.fixture(params=["reference", "qemu-7.2"])
+def any_qemu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
+    """The session's reference QEMU (10.0), then Debian 12's QEMU 7.2 booted for the test alone."""
+    if request.param == "qemu-7.2":
+        monkeypatch.setenv("HARNESS_QEMU", request.getfixturevalue("legacy_qemu"))
+        with Target.start() as t:
+            yield t
+    else:
+        yield request.getfixturevalue("target")

@@ -6,8 +6,6 @@ both, and the 7.2 disagreements are reported as the declared divergences, by key
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
@@ -22,13 +20,6 @@ pytestmark = pytest.mark.hw
 
 L0_BLOCK_VA = 0x80_0000_0000  # PGD entry 1 of a 4K / 40-bit stage-1 table (start level 0)
 
-
-@pytest.fixture(params=["reference", "qemu-7.2"])
-def any_qemu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
-    if request.param == "qemu-7.2":
-        monkeypatch.setenv("HARNESS_QEMU", request.getfixturevalue("legacy_qemu"))
-    with Target.start() as t:
-        yield t
 
 
 def check_with_l0_block(t: Target) -> CheckReport:

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
@@ -25,7 +23,7 @@ from harness.check.engine import (
     check_subject,
     subject_of_built,
 )
-from harness.check.scenario import SCRATCH, Built, MapSpec, Scenario, build
+from harness.check.scenario import SCRATCH, BuiltScenario, MapSpec, Scenario, build
 from harness.core.batch import expected_par_batch, par_compare_mask_batch, translate_batch
 from harness.core.memory import PoolImage
 from harness.core.prot import Prot
@@ -37,7 +35,7 @@ pytestmark = pytest.mark.hw
 LPA_KEY = "qemu-64k-oa-51-48-below-52bit-ps"
 
 
-def leaf_pa(built: Built, addr: int) -> int:
+def leaf_pa(built: BuiltScenario, addr: int) -> int:
     """Where the leaf descriptor of ``addr`` lives."""
     t = built.table
     assert t.pgd is not None
@@ -114,15 +112,6 @@ def test_4_at_external_abort_is_recorded_and_classified(target: Target) -> None:
     assert rep.matched == 4
 
 
-@pytest.fixture(params=["reference", "qemu-7.2"])
-def any_qemu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
-    if request.param == "qemu-7.2":
-        monkeypatch.setenv("HARNESS_QEMU", request.getfixturevalue("legacy_qemu"))
-        with Target.start() as t:
-            yield t
-    else:
-        yield request.getfixturevalue("target")
-
 
 def test_5_final_output_address_beyond_pa_size(any_qemu: Target) -> None:
     """64K, stage 1, PS = 36: a level-1 block (4 TiB) with OA 0. Its input offsets at or above
@@ -141,7 +130,7 @@ def test_5_final_output_address_beyond_pa_size(any_qemu: Target) -> None:
     assert rep.matched == 2 and rep.known_by == {"qemu-final-oa-beyond-ps": 4}, rep.text()  # 2 addresses x 2 forms
 
 
-def _redirected(built: Built, addr: int, to: int) -> PoolImage:
+def _redirected(built: BuiltScenario, addr: int, to: int) -> PoolImage:
     """The table image with ``addr``'s leaf pointing at ``to`` instead (the model keeps the truth)."""
     image = bytearray(subject_of_built(built).image.data)
     ptep = leaf_pa(built, addr)

@@ -15,10 +15,8 @@ from harness.check.scenario.catalogue import SCRATCH, builtin, builtin_named, bu
 from harness.check.scenario.data import OPS, MapSpec, OpSpec, Scenario, ScenarioError, with_options
 from harness.check.scenario.parse import from_dict, load, parse_int
 
-Built = BuiltScenario  # the former name, kept while other branches still import it
-
 __all__ = [
-    "OPS", "SCRATCH", "Built", "BuiltScenario", "LayoutLike", "MapSpec", "OpSpec", "PoolOnlyLayout",
+    "OPS", "SCRATCH", "BuiltScenario", "LayoutLike", "MapSpec", "OpSpec", "PoolOnlyLayout",
     "RegionLike", "Scenario", "ScenarioError", "apply_op", "build", "builtin", "builtin_named", "builtin_subset",
     "empty_table", "firmware_regions", "from_dict", "load", "parse_int", "with_options",
 ]
