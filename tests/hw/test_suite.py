@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from checks import Check, ids
+from checks import Check, ids, stage2_page_ops
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -153,13 +153,7 @@ def test_stage2_operations(check: Check, granule: Granule) -> None:
         MapSpec(base, l2, SCRATCH + 0x100_0000 if granule is not Granule.K64 else SCRATCH, Prot.RW),
     )
     ops = (
-        OpSpec("wrprotect", 0x1000_0000, 8 * g),
-        OpSpec("mkold", 0x1000_0000 + 16 * g),
-        OpSpec("mkold", 0x1000_0000 + 17 * g),
-        OpSpec("mkyoung", 0x1000_0000 + 17 * g),
-        OpSpec("unmap", 0x1000_0000 + 20 * g, 3 * g),
-        OpSpec("wrprotect", 0x1000_0000 + 30 * g, g),
-        OpSpec("relax_perms", 0x1000_0000 + 30 * g, prot=Prot.W),
+        *stage2_page_ops(g),
         OpSpec("unmap", base + 5 * g, g),  # splits the block down to pages
     )
     sc = Scenario(f"ops-{granule.label}", Stage.S2, granule, 40, 48, maps=maps, ops=ops, access=True)

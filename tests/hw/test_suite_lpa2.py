@@ -34,7 +34,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from checks import Check, ids
+from checks import Check, ids, stage2_page_ops
 
 from harness.arch import descriptors as d
 from harness.arch.geometry import (
@@ -340,13 +340,7 @@ def test_stage2_operations_lpa2(check: Check, granule: Granule, ia: int, start: 
         MapSpec(big + 2 * top, top, 0x8_0000_0000_0000 + 2 * top, Prot.RW),
     )
     ops = (
-        OpSpec("wrprotect", 0x1000_0000, 8 * g),
-        OpSpec("mkold", 0x1000_0000 + 16 * g),
-        OpSpec("mkold", 0x1000_0000 + 17 * g),
-        OpSpec("mkyoung", 0x1000_0000 + 17 * g),
-        OpSpec("unmap", 0x1000_0000 + 20 * g, 3 * g),
-        OpSpec("wrprotect", 0x1000_0000 + 30 * g, g),
-        OpSpec("relax_perms", 0x1000_0000 + 30 * g, prot=Prot.W),
+        *stage2_page_ops(g),
         OpSpec("relax_perms", 0x1000_0000 + 31 * g, prot=Prot.X),
         OpSpec("unmap", base + 5 * g, g),  # splits the scratch block down to pages
         OpSpec("unmap", high + l2 + 3 * g, g),  # splits the 52-bit block: OA[51:48] kept in every child
