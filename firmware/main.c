@@ -14,6 +14,10 @@ typedef uint64_t u64;
 #define DSB(opt) __asm__ volatile("dsb " #opt : : : "memory")
 
 static struct mailbox *const mb = (struct mailbox *)MAILBOX_BASE;
+struct mailbox *const fw_mailbox = (struct mailbox *)MAILBOX_BASE; /* for a linked-in host (firmware/kpgt) */
+
+/* A host of kernel code linked in (firmware/kpgt/host.c) serves the commands this file does not. */
+extern u64 kpgt_serve(u64 cmd) __attribute__((weak));
 
 extern void idle(void);
 extern void panic(void) __attribute__((noreturn));
@@ -102,6 +106,12 @@ static void uninstall(void)
 {
     stage1_off();
     stage2_off();
+}
+
+void fw_uninstall(void); /* the same, for a linked-in host */
+void fw_uninstall(void)
+{
+    uninstall();
 }
 
 /* hcr_set: HCR_EL2.E2H for the EL2&0 regime (hVHE), set before TCR_EL2 (read in its E2H = 1 layout). */
@@ -271,7 +281,7 @@ static u64 serve(u64 cmd)
         for (;;)
             __asm__ volatile("" ::: "memory");
     default:
-        return STATUS_BAD_CMD;
+        return kpgt_serve ? kpgt_serve(cmd) : STATUS_BAD_CMD;
     }
 }
 

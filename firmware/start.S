@@ -34,6 +34,14 @@ _start:
 3:  bl      fw_main            /* x0 = CurrentEL */
     b       park
 
+/* Where el2_sync sends a synchronous exception it does not expect, before reporting it (0:
+ * report): a host of kernel code sets it while that code runs (firmware/kpgt/trap.S). */
+    .data
+    .balign 8
+    .global el2_sync_hook
+el2_sync_hook:
+    .quad   0
+
     .section .hostbp, "ax"
 /* The host's hardware breakpoint: the firmware is idle, waiting for a request. */
     .global idle
@@ -316,7 +324,11 @@ el2_sync:
     mrs     x0, tpidr_el2
     mrs     x1, tpidr_el0
     eret
-2:  mov     x1, #VEC_CUR_SPX_SYNC
+2:  ldr     x0, =el2_sync_hook  /* a host of kernel code (firmware/kpgt) takes it from here */
+    ldr     x0, [x0]
+    cbz     x0, 4f
+    br      x0
+4:  mov     x1, #VEC_CUR_SPX_SYNC
     b       unexpected
 
 /* An AT took a data abort (x1 = where to resume): x5 = the AT_EXCEPTION_TAG form of ESR_EL2

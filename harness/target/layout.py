@@ -59,6 +59,8 @@ class Layout:
     data_size: int = 1 * MIB
     mailbox: int = 0x4040_0000
     mailbox_size: int = 64 * KIB
+    kpgt: int = 0x4080_0000  # the kernel-walker host's state and own EL2 tables (harness.kernel.protocol)
+    kpgt_size: int = 2 * MIB
     probe_addrs: int = 0x4100_0000  # u64 addresses to probe (access probes: values in the upper half)
     probe_addrs_size: int = 32 * MIB
     probe_results: int = 0x4300_0000  # u64 PAR_EL1 values or access records
@@ -112,7 +114,8 @@ class Layout:
 
     def firmware_regions(self) -> list[Region]:
         """Every fixed region of the firmware (the RAM ones, in address order)."""
-        regions = [*self.stage1_regions(), *self.stage2_regions(), self.pool]
+        regions = [*self.stage1_regions(), *self.stage2_regions(), self.pool,
+                   Region("kpgt", self.kpgt, self.kpgt_size, Prot.RW)]
         return sorted((r for r in regions if r.name != "uart"), key=lambda r: r.base)
 
     def free_ram(self) -> list[Region]:
@@ -163,6 +166,8 @@ class Layout:
             "PROBE_RESULTS_SIZE": self.probe_results_size,
             "POOL_BASE": self.pool_base,
             "POOL_SIZE": self.pool_size,
+            "KPGT_BASE": self.kpgt,
+            "KPGT_SIZE": self.kpgt_size,
         }
 
     def linker_script(self) -> str:
@@ -183,6 +188,9 @@ SECTIONS
        a gdb breakpoint one instruction at a time, unchained, so hot loops must live elsewhere. */
     .text.hostbp ALIGN(0x1000) : {{ KEEP(*(.hostbp)) . = ALIGN(0x1000); }} > CODE
     .rodata : {{ *(.rodata .rodata.*) }} > CODE
+    /* a linked-in tree's pgtable.c (harness.kernel.payload): its alternatives and bug table */
+    .altinstructions : {{ __alt_instructions = .; KEEP(*(.altinstructions)) __alt_instructions_end = .; }} > CODE
+    __bug_table : {{ __start___bug_table = .; KEEP(*(__bug_table)) __stop___bug_table = .; }} > CODE
     .el1stub : {{ KEEP(*(.el1stub)) }} > STUB
     .data : {{ *(.data .data.*) }} > DATA
     .bss (NOLOAD) : {{ __bss_start = .; *(.bss .bss.* COMMON) . = ALIGN(16); __bss_end = .; }} > DATA

@@ -143,6 +143,7 @@ class Cmd(enum.IntEnum):
     ACCESS = 5
     SPIN = 6
     FETCH = 7
+    KPGT = 0x40  # served by a linked-in host of kernel code (harness.kernel.protocol), BAD_CMD without one
 
 
 class Status(enum.IntEnum):

@@ -124,15 +124,16 @@ class Target:
     @classmethod
     def start(cls, timeout: float = 30.0, request_timeout: float | None = None, layout: Layout = LAYOUT,
               log_dir: Path | str | None = None, cc: str | None = None,
-              qemu_args: tuple[str, ...] = ()) -> Target:
+              qemu_args: tuple[str, ...] = (), elf: Path | None = None) -> Target:
         """Build the firmware if needed, boot QEMU, wait for the banner; returns an idle target.
 
         ``timeout`` bounds the boot (and each of its gdb commands); ``request_timeout`` (default:
         ``timeout``) bounds every request and every gdb command afterwards. A target that does not
-        answer in time raises :class:`TargetTimeout` (a MachineryError)."""
+        answer in time raises :class:`TargetTimeout` (a MachineryError). ``elf``: boot this image
+        instead of the firmware (one built on the firmware, e.g. :mod:`harness.kernel.payload`'s)."""
         request_timeout = timeout if request_timeout is None else request_timeout
         t0 = time.perf_counter()
-        elf = build(cc=cc, layout=layout)
+        elf = build(cc=cc, layout=layout) if elf is None else elf
         if not shutil.which(gdb_binary()):
             raise ToolMissing(f"{gdb_binary()} is not on PATH (apt-get install gdb-multiarch)")
         logs = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
