@@ -1,0 +1,262 @@
+"""``harness kernel-pgtable``'s job: a tree's walker over its configuration matrix.
+
+For each page size (and compiler), the tree's objects are built (:mod:`harness.kernel.build`) and
+linked into the payload (:mod:`harness.kernel.payload`); for each configuration
+(:func:`harness.kernel.config.matrix`) the image is patched for the configuration's CPU
+capabilities, booted, and every sequence (scripted, then seeded random ones) runs through the check
+(:mod:`harness.check.kernel`). A sequence that fails is shrunk to a short reproducer. A fault in
+the C code leaves the payload's state unknown: the payload is booted again for what follows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.arch.geometry import Geometry, Granule, Stage
+from harness.check import kernel_bugs
+from harness.check.kernel import Session, SequenceResult, run_sequence
+from harness.check.kernel_seqs import KSequence, random_sequence, scripted, shrink
+from harness.kernel import elf as kelf
+from harness.kernel.build import BuildConfig, BuiltObjects, build_objects
+from harness.kernel.config import KernelConfig, matrix
+from harness.kernel.driver import KernelWalker
+from harness.kernel.payload import LinkedPayload, link
+from harness.kernel.tree import KernelTree
+from harness.target.target import Target
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    granules: tuple[Granule, ...] = (Granule.K4, Granule.K16, Granule.K64)
+    compilers: tuple[str, ...] = ("gcc",)
+    stage: Stage | None = None
+    lpa2: bool | None = None
+    e2h: bool | None = None
+    seed: int = 0
+    random_sequences: int = 2  # per configuration
+    random_length: int = 12
+    scripted: bool = True
+    mmu: bool = True
+    shrink: bool = True
+    timeout: float = 30.0
+    log_dir: Path | None = None
+    only_config: str | None = None  # replay one configuration by name
+    only_sequence: str | None = None  # ... and one sequence by name (e.g. random-3)
+
+
+@dataclass
+class ConfigReport:
+    config: KernelConfig
+    compiler: str
+    results: list[SequenceResult] = field(default_factory=list)
+    boots: int = 0
+    seconds: float = 0.0
+    reproducers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ops(self) -> int:
+        return sum(r.ops for r in self.results)
+
+    @property
+    def checked(self) -> int:
+        return sum(r.checked for r in self.results)
+
+    @property
+    def findings(self) -> list[Any]:
+        return [f for r in self.results for f in r.findings]
+
+    @property
+    def unexplained(self) -> int:
+        return sum(len(r.unexplained) for r in self.results)
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.name}-{self.compiler}"
+
+    def as_json(self) -> dict[str, Any]:
+        known = Counter(f.known for f in self.findings if f.known)
+        return {"config": {**self.config.as_json(), "compiler": self.compiler}, "name": self.name,
+                "ops": self.ops, "checked": self.checked,
+                "mmu_checked": sum(r.mmu_checked for r in self.results),
+                "findings": [f.as_json() for f in self.findings], "disagreements": len(self.findings),
+                "unexplained": self.unexplained, "known_bugs": dict(known), "boots": self.boots,
+                "seconds": round(self.seconds, 3), "sequences": [r.as_json() for r in self.results],
+                "reproducers": self.reproducers}
+
+
+@dataclass
+class TreeReport:
+    tree: KernelTree
+    configs: list[ConfigReport] = field(default_factory=list)
+    builds: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    qemu: str = ""
+
+    @property
+    def ops(self) -> int:
+        return sum(c.ops for c in self.configs)
+
+    @property
+    def findings(self) -> list[Any]:
+        return [f for c in self.configs for f in c.findings]
+
+    @property
+    def unexplained(self) -> int:
+        return sum(c.unexplained for c in self.configs)
+
+    def as_json(self) -> dict[str, Any]:
+        known = Counter(f.known for f in self.findings if f.known)
+        run_s = sum(c.seconds for c in self.configs)
+        return {"tree": str(self.tree.path), "version": self.tree.version, "qemu": self.qemu,
+                "ops": self.ops, "checked": sum(c.checked for c in self.configs),
+                "findings": [f.as_json() for f in self.findings], "disagreements": len(self.findings),
+                "unexplained": self.unexplained, "known_bugs": dict(known),
+                "known_bug_declarations": {b.key: {"fix": b.fix, "title": b.title, "rule": b.rule,
+                                                   "affects": b.affects} for b in kernel_bugs.KNOWN_BUGS},
+                "ops_per_s": round(self.ops / run_s, 1) if run_s else 0.0,
+                "configurations": [c.as_json() for c in self.configs], "builds": self.builds,
+                "seconds": round(self.seconds, 3), "api": self.tree.api.as_json()}
+
+
+def sequences_for(geom: Geometry, cfg: KernelConfig, opts: RunOptions) -> list[KSequence]:
+    out = scripted(geom) if opts.scripted else []
+    out += [random_sequence(geom, opts.seed, cfg.name, i, opts.random_length) for i in range(opts.random_sequences)]
+    if opts.only_sequence is not None:
+        out = [s for s in out if s.name == opts.only_sequence]
+    return out
+
+
+class _Booted:
+    """The payload of one configuration, booted on demand (again after a fault)."""
+
+    def __init__(self, image: Path, elf: kelf.PayloadElf, opts: RunOptions, report: ConfigReport) -> None:
+        self.image, self.elf, self.opts, self.report = image, elf, opts, report
+        self.target: Target | None = None
+
+    def walker(self) -> KernelWalker:
+        if self.target is None or not self.target.alive:
+            self.close()
+            self.target = Target.start(timeout=self.opts.timeout, elf=self.image, log_dir=self.opts.log_dir)
+            self.report.boots += 1
+        return KernelWalker(self.target, self.elf)
+
+    def close(self) -> None:
+        if self.target is not None:
+            self.target.close()
+            self.target = None
+
+
+def _patched_image(payload: LinkedPayload, objs: BuiltObjects, cfg: KernelConfig) -> tuple[Path, kelf.PayloadElf]:
+    pe = kelf.PayloadElf(payload.elf)
+    caps = [c for c in cfg.caps() if c in objs.cpucaps]
+    out = payload.elf.with_name(f"payload-{cfg.name}.elf")
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        pe.write_patched(tmp, kelf.caps_named(caps, objs.cpucaps), objs.cpucaps)
+        tmp.replace(out)
+    return out, kelf.PayloadElf(out)
+
+
+def run_config(tree: KernelTree, objs: BuiltObjects, payload: LinkedPayload, cfg: KernelConfig, compiler: str,
+               opts: RunOptions, progress: Callable[[str], None] | None = None) -> ConfigReport:
+    t0 = time.perf_counter()
+    report = ConfigReport(cfg, compiler)
+    image, pe = _patched_image(payload, objs, cfg)
+    booted = _Booted(image, pe, opts, report)
+    series = "6.12" if tree.api.map_has_flags else "6.1"
+    try:
+        kw = booted.walker()
+        geom = _geometry_probe(kw, cfg, tree, series, opts)
+        for seq in sequences_for(geom, cfg, opts):
+            kw = booted.walker()
+            session = Session(kw, cfg, tree.api, series, mmu=opts.mmu, rng_seed=opts.seed)
+            res = run_sequence(session, seq)
+            report.results.append(res)
+            if res.aborted:
+                booted.close()
+            if progress:
+                progress(f"{report.name} {seq.name}: {res.ops} ops, {len(res.findings)} finding(s)")
+            if res.unexplained and opts.shrink and len(seq.ops) > 2:
+                report.reproducers.append(_shrink(booted, cfg, tree, series, opts, seq, res))
+    finally:
+        booted.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _geometry_probe(kw: KernelWalker, cfg: KernelConfig, tree: KernelTree, series: str, opts: RunOptions) -> Geometry:
+    """The configuration's geometry as the C code sets it up (stage 2: from kvm_get_vtcr)."""
+    probe = Session(kw, cfg, tree.api, series, mmu=False)
+    res = SequenceResult(cfg.name, KSequence("probe", ()))
+    probe.start(res)
+    geom = probe.geom
+    if probe.c is not None:
+        probe.finish(res)
+    if geom is None:
+        return Geometry.create(cfg.stage, cfg.granule, cfg.ia_bits, lpa2=cfg.lpa2, e2h=cfg.hvhe)
+    return geom
+
+
+def _shrink(booted: _Booted, cfg: KernelConfig, tree: KernelTree, series: str, opts: RunOptions, seq: KSequence,
+            res: SequenceResult) -> dict[str, Any]:
+    kinds = {(f.kind, f.known) for f in res.unexplained}
+
+    def fails(cand: KSequence) -> bool:
+        kw = booted.walker()
+        r = run_sequence(Session(kw, cfg, tree.api, series, mmu=opts.mmu, rng_seed=opts.seed), cand)
+        if r.aborted:
+            booted.close()
+        return any((f.kind, f.known) in kinds for f in r.unexplained)
+
+    small = shrink(seq, fails)
+    return {"sequence": seq.name, "seed": seq.seed, "index": seq.index, "ops": [op.as_json() for op in small.ops],
+            "kinds": sorted(k for k, _ in kinds)}
+
+
+def run_tree(tree: KernelTree, opts: RunOptions, progress: Callable[[str], None] | None = None,
+             build_cache: Path | None = None) -> TreeReport:
+    t0 = time.perf_counter()
+    tree.api.require_supported()
+    report = TreeReport(tree)
+    for compiler in opts.compilers:
+        for granule in opts.granules:
+            if granule.size not in tree.api.page_sizes:
+                continue
+            objs = build_objects(tree, BuildConfig(granule.size, compiler), build_cache)  # type: ignore[arg-type]
+            payload = link(objs, tree.api.c_defines())
+            report.builds.append({"granule": granule.label, "compiler": compiler, "build_dir": str(objs.build_dir),
+                                  "timings": objs.timings})
+            for cfg in matrix(tree.api, granule, compiler, stage=opts.stage, lpa2=opts.lpa2, hvhe=opts.e2h):
+                if opts.only_config is not None and cfg.name != opts.only_config:
+                    continue
+                report.configs.append(run_config(tree, objs, payload, cfg, compiler, opts, progress))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def summary_lines(report: TreeReport) -> list[str]:
+    out = [f"{report.tree.label}: {len(report.configs)} configurations, {report.ops} operations, "
+           f"{len(report.findings)} finding(s), {report.unexplained} unexplained ({report.seconds:.1f} s)"]
+    for c in report.configs:
+        verdict = "ok" if not c.unexplained else "FAIL"
+        known = Counter(f.known for f in c.findings if f.known)
+        extra = ("; known: " + ", ".join(f"{k} x{n}" for k, n in known.items())) if known else ""
+        out.append(f"  {verdict:4} {c.name:36} {c.ops:5} ops {c.checked:7} checked{extra}")
+    for f in report.findings:
+        if f.known is None:
+            out.append("  " + f.text())
+    seen: set[str] = set()
+    for f in report.findings:
+        if f.known and f.known not in seen:
+            seen.add(f.known)
+            out.append(f"  known bug {f.known}: {kernel_bugs.by_key(f.known).title}; first: {f.text()}")
+    return out
+
+
+def _unused(_: Sequence[Any]) -> None:
+    return None
