@@ -13,7 +13,7 @@ log_prefix=setup
 # shellcheck source=ci/lib.sh
 source "$root/ci/lib.sh"
 
-deb_packages=(gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu clang lld gdb-multiarch python3 python3-venv)
+deb_packages=(gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu clang lld gdb-multiarch python3 python3-venv flex bison bc make gcc)
 backports_list=/etc/apt/sources.list.d/pgtable-harness-backports.list
 
 qemu_major() {
@@ -72,4 +72,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
     echo "$want_stamp" > "$stamp"
 fi
 bash "$root/ci/kernel.sh"  # Debian's arm64 6.12 kernel for the attach tests (.cache/kernel)
+bash "$root/ci/ksource.sh"  # Debian's 6.12 and 6.1 source trees for harness.kernel (.cache/linux-source)
 log "ready: $(qemu-system-aarch64 --version | head -n1)"

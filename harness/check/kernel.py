@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,20 +35,20 @@ import numpy.typing as npt
 
 from harness.arch import descriptors as d
 from harness.arch.geometry import Geometry, Stage
-from harness.arch.registers import RegimeRegs, Stage1Regs, Stage2Regs, regime_regs
+from harness.arch.registers import RegimeRegs, Stage1Regs, Stage2Regs, describe_esr, regime_regs
 from harness.check import engine, kernel_bugs
 from harness.check.kernel_seqs import KOp, KSequence
 from harness.core import kvmops
 from harness.core.batch import BatchResult, translate_batch
 from harness.core.dump import mapped_ranges
 from harness.core.memory import PagePool, PoolImage
-from harness.core.prot import Prot
-from harness.core.translate import READ, translate
+from harness.core.translate import DEFAULT_MAIR, READ, translate
 from harness.kernel.config import KernelConfig
 from harness.kernel.driver import Event, KernelWalker, OpResult, PoolView
 from harness.kernel.protocol import Build, EventKind, FaultKind, Op, Status
 from harness.kernel.tree import TreeApi
 from harness.target.layout import Region
+from harness.target.mailbox import fetch_stub
 
 U64 = npt.NDArray[np.uint64]
 MAX_COMPARE = 4096  # addresses compared per operation (touched ranges are sampled beyond this)
@@ -157,6 +157,7 @@ class Session:
                                               tlb_range=config.tlb_range, series=series,
                                               hyp_build=not self._shared_walks(api))
         self._shared = self._shared_walks(api)
+        self._fetch_proven = False  # one MMU fetch proof of the hVHE execute-never finding per session
 
     @staticmethod
     def _shared_walks(api: TreeApi) -> bool:
@@ -369,12 +370,12 @@ class Session:
         else:
             pick = self.rng.choice(n, MAX_COMPARE - 64, replace=False)
             blk = self.geom.size(min(self.geom.block_levels)) if self.geom.block_levels else g
-            edges = [lo, hi - g] + list(range(lo - lo % blk + blk, hi, blk))[:56]
+            edges = [lo, hi - g, *list(range(lo - lo % blk + blk, hi, blk))[:56]]
             inside = np.concatenate([lo + pick.astype(np.uint64) * np.uint64(g),
                                      np.array(edges, dtype=np.uint64)])
         out = [lo - g, lo - 2 * g, hi, hi + g]
         around = np.array([a for a in out if 0 <= a < self.geom.limit], dtype=np.uint64)
-        return np.unique(np.concatenate([inside, around]) + np.uint64(kop.addr % g if False else 0))
+        return np.unique(np.concatenate([inside, around]))
 
     def _oracle_root(self) -> int:
         assert self.oracle is not None and self.oracle.pgd is not None
@@ -409,7 +410,30 @@ class Session:
               "oracle_walk": ow.explain() if hasattr(ow, "explain") else str(ow)}
         msg = (f"[{first:#x}, {first + run * g:#x}) {when}: C tables {_walk_text(cw)}; "
                f"oracle {_walk_text(ow)} ({bad.size} addresses differ)")
+        if kernel_bugs.classify(ev) == "hvhe-hyp-xn-el0-only" and not self._fetch_proven and cw.pa is not None:
+            proof = self._prove_fetch(first, cw.pa)
+            if proof:
+                ev["fetch_at_el2"] = proof
+                msg += f"; fetched at EL2 on the MMU: {proof}"
         self._finding(res, "mismatch", index, op, msg, ev)
+
+    def _prove_fetch(self, va: int, pa: int) -> str | None:
+        """Run code at ``va`` at EL2 on the C tables (the planted stub at ``pa``, scratch RAM only):
+        what the MMU did, in words."""
+        if not self.layout.scratch.contains(pa, 16):
+            return None
+        self._fetch_proven = True
+        tag = 0x5EED
+        subj = self._subject()
+        self.target.install(subj.regs, subj.image)
+        try:
+            self.target.write_pa(pa & ~0xF, fetch_stub(tag))
+            rec = self.target.fetch([va & ~0xF], stage=1)[0]
+        finally:
+            self.target.uninstall()
+        if rec["completed"] and int(rec["value"]) == tag:
+            return f"the code at {va & ~0xF:#x} ran (returned the tag planted at PA {pa & ~0xF:#x})"
+        return f"faulted: {describe_esr(int(rec['esr']))}"
 
     def _check_mmu(self, res: SequenceResult, index: int, kop: KOp, addrs: U64) -> None:
         """The C tables on the MMU (AT; real accesses and fetches on a sample), against the
@@ -437,7 +461,7 @@ class Session:
             # the tree's own VTCR_EL2, but HA (hardware access flag) off: the model's walks fault on
             # AF = 0 as the architecture does without FEAT_HAFDBS updates
             regs = dataclasses.replace(regs, vtcr_el2=self.vtcr & ~(1 << 21))
-        mair = regs.mair_el2 if isinstance(regs, Stage1Regs) else engine.DEFAULT_MAIR
+        mair = regs.mair_el2 if isinstance(regs, Stage1Regs) else DEFAULT_MAIR
         no_access = tuple((r.base, r.size) for r in prologue_regions(self.config, self.layout))
         return engine.Subject(f"{self.config.name}", self.geom, mem, self.c.root, regs, image, mair, no_access)
 
@@ -556,7 +580,7 @@ class Session:
         a = {(r.va, r.size, r.pa, r.attrs) for r in mine}
         b = {(r.va, r.size, r.pa, r.attrs) for r in theirs}
         if a != b:
-            firsts = sorted((x[0] for x in a ^ b))
+            firsts = sorted(x[0] for x in a ^ b)
             addr = firsts[0] - firsts[0] % self.config.granule.size
             self._mismatch(res, len(res.sequence.ops), "end of sequence", np.array([addr], dtype=np.uint64),
                            "in the final tables (merged ranges differ)")
@@ -615,9 +639,3 @@ def iter_findings(results: Sequence[SequenceResult]) -> Iterator[Finding]:
     for r in results:
         yield from r.findings
 
-
-def prot_label(p: Prot) -> str:
-    return p.label()
-
-
-_ = Callable  # (typing re-export guard)

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.arch.geometry import Geometry, Granule, Stage
 from harness.check import kernel_bugs
-from harness.check.kernel import Session, SequenceResult, run_sequence
-from harness.check.kernel_seqs import KSequence, random_sequence, scripted, shrink
+from harness.check.kernel import SequenceResult, Session, run_sequence
+from harness.check.kernel_seqs import KSequence, available_ops, random_sequence, scripted, shrink
 from harness.kernel import elf as kelf
 from harness.kernel.build import BuildConfig, BuiltObjects, build_objects
 from harness.kernel.config import KernelConfig, matrix
@@ -123,9 +123,11 @@ class TreeReport:
                 "seconds": round(self.seconds, 3), "api": self.tree.api.as_json()}
 
 
-def sequences_for(geom: Geometry, cfg: KernelConfig, opts: RunOptions) -> list[KSequence]:
-    out = scripted(geom) if opts.scripted else []
-    out += [random_sequence(geom, opts.seed, cfg.name, i, opts.random_length) for i in range(opts.random_sequences)]
+def sequences_for(geom: Geometry, cfg: KernelConfig, opts: RunOptions, has_split: bool = True) -> list[KSequence]:
+    ops = available_ops(cfg.stage, has_split)
+    out = scripted(geom, ops=ops) if opts.scripted else []
+    out += [random_sequence(geom, opts.seed, cfg.name, i, opts.random_length, ops=ops)
+            for i in range(opts.random_sequences)]
     if opts.only_sequence is not None:
         out = [s for s in out if s.name == opts.only_sequence]
     return out
@@ -172,7 +174,7 @@ def run_config(tree: KernelTree, objs: BuiltObjects, payload: LinkedPayload, cfg
     try:
         kw = booted.walker()
         geom = _geometry_probe(kw, cfg, tree, series, opts)
-        for seq in sequences_for(geom, cfg, opts):
+        for seq in sequences_for(geom, cfg, opts, tree.api.split):
             kw = booted.walker()
             session = Session(kw, cfg, tree.api, series, mmu=opts.mmu, rng_seed=opts.seed)
             res = run_sequence(session, seq)
@@ -257,6 +259,3 @@ def summary_lines(report: TreeReport) -> list[str]:
             out.append(f"  known bug {f.known}: {kernel_bugs.by_key(f.known).title}; first: {f.text()}")
     return out
 
-
-def _unused(_: Sequence[Any]) -> None:
-    return None

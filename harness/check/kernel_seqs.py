@@ -71,7 +71,13 @@ class KSequence:
 
 
 # -- scripted ----------------------------------------------------------------------------------------
-def scripted(geom: Geometry, layout: Layout = LAYOUT) -> list[KSequence]:
+def available_ops(stage: Stage, has_split: bool) -> tuple[str, ...]:
+    """The operations a tree has for a stage (split came with 6.5)."""
+    ops = STAGE1_OPS if stage is Stage.S1 else STAGE2_OPS
+    return tuple(op for op in ops if op != "split" or has_split)
+
+
+def scripted(geom: Geometry, layout: Layout = LAYOUT, ops: Sequence[str] | None = None) -> list[KSequence]:
     """Hand-written scripts over the scratch window, one property each, sized in the granule's
     own page and block sizes: pages, a block, blocks next to pages, a range starting inside a
     block, remaps, table-to-block replacement, attribute updates, and destroy."""
@@ -107,7 +113,8 @@ def scripted(geom: Geometry, layout: Layout = LAYOUT) -> list[KSequence]:
                                 KOp("unmap", base + g, g))),
         ]
     out.append(KSequence("destroy", (KOp("map", base, blk + 3 * g, pa, rw), KOp("destroy"))))
-    return out
+    allowed = set(ops or (STAGE1_OPS if geom.stage is Stage.S1 else STAGE2_OPS)) | {"destroy"}
+    return [s for s in out if all(op.name in allowed for op in s.ops)]
 
 
 def _window(geom: Geometry, layout: Layout, size: int) -> int:

@@ -10,6 +10,7 @@
     harness geometry             the geometry table for every granule and input size
     harness fuzz                 random raw tables against the MMU; every disagreement classified
     harness attach TARGET        decode (and --verify on the MMU) a live target's tables via its gdbstub
+    harness kernel-pgtable ...   a kernel tree's own pgtable.c at EL2, checked op by op (oracle and MMU)
 
 Every command takes --json and --debug. Exit status:
   0    every check matched
@@ -39,7 +40,7 @@ from harness.target.errors import TargetTimeout, ToolMissing
 
 # One module per command, in `harness --help` order: each exposes add_parser(sub) and run(args).
 COMMANDS: tuple[str, ...] = (
-    "run", "check", "explain", "export", "dump", "review", "bench", "geometry", "fuzz", "attach",
+    "run", "check", "explain", "export", "dump", "review", "bench", "geometry", "fuzz", "attach", "kernel-pgtable",
 )
 
 
@@ -50,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def command_modules() -> dict[str, ModuleType]:
-    return {name: importlib.import_module(f"harness.cli.{name}") for name in COMMANDS}
+    return {name: importlib.import_module(f"harness.cli.{name.replace('-', '_')}") for name in COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
