@@ -54,6 +54,10 @@ S1_NG = bit("nG", 11)
 S1_PXN = bit("PXN", 53)  # EL2's execute-never in the EL2&0 regime; RES0 in the EL2 regime
 S1_XN = bit("XN", 54)  # XN in the EL2 single-range regime
 S1_UXN = bit("UXN", 54)  # the same bit in the EL2&0 regime (E2H = 1): EL0's execute-never
+# Guarded Page (FEAT_BTI, Arm ARM D8.3 "Stage 1 attribute fields in Block and Page descriptors":
+# GP, bit [50]): instruction fetches from the page are subject to branch target checks. With DS = 1
+# bit 50 is still GP (the output address reaches only bit 49 there).
+S1_GP = bit("GP", 50)
 
 # Stage-2 leaf attributes.
 S2_MEMATTR = Field("MemAttr", 5, 2)
@@ -105,6 +109,20 @@ class S2MemAttr(enum.IntEnum):
     DEVICE_nGnRE = 0x1
     NORMAL_NC = 0x5
     NORMAL_WB = 0xF
+
+
+class S2MemAttrFWB(enum.IntEnum):
+    """Stage-2 MemAttr[3:0] with FEAT_S2FWB and HCR_EL2.FWB = 1 (Arm ARM DDI 0487K.a, D8.6 "Stage 2
+    memory type and Cacheability attributes when FEAT_S2FWB is enabled"): MemAttr[2] = 0 is Device
+    with MemAttr[1:0] the device type (Table D8-04: 0b00 nGnRnE, 0b01 nGnRE, 0b10 nGRE, 0b11 GRE);
+    MemAttr[2] = 1 is Normal with MemAttr[1:0] 0b01 Non-cacheable, 0b10 Write-Back (forced,
+    whatever stage 1 says), 0b11 the stage-1 attributes. MemAttr[3] is not used (0 here)."""
+
+    DEVICE_nGnRnE = 0b0000
+    DEVICE_nGnRE = 0b0001
+    NORMAL_NC = 0b0101
+    NORMAL_WB = 0b0110
+    AS_S1 = 0b0111
 
 
 S2_XN_EXEC = 0b00

@@ -309,6 +309,7 @@ class Session:
         self._check_warns(res, index, kop, r, self.oracle.events[ev0:])
         if kop.name == "destroy":
             self._check_destroyed(res, index, kop)
+            self._check_counters(res, index, kop, counters0)
             return True
         mem = self.kw.pool()
         self.c = dataclasses.replace(self.c, mem=mem)
@@ -510,18 +511,26 @@ class Session:
         if len(held) != o_held:
             problems.append(("leak" if len(held) > o_held else "refcount",
                              f"the C tables hold {len(held)} pages, upstream's (the oracle's) {o_held}"))
-        now = self.kw.counters()
-        for k in ("bad_get", "bad_put", "bad_free"):
-            if now[k] > counters0[k]:
-                what = {"bad_get": "a reference taken on a free (or foreign) page",
-                        "bad_put": "a reference dropped on a free (or foreign) page",
-                        "bad_free": "free_pages_exact of a foreign or unaligned address"}[k]
-                problems.append(("refcount" if k != "bad_get" else "use-after-free",
-                                 f"{now[k] - counters0[k]} x {what}"))
+        problems += self._counter_problems(counters0)
         upstream = self._oracle_anomalies()
         for kind, msg in problems[:3]:
             self._finding(res, kind, index, kop.text(), msg,
                           {"stage": int(self.config.stage), "op_name": kop.name, "upstream_same": kind in upstream})
+
+    def _counter_problems(self, counters0: dict[str, int]) -> list[tuple[str, str]]:
+        """What the host's pool saw during the operation: references taken or dropped on free pages."""
+        now = self.kw.counters()
+        out = []
+        for k, kind, what in (("bad_get", "use-after-free", "a reference taken on a free (or foreign) page"),
+                              ("bad_put", "refcount", "a reference dropped on a free (or foreign) page"),
+                              ("bad_free", "refcount", "free_pages_exact of a foreign or unaligned address")):
+            if now[k] > counters0[k]:
+                out.append((kind, f"{now[k] - counters0[k]} x {what}"))
+        return out
+
+    def _check_counters(self, res: SequenceResult, index: int, kop: KOp, counters0: dict[str, int]) -> None:
+        for kind, msg in self._counter_problems(counters0):
+            self._finding(res, kind, index, kop.text(), msg, {"stage": int(self.config.stage), "op_name": kop.name})
 
     def _oracle_anomalies(self) -> set[str]:
         """The resource rules upstream's own behaviour (the oracle) breaks now: a finding of the same

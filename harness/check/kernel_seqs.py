@@ -111,6 +111,9 @@ def scripted(geom: Geometry, layout: Layout = LAYOUT, ops: Sequence[str] | None 
                                      KOp("relax_perms", base, Prot.X), KOp("mkold", base + 5 * g))),
             KSequence("split", (KOp("map", base, blk, pa, rw), KOp("split", base, blk), KOp("get_leaf", base + g),
                                 KOp("unmap", base + g, g))),
+            # a walk that starts inside a block goes on to the next one (357ad203d45c)
+            KSequence("range-from-inside-block", (KOp("map", base, 2 * blk, pa, rw), KOp("wrprotect", base + g, blk),
+                                                  KOp("get_leaf", base + blk), KOp("unmap", base + g, blk))),
         ]
     out.append(KSequence("destroy", (KOp("map", base, blk + 3 * g, pa, rw), KOp("destroy"))))
     allowed = set(ops or (STAGE1_OPS if geom.stage is Stage.S1 else STAGE2_OPS)) | {"destroy"}
