@@ -626,6 +626,8 @@ u64 kpgt_serve(u64 cmd)
 	ST->op_seq = ST->op_seq + 1;
 	ST->status = KST_OK;
 	ST->fault_kind = KFAULT_NONE;
+	ST->events = 0; /* the log holds this operation's callbacks */
+	ST->events_lost = 0;
 	if ((op == KOP_INIT_HYP || op == KOP_INIT_S2) && have_table) {
 		ST->status = KST_BUSY;
 		return STATUS_OK;

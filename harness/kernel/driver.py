@@ -99,6 +99,7 @@ class OpResult:
     warns: list[Warn] = field(default_factory=list)
     fault: Fault | None = None
     leaf_level: int = 0
+    events_lost: int = 0  # callbacks beyond the host's log (protocol.MAX_EVENTS): not recorded
 
 
 class KernelWalker:
@@ -108,7 +109,6 @@ class KernelWalker:
         self.target = target
         self.elf = elf
         self.base = target.layout.kpgt
-        self._events_seen = 0
         self._warns_seen = 0
 
     # -- the state block ----------------------------------------------------------------------
@@ -141,16 +141,13 @@ class KernelWalker:
         words = pages * self.page_size // 8
         return PoolView(lay.pool_base, np.array(self.target.ram_u64(lay.pool_base, words), copy=True))
 
-    def _new_events(self) -> list[Event]:
-        n = self.state("events")
-        out: list[Event] = []
-        if n > self._events_seen:
-            raw = self.target.read_pa(self.base + protocol.EVENTS_OFFSET + protocol.EVENT.size * self._events_seen,
-                                      protocol.EVENT.size * (n - self._events_seen))
-            rec = np.frombuffer(raw, dtype=protocol.EVENT.dtype)
-            out = [Event(EventKind(int(r["kind"])), int(r["a0"]), int(r["a1"]), int(r["a2"])) for r in rec]
-        self._events_seen = n
-        return out
+    def _events(self, n: int) -> list[Event]:
+        """The operation's callbacks (the host starts the log afresh for each operation)."""
+        if not n:
+            return []
+        raw = self.target.read_pa(self.base + protocol.EVENTS_OFFSET, protocol.EVENT.size * n)
+        rec = np.frombuffer(raw, dtype=protocol.EVENT.dtype)
+        return [Event(EventKind(int(r["kind"])), int(r["a0"]), int(r["a1"]), int(r["a2"])) for r in rec]
 
     def _new_warns(self) -> list[Warn]:
         n = self.state("warns")
@@ -176,7 +173,8 @@ class KernelWalker:
         ret0 = self.target.request(protocol.CMD_KPGT, int(op), *words, int(build))
         st = self.state_all()
         res = OpResult(op, tuple(args), build, Status(st["status"]), signed64(ret0), self.target._mb("ret1"),
-                       self._new_events(), self._new_warns(), leaf_level=signed64(st["leaf_level"]))
+                       self._events(min(st["events"], protocol.MAX_EVENTS)), self._new_warns(),
+                       leaf_level=signed64(st["leaf_level"]), events_lost=st["events_lost"])
         if res.status is Status.FAULTED:
             res.fault = Fault(FaultKind(st["fault_kind"]), st["fault_esr"], st["fault_far"], st["fault_elr"],
                               self._where(st["fault_elr"]))

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -432,6 +433,37 @@ def probe_api(root: Path) -> TreeApi:
         problems=tuple(problems),
     )
 
+
+
+# -- planted-bug copies ----------------------------------------------------------------------------------
+SHADOW_REAL_DIRS = frozenset({"arch", "arch/arm64", "arch/arm64/kvm", "arch/arm64/kvm/hyp", "arch/arm64/kvm/hyp/nvhe"})
+
+
+def shadow_tree(src: Path, dst: Path, real_dirs: frozenset[str] = SHADOW_REAL_DIRS,
+                copies: frozenset[str] = frozenset({PGTABLE_C}), rel: str = "") -> Path:
+    """A copy of a tree to edit without copying it: ``dst`` mirrors ``src`` with symlinks, except
+    ``real_dirs`` (real directories) and ``copies`` (copied files, editable: by default pgtable.c).
+    ``nvhe/`` is a real directory by default: the nVHE object is built from ``nvhe/../pgtable.c``,
+    which through a symlinked ``nvhe`` would resolve to the original file. ``src`` is never written."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(src.iterdir()):
+        sub = rel + entry.name
+        if entry.is_dir() and not entry.is_symlink() and sub in real_dirs:
+            shadow_tree(entry, dst / entry.name, real_dirs, copies, sub + "/")
+        elif sub in copies:
+            shutil.copy2(entry, dst / entry.name)
+        else:
+            (dst / entry.name).symlink_to(entry)
+    return dst
+
+
+def plant(tree: Path, old: str, new: str, path: str = PGTABLE_C) -> None:
+    """Replace exactly one occurrence of ``old`` in a shadow tree's copied file (a planted bug)."""
+    target = tree / path
+    text = target.read_text()
+    if text.count(old) != 1:
+        raise InputError(f"plant: the edit's anchor occurs {text.count(old)} times in {target}: {old!r}")
+    target.write_text(text.replace(old, new))
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.kernel.tree",

@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from shadow import plant, shadow_tree
 
 from harness.arch.geometry import Granule, Stage
 from harness.check.kernel_run import RunOptions, TreeReport, run_tree, summary_lines
-from harness.kernel.tree import KernelTree, debian_tree, locate_tree
+from harness.kernel.tree import KernelTree, debian_tree, locate_tree, plant, shadow_tree
 
 pytestmark = [pytest.mark.hw, pytest.mark.kbuild]
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
@@ -95,7 +94,8 @@ PLANTED = {
         "\tif (kvm_pte_table(ctx->old, ctx->level))\n\t\tmm_ops->put_page(kvm_pte_follow(ctx->old, mm_ops));\n"
         "\n\treturn 0;\n}\n\nvoid kvm_pgtable_hyp_destroy(",
         "\tif (kvm_pte_table(ctx->old, ctx->level)) {\n\t\tmm_ops->put_page(kvm_pte_follow(ctx->old, mm_ops));\n"
-        "\t\tmm_ops->put_page(kvm_pte_follow(ctx->old, mm_ops));\n\t}\n\n\treturn 0;\n}\n\nvoid kvm_pgtable_hyp_destroy(",
+        "\t\tmm_ops->put_page(kvm_pte_follow(ctx->old, mm_ops));\n\t}\n"
+        "\n\treturn 0;\n}\n\nvoid kvm_pgtable_hyp_destroy(",
         "s1-4K-48bit", "destroy", {"refcount"}),
 }
 

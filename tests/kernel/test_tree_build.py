@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from harness.kernel.build import (
     read_cpucaps,
     read_kconfig,
 )
-from harness.kernel.tree import KernelTree, UnsupportedApi, debian_tree, locate_tree
+from harness.kernel.tree import KernelTree, UnsupportedApi, debian_tree, locate_tree, shadow_tree
 from harness.target.errors import ToolMissing
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
@@ -686,21 +685,6 @@ def test_build_612_4k_gcc(tmp_path: Path) -> None:
     assert f"{src}:1:" in first and "error:" in first and str(again.log) in first
 
 
-def shadow_tree(src: Path, dst: Path, real_dirs: set[str], copies: set[str], rel: str = "") -> Path:
-    """``dst`` mirrors ``src`` with symlinks, except that ``real_dirs`` (relative paths) are real directories
-    and ``copies`` are copied files: an editable pgtable.c without copying (or touching) the whole tree."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for entry in src.iterdir():
-        sub = f"{rel}{entry.name}"
-        if sub in real_dirs:
-            shadow_tree(entry, dst / entry.name, real_dirs, copies, sub + "/")
-        elif sub in copies:
-            shutil.copy2(entry, dst / entry.name)
-        else:
-            (dst / entry.name).symlink_to(entry)
-    return dst
-
-
 def snapshot(root: Path) -> dict[str, int]:
     """Every file's and directory's mtime under ``root`` (symlinks not followed): any write shows."""
     out = {}
@@ -718,9 +702,7 @@ def test_build_from_scratch_concurrent_read_only_and_incremental(tmp_path: Path)
     real = real_tree("6.12")
     config = BuildConfig(4096, "gcc")
     require_build_tools(real, config)
-    hyp = "arch/arm64/kvm/hyp"
-    farm = shadow_tree(real.path, tmp_path / "tree", {"arch", "arch/arm64", "arch/arm64/kvm", hyp, f"{hyp}/nvhe"},
-                       {f"{hyp}/pgtable.c"})
+    farm = shadow_tree(real.path, tmp_path / "tree")
     tree = locate_tree(farm)
     before_real, before_farm = snapshot(real.path), snapshot(farm)
     cache = tmp_path / "cache"
@@ -742,7 +724,7 @@ def test_build_from_scratch_concurrent_read_only_and_incremental(tmp_path: Path)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert snapshot(real.path) == before_real and snapshot(farm) == before_farm
 
-    edited = farm / hyp / "pgtable.c"
+    edited = farm / "arch/arm64/kvm/hyp/pgtable.c"
     edited.write_text(edited.read_text() + "\n/* edited by the test */\n")
     before_farm = snapshot(farm)
     size = objs.log.stat().st_size
