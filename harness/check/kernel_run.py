@@ -10,9 +10,10 @@ the C code leaves the payload's state unknown: the payload is booted again for w
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ from typing import Any
 from harness.arch.geometry import Geometry, Granule, Stage
 from harness.check import kernel_bugs
 from harness.check.kernel import SequenceResult, Session, run_sequence
-from harness.check.kernel_seqs import KSequence, available_ops, random_sequence, scripted, shrink
+from harness.check.kernel_seqs import KSequence, available_ops, from_scenario, random_sequence, scripted, shrink
+from harness.check.scenario.catalogue import builtin, lpa2_scenarios
+from harness.check.scenario.data import Scenario
 from harness.kernel import elf as kelf
 from harness.kernel.build import BuildConfig, BuiltObjects, build_objects
-from harness.kernel.config import KernelConfig, matrix
+from harness.kernel.config import KernelConfig, config_for, matrix
 from harness.kernel.driver import KernelWalker
 from harness.kernel.payload import LinkedPayload, link
 from harness.kernel.tree import KernelTree
@@ -47,6 +50,8 @@ class RunOptions:
     log_dir: Path | None = None
     only_config: str | None = None  # replay one configuration by name
     only_sequence: str | None = None  # ... and one sequence by name (e.g. random-3)
+    scenarios: tuple[Scenario, ...] = ()  # scripts to run instead of the matrix (each in its own configuration)
+    builtins: bool = True  # the matrix run also runs harness run's built-in scenarios as scripts
 
 
 @dataclass
@@ -123,7 +128,10 @@ class TreeReport:
                 "seconds": round(self.seconds, 3), "api": self.tree.api.as_json()}
 
 
-def sequences_for(geom: Geometry, cfg: KernelConfig, opts: RunOptions, has_split: bool = True) -> list[KSequence]:
+def sequences_for(geom: Geometry, cfg: KernelConfig, opts: RunOptions, has_split: bool = True,
+                  scripts: Sequence[KSequence] = ()) -> list[KSequence]:
+    if scripts:
+        return list(scripts)
     ops = available_ops(cfg.stage, has_split)
     out = scripted(geom, ops=ops) if opts.scripted else []
     out += [random_sequence(geom, opts.seed, cfg.name, i, opts.random_length, ops=ops)
@@ -165,7 +173,8 @@ def _patched_image(payload: LinkedPayload, objs: BuiltObjects, cfg: KernelConfig
 
 
 def run_config(tree: KernelTree, objs: BuiltObjects, payload: LinkedPayload, cfg: KernelConfig, compiler: str,
-               opts: RunOptions, progress: Callable[[str], None] | None = None) -> ConfigReport:
+               opts: RunOptions, progress: Callable[[str], None] | None = None,
+               scripts: Sequence[KSequence] = ()) -> ConfigReport:
     t0 = time.perf_counter()
     report = ConfigReport(cfg, compiler)
     image, pe = _patched_image(payload, objs, cfg)
@@ -174,7 +183,7 @@ def run_config(tree: KernelTree, objs: BuiltObjects, payload: LinkedPayload, cfg
     try:
         kw = booted.walker()
         geom = _geometry_probe(kw, cfg, tree, series, opts)
-        for seq in sequences_for(geom, cfg, opts, tree.api.split):
+        for seq in sequences_for(geom, cfg, opts, tree.api.split, scripts):
             kw = booted.walker()
             session = Session(kw, cfg, tree.api, series, mmu=opts.mmu, rng_seed=opts.seed)
             res = run_sequence(session, seq)
@@ -220,6 +229,40 @@ def _shrink(booted: _Booted, cfg: KernelConfig, tree: KernelTree, series: str, o
             "kinds": sorted(k for k, _ in kinds)}
 
 
+def _script_configs(tree: KernelTree, scenarios: Sequence[Scenario], granule: Granule, compiler: str,
+                    opts: RunOptions) -> list[tuple[KernelConfig, list[KSequence]]]:
+    """Scenarios of this granule as scripts, grouped by the configuration they ask for."""
+    out: dict[KernelConfig, list[KSequence]] = {}
+    for sc in scenarios:
+        if sc.granule is not granule or (opts.stage is not None and sc.stage is not opts.stage):
+            continue
+        if (opts.lpa2 is not None and sc.lpa2 != opts.lpa2) or (opts.e2h is not None and sc.e2h != opts.e2h):
+            continue
+        cfg = config_for(sc.stage, sc.granule, sc.ia_bits, sc.lpa2, sc.e2h, tree.api, compiler, f"scenario {sc.name}")
+        out.setdefault(cfg, []).append(from_scenario(sc))
+    return list(out.items())
+
+
+def _work(tree: KernelTree, granule: Granule, compiler: str,
+          opts: RunOptions) -> list[tuple[KernelConfig, list[KSequence]]]:
+    """The configurations to run for one build, each with its scripts (empty: the default ones)."""
+    if opts.scenarios:
+        return _script_configs(tree, opts.scenarios, granule, compiler, opts)
+    work: list[tuple[KernelConfig, list[KSequence]]] = [
+        (cfg, []) for cfg in matrix(tree.api, granule, compiler, stage=opts.stage, lpa2=opts.lpa2, hvhe=opts.e2h)]
+    if opts.builtins and opts.only_sequence is None:
+        usable = [sc for sc in [*builtin(), *lpa2_scenarios()] if _tree_has(tree, sc)]
+        for cfg, scripts in _script_configs(tree, usable, granule, compiler, opts):
+            work.append((dataclasses.replace(cfg, label="builtin"), scripts))
+    return work
+
+
+def _tree_has(tree: KernelTree, sc: Scenario) -> bool:
+    api = tree.api
+    return (not sc.lpa2 or (api.lpa2 and "HAS_LPA2" in api.caps)) and (not sc.e2h or "KVM_HVHE" in api.caps) \
+        and all(o.op != "split" or api.split for o in sc.ops)
+
+
 def run_tree(tree: KernelTree, opts: RunOptions, progress: Callable[[str], None] | None = None,
              build_cache: Path | None = None) -> TreeReport:
     t0 = time.perf_counter()
@@ -229,14 +272,16 @@ def run_tree(tree: KernelTree, opts: RunOptions, progress: Callable[[str], None]
         for granule in opts.granules:
             if granule.size not in tree.api.page_sizes:
                 continue
+            work = [(cfg, scripts) for cfg, scripts in _work(tree, granule, compiler, opts)
+                    if opts.only_config is None or cfg.name == opts.only_config]
+            if not work:
+                continue
             objs = build_objects(tree, BuildConfig(granule.size, compiler), build_cache)  # type: ignore[arg-type]
             payload = link(objs, tree.api.c_defines())
             report.builds.append({"granule": granule.label, "compiler": compiler, "build_dir": str(objs.build_dir),
                                   "timings": objs.timings})
-            for cfg in matrix(tree.api, granule, compiler, stage=opts.stage, lpa2=opts.lpa2, hvhe=opts.e2h):
-                if opts.only_config is not None and cfg.name != opts.only_config:
-                    continue
-                report.configs.append(run_config(tree, objs, payload, cfg, compiler, opts, progress))
+            for cfg, scripts in work:
+                report.configs.append(run_config(tree, objs, payload, cfg, compiler, opts, progress, scripts))
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from harness.arch.geometry import Geometry, Stage
+from harness.check.scenario.data import Scenario
 from harness.core.prot import Prot
 from harness.target.layout import LAYOUT, Layout
 
@@ -124,6 +125,20 @@ def _window(geom: Geometry, layout: Layout, size: int) -> int:
     """An input address for scripts: the scratch window (identity of scratch RAM), which every
     input size the payload can run under holds."""
     return layout.scratch_base
+
+
+def from_scenario(sc: Scenario) -> KSequence:
+    """A scenario (a file's, or a built-in of ``harness run``) as an operation script: its maps in
+    order, then its ops."""
+    ops = [KOp("map", m.addr, m.size, m.pa, m.prot) for m in sc.maps]
+    for o in sc.ops:
+        if o.op == "relax_perms":
+            ops.append(KOp(o.op, o.addr, prot=o.prot))
+        elif o.op in ("unmap", "wrprotect", "split"):
+            ops.append(KOp(o.op, o.addr, o.size))
+        else:
+            ops.append(KOp(o.op, o.addr))
+    return KSequence(f"scenario:{sc.name}", tuple(ops))
 
 
 # -- random -------------------------------------------------------------------------------------------

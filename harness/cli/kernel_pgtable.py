@@ -28,6 +28,7 @@ from pathlib import Path
 from harness.arch.geometry import GeometryError, Granule, Stage, parse_stage
 from harness.check import kernel_bugs
 from harness.check.kernel_run import RunOptions, TreeReport, run_tree, summary_lines
+from harness.check.scenario import load
 from harness.cli.args import check_log_dir, non_negative_int, positive_int, positive_seconds
 from harness.errors import EXIT_MISMATCH, EXIT_OK, InputError
 from harness.kernel.tree import DEBIAN_SERIES, debian_tree, locate_tree
@@ -55,6 +56,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--no-scripted", action="store_true", help="skip the scripted sequences")
     p.add_argument("--no-mmu", action="store_true", help="compare with the oracle only (no MMU probes)")
     p.add_argument("--no-shrink", action="store_true", help="do not shrink failing sequences")
+    p.add_argument("--scenario", action="append", metavar="FILE",
+                   help="run this scenario file's maps and ops as a script, in the configuration it names "
+                        "(JSON or TOML, as harness check reads; ops may also be get_leaf and split); repeatable; "
+                        "instead of the matrix")
+    p.add_argument("--no-builtins", action="store_true", help="skip harness run's built-in scenarios as scripts")
     p.add_argument("--config", help="only the configuration of this name (e.g. s2-4K-40bit-fwb)")
     p.add_argument("--sequence", help="only the sequence of this name (e.g. random-3, pages)")
     p.add_argument("--strict", action="store_true", help="exit 1 on findings known upstream bugs explain too")
@@ -77,12 +83,13 @@ def _options(args: argparse.Namespace) -> RunOptions:
     if args.lpa2 and granules == (Granule.K64,):
         raise InputError("--lpa2: expected the 4K or 16K granule (LPA2 does not apply to 64K), got 64K")
     check_log_dir(args.log_dir)
+    scenarios = tuple(sc for path in args.scenario or () for sc in load(path))
     return RunOptions(granules=granules, compilers=tuple(dict.fromkeys(args.cc or ["gcc"])), stage=stage,
                       lpa2=args.lpa2, e2h=args.e2h, seed=args.seed, random_sequences=args.sequences,
                       random_length=args.ops, scripted=not args.no_scripted, mmu=not args.no_mmu,
                       shrink=not args.no_shrink, timeout=args.timeout,
                       log_dir=Path(args.log_dir) if args.log_dir else None, only_config=args.config,
-                      only_sequence=args.sequence)
+                      only_sequence=args.sequence, scenarios=scenarios, builtins=not args.no_builtins)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ class KernelConfig:
     tlb_range: bool = False  # HAS_TLB_RANGE
     ttl: bool = True  # HAS_ARMv8_4_TTL (QEMU -cpu max has FEAT_TTL)
     bti: bool = False  # BTI (takes effect with CONFIG_ARM64_BTI_KERNEL: clang builds)
+    label: str = ""  # what runs in it, when not the matrix's own sequences (e.g. "builtin")
 
     @property
     def name(self) -> str:
@@ -42,6 +43,8 @@ class KernelConfig:
                                   ("tlbrange", self.tlb_range), ("bti", self.bti)) if on]
         if not self.ttl:
             parts.append("nottl")
+        if self.label:
+            parts.append(self.label)
         return "-".join(parts)
 
     def caps(self) -> tuple[str, ...]:
@@ -103,3 +106,16 @@ def matrix(api: TreeApi, granule: Granule, compiler: str, *, stage: Stage | None
                         rng = "HAS_TLB_RANGE" in api.caps and f  # range TLBI only where FWB allows it
                         out.append(KernelConfig(st, granule, bits, lpa2=l2, fwb=f, tlb_range=rng, bti=bti))
     return out
+
+
+def config_for(stage: Stage, granule: Granule, ia_bits: int, lpa2: bool, hvhe: bool, api: TreeApi,
+               compiler: str, what: str = "scenario") -> KernelConfig:
+    """The configuration a scenario asks for, if the tree has it (an InputError naming what not)."""
+    if lpa2 and not (api.lpa2 and "HAS_LPA2" in api.caps and granule in LPA2_GRANULES):
+        raise InputError(f"{what}: lpa2 = true, but this tree or the {granule.label} granule has no LPA2")
+    if hvhe and "KVM_HVHE" not in api.caps:
+        raise InputError(f"{what}: e2h = true, but this tree has no hVHE (KVM_HVHE)")
+    if granule.size not in api.page_sizes:
+        raise InputError(f"{what}: granule {granule.label}: this tree has no {granule.label} pages")
+    return KernelConfig(stage, granule, ia_bits, lpa2=lpa2, hvhe=hvhe and stage is Stage.S1,
+                        bti=compiler == "clang" and "BTI" in api.caps)

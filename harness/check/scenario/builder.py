@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from harness.arch.geometry import Geometry, GeometryError, Stage
-from harness.check.scenario.data import OPS, MapSpec, OpSpec, Scenario, ScenarioError
+from harness.check.scenario.data import KERNEL_ONLY_OPS, OPS, MapSpec, OpSpec, Scenario, ScenarioError
 from harness.core.memory import PagePool
 from harness.core.pgtable import KvmPgtable, PgtableError, Stage2Pgtable
 from harness.core.prot import Prot
@@ -131,6 +131,12 @@ def apply_op(table: KvmPgtable, o: OpSpec, where: str = "scenario") -> None:
         if o.op == "unmap":
             table.unmap(o.addr, o.size)
             return
+        if o.op == "get_leaf":
+            table.get_leaf(o.addr)
+            return
+        if o.op in KERNEL_ONLY_OPS:
+            raise ScenarioError(f"{where}.op: {o.op} runs only on a kernel tree's own code "
+                                "(harness kernel-pgtable --scenario); the model's tables have no such operation")
         if not isinstance(table, Stage2Pgtable):
             raise ScenarioError(f"{where}.op: {o.op} is a stage-2 operation")
         if o.op == "wrprotect":

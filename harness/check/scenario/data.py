@@ -33,13 +33,15 @@ class MapSpec:
         return f"map [{self.addr:#x}, {self.end:#x}) -> {self.pa:#x} {self.prot.label()}"
 
 
-OPS = ("unmap", "wrprotect", "mkold", "mkyoung", "relax_perms")
+OPS = ("unmap", "wrprotect", "mkold", "mkyoung", "relax_perms", "get_leaf", "split")
+KERNEL_ONLY_OPS = ("split",)  # run by a kernel tree's code (harness kernel-pgtable), not the strict model
 
 
 @dataclass(frozen=True)
 class OpSpec:
-    """An operation applied after the mappings: unmap/wrprotect take addr+size; mkold, mkyoung
-    and relax_perms (with prot) act on the leaf mapping addr. All but unmap are stage 2 only."""
+    """An operation applied after the mappings: unmap/wrprotect/split take addr+size; mkold, mkyoung,
+    get_leaf and relax_perms (with prot) act on the leaf mapping addr. All but unmap and get_leaf
+    are stage 2 only; split only runs on a kernel tree's code (``harness kernel-pgtable``)."""
 
     op: str
     addr: int

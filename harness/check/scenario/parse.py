@@ -114,7 +114,7 @@ class MapModel(_Strict):
 
 
 class OpModel(_Strict):
-    op: Literal["unmap", "wrprotect", "mkold", "mkyoung", "relax_perms"]
+    op: Literal["unmap", "wrprotect", "mkold", "mkyoung", "relax_perms", "get_leaf", "split"]
     addr: Address
     size: Annotated[int, BeforeValidator(_op_size)] = 0
     prot: ProtField = Prot.NONE
