@@ -39,6 +39,7 @@ from typing import Literal
 
 from harness.errors import HarnessError, InputError, MachineryError
 from harness.kernel.tree import DEBIAN_SERIES, KernelTree, debian_tree, locate_tree
+from harness.target import process
 from harness.target.errors import ToolMissing
 
 CROSS_COMPILE = "aarch64-linux-gnu-"
@@ -234,11 +235,15 @@ def _run_logged(argv: Sequence[str], cwd: Path, log: Path, what: str) -> None:
         f.write(f"\n$ cd {shlex.quote(str(cwd))} && {shlex.join(argv)}\n".encode())
         f.flush()
         start = f.tell()
-        try:
-            rc = subprocess.run(list(argv), cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=_env(),
-                                stdin=subprocess.DEVNULL).returncode
+        try:  # a registered child in its own process group: make and its compilers end with the harness
+            proc = process.spawn(list(argv), name=Path(argv[0]).name, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+                                 env=_env())
         except FileNotFoundError as exc:
             raise ToolMissing(f"{what}: {argv[0]} is not on PATH") from exc
+        try:
+            rc = proc.wait()
+        finally:
+            process.kill(proc)
     if rc != 0:
         with log.open("rb") as f:
             f.seek(start)

@@ -48,7 +48,7 @@ def test_matrix(series: str, granule: Granule, cc: str) -> None:
     opts = RunOptions(granules=(granule,), compilers=(cc,), random_sequences=2, random_length=12)
     report = run_tree(tree, opts)
     assert report.configs, "no configuration ran"
-    assert report.ops >= 100 * len(report.configs) // 2
+    assert report.ops >= 20 * len(report.configs)
     assert report.unexplained == 0, _failures(report)
     for c in report.configs:  # every configuration checked something on the MMU
         assert sum(r.mmu_checked for r in c.results) > 0, c.name
