@@ -151,7 +151,9 @@ class _Booted:
     def walker(self) -> KernelWalker:
         if self.target is None or not self.target.alive:
             self.close()
-            self.target = Target.start(timeout=self.opts.timeout, elf=self.image, log_dir=self.opts.log_dir)
+            logs = None if self.opts.log_dir is None else \
+                self.opts.log_dir / f"{self.report.name}-boot{self.report.boots + 1}"
+            self.target = Target.start(timeout=self.opts.timeout, elf=self.image, log_dir=logs)
             self.report.boots += 1
         return KernelWalker(self.target, self.elf)
 

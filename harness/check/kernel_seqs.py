@@ -162,6 +162,7 @@ def random_sequence(geom: Geometry, seed: int, config_name: str, index: int, len
                "get_leaf": 6}
     mapped: list[tuple[int, int]] = []
     out: list[KOp] = []
+    keep_out = [(r.base, r.size) for r in [*layout.firmware_regions(), *layout.stage1_regions()]]
     for _ in range(length):
         name = rng.choices(names, [weights[n] for n in names])[0]
         w = rng.choice(windows)
@@ -175,6 +176,12 @@ def random_sequence(geom: Geometry, seed: int, config_name: str, index: int, len
         if rng.random() < 0.3:
             addr -= addr % small_blk
         size = max(g, min(size, geom.limit - addr))
+        if name != "get_leaf" and _overlaps(addr, size, keep_out):
+            # never over the payload's own regions: the tables are installed with the payload running on
+            # them (stage 1) or its EL1 stub running through them (stage 2)
+            addr = layout.scratch_base + addr % small_blk if small_blk <= layout.scratch_size // 2 \
+                else layout.scratch_base
+            size = max(g, min(size, layout.scratch_base + layout.scratch_size - addr))
         if name == "map":
             phys = _phys(rng, geom, layout, addr, size, small_blk)
             prot = _prot(rng, geom)
@@ -189,6 +196,10 @@ def random_sequence(geom: Geometry, seed: int, config_name: str, index: int, len
     if rng.random() < 0.5:
         out.append(KOp("destroy"))
     return KSequence(f"random-{index}", tuple(out), seed, index)
+
+
+def _overlaps(addr: int, size: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    return any(addr < base + n and base < addr + size for base, n in ranges)
 
 
 def _phys(rng: random.Random, geom: Geometry, layout: Layout, addr: int, size: int, blk: int) -> int:

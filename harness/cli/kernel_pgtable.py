@@ -20,8 +20,10 @@ when the machinery failed (a build error: the compiler's first error and the log
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -92,8 +94,21 @@ def _options(args: argparse.Namespace) -> RunOptions:
                       only_sequence=args.sequence, scenarios=scenarios, builtins=not args.no_builtins)
 
 
+def _log_base(args: argparse.Namespace) -> Path:
+    """Where every boot logs (one directory each below it): --log-dir, or a temporary directory
+    that harness.cli.main removes after success and names after a failure."""
+    if args.log_dir is not None:
+        base = Path(args.log_dir)
+        base.mkdir(parents=True, exist_ok=True)
+    else:
+        base = Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
+        args.temporary_log_dirs.append(base)
+    args.log_dirs.append(base)
+    return base
+
+
 def run(args: argparse.Namespace) -> int:
-    opts = _options(args)
+    opts = dataclasses.replace(_options(args), log_dir=_log_base(args))
     tree = locate_tree(args.tree) if args.tree else locate_tree(debian_tree(args.debian), what="--debian")
     tree.api.require_supported()
     live = sys.stderr.isatty() and not (args.json or args.ktap)

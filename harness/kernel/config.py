@@ -100,11 +100,17 @@ def matrix(api: TreeApi, granule: Granule, compiler: str, *, stage: Stage | None
                 for h in hvhes:
                     for bits in stage1_sizes(granule, l2):
                         out.append(KernelConfig(st, granule, bits, lpa2=l2, hvhe=h, bti=bti))
+                if bti:  # the same build without the BTI capability: no GP on executable hyp leaves
+                    out.append(KernelConfig(st, granule, 48, lpa2=l2, bti=False))
             else:
                 for bits in stage2_sizes(granule, l2):
                     for f in fwbs:
-                        rng = "HAS_TLB_RANGE" in api.caps and f  # range TLBI only where FWB allows it
+                        rng = "HAS_TLB_RANGE" in api.caps and f  # range TLBI where upstream uses it (with FWB)
                         out.append(KernelConfig(st, granule, bits, lpa2=l2, fwb=f, tlb_range=rng, bti=bti))
+                # the invalidation capabilities each way round: TTL hints off; range TLBI without FWB
+                out.append(KernelConfig(st, granule, 40, lpa2=l2, ttl=False, bti=bti))
+                if "HAS_TLB_RANGE" in api.caps:
+                    out.append(KernelConfig(st, granule, 40, lpa2=l2, tlb_range=True, bti=bti))
     return out
 
 
