@@ -108,9 +108,10 @@ def _log_base(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    opts = dataclasses.replace(_options(args), log_dir=_log_base(args))
+    opts = _options(args)
     tree = locate_tree(args.tree) if args.tree else locate_tree(debian_tree(args.debian), what="--debian")
     tree.api.require_supported()
+    opts = dataclasses.replace(opts, log_dir=_log_base(args))  # only once the input is known to be good
     live = sys.stderr.isatty() and not (args.json or args.ktap)
 
     def progress(line: str) -> None:

@@ -737,3 +737,27 @@ def test_build_from_scratch_concurrent_read_only_and_incremental(tmp_path: Path)
         compiled = [ln.split()[1] for ln in f.read().splitlines() if ln.startswith("  CC ")]
     assert sorted(compiled) == sorted([kbuild.NVHE_TARGET, kbuild.KERNEL_TARGET])
     assert snapshot(real.path) == before_real and snapshot(farm) == before_farm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# harness kernel-pgtable on trees it must refuse before building anything
+
+def _kernel_pgtable(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harness.cli", "kernel-pgtable", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_cli_refuses_unknown_api_by_name(tmp_path: Path) -> None:
+    tree = make_fake_tree(tmp_path / "t", header=fake_header(extra_map_arg=True))
+    p = _kernel_pgtable("--tree", str(tree))
+    assert p.returncode == 2, p.stderr
+    assert "kvm_pgtable_stage2_map: no known signature" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_cli_refuses_non_trees_naming_the_path(tmp_path: Path) -> None:
+    p = _kernel_pgtable("--tree", str(tmp_path / "missing"))
+    assert p.returncode == 2 and str(tmp_path / "missing") in p.stderr
+    tree = make_fake_tree(tmp_path / "nopg", with_pgtable=False)
+    p = _kernel_pgtable("--tree", str(tree))
+    assert p.returncode == 2 and "pgtable.c" in p.stderr and len(p.stderr.strip().splitlines()) == 1
