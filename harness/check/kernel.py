@@ -97,6 +97,7 @@ class SequenceResult:
     mmu_checked: int = 0
     expected_warns: int = 0  # WARNs the C code hit exactly where upstream's code does (the API's guards)
     unrecorded_ops: int = 0  # operations whose callbacks overflowed the host's log (no CMO comparison)
+    pool_left: int = 0  # pool pages still allocated after destroy (the next sequence needs a fresh payload)
     findings: list[Finding] = field(default_factory=list)
     aborted: str | None = None  # why the sequence stopped early (a fault)
     seconds: float = 0.0
@@ -560,6 +561,7 @@ class Session:
     def _check_destroyed(self, res: SequenceResult, index: int, kop: KOp) -> None:
         refs = self.kw.refcounts()
         left = np.flatnonzero(refs)
+        res.pool_left = int(left.size)
         if left.size:
             g = self.config.granule.size
             pages = ", ".join(f"{self.layout.pool_base + int(i) * g:#x}" for i in left[:4])

@@ -114,6 +114,9 @@ class TreeReport:
     def unexplained(self) -> int:
         return sum(c.unexplained for c in self.configs)
 
+    def reproducers(self) -> list[dict[str, Any]]:
+        return [{**r, "config": c.config.name} for c in self.configs for r in c.reproducers]
+
     def as_json(self) -> dict[str, Any]:
         known = Counter(f.known for f in self.findings if f.known)
         run_s = sum(c.seconds for c in self.configs)
@@ -190,7 +193,7 @@ def run_config(tree: KernelTree, objs: BuiltObjects, payload: LinkedPayload, cfg
             session = Session(kw, cfg, tree.api, series, mmu=opts.mmu, rng_seed=opts.seed)
             res = run_sequence(session, seq)
             report.results.append(res)
-            if res.aborted:
+            if res.aborted or res.pool_left:  # a fault or a leak: the next sequence starts on a fresh pool
                 booted.close()
             if progress:
                 progress(f"{report.name} {seq.name}: {res.ops} ops, {len(res.findings)} finding(s)")
@@ -222,7 +225,7 @@ def _shrink(booted: _Booted, cfg: KernelConfig, tree: KernelTree, series: str, o
     def fails(cand: KSequence) -> bool:
         kw = booted.walker()
         r = run_sequence(Session(kw, cfg, tree.api, series, mmu=opts.mmu, rng_seed=opts.seed), cand)
-        if r.aborted:
+        if r.aborted or r.pool_left:
             booted.close()
         return any((f.kind, f.known) in kinds for f in r.unexplained)
 
@@ -296,9 +299,19 @@ def summary_lines(report: TreeReport) -> list[str]:
         known = Counter(f.known for f in c.findings if f.known)
         extra = ("; known: " + ", ".join(f"{k} x{n}" for k, n in known.items())) if known else ""
         out.append(f"  {verdict:4} {c.name:36} {c.ops:5} ops {c.checked:7} checked{extra}")
+    shown = 0
     for f in report.findings:
         if f.known is None:
             out.append("  " + f.text())
+            if shown < 5 and "c_walk" in f.evidence:  # both walks of the first differing address
+                shown += 1
+                out += ["    the C code's tables:", *("      " + ln for ln in str(f.evidence["c_walk"]).splitlines()),
+                        "    upstream's (the oracle's):",
+                        *("      " + ln for ln in str(f.evidence["oracle_walk"]).splitlines())]
+    for r in report.reproducers():
+        out.append(f"  reproducer ({', '.join(r['kinds'])}): --config {r['config']} --sequence {r['sequence']} "
+                   f"--seed {r['seed']}; shrunk to {len(r['ops'])} ops: "
+                   + "; ".join(_op_text(op) for op in r["ops"]))
     seen: set[str] = set()
     for f in report.findings:
         if f.known and f.known not in seen:
@@ -306,3 +319,6 @@ def summary_lines(report: TreeReport) -> list[str]:
             out.append(f"  known bug {f.known}: {kernel_bugs.by_key(f.known).title}; first: {f.text()}")
     return out
 
+
+def _op_text(op: dict[str, Any]) -> str:
+    return " ".join(str(v) for v in op.values())

@@ -171,3 +171,19 @@ def test_cli_build_failure_names_first_error_and_log(tmp_path: Path) -> None:
                        check=False, env={**os.environ, "HARNESS_KBUILD_DIR": str(tmp_path / "kbuild")})
     assert p.returncode == 3, p.stderr
     assert "error:" in p.stderr and "pgtable.c" in p.stderr and "log" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_failing_random_sequence_shrinks_to_a_reproducer(tmp_path: Path) -> None:
+    """A planted bug found by a random sequence: the sequence shrinks to a few operations that still
+    show it, and the reproducer names how to replay it."""
+    old, new, config, _, kinds = PLANTED["memattr-shift"]
+    tree = shadow_tree(real_tree("6.12").path, tmp_path / "tree")
+    plant(tree, old, new)
+    opts = RunOptions(granules=(Granule.K4,), stage=Stage.S2, scripted=False, builtins=False, random_sequences=1,
+                      random_length=12, seed=3, only_config=config, mmu=False)
+    report = run_tree(locate_tree(tree), opts, build_cache=tmp_path / "kbuild")
+    (rep,) = report.reproducers()
+    assert rep["config"] == config and rep["sequence"] == "random-0" and rep["seed"] == 3
+    assert set(rep["kinds"]) & kinds
+    assert 1 <= len(rep["ops"]) <= 3, rep["ops"]
+    assert any(op["op"] == "map" for op in rep["ops"])
