@@ -143,7 +143,7 @@ class Session:
     """One configuration on one booted payload: the C side, the oracle, the checks."""
 
     def __init__(self, walker: KernelWalker, config: KernelConfig, api: TreeApi, series: str,
-                 mmu: bool = True, rng_seed: int = 0) -> None:
+                 mmu: bool = True, rng_seed: int = 0, pa_bits_52: bool = True) -> None:
         self.kw = walker
         self.target = walker.target
         self.config = config
@@ -158,7 +158,7 @@ class Session:
         self.oracle: kvmops.KernelModel | None = None
         self.features = kvmops.KernelFeatures(hvhe=config.hvhe, lpa2=config.lpa2, fwb=config.fwb, bti=config.bti,
                                               tlb_range=config.tlb_range, series=series,
-                                              hyp_build=not self._shared_walks(api))
+                                              hyp_build=not self._shared_walks(api), pa_bits_52=pa_bits_52)
         self._shared = self._shared_walks(api)
         self._fetch_proven = False  # one MMU fetch proof of the hVHE execute-never finding per session
 

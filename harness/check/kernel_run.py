@@ -185,12 +185,13 @@ def run_config(tree: KernelTree, objs: BuiltObjects, payload: LinkedPayload, cfg
     image, pe = _patched_image(payload, objs, cfg)
     booted = _Booted(image, pe, opts, report)
     series = "6.12" if tree.api.map_has_flags else "6.1"
+    pa52 = objs.kconfig.get("CONFIG_ARM64_PA_BITS") == "52"  # the kernel's own PA range (64K: 48 or 52)
     try:
         kw = booted.walker()
-        geom = _geometry_probe(kw, cfg, tree, series, opts)
+        geom = _geometry_probe(kw, cfg, tree, series, opts, pa52)
         for seq in sequences_for(geom, cfg, opts, tree.api.split, scripts):
             kw = booted.walker()
-            session = Session(kw, cfg, tree.api, series, mmu=opts.mmu, rng_seed=opts.seed)
+            session = Session(kw, cfg, tree.api, series, mmu=opts.mmu, rng_seed=opts.seed, pa_bits_52=pa52)
             res = run_sequence(session, seq)
             report.results.append(res)
             if res.aborted or res.pool_left:  # a fault or a leak: the next sequence starts on a fresh pool
@@ -198,16 +199,17 @@ def run_config(tree: KernelTree, objs: BuiltObjects, payload: LinkedPayload, cfg
             if progress:
                 progress(f"{report.name} {seq.name}: {res.ops} ops, {len(res.findings)} finding(s)")
             if res.unexplained and opts.shrink and len(seq.ops) > 2:
-                report.reproducers.append(_shrink(booted, cfg, tree, series, opts, seq, res))
+                report.reproducers.append(_shrink(booted, cfg, tree, series, opts, seq, res, pa52))
     finally:
         booted.close()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _geometry_probe(kw: KernelWalker, cfg: KernelConfig, tree: KernelTree, series: str, opts: RunOptions) -> Geometry:
+def _geometry_probe(kw: KernelWalker, cfg: KernelConfig, tree: KernelTree, series: str, opts: RunOptions,
+                    pa52: bool) -> Geometry:
     """The configuration's geometry as the C code sets it up (stage 2: from kvm_get_vtcr)."""
-    probe = Session(kw, cfg, tree.api, series, mmu=False)
+    probe = Session(kw, cfg, tree.api, series, mmu=False, pa_bits_52=pa52)
     res = SequenceResult(cfg.name, KSequence("probe", ()))
     probe.start(res)
     geom = probe.geom
@@ -219,12 +221,12 @@ def _geometry_probe(kw: KernelWalker, cfg: KernelConfig, tree: KernelTree, serie
 
 
 def _shrink(booted: _Booted, cfg: KernelConfig, tree: KernelTree, series: str, opts: RunOptions, seq: KSequence,
-            res: SequenceResult) -> dict[str, Any]:
+            res: SequenceResult, pa52: bool) -> dict[str, Any]:
     kinds = {(f.kind, f.known) for f in res.unexplained}
 
     def fails(cand: KSequence) -> bool:
         kw = booted.walker()
-        r = run_sequence(Session(kw, cfg, tree.api, series, mmu=opts.mmu, rng_seed=opts.seed), cand)
+        r = run_sequence(Session(kw, cfg, tree.api, series, mmu=opts.mmu, rng_seed=opts.seed, pa_bits_52=pa52), cand)
         if r.aborted or r.pool_left:
             booted.close()
         return any((f.kind, f.known) in kinds for f in r.unexplained)
