@@ -849,25 +849,34 @@ class KernelModel:
         if not self._try_break(ctx):
             return -EAGAIN
         if not ctx.flags & KWALK_SKIP_CMO:
-            if self._cacheable(new):
-                self._dcache(self._to_phys(new), size)
-            if self._executable(new):
-                self._icache(self._to_phys(new), size)
+            self._maintain_new_leaf(new, size)
         self._make(ctx, new)
         return 0
+
+    def _maintain_new_leaf(self, new: int, size: int) -> None:
+        """The cache maintenance a new stage-2 leaf asks of the host (both series): clean to PoC
+        for cacheable memory, invalidate the I-cache for executable memory."""
+        if self._cacheable(new):
+            self._dcache(self._to_phys(new), size)
+        if self._executable(new):
+            self._icache(self._to_phys(new), size)
+
+    def _new_child(self, ctx: _Ctx, data: _S2MapData) -> int:
+        """A map that must descend below a leaf level: -EINVAL at the last level (upstream WARNs),
+        -ENOMEM without a memcache page, else the new zeroed table page (a positive address)."""
+        if ctx.level == LAST_LEVEL:
+            self._warn(ctx)
+            return -EINVAL
+        child = self._zalloc(data.mc) if data.mc is not None else None
+        return -ENOMEM if child is None else child
 
     def _map_leaf_612(self, ctx: _Ctx, data: _S2MapData) -> int:
         ret = self._try_leaf_612(ctx, data)
         if ret != -E2BIG:
             return ret
-        if ctx.level == LAST_LEVEL:
-            self._warn(ctx)
-            return -EINVAL
-        if data.mc is None:
-            return -ENOMEM
-        child = self._zalloc(data.mc)
-        if child is None:
-            return -ENOMEM
+        child = self._new_child(ctx, data)
+        if child < 0:
+            return child
         if not self._try_break(ctx):
             self.pool.put_page(child)
             return -EAGAIN
@@ -911,10 +920,7 @@ class KernelModel:
             if not self._needs_update(old, new):
                 return -EAGAIN
             self._put_pte_61(ctx, old)
-        if self._cacheable(new):
-            self._dcache(self._to_phys(new), size)
-        if self._executable(new):
-            self._icache(self._to_phys(new), size)
+        self._maintain_new_leaf(new, size)
         self._write(ctx.ptep, new)
         if new:
             self._get(ctx.ptep)
@@ -931,14 +937,9 @@ class KernelModel:
         ret = self._try_leaf_61(ctx, data)
         if ret != -E2BIG:
             return ret
-        if ctx.level == LAST_LEVEL:
-            self._warn(ctx)
-            return -EINVAL
-        if data.mc is None:
-            return -ENOMEM
-        child = self._zalloc(data.mc)
-        if child is None:
-            return -ENOMEM
+        child = self._new_child(ctx, data)
+        if child < 0:
+            return child
         if pte:
             self._put_pte_61(ctx, pte)
         if d.is_valid(self.pool.read64(ctx.ptep)):
