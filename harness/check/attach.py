@@ -448,7 +448,7 @@ def layouts(base: Layout = LAYOUT) -> list[Layout]:
         if base.code + off + span > base.ram_end:
             break
         moved = {name: getattr(base, name) + off for name in
-                 ("code", "el1_stub", "data", "mailbox", "probe_addrs", "probe_results", "pool_base")}
+                 ("code", "el1_stub", "data", "mailbox", "kpgt", "probe_addrs", "probe_results", "pool_base")}
         end = base.pool_base + base.pool_size + off
         if end < base.ram_end:
             scratch = {"scratch_base": end, "scratch_size": base.ram_end - end}

@@ -11,6 +11,7 @@ the C code leaves the payload's state unknown: the payload is booted again for w
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -171,7 +172,7 @@ def _patched_image(payload: LinkedPayload, objs: BuiltObjects, cfg: KernelConfig
     caps = [c for c in cfg.caps() if c in objs.cpucaps]
     out = payload.elf.with_name(f"payload-{cfg.name}.elf")
     if not out.exists():
-        tmp = out.with_suffix(".tmp")
+        tmp = out.with_suffix(f".tmp{os.getpid()}")  # one per process: pytest-xdist workers patch the same image
         pe.write_patched(tmp, kelf.caps_named(caps, objs.cpucaps), objs.cpucaps)
         tmp.replace(out)
     return out, kelf.PayloadElf(out)

@@ -23,7 +23,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,15 +113,18 @@ def _kernel_boots(request: pytest.FixtureRequest) -> Iterator[dict[_BootKey, Liv
 
 @pytest.fixture
 def live_kernel(request: pytest.FixtureRequest, kernel_image: KernelImage, tmp_path_factory: pytest.TempPathFactory,
-                _kernel_boots: dict[_BootKey, LiveKernel]) -> Callable[..., LiveKernel]:
+                _kernel_boots: dict[_BootKey, LiveKernel]) -> Iterator[Callable[..., LiveKernel]]:
     """``live_kernel(mode="nvhe", cpu="max", append="", smp=1)`` -> a :class:`LiveKernel`
-    (session-cached)."""
+    (session-cached). Between the tests that use them the session's kernels are stopped (SIGSTOP:
+    a booted kernel spins after its root-fs panic, a host core each) and continued when a test asks
+    for one again."""
     timeout = float(request.config.getoption("--kernel-timeout"))
 
     def get(mode: str = "nvhe", cpu: str = "max", append: str = "", smp: int = 1) -> LiveKernel:
         key = (mode, cpu, append, smp)
         k = _kernel_boots.get(key)
         if k is not None and k.boot.pid is not None and _alive(k):
+            _signal(k, signal.SIGCONT)
             return k
         smp_tag = f"-smp{smp}" if smp != 1 else ""
         logs = tmp_path_factory.mktemp(f"kernel-{mode}-{cpu.replace(',', '-').replace('=', '')}{smp_tag}")
@@ -128,7 +133,20 @@ def live_kernel(request: pytest.FixtureRequest, kernel_image: KernelImage, tmp_p
         k = _kernel_boots[key] = LiveKernel(boot)
         return k
 
-    return get
+    try:
+        yield get
+    finally:
+        for k in _kernel_boots.values():
+            if _alive(k):
+                _signal(k, signal.SIGSTOP)
+
+
+def _signal(k: LiveKernel, sig: signal.Signals) -> None:
+    """Stop or continue a kernel's QEMU (gone already: nothing to do)."""
+    proc = k.boot._proc
+    if proc is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
 
 
 def _alive(k: LiveKernel) -> bool:
