@@ -18,6 +18,7 @@
 #include <asm/kvm_asm.h>
 #include <asm/kvm_host.h>
 #include <asm/kvm_pgtable.h>
+#include <asm/tlbflush.h>
 #include "gen/layout.h"
 #include "gen/mailbox.h"
 #include "gen/kpgt.h"
@@ -324,8 +325,10 @@ static u64 vmid_of(struct kvm_s2_mmu *m)
 
 /* ---- stage-2 TLB maintenance: exactly what is asked, recorded ------------------------------
  * The VMID's VTTBR_EL2 is current while the invalidation runs (TLBI by IPA and VMALLS12E1 act
- * on the current VMID). A level hint becomes the TTL field of the TLBI (FEAT_TTL) when it names
- * a level 0..3 of this granule, as the architecture defines it. */
+ * on the current VMID). A level hint becomes the TTL field of the TLBI (FEAT_TTL) as the tree's
+ * own __tlbi_level reads its argument: only with the ARMv8_4_TTL capability; 0..3 a level and
+ * TLBI_TTL_UNKNOWN none where the tree has it (6.12), else 0 none (6.1); level 0 with 16K/64K is a
+ * reserved TTL, which the architecture treats as no hint. */
 static void with_vmid(struct kvm_s2_mmu *m)
 {
 	asm volatile("msr vttbr_el2, %0\n isb" : : "r"((vmid_of(m) << 48) | (u64)pgt.pgd) : "memory");
@@ -335,8 +338,16 @@ static u64 ttl_hint(int level)
 {
 	u64 tg = PAGE_SIZE == SZ_4K ? 1 : PAGE_SIZE == SZ_16K ? 2 : 3;
 
+	if (!cpus_have_final_cap(ARM64_HAS_ARMv8_4_TTL))
+		return 0;
+#ifdef TLBI_TTL_UNKNOWN
 	if (level < 0 || level > 3)
 		return 0;
+#else
+	if (level == 0)
+		return 0;
+	level &= 3;
+#endif
 	if (tg != 1 && level == 0)
 		return 0;
 	return ((tg << 2) | (u64)level) << 44;

@@ -59,7 +59,8 @@ CMO_KINDS = (EventKind.DCACHE_CLEAN_INVAL_POC, EventKind.ICACHE_INVAL_POU)
 
 @dataclass
 class Finding:
-    kind: str  # mismatch, return-code, leak, refcount, use-after-free, warn, bug, fault, cmo-missing, mmu, vtcr
+    kind: str  # mismatch, return-code, leak, refcount, use-after-free, warn, bug, fault, cmo-missing, tlbi-missing,
+    #            tlbi-extra, mmu, vtcr
     config: str
     sequence: str
     op_index: int  # -1: the prologue
@@ -98,6 +99,7 @@ class SequenceResult:
     expected_warns: int = 0  # WARNs the C code hit exactly where upstream's code does (the API's guards)
     unrecorded_ops: int = 0  # operations whose callbacks overflowed the host's log (no CMO comparison)
     pool_left: int = 0  # pool pages still allocated after destroy (the next sequence needs a fresh payload)
+    tlbi_compared: int = 0  # stage-2 TLB invalidations upstream asks for, compared with the C code's
     findings: list[Finding] = field(default_factory=list)
     aborted: str | None = None  # why the sequence stopped early (a fault)
     seconds: float = 0.0
@@ -114,6 +116,7 @@ class SequenceResult:
         return {"sequence": self.sequence.name, "seed": self.sequence.seed, "index": self.sequence.index,
                 "ops": self.ops, "checked": self.checked, "mmu_checked": self.mmu_checked,
                 "expected_warns": self.expected_warns, "unrecorded_ops": self.unrecorded_ops,
+                "tlbi_compared": self.tlbi_compared,
                 "findings": [f.as_json() for f in self.findings], "aborted": self.aborted,
                 "script": [op.as_json() for op in self.sequence.ops]}
 
@@ -318,9 +321,10 @@ class Session:
         self.c = dataclasses.replace(self.c, mem=mem)
         self._check_resources(res, index, kop, mem, counters0)
         if r.events_lost:
-            res.unrecorded_ops += 1  # the cache-maintenance comparison needs every callback
+            res.unrecorded_ops += 1  # the cache-maintenance and TLBI comparisons need every callback
         else:
             self._check_cmo(res, index, kop, r.events, self.oracle.events[ev0:])
+            self._check_tlbi(res, index, kop, r.events, self.oracle.events[ev0:])
         if check:
             addrs = self._touched(kop)
             self._compare_translations(res, index, kop, addrs)
@@ -586,6 +590,24 @@ class Session:
                           f"{len(missing)} cache maintenance call(s) upstream makes are missing, e.g. "
                           f"{kind}({addr:#x}, {size:#x})")
 
+    def _check_tlbi(self, res: SequenceResult, index: int, kop: KOp, c_events: Sequence[Event],
+                    o_events: Sequence[Any]) -> None:
+        """The stage-2 TLB invalidations the C code asked its host for (kind, address or start,
+        level hint or pages) against those upstream's code asks for (the oracle's): one missing
+        leaves a stale translation possible; one extra, or another level hint, is a change of
+        behaviour worth a look. Judging them by the architecture's rules is issue "TLB maintenance"."""
+        got = Counter(_tlbi_key_c(e) for e in c_events if e.kind in TLBI_KINDS)
+        want = Counter(_tlbi_key_oracle(e) for e in o_events if str(e.kind) in TLBI_ORACLE_KINDS)
+        res.tlbi_compared += sum(want.values())
+        for kind, diff in (("tlbi-missing", want - got), ("tlbi-extra", got - want)):
+            if diff:
+                (name, addr, arg), _ = next(iter(diff.items()))
+                what = "upstream asks for" if kind == "tlbi-missing" else "upstream does not ask for"
+                self._finding(res, kind, index, kop.text(),
+                              f"{sum(diff.values())} stage-2 TLB invalidation(s) {what}, "
+                              f"e.g. {name}({addr:#x}, {arg}); "
+                              f"the C code asked for {sum(got.values())}, upstream {sum(want.values())}")
+
     def finish(self, res: SequenceResult) -> None:
         """The whole tables against the oracle's (merged mapped ranges), then destroy both."""
         if self.c is None or self.oracle is None or self.geom is None:
@@ -609,6 +631,30 @@ class Session:
         ev.setdefault("kind", kind)
         known = kernel_bugs.classify(ev)
         res.findings.append(Finding(kind, self.config.name, res.sequence.name, index, op, message, ev, known))
+
+
+TLBI_KINDS = {EventKind.TLBI_VMID_IPA: "tlb_flush_vmid_ipa", EventKind.TLBI_VMID_IPA_NSH: "tlb_flush_vmid_ipa_nsh",
+              EventKind.TLBI_VMID_RANGE: "tlb_flush_vmid_range", EventKind.TLBI_VMID: "tlb_flush_vmid"}
+TLBI_ORACLE_KINDS = frozenset(TLBI_KINDS.values())
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _tlbi_key_c(e: Event) -> tuple[str, int, int]:
+    """A recorded TLB helper call as (helper, address, level hint or pages): the VMID is the host's own."""
+    name = TLBI_KINDS[e.kind]
+    if e.kind is EventKind.TLBI_VMID:
+        return name, 0, 0
+    return name, e.a0, e.a1 if e.kind is EventKind.TLBI_VMID_RANGE else _signed(e.a1)
+
+
+def _tlbi_key_oracle(e: Any) -> tuple[str, int, int]:
+    name = str(e.kind)
+    if name == "tlb_flush_vmid":
+        return name, 0, 0
+    return name, e.addr, e.size_or_pages if name == "tlb_flush_vmid_range" else int(e.level)
 
 
 def _differences(a: BatchResult, b: BatchResult) -> npt.NDArray[np.intp]:

@@ -89,6 +89,12 @@ PLANTED = {
         "\tif (childp)\n\t\tmm_ops->put_page(childp);\n\n\treturn 0;\n}\n\nint kvm_pgtable_stage2_unmap(",
         "\treturn 0;\n}\n\nint kvm_pgtable_stage2_unmap(",
         "s2-4K-40bit", "pages", {"leak"}),
+    # a leaf unmapped without its TLB invalidation (the be097997a273 family: a path that skips the TLBI)
+    "unmap-without-tlbi": (
+        "\t\t} else if (!stage2_unmap_defer_tlb_flush(pgt)) {\n\t\t\tkvm_call_hyp(__kvm_tlb_flush_vmid_ipa, mmu, "
+        "ctx->addr,\n\t\t\t\t     ctx->level);\n",
+        "\t\t} else if (!stage2_unmap_defer_tlb_flush(pgt)) {\n",
+        "s2-4K-40bit", "pages", {"tlbi-missing"}),
     # a reference dropped twice (the c60d847be7b8 family): hyp destroy puts each table page twice
     "hyp-free-double-put": (
         "\tif (kvm_pte_table(ctx->old, ctx->level))\n\t\tmm_ops->put_page(kvm_pte_follow(ctx->old, mm_ops));\n"
