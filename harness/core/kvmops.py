@@ -701,11 +701,18 @@ class KernelModel:
         return unmapped[0] & MASK64
 
     def hyp_destroy(self) -> None:
-        """``kvm_pgtable_hyp_destroy``."""
+        """``kvm_pgtable_hyp_destroy``: every valid entry's reference dropped, tables freed, then
+        the one root page."""
         self._need(Stage.S1, "hyp_destroy")
+        self._destroy(d.is_valid, 1)
+
+    def _destroy(self, counted: Callable[[int], bool], root_pages: int) -> None:
+        """The free walker both destroys run (``hyp_free_walker`` / ``stage2_free_walker``): each
+        ``counted`` entry's reference dropped, each table page put after its children; then the
+        root's pages (``free_pages_exact``: one reference each)."""
 
         def cb(ctx: _Ctx, visit: int) -> int:
-            if not d.is_valid(ctx.old):
+            if not counted(ctx.old):
                 return 0
             self._put(ctx.ptep)
             if self._is_table(ctx.old, ctx.level):
@@ -716,7 +723,8 @@ class KernelModel:
         if self._walk(0, self.geom.limit, cb, KWALK_LEAF | KWALK_TABLE_POST):
             self._log(EventKind.WARN)
         if pgd is not None:
-            self.pool.put_page(pgd)
+            for i in range(root_pages):
+                self.pool.put_page(pgd + i * self._page)
         self.pgt.pgd = None
 
     # -- stage 2: attributes ---------------------------------------------------------------------
@@ -1211,24 +1219,10 @@ class KernelModel:
         return self.geom.pgd_pages * self._page
 
     def stage2_destroy(self) -> None:
-        """``kvm_pgtable_stage2_destroy``."""
+        """``kvm_pgtable_stage2_destroy``: as hyp's, but every non-zero entry is counted (owner
+        annotations too), and the root is the concatenated PGD."""
         self._need(Stage.S2, "stage2_destroy")
-
-        def cb(ctx: _Ctx, visit: int) -> int:
-            if not ctx.old:
-                return 0
-            self._put(ctx.ptep)
-            if self._is_table(ctx.old, ctx.level):
-                self.pool.put_page(self._to_phys(ctx.old))
-            return 0
-
-        pgd = self.pgt.pgd
-        if self._walk(0, self.geom.limit, cb, KWALK_LEAF | KWALK_TABLE_POST):
-            self._log(EventKind.WARN)
-        if pgd is not None:
-            for i in range(self.geom.pgd_pages):  # free_pages_exact: each page's reference
-                self.pool.put_page(pgd + i * self._page)
-        self.pgt.pgd = None
+        self._destroy(bool, self.geom.pgd_pages)
 
 
 _S2AP_R = d.S2_AP.prep(d.S2AP.RO)  # KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R, bit 6
