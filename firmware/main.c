@@ -108,6 +108,12 @@ static void uninstall(void)
     stage2_off();
 }
 
+void fw_stage1_off(void); /* for a linked-in host: its own EL2 map goes, a live stage 2 stays */
+void fw_stage1_off(void)
+{
+    stage1_off();
+}
+
 void fw_uninstall(void); /* the same, for a linked-in host */
 void fw_uninstall(void)
 {
@@ -258,6 +264,44 @@ static u64 do_fetch(void)
     return STATUS_OK;
 }
 
+/* A live table update's invalidations: the steps in order, each one instruction on the installed
+ * regime (the host writes the descriptors into guest RAM between requests, while this vCPU waits). */
+#define TLBI_OP(op, x) __asm__ volatile("tlbi " #op ", %0" : : "r"(x) : "memory")
+#define TLBI_ALL(op) __asm__ volatile("tlbi " #op : : : "memory")
+
+static u64 do_live(void)
+{
+    u64 n = mb->arg[0], src = mb->arg[1];
+    if (n > PROBE_ADDRS_SIZE / LIVE_STEP_SIZE ||
+        !in_buffer(src, n * LIVE_STEP_SIZE, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE))
+        return STATUS_BAD_ARG;
+    const struct live_step *st = (const struct live_step *)src;
+    for (u64 i = 0; i < n; i++) {
+        u64 x = st[i].a0;
+        switch (st[i].insn) {
+        case LIVE_DSB_ISHST: DSB(ishst); break;
+        case LIVE_DSB_ISH: DSB(ish); break;
+        case LIVE_DSB_NSHST: DSB(nshst); break;
+        case LIVE_DSB_NSH: DSB(nsh); break;
+        case LIVE_ISB: ISB(); break;
+        case LIVE_TLBI_IPAS2E1IS: TLBI_OP(ipas2e1is, x); break;
+        case LIVE_TLBI_IPAS2E1: TLBI_OP(ipas2e1, x); break;
+        case LIVE_TLBI_IPAS2LE1IS: TLBI_OP(ipas2le1is, x); break;
+        case LIVE_TLBI_VMALLE1IS: TLBI_ALL(vmalle1is); break;
+        case LIVE_TLBI_VMALLE1: TLBI_ALL(vmalle1); break;
+        case LIVE_TLBI_VMALLS12E1IS: TLBI_ALL(vmalls12e1is); break;
+        case LIVE_TLBI_VAE2IS: TLBI_OP(vae2is, x); break;
+        case LIVE_TLBI_VALE2IS: TLBI_OP(vale2is, x); break;
+        case LIVE_TLBI_ALLE2IS: TLBI_ALL(alle2is); break;
+        default:
+            mb->ret0 = i;
+            return STATUS_BAD_ARG;
+        }
+    }
+    mb->ret0 = n;
+    return STATUS_OK;
+}
+
 static u64 serve(u64 cmd)
 {
     switch (cmd) {
@@ -277,6 +321,8 @@ static u64 serve(u64 cmd)
         return do_access();
     case CMD_FETCH:
         return do_fetch();
+    case CMD_LIVE:
+        return do_live();
     case CMD_SPIN:
         for (;;)
             __asm__ volatile("" ::: "memory");

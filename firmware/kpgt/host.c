@@ -26,6 +26,7 @@
 /* ---- what the firmware gives us ---------------------------------------------------------- */
 extern struct mailbox *const fw_mailbox;
 void fw_uninstall(void);
+void fw_stage1_off(void);
 extern u64 el2_sync_hook;
 void kpgt_trap(void);
 long kpgt_setjmp(u64 *ctx);
@@ -134,7 +135,7 @@ static void own_mmu_on(void)
 {
 	u64 sctlr;
 
-	fw_uninstall();
+	fw_stage1_off(); /* a stage 2 installed live (the C tables, VMID 1) stays: its TLB is under test */
 	asm volatile("msr mair_el2, %0\n msr tcr_el2, %1\n msr ttbr0_el2, %2\n isb\n tlbi alle2\n dsb ish\n isb"
 		     : : "r"(OWN_MAIR), "r"(OWN_TCR), "r"((u64)OWN_L1) : "memory");
 	asm volatile("mrs %0, sctlr_el2" : "=r"(sctlr));
@@ -659,7 +660,7 @@ u64 kpgt_serve(u64 cmd)
 	el2_sync_hook = 0;
 	asm volatile("msr sp_el0, %0" : : "r"(saved_sp_el0) : "memory");
 	ST->pgd = (u64)pgt.pgd;
-	fw_uninstall(); /* own MMU off: the request loop runs as before */
+	fw_stage1_off(); /* own MMU off: the request loop runs as before (a live stage 2 stays) */
 	fw_mailbox->ret0 = ret0;
 	fw_mailbox->ret1 = ret1;
 	return STATUS_OK;

@@ -203,6 +203,7 @@ class CheckReport:
     known_by: dict[str, int] = field(default_factory=dict)  # divergence key -> disagreements
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> probes with no comparison
     explain_limit: int = MAX_EXPLAINED  # disagreements kept with their full walk
+    tlb: Any = None  # harness.check.live.TlbTally: the live updates (None: not run live)
 
     @property
     def checked(self) -> int:
@@ -210,7 +211,7 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return self.mismatched == 0
+        return self.mismatched == 0 and (self.tlb is None or self.tlb.ok)
 
     def count(self, what: dict[str, int], key: str, n: int = 1) -> None:
         if n:
@@ -250,12 +251,19 @@ class CheckReport:
         self.mismatched += other.mismatched
         self.known += other.known
         self.mismatches += other.mismatches[: max(0, MAX_EXPLAINED - len(self.mismatches))]
+        if other.tlb is not None:
+            if self.tlb is None:
+                self.tlb = type(other.tlb)()
+            self.tlb.merge(other.tlb)
 
     def summary(self) -> str:
         verdict = "OK" if self.ok else "MISMATCH"
         extra = f", {self.known} known QEMU divergence(s)" if self.known else ""
         skipped = sum(self.skipped.values())
         extra += f", {skipped} without a prediction" if skipped else ""
+        if self.tlb is not None and self.tlb.updates:
+            extra += f"; {self.tlb.updates} live update(s), {self.tlb.stale} stale"
+            extra += "".join(f", {v} {k}" for k, v in sorted(self.tlb.by_kind.items()) if k != "tlb-stale")
         return f"{verdict} {self.scenario}: {self.matched}/{self.checked} matched{extra} ({self.geometry})"
 
     def text(self) -> str:
@@ -263,6 +271,9 @@ class CheckReport:
         lines += [f"  {k}: {v} probes" for k, v in self.probes.items()]
         lines += [f"  withheld from AT ({k}): {v}, checked with real accesses" for k, v in self.withheld.items()]
         lines += [f"  skipped ({k}): {v}" for k, v in self.skipped.items()]
+        if self.tlb is not None and self.tlb.updates:
+            lines.append("  " + self.tlb.summary())
+            lines += ["  " + f.text() for f in self.tlb.findings]
         shown = [m for m in self.mismatches if not m.divergence] + [m for m in self.mismatches if m.divergence]
         for m in shown:
             lines.append("  " + m.text().replace("\n", "\n  "))
@@ -278,6 +289,7 @@ class CheckReport:
             "known_divergences": self.known, "probes": self.probes, "timings": self.timings,
             "withheld_from_at": self.withheld, "mismatches": [m.__dict__ for m in self.mismatches],
             "known_by_divergence": self.known_by, "skipped": self.skipped,
+            **({"tlb": self.tlb.as_json()} if self.tlb is not None else {}),
         }
 
 

@@ -93,6 +93,13 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                                      "removed after a successful run)")
 
 
+def add_live_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-live", action="store_true",
+                   help="apply a scenario's operations to the model before installing (no live updates, "
+                        "no TLB checks); by default each runs live on warm tables and its TLB maintenance "
+                        "is checked")
+
+
 def add_seed_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed for address sampling (default 0)")
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from harness.check import live
 from harness.check import scenario as scenarios
-from harness.check.engine import check_built
 from harness.cli.args import (
+    add_live_arg,
     add_report_arg,
     add_scenario_args,
     add_target_args,
@@ -28,6 +29,7 @@ NAME = "check"
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(NAME, help="check one scenario on QEMU")
     add_target_args(p)
+    add_live_arg(p)
     add_scenario_args(p)
     add_report_arg(p, "write the full text report here")
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     check_log_dir(args.log_dir)
     t0 = time.perf_counter()
     with open_target(args) as t:
-        report = check_built(built, t, np.random.default_rng(args.seed))
+        report = live.check_scenario(built.scenario, t, np.random.default_rng(args.seed), live=not args.no_live)
         print_reports([report], args, time.perf_counter() - t0, t)
         if not args.json:
             print(report.text() if report.ok else "")

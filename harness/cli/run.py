@@ -8,9 +8,17 @@ from typing import Any
 
 import numpy as np
 
+from harness.check import live
 from harness.check import scenario as scenarios
-from harness.check.engine import CheckReport, check_built
-from harness.cli.args import add_report_arg, add_target_args, check_log_dir, check_output_file, open_target
+from harness.check.engine import CheckReport
+from harness.cli.args import (
+    add_live_arg,
+    add_report_arg,
+    add_target_args,
+    check_log_dir,
+    check_output_file,
+    open_target,
+)
 from harness.cli.output import Progress
 from harness.cli.reports import print_reports, write_report
 
@@ -20,6 +28,7 @@ NAME = "run"
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(NAME, help="the main job: built-in scenarios on QEMU (default)")
     add_target_args(p)
+    add_live_arg(p)
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these built-in scenarios")
     add_report_arg(p, "write the full text report (every mismatch) here")
 
@@ -36,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             for s in selected:
                 progress.print_step(s.describe())
-                reports.append(check_built(scenarios.build(s, t.layout), t, rng))
+                reports.append(live.check_scenario(s, t, rng, live=not args.no_live))
                 progress.advance()
         finally:
             progress.close()

@@ -179,3 +179,24 @@ class PagePool:
             if self._refcount[idx]:
                 return (idx + 1) * self.page_size
         return 0
+
+
+@dataclass(frozen=True)
+class WordsMemory:
+    """Table memory as an array of u64 words at ``base`` (a snapshot, or a view of guest RAM), as the
+    model's walks read it."""
+
+    base: int
+    data: npt.NDArray[np.uint64]
+
+    def words(self) -> npt.NDArray[np.uint64]:
+        return self.data
+
+    def read64(self, pa: int) -> int:
+        off = pa - self.base
+        if off < 0 or off + 8 > 8 * int(self.data.size):
+            return 0
+        return int(self.data[off >> 3])
+
+    def contains(self, pa: int, length: int = 8) -> bool:
+        return self.base <= pa and pa + length <= self.base + 8 * int(self.data.size)

@@ -6,6 +6,17 @@ no valid entry (reference count back to 1) the parent entry is cleared and the p
 destroy returns every page to the pool.
 
 A failing operation leaves the tables as they were: each runs as a pool transaction.
+
+TLB maintenance (:mod:`harness.core.tlb`): with ``maint`` set (a :class:`~harness.core.tlb.MaintLog`)
+every operation records what it does, in order: each descriptor write, each invalidation, each table
+page freed, following upstream's visitors: a leaf cleared by unmap is invalidated at its level
+(stage 2 ``__kvm_tlb_flush_vmid_ipa(addr, level)``, hyp ``tlbi vale2is``), an empty table cleared
+and invalidated with no level hint before its page is freed, a block split break-before-make
+(cleared, invalidated at its level, then the table written), wrprotect and mkold followed by the
+VMID-wide flush their callers issue (``kvm_flush_remote_tlbs_memslot``, the MMU notifier's
+``clear_flush_young``), relax_perms by ``__kvm_tlb_flush_vmid_ipa_nsh(addr, level)``; mkyoung needs
+none (an entry with AF = 0 is never cached) and map only fills invalid slots. A failed operation's
+record is dropped with its writes.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from harness.arch.geometry import LAST_LEVEL, PAMAX_REFERENCE, Geometry, Granule
 from harness.arch.registers import MairIndex, RegimeRegs, regime_regs
 from harness.core.memory import PagePool
 from harness.core.prot import Prot
+from harness.core.tlb import Flush, MaintLog
 from harness.core.walker import (
     UPSTREAM_RULES,
     Walker,
@@ -68,6 +80,7 @@ class KvmPgtable:
         self.geom = geom
         self.mem = mem
         self.rules = rules  # which upstream walker fixes every operation's walk applies
+        self.maint: MaintLog | None = None  # set: operations record their writes, invalidations and frees
         n = geom.pgd_pages
         self.pgd: int | None = mem.alloc_pages(n, align_pages=n)
 
@@ -108,23 +121,47 @@ class KvmPgtable:
     def _page_of(self, ptep: int) -> int:
         return align_down(ptep, self.granule.size)
 
+    def _write(self, ptep: int, pte: int) -> None:
+        if self.maint is not None:
+            self.maint.write(ptep, self.mem.read64(ptep), pte)
+        self.mem.write64(ptep, pte)
+
     def _install(self, ptep: int, pte: int) -> None:
         """Write a valid entry into an invalid slot, taking a reference on its table page."""
-        self.mem.write64(ptep, pte)
+        self._write(ptep, pte)
         self.mem.get_page(self._page_of(ptep))
 
     def _clear(self, ptep: int) -> None:
         """Invalidate a valid entry, dropping the reference on its table page."""
-        self.mem.write64(ptep, 0)
+        self._write(ptep, 0)
         self.mem.put_page(self._page_of(ptep))
+
+    # -- TLB maintenance (recorded; the firmware runs it in a live update) ---------------------
+    def _tlbi_leaf(self, addr: int, level: int) -> None:
+        """What upstream invalidates for a leaf it cleared or changed: by address, its level hinted."""
+        if self.maint is not None:
+            self.maint.tlbi(Flush.S2_IPA if self.stage is Stage.S2 else Flush.EL2_VA_LAST, addr, level)
+
+    def _tlbi_table(self, addr: int) -> None:
+        """What upstream invalidates for a table entry it cleared: by address, no level hint."""
+        if self.maint is not None:
+            self.maint.tlbi(Flush.S2_IPA if self.stage is Stage.S2 else Flush.EL2_VA, addr, None)
+
+    def _free_table(self, page: int) -> None:
+        self.mem.put_page(page)
+        if self.maint is not None and self.mem.refcount(page) == 0:
+            self.maint.free(page)
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         self.mem.begin()
+        mark = len(self.maint.steps) if self.maint is not None else 0
         try:
             yield
         except BaseException:
             self.mem.rollback()
+            if self.maint is not None:
+                del self.maint.steps[mark:]
             raise
         self.mem.commit()
 
@@ -215,15 +252,19 @@ class KvmPgtable:
         self._map(addr, size, phys, self.leaf_attrs(Prot(prot)))
 
     # -- unmap ------------------------------------------------------------------------------------
-    def _split_block(self, ptep: int, pte: int, level: int) -> None:
-        """Replace a block by a table of next-level leaves with the same attributes."""
+    def _split_block(self, ptep: int, pte: int, level: int, addr: int) -> None:
+        """Replace the block at ``addr`` by a table of next-level leaves with the same attributes,
+        break-before-make (the block cleared and invalidated before the table is written; the
+        entry's reference stays, as it is valid again)."""
         child = self.mem.alloc_page()
         attrs = d.leaf_attrs(pte, self.lpa2)
         base = d.pte_to_phys(pte, self.granule, self.lpa2)
         step = self.geom.size(level + 1)
         for i in range(1 << (self.granule.shift - 3)):
             self._install(child + 8 * i, d.leaf_pte(base + i * step, attrs, level + 1, self.granule, self.lpa2))
-        self.mem.write64(ptep, d.table_pte(child, self.granule, self.lpa2))  # valid -> valid: same reference
+        self._write(ptep, 0)
+        self._tlbi_leaf(align_down(addr, self.geom.size(level)), level)
+        self._write(ptep, d.table_pte(child, self.granule, self.lpa2))
 
     def unmap(self, addr: int, size: int) -> None:
         """Unmap ``[addr, addr + size)``; a block partly inside the range is split first, and
@@ -237,7 +278,8 @@ class KvmPgtable:
                 child = d.pte_to_phys(pte, granule, self.lpa2)
                 if self.mem.refcount(child) == 1:
                     self._clear(ptep)
-                    self.mem.put_page(child)
+                    self._tlbi_table(a)
+                    self._free_table(child)
                 return
             if not d.is_valid(pte):
                 return
@@ -245,8 +287,9 @@ class KvmPgtable:
             start = align_down(a, size_here)
             if start >= a and start + size_here <= end:
                 self._clear(ptep)
+                self._tlbi_leaf(a, level)
             else:
-                self._split_block(ptep, pte, level)
+                self._split_block(ptep, pte, level, a)
 
         self._require_pgd()
         with self._transaction():
@@ -280,8 +323,11 @@ class KvmPgtable:
         return out
 
     # -- attribute updates on valid leaves (whole leaves, as KVM does) ------------------------------
-    def _update_leaf_attrs(self, addr: int, size: int, set_bits: int, clear_bits: int) -> list[int]:
-        """Set/clear attribute bits of every valid leaf in the range; returns the old entries."""
+    def _update_leaf_attrs(self, addr: int, size: int, set_bits: int, clear_bits: int,
+                           flush: Flush | None = None) -> list[int]:
+        """Set/clear attribute bits of every valid leaf in the range; returns the old entries.
+        ``flush``: the invalidation that follows a changed leaf (by its address and level), as the
+        operation's upstream counterpart issues it."""
         olds: list[int] = []
 
         def visit(a: int, end: int, level: int, ptep: int, flag: WalkFlags) -> None:
@@ -291,7 +337,9 @@ class KvmPgtable:
             olds.append(pte)
             new = (pte & ~clear_bits) | set_bits
             if new != pte:
-                self.mem.write64(ptep, new)
+                self._write(ptep, new)
+                if flush is not None and self.maint is not None:
+                    self.maint.tlbi(flush, align_down(a, self.geom.size(level)), level)
 
         self._require_pgd()
         with self._transaction():
@@ -310,7 +358,7 @@ class KvmPgtable:
                 return
             self._clear(ptep)
             if flag is WalkFlags.TABLE_POST:
-                self.mem.put_page(d.pte_to_phys(pte, granule, self.lpa2))
+                self._free_table(d.pte_to_phys(pte, granule, self.lpa2))
 
         self.walk(0, self.geom.limit, Walker(visit, WalkFlags.LEAF | WalkFlags.TABLE_POST))
         for i in range(self.geom.pgd_pages):
@@ -394,6 +442,12 @@ class Stage2Pgtable(KvmPgtable):
         """Remove write permission from every valid leaf in the range."""
         self._check_range(addr, size)
         self._update_leaf_attrs(addr, size, 0, d.S2_AP.prep(d.S2AP.WO))
+        self._flush_vmid()
+
+    def _flush_vmid(self) -> None:
+        """The VMID-wide flush KVM's callers issue after a walk that changed many leaves."""
+        if self.maint is not None:
+            self.maint.tlbi(Flush.S2_VMID)
 
     def mkyoung(self, addr: int) -> int:
         """Set the access flag of the leaf mapping ``addr``; returns the new entry (0 if none)."""
@@ -405,7 +459,10 @@ class Stage2Pgtable(KvmPgtable):
         """Clear the access flag of the leaf mapping ``addr``; returns whether it was young."""
         olds = self._update_leaf_attrs(align_down(addr, self.granule.size), self.granule.size,
                                        0, d.AF.prep(1))
-        return bool(olds and d.AF.get(olds[0]))
+        young = bool(olds and d.AF.get(olds[0]))
+        if young:
+            self._flush_vmid()  # clear_flush_young: the notifier flushes when the page was young
+        return young
 
     def is_young(self, addr: int) -> bool:
         leaf = self.get_leaf(addr)
@@ -425,4 +482,4 @@ class Stage2Pgtable(KvmPgtable):
             d.S2_AP.prep(d.S2AP.WO) if prot & Prot.W else 0)
         clear_bits = d.S2_XN.mask if prot & Prot.X else 0
         self._update_leaf_attrs(align_down(addr, self.granule.size), self.granule.size,
-                                set_bits, clear_bits)
+                                set_bits, clear_bits, Flush.S2_IPA_NSH)

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.check.engine import CheckReport, check_built
-from harness.check.scenario import Scenario, build
+from harness.check import live
+from harness.check.engine import CheckReport
+from harness.check.scenario import Scenario
 from harness.pytestplugin.hooks import require_hw, skip_or_fail_without_tools
 from harness.pytestplugin.reporter import record_check, record_target
 from harness.target.errors import TargetError
@@ -91,12 +92,14 @@ CheckScenario = Callable[..., CheckReport]
 @pytest.fixture
 def check_scenario(target: Target, request: pytest.FixtureRequest) -> CheckScenario:
     """Build a scenario with the model, install it, check every probe on the MMU, uninstall.
+    Its operations run live on the installed tables (``live_ops=False``: applied to the model
+    first), each one's TLB maintenance checked (the report's ``tlb``).
 
     Returns the :class:`~harness.check.engine.CheckReport`; its text is attached to the test's
     report (and to JUnit XML as a property) so a failure shows every mismatch walk by walk."""
 
-    def run(sc: Scenario, seed: int = 1) -> CheckReport:
-        report = check_built(build(sc, target.layout), target, np.random.default_rng(seed))
+    def run(sc: Scenario, seed: int = 1, live_ops: bool = True) -> CheckReport:
+        report = live.check_scenario(sc, target, np.random.default_rng(seed), live=live_ops)
         record_check(request.node, report)
         return report
 

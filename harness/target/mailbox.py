@@ -38,6 +38,12 @@ Request arguments:
   exception raised by the code at the address is recorded too (status FAULT with ESR_EL2 at
   stage 1; :attr:`AccessStatus.EL1_EXCEPTION` with ESR_EL1/FAR_EL1 at stage 2), so code that
   ran somewhere unexpected shows as a wrong outcome rather than a panic.
+* LIVE: arg0 count, arg1 step buffer PA (:data:`LIVE_STEP` each, in the address buffer). The
+  invalidations of a live table update: each step is one instruction (:class:`harness.arch.tlbi.Insn`,
+  a barrier or a TLBI with a0 as its operand) run in order on the installed regime; the host writes
+  the descriptors into guest RAM between such requests (the vCPU is stopped then, and the tables
+  need not be mapped in the regime under test). ret0 = steps run. Nothing is uninstalled or
+  invalidated beyond what the steps ask.
 * SPIN: loop forever (tests of the host's timeout handling).
 """
 
@@ -52,9 +58,10 @@ import numpy.typing as npt
 from harness.arch.bits import genmask
 from harness.arch.el2 import PAR_RES0_55_52, Vector
 from harness.arch.registers import PAR_F
+from harness.arch.tlbi import Insn
 
 MAGIC = 0x5047_5441_424C_4521  # "PGTABLE!"
-VERSION = 4  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW; ACCESS write = 2
+VERSION = 5  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW; ACCESS write = 2. 5: LIVE
 
 U64Array = npt.NDArray[np.uint64]
 BoolArray = npt.NDArray[np.bool_]
@@ -125,6 +132,9 @@ ACCESS_RECORD = Record("access_record", (("status", 1), ("esr", 1), ("far", 1), 
 """One access probe's outcome: :class:`AccessStatus`, ESR_EL2, FAR_EL2, HPFAR_EL2 and the value
 loaded or stored."""
 
+LIVE_STEP = Record("live_step", (("insn", 1), ("a0", 1)))
+"""One instruction of a LIVE request: :class:`harness.arch.tlbi.Insn` and its operand (a0)."""
+
 PANIC_FRAME = Record("panic_frame", (("x", 31), ("sp", 1)))
 """The registers the EL2 vector saves before reporting an unexpected exception (x0..x30, SP)."""
 
@@ -143,6 +153,7 @@ class Cmd(enum.IntEnum):
     ACCESS = 5
     SPIN = 6
     FETCH = 7
+    LIVE = 8
     KPGT = 0x40  # served by a linked-in host of kernel code (harness.kernel.protocol), BAD_CMD without one
 
 
@@ -267,14 +278,15 @@ def c_header() -> str:
         f"#define AT_EXCEPTION_ESR_SHIFT {AT_EXCEPTION_ESR_SHIFT}",
         f"#define AT_EXCEPTION_ESR_WIDTH {AT_EXCEPTION_ESR_MASK.bit_length()}",
     ]
-    for rec in (MAILBOX, ACCESS_RECORD, PANIC_FRAME):
+    for rec in (MAILBOX, ACCESS_RECORD, LIVE_STEP, PANIC_FRAME):
         out += rec.c_defines()
+    out += [f"#define LIVE_{i.name} {i.value}" for i in Insn]
     out += [f"#define CMD_{c.name} {c.value}" for c in Cmd]
     out += [f"#define STATUS_{s.name} {s.value}" for s in Status]
     out += [f"#define AT_{a.name} {a.value}" for a in AtOp]
     out += [f"#define ACCESS_{a.name} {a.value}" for a in AccessStatus]
     out += ["#ifndef __ASSEMBLER__", "#include <stdint.h>"]
-    for rec in (MAILBOX, ACCESS_RECORD, PANIC_FRAME):
+    for rec in (MAILBOX, ACCESS_RECORD, LIVE_STEP, PANIC_FRAME):
         out += rec.c_struct()
     out += ["#endif", "#endif", ""]
     return "\n".join(out)

@@ -662,6 +662,22 @@ class Target:
         out["completed"] = out["status"] == mbx.AccessStatus.COMPLETED
         return out
 
+    def live(self, steps: npt.ArrayLike) -> int:
+        """Run a live table update: ``steps`` is an array of :data:`mailbox.LIVE_STEP` records
+        (``insn``, ``a0``, ``a1``; :class:`harness.arch.tlbi.Insn`), executed in order on the
+        installed regime in one request (a longer list in several, in order). Returns the steps run."""
+        recs = np.ascontiguousarray(steps, dtype=mbx.LIVE_STEP.dtype).reshape(-1)
+        per = self.layout.probe_addrs_size // mbx.LIVE_STEP.size
+        done = 0
+        for i in range(0, recs.size, per):
+            chunk = recs[i : i + per]
+            words = chunk.view(np.uint64)
+            view = self.ram_u64(self.layout.probe_addrs, words.size)
+            view[:] = words
+            del view
+            done += self.request(mbx.Cmd.LIVE, int(chunk.size), self.layout.probe_addrs)
+        return done
+
     @property
     def at_exceptions(self) -> int:
         """How many AT probes took an exception since boot (the mailbox counter)."""

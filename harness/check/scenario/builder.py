@@ -66,11 +66,13 @@ class BuiltScenario:
     regions: list[RegionLike] = field(default_factory=list)
 
 
-def build(scenario: Scenario, layout: LayoutLike, rules: WalkRules = UPSTREAM_RULES) -> BuiltScenario:
+def build(scenario: Scenario, layout: LayoutLike, rules: WalkRules = UPSTREAM_RULES,
+          apply_ops: bool = True) -> BuiltScenario:
     """Model the scenario: pool at the layout's pool address, firmware regions, maps, ops.
 
     ``rules``: which upstream walker fixes the table operations apply (the review compares the
-    posted v3 walker with the fixed one)."""
+    posted v3 walker with the fixed one). ``apply_ops`` False: the tables before the operations
+    (a live check applies them one by one, :mod:`harness.check.live`)."""
     try:
         geom = scenario.geometry()
     except GeometryError as e:
@@ -89,7 +91,7 @@ def build(scenario: Scenario, layout: LayoutLike, rules: WalkRules = UPSTREAM_RU
             table.map(m.addr, m.size, m.pa, m.prot)
         except PgtableError as e:
             raise ScenarioError(f"{scenario.name}: maps[{i}]: {m.describe()}: {e}") from e
-    for i, o in enumerate(scenario.ops):
+    for i, o in enumerate(scenario.ops if apply_ops else ()):
         apply_op(table, o, f"{scenario.name}: ops[{i}]")
     return BuiltScenario(scenario, table, pool, list(regions))
 

@@ -23,7 +23,11 @@ def builtin() -> list[Scenario]:
             MapSpec(0x2_0000_0000, l2, 0x1_0000_0000 if gran is not Granule.K4 else 0x8000_0000, Prot.RW),
             MapSpec(0x3_0000_0000, 8 * g, 0x0A00_0000, Prot.RW | Prot.DEVICE),
         )
-        out.append(Scenario(f"s1-{gran.label}", Stage.S1, gran, 40, maps=s1_maps, access=True))
+        s1_ops = (
+            OpSpec("unmap", 0x1_0000_0000 + 4 * g, 2 * g),
+            OpSpec("unmap", 0x1_0000_0000 + 136 * g, 8 * g),  # the second half of the read-only run
+        )
+        out.append(Scenario(f"s1-{gran.label}", Stage.S1, gran, 40, maps=s1_maps, ops=s1_ops, access=True))
     for gran, ia, extra in (
         (Granule.K4, 40, (MapSpec(2 * G, G, 0x1_0000_0000, Prot.RW),)),  # level-1 block, 2 PGD pages
         (Granule.K16, 40, ()),  # 16 concatenated PGD pages
@@ -44,6 +48,8 @@ def builtin() -> list[Scenario]:
             OpSpec("wrprotect", 0x1000_0000 + 8 * g, 4 * g),
             OpSpec("mkold", 0x1000_0000 + 16 * g),
             OpSpec("unmap", 0x1000_0000 + 20 * g, 2 * g),
+            OpSpec("relax_perms", 0x1000_0000 + 66 * g, prot=Prot.RW),  # read-only -> read-write
+            OpSpec("unmap", l2 * 16 + 3 * g, g),  # splits the level-2 block
         )
         out.append(Scenario(f"s2-{gran.label}", Stage.S2, gran, ia, pa_bits=48, maps=maps, ops=ops,
                             access=True))
@@ -72,6 +78,8 @@ def lpa2_scenarios() -> list[Scenario]:
               MapSpec(0x3_0000_0000, 8 * k4, 0x0A00_0000, Prot.RW | Prot.DEVICE),
               MapSpec(0x8_0000_0000_0000, 1 << 30, high, Prot.R),  # level-1 block, VA[51] set
               MapSpec((1 << 52) - 4 * k4, 4 * k4, SCRATCH + 256 * k4, Prot.RW)),  # the top of the VA range
+        ops=(OpSpec("unmap", 0x1_0000_0000 + 4 * k4, 2 * k4),
+             OpSpec("unmap", 0x2_0000_0000 + 7 * k4, k4)),  # splits the level-2 block
     )
     host = Scenario(
         "s2-4K-lpa2", Stage.S2, Granule.K4, 52, pa_bits=52, start_level=0, lpa2=True, access=True, sample=8192,
