@@ -123,6 +123,7 @@ from harness.arch.geometry import LAST_LEVEL, Geometry, Granule, Stage, level_sh
 from harness.core.memory import PagePool, PoolError
 from harness.core.pgtable import KvmPgtable
 from harness.core.prot import Prot
+from harness.core.tlb import Flush, MaintLog
 from harness.core.walker import UPSTREAM_RULES, Walker, WalkFlags, WalkRules, align_down, walk
 
 # -- Linux errno values ---------------------------------------------------------------------------
@@ -226,6 +227,11 @@ class EventKind(enum.StrEnum):
     TLBI_VALE2IS = "tlbi_vale2is"  # (va, level hint)
     FREE_UNLINKED_TABLE = "free_unlinked_table"  # (table pa, level of the entry that held it)
     WARN = "warn"  # (addr, 0, level): a WARN_ON the C code hits
+
+
+_FLUSHES = {EventKind.TLB_FLUSH_VMID_IPA: Flush.S2_IPA, EventKind.TLB_FLUSH_VMID_IPA_NSH: Flush.S2_IPA_NSH,
+            EventKind.TLB_FLUSH_VMID_RANGE: Flush.S2_RANGE, EventKind.TLB_FLUSH_VMID: Flush.S2_VMID,
+            EventKind.TLBI_VAE2IS: Flush.EL2_VA, EventKind.TLBI_VALE2IS: Flush.EL2_VA_LAST}
 
 
 @dataclass(frozen=True)
@@ -362,6 +368,7 @@ class KernelModel:
         self.force_pte_cb = force_pte_cb
         self.cache_ops = cache_ops
         self.events: list[Event] = []
+        self.maint: MaintLog | None = None  # set: every write, invalidation and freed page, in order
         self._page = geom.granule.size
         self._rules = UPSTREAM_RULES if features.v612 else WalkRules(align_after_leaf=True,
                                                                        reload_after_table_pre=False)
@@ -392,6 +399,16 @@ class KernelModel:
 
     def _log(self, kind: EventKind, addr: int = 0, size: int = 0, level: int | None = None) -> None:
         self.events.append(Event(kind, addr & MASK64, size & MASK64, level))
+        flush = _FLUSHES.get(kind)
+        if flush is not None and self.maint is not None:
+            self.maint.tlbi(flush, addr & MASK64, self.level_hint(level), size & MASK64)
+
+    def level_hint(self, level: int | None) -> int | None:
+        """The level hint a TLB helper's level argument asks for, as the series' ``__tlbi_level``
+        reads it: 6.12 ``TLBI_TTL_UNKNOWN`` (or anything outside 0..3) none; 6.1 level 0 none."""
+        if level is None or not 0 <= level <= 3 or (level == 0 and not self.features.v612):
+            return None
+        return level
 
     def _warn(self, ctx: _Ctx) -> None:
         self._log(EventKind.WARN, ctx.addr, 0, ctx.level)
@@ -439,12 +456,19 @@ class KernelModel:
         self.pool.get_page(align_down(ptep, self._page))
 
     def _put(self, ptep: int) -> None:
-        self.pool.put_page(align_down(ptep, self._page))
+        self._put_page(align_down(ptep, self._page))
+
+    def _put_page(self, page: int) -> None:
+        self.pool.put_page(page)
+        if self.maint is not None and self.pool.refcount(page) == 0:
+            self.maint.free(page)
 
     def _count(self, page: int) -> int:
         return self.pool.refcount(page)
 
     def _write(self, ptep: int, pte: int) -> None:
+        if self.maint is not None:
+            self.maint.write(ptep, self.pool.read64(ptep), pte)
         self.pool.write64(ptep, pte)
 
     def _dcache(self, pa: int, size: int) -> None:
@@ -694,7 +718,7 @@ class KernelModel:
                 unmapped[0] += size_here
             self._put(ctx.ptep)
             if child is not None:
-                self.pool.put_page(child)
+                self._put_page(child)
             return 0
 
         self._walk(addr, size, cb, KWALK_LEAF | KWALK_TABLE_POST)
@@ -716,7 +740,7 @@ class KernelModel:
                 return 0
             self._put(ctx.ptep)
             if self._is_table(ctx.old, ctx.level):
-                self.pool.put_page(self._to_phys(ctx.old))
+                self._put_page(self._to_phys(ctx.old))
             return 0
 
         pgd = self.pgt.pgd
@@ -724,7 +748,7 @@ class KernelModel:
             self._log(EventKind.WARN)
         if pgd is not None:
             for i in range(root_pages):
-                self.pool.put_page(pgd + i * self._page)
+                self._put_page(pgd + i * self._page)
         self.pgt.pgd = None
 
     # -- stage 2: attributes ---------------------------------------------------------------------
@@ -809,14 +833,14 @@ class KernelModel:
                 return 0
             self._put(ctx.ptep)
             if self._is_table(ctx.old, ctx.level):
-                self.pool.put_page(self._to_phys(ctx.old))
+                self._put_page(self._to_phys(ctx.old))
             return 0
 
         if self._walk_unlinked(table, level, cb, KWALK_LEAF | KWALK_TABLE_POST):
             self._log(EventKind.WARN, 0, 0, level)
         if self._count(table) != 1:
             self._log(EventKind.WARN, 0, 0, level)
-        self.pool.put_page(table)
+        self._put_page(table)
 
     # -- stage 2: the map walker -------------------------------------------------------------------
     def _map_phys(self, ctx: _Ctx, data: _S2MapData) -> int:
@@ -886,7 +910,7 @@ class KernelModel:
         if child < 0:
             return child
         if not self._try_break(ctx):
-            self.pool.put_page(child)
+            self._put_page(child)
             return -EAGAIN
         self._make(ctx, self._table(child))
         return 0
@@ -978,7 +1002,7 @@ class KernelModel:
                 ret = self._map_leaf_61(ctx, data)
             else:
                 child = self._to_phys(self.pool.read64(ctx.ptep))
-            self.pool.put_page(child)
+            self._put_page(child)
             self._put(ctx.ptep)
             return ret
 
@@ -1052,7 +1076,7 @@ class KernelModel:
             if need_flush:
                 self._dcache(self._to_phys(old), self._size(ctx.level))
             if child is not None:
-                self.pool.put_page(child)
+                self._put_page(child)
             return 0
 
         ret = self._walk(addr, size, cb, KWALK_LEAF | KWALK_TABLE_POST)

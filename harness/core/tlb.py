@@ -151,7 +151,7 @@ class _Duty:
 
 @dataclass
 class Judgement:
-    duties: int = 0  # invalidations the update needed
+    duties: int = 0  # entries whose invalidation the update needed (leaves under a table that went included)
     findings: list[TlbFinding] = field(default_factory=list)
     changed: list[tuple[int, int, int]] = field(default_factory=list)  # (va, size, level) of entries that changed
 
@@ -325,10 +325,12 @@ def judge(steps: Sequence[Step], geom: Geometry, root: int, read64: Callable[[in
                     is_table = d.is_table(old, level)
                     child = d.pte_to_phys(old, geom.granule, geom.lpa2) if is_table else None
                     pending.append(_Duty(va, va + size, level, is_table, w, child))
+                    out.duties += 1
                     if child is not None:
                         for ptep, lva, llevel, pte in tables.leaves(child):
                             pending.append(_Duty(lva, lva + geom.size(llevel), llevel, False,
                                                  Write(ptep, pte, pte), None))
+                            out.duties += 1
             tables.mem[step.ptep] = step.new
             tables.link(step.ptep, step.new)
         elif isinstance(step, Tlbi):
@@ -354,7 +356,6 @@ def judge(steps: Sequence[Step], geom: Geometry, root: int, read64: Callable[[in
                     finding("tlb-order", f"table page {step.page:#x} freed before the invalidation of the "
                                          f"level-{p.level} table entry at {p.lo:#x} that pointed at it", p)
                     break
-    out.duties = len(out.changed)
     for p in pending:
         if p.bad_hint:
             finding("tlb-hint", f"level-{p.level} {'table' if p.table else 'leaf'} at {p.lo:#x} "
