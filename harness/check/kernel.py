@@ -38,7 +38,9 @@ from harness.arch.geometry import Geometry, Stage
 from harness.arch.registers import RegimeRegs, Stage1Regs, Stage2Regs, describe_esr, regime_regs
 from harness.check import engine, kernel_bugs
 from harness.check.kernel_seqs import KOp, KSequence
-from harness.core import kvmops
+from harness.check.kernel_tlb import LIVE_OPS, KernelTlb, Warmed
+from harness.check.live import TlbTally
+from harness.core import kvmops, tlb
 from harness.core.batch import BatchResult, translate_batch
 from harness.core.dump import mapped_ranges
 from harness.core.memory import PagePool, PoolImage
@@ -101,6 +103,7 @@ class SequenceResult:
     pool_left: int = 0  # pool pages still allocated after destroy (the next sequence needs a fresh payload)
     tlbi_compared: int = 0  # stage-2 TLB invalidations upstream asks for, compared with the C code's
     fetches_skipped: int = 0  # MMU checks without fetch probes (BTI at stage 1: the payload's code is guarded)
+    tlb: TlbTally = field(default_factory=TlbTally)  # the operations' TLB maintenance (harness.check.kernel_tlb)
     findings: list[Finding] = field(default_factory=list)
     aborted: str | None = None  # why the sequence stopped early (a fault)
     seconds: float = 0.0
@@ -118,6 +121,7 @@ class SequenceResult:
                 "ops": self.ops, "checked": self.checked, "mmu_checked": self.mmu_checked,
                 "expected_warns": self.expected_warns, "unrecorded_ops": self.unrecorded_ops,
                 "tlbi_compared": self.tlbi_compared, "fetches_skipped": self.fetches_skipped,
+                "tlb": self.tlb.counts(),
                 "findings": [f.as_json() for f in self.findings], "aborted": self.aborted,
                 "script": [op.as_json() for op in self.sequence.ops]}
 
@@ -165,6 +169,7 @@ class Session:
                                               hyp_build=not self._shared_walks(api), pa_bits_52=pa_bits_52)
         self._shared = self._shared_walks(api)
         self._fetch_proven = False  # one MMU fetch proof of the hVHE execute-never finding per session
+        self.tlb: KernelTlb | None = None  # after start(): the TLB maintenance checks
 
     @staticmethod
     def _shared_walks(api: TreeApi) -> bool:
@@ -207,6 +212,8 @@ class Session:
         self.oracle = kvmops.KernelModel(geom, pool, self.features)
         if cfg.stage is Stage.S2:
             self._check_vtcr(res)
+        no_access = tuple((r.base, r.size) for r in prologue_regions(cfg, self.layout))
+        self.tlb = KernelTlb(self.target, geom, self._regs(), no_access, self.oracle.level_hint, self.rng, self.mmu)
         for reg in prologue_regions(cfg, self.layout):
             kop = KOp("map", reg.base, reg.size, reg.base, reg.prot)
             if not self.step(res, -1, kop, check=False):
@@ -295,8 +302,14 @@ class Session:
         assert self.c is not None and self.oracle is not None and self.geom is not None
         counters0 = self.kw.counters()
         ev0 = len(self.oracle.events)
+        warmed = None
+        if check and self.tlb is not None and kop.name in LIVE_OPS:
+            warmed = self.tlb.before(kop.name, self.c.mem if self.c.mem is not None else self.kw.pool(),
+                                     self.c.root, self._touched(kop))
         r = self._run_c(kop)
         res.ops += 1
+        if warmed is not None and warmed.warm is not None and r.status is not Status.OK and self.target.alive:
+            self.target.uninstall()
         if r.status is Status.FAULTED:
             assert r.fault is not None
             kind = self._fault_kind(r)
@@ -307,11 +320,16 @@ class Session:
         if r.status is not Status.OK:
             self._finding(res, "return-code", index, kop.text(), f"the payload refused the operation: {r.status.name}")
             return False
+        o_root, o_before = self.oracle.pgd, self.oracle.pool.words().copy() if warmed is not None else None
+        self.oracle.maint = tlb.MaintLog() if warmed is not None else None
         try:
             o_ret, o_ret1, o_level = self._run_oracle(kop)
         except kvmops.KernelModelError as exc:
             self._finding(res, "oracle", index, kop.text(), f"the oracle cannot run this operation: {exc}")
             return False
+        finally:
+            o_steps = self.oracle.maint.take() if self.oracle.maint is not None else None
+            self.oracle.maint = None
         self._compare_returns(res, index, kop, r, o_ret, o_ret1, o_level)
         self._check_warns(res, index, kop, r, self.oracle.events[ev0:])
         if kop.name == "destroy":
@@ -323,9 +341,13 @@ class Session:
         self._check_resources(res, index, kop, mem, counters0)
         if r.events_lost:
             res.unrecorded_ops += 1  # the cache-maintenance and TLBI comparisons need every callback
+            if warmed is not None and warmed.warm is not None and self.target.alive:
+                self.target.uninstall()
         else:
             self._check_cmo(res, index, kop, r.events, self.oracle.events[ev0:])
             self._check_tlbi(res, index, kop, r.events, self.oracle.events[ev0:])
+            if warmed is not None:
+                self._check_tlb(res, index, kop, r, warmed, mem, o_steps, o_root, o_before)
         if check:
             addrs = self._touched(kop)
             self._compare_translations(res, index, kop, addrs)
@@ -469,16 +491,22 @@ class Session:
                           + (f"; first: {first.text().splitlines()[0]}" if first else ""),
                           {"report": report.to_json()})
 
-    def _subject(self) -> engine.Subject:
+    def _regs(self) -> RegimeRegs:
+        """The registers that install the C tables (stage 2: VMID 1, the host's own)."""
         assert self.c is not None and self.geom is not None
-        mem = self.c.mem
-        extent = max(mem.used_extent(), self.geom.granule.size)
-        image = PoolImage(mem.base, mem.words()[: extent // 8].tobytes())
         regs: RegimeRegs = regime_regs(self.geom, self.c.root)
         if isinstance(regs, Stage2Regs):
             # the tree's own VTCR_EL2, but HA (hardware access flag) off: the model's walks fault on
             # AF = 0 as the architecture does without FEAT_HAFDBS updates
             regs = dataclasses.replace(regs, vtcr_el2=self.vtcr & ~(1 << 21))
+        return regs
+
+    def _subject(self) -> engine.Subject:
+        assert self.c is not None and self.geom is not None
+        mem = self.c.mem
+        extent = max(mem.used_extent(), self.geom.granule.size)
+        image = PoolImage(mem.base, mem.words()[: extent // 8].tobytes())
+        regs = self._regs()
         mair = regs.mair_el2 if isinstance(regs, Stage1Regs) else DEFAULT_MAIR
         no_access = tuple((r.base, r.size) for r in prologue_regions(self.config, self.layout))
         return engine.Subject(f"{self.config.name}", self.geom, mem, self.c.root, regs, image, mair, no_access)
@@ -614,6 +642,24 @@ class Session:
                               f"{sum(diff.values())} stage-2 TLB invalidation(s) {what}, "
                               f"e.g. {name}({addr:#x}, {arg}); "
                               f"the C code asked for {sum(got.values())}, upstream {sum(want.values())}")
+
+    def _check_tlb(self, res: SequenceResult, index: int, kop: KOp, r: OpResult, warmed: Warmed, mem: PoolView,
+                   o_steps: list[tlb.Step] | None, o_root: int | None, o_before: U64 | None) -> None:
+        """The operation's TLB maintenance by the architecture's rules, and on the MMU (stage 2,
+        live): :mod:`harness.check.kernel_tlb`."""
+        assert self.tlb is not None and self.oracle is not None
+        young = bool(r.ret) if self.api.test_clear_young else bool(d.AF.get(r.ret1))
+        base = self.oracle.pool.base
+        o_read = None if o_before is None else (lambda pa: int(o_before[(pa - base) // 8]))
+        tally, found = self.tlb.after(kop.name, kop.text(), warmed, mem, r.events,
+                               young, o_steps, o_root, o_read)
+        res.tlb.merge(tally)
+        for f, upstream_same in found:
+            inval = ", ".join(f.invalidations) or "none"
+            self._finding(res, f.kind, index, kop.text(), f"{f.message}; invalidations: {inval}",
+                          {"stage": int(self.config.stage), "op_name": kop.name, "address": f.address,
+                           "old": f.old, "new": f.new, "rule": f.rule, "invalidations": list(f.invalidations),
+                           "upstream_same": upstream_same})
 
     def finish(self, res: SequenceResult) -> None:
         """The whole tables against the oracle's (merged mapped ranges), then destroy both."""

@@ -23,6 +23,7 @@ from harness.arch.geometry import Geometry, Granule, Stage
 from harness.check import kernel_bugs
 from harness.check.kernel import SequenceResult, Session, run_sequence
 from harness.check.kernel_seqs import KSequence, available_ops, from_scenario, random_sequence, scripted, shrink
+from harness.check.live import TlbTally
 from harness.check.scenario.catalogue import builtin, lpa2_scenarios
 from harness.check.scenario.data import Scenario
 from harness.kernel import elf as kelf
@@ -84,11 +85,18 @@ class ConfigReport:
     def name(self) -> str:
         return f"{self.config.name}-{self.compiler}"
 
+    def tlb(self) -> TlbTally:
+        out = TlbTally()
+        for r in self.results:
+            out.merge(r.tlb)
+        return out
+
     def as_json(self) -> dict[str, Any]:
         known = Counter(f.known for f in self.findings if f.known)
         return {"config": {**self.config.as_json(), "compiler": self.compiler}, "name": self.name,
                 "ops": self.ops, "checked": self.checked,
                 "mmu_checked": sum(r.mmu_checked for r in self.results),
+                "tlb": self.tlb().counts(),
                 "findings": [f.as_json() for f in self.findings], "disagreements": len(self.findings),
                 "unexplained": self.unexplained, "known_bugs": dict(known), "boots": self.boots,
                 "seconds": round(self.seconds, 3), "sequences": [r.as_json() for r in self.results],
@@ -121,8 +129,11 @@ class TreeReport:
     def as_json(self) -> dict[str, Any]:
         known = Counter(f.known for f in self.findings if f.known)
         run_s = sum(c.seconds for c in self.configs)
+        tlb = TlbTally()
+        for c in self.configs:
+            tlb.merge(c.tlb())
         return {"tree": str(self.tree.path), "version": self.tree.version, "qemu": self.qemu,
-                "ops": self.ops, "checked": sum(c.checked for c in self.configs),
+                "ops": self.ops, "checked": sum(c.checked for c in self.configs), "tlb": tlb.counts(),
                 "findings": [f.as_json() for f in self.findings], "disagreements": len(self.findings),
                 "unexplained": self.unexplained, "known_bugs": dict(known),
                 "known_bug_declarations": {b.key: {"fix": b.fix, "title": b.title, "rule": b.rule,

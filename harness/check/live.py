@@ -79,6 +79,7 @@ class TlbTally:
     stale: int = 0  # of those, an old translation still used
     judged: int = 0  # entries changed whose invalidation the rules judged
     unobservable: int = 0  # changed, but not observable by a load or store (e.g. outside scratch RAM)
+    unjudged: int = 0  # updates whose invalidations were not recorded (the kernel's hyp stage 1)
     findings: list[TlbFinding] = field(default_factory=list)
     by_kind: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -98,6 +99,7 @@ class TlbTally:
         self.stale += other.stale
         self.judged += other.judged
         self.unobservable += other.unobservable
+        self.unjudged += other.unjudged
         self.seconds += other.seconds
         for f in other.findings:
             if len(self.findings) < MAX_FINDINGS:
@@ -110,9 +112,13 @@ class TlbTally:
         return (f"tlb: {self.updates} live update(s), {self.checked} changed translations observed, "
                 f"{self.stale} stale, {self.judged} invalidations judged{extra}")
 
+    def counts(self) -> dict[str, Any]:
+        """The figures without the findings (those are reported where the caller keeps findings)."""
+        return {k: v for k, v in self.as_json().items() if k not in ("findings", "seconds")}
+
     def as_json(self) -> dict[str, Any]:
         return {"updates": self.updates, "checked": self.checked, "stale": self.stale, "judged": self.judged,
-                "unobservable": self.unobservable, "by_kind": dict(self.by_kind),
+                "unobservable": self.unobservable, "unjudged": self.unjudged, "by_kind": dict(self.by_kind),
                 "findings": [f.as_json() for f in self.findings], "seconds": round(self.seconds, 4)}
 
 
@@ -178,12 +184,17 @@ def observe(target: Any, stage: Stage, w: Warm, after: Predict, op: str, scratch
     if not w.addrs.size:
         return
     pr, pw = after(w.addrs, READ), after(w.addrs, WRITE)
+    # a load or store must not reach a PA with no RAM behind it (an external abort): only lanes the
+    # new tables fault or send to scratch RAM are probed; the rest cannot show a stale entry
+    safe = _scratch_lanes(pr, scratch) | ~pr.ok
+    tally.unobservable += int(np.count_nonzero(~safe))
+    load_lanes = np.flatnonzero(safe)
+    store_lanes = np.flatnonzero((w.writable != pw.ok) & safe & (_scratch_lanes(pw, scratch) | ~pw.ok))
     new_pa = pr.pa.astype(np.uint64) & ~np.uint64(7)
-    in_scratch = _scratch_lanes(pw, scratch) | ~pw.ok
-    store_lanes = np.flatnonzero((w.writable != pw.ok) & in_scratch)
-    loads, stores = target.access_both(w.addrs, w.addrs[store_lanes], stage=stage)
-    for i, addr in enumerate(w.addrs.tolist()):
-        done, value = bool(loads["completed"][i]), int(loads["value"][i])
+    loads, stores = target.access_both(w.addrs[load_lanes], w.addrs[store_lanes], stage=stage)
+    for k, i in enumerate(load_lanes.tolist()):
+        addr = int(w.addrs[i])
+        done, value = bool(loads["completed"][k]), int(loads["value"][k])
         if not pr.ok[i]:
             tally.checked += 1
             if done:

@@ -368,21 +368,23 @@ def judge(steps: Sequence[Step], geom: Geometry, root: int, read64: Callable[[in
     return out
 
 
-def writes_between(before: Callable[[int], int], after: Callable[[int], int], geom: Geometry, root: int,
-                   pages_after: Callable[[int], bool]) -> list[Write]:
-    """The descriptor writes an update made, as far as memory shows them: every slot of a table
-    page reachable before (from ``root``) that is still a table page after (``pages_after``)
-    and differs. Entries in pages that left the tables are judged through the entry that pointed
-    at them."""
-    tables = _Tables(geom, root, before)
+def writes_between(before: Callable[[int], int], after: Callable[[int], int], geom: Geometry, root: int) -> list[Write]:
+    """The descriptor writes an update made, as far as memory shows them: every slot that differs
+    in a table page sitting at the same place (level and input address) before and after. A page
+    that left the tables, or was freed and reused elsewhere, is judged through the entry that
+    pointed at it (its subtree as it was before). Writes that install a table entry come last, so
+    that an old subtree is taken as it was before a reused page is linked again."""
+    tb, ta = _Tables(geom, root, before), _Tables(geom, root, after)
     g = geom.granule.size
-    out: list[Write] = []
-    for page in sorted(tables.where):
-        if not pages_after(page):
+    first: list[Write] = []
+    last: list[Write] = []
+    for page in sorted(tb.where):
+        if ta.where.get(page) != tb.where[page]:
             continue
+        level = tb.where[page][0]
         for i in range(g // 8):
             ptep = page + 8 * i
             old, new = before(ptep), after(ptep)
             if old != new:
-                out.append(Write(ptep, old, new))
-    return out
+                (last if d.is_valid(new) and d.is_table(new, level) else first).append(Write(ptep, old, new))
+    return first + last
