@@ -44,6 +44,7 @@ u64 kpgt_exception(u64 *frame);
 #define ESR_EC_OF(esr) (((esr) >> 26) & 0x3f)
 #define ESR_EC_BRK64 0x3c
 #define ESR_EC_DABT_CUR 0x25
+#define ESR_EC_HVC64 0x16
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 static inline u64 rd_id_mmfr0(void) { u64 v; asm volatile("mrs %0, id_aa64mmfr0_el1" : "=r"(v)); return v; }
@@ -100,7 +101,8 @@ static u64 *own_l3_entry(u64 pa)
 
 static void own_tlbi_page(u64 va)
 {
-	asm volatile("dsb ishst\n tlbi vae2is, %0\n dsb ish\n isb" : : "r"(va >> 12) : "memory");
+	/* vae2, not vae2is: the payload's vae2is/vale2is are the tree's, trapped and recorded */
+	asm volatile("dsb nshst\n tlbi vae2, %0\n dsb nsh\n isb" : : "r"(va >> 12) : "memory");
 }
 
 static void own_map_pool_pages(u64 pa, u64 size, bool valid)
@@ -471,6 +473,19 @@ u64 kpgt_exception(u64 *frame)
 	u16 line = 0, flags = 0;
 
 	asm volatile("mrs %0, esr_el2\n mrs %1, far_el2\n mrs %2, elr_el2" : "=r"(esr), "=r"(far), "=r"(elr));
+	if (ESR_EC_OF(esr) == ESR_EC_HVC64 && (esr & KPGT_TLBI_TRAP_MASK) == KPGT_TLBI_TRAP_HVC) {
+		/* a hyp TLBI the image's patch turned into hvc: record it, run it, resume after the hvc */
+		u64 rt = esr & 31, vale = (esr >> 5) & 1, op = rt == 31 ? 0 : frame[rt];
+
+		record(vale ? KEV_TLBI_VALE2IS : KEV_TLBI_VAE2IS, op, 0, 0);
+		/* run as the outer-shareable forms (FEAT_TLBIOS: a domain that holds the inner-shareable
+		 * one), whose encodings the image's patch does not look for */
+		if (vale)
+			asm volatile("sys #4, c8, c1, #5, %0" : : "r"(op) : "memory"); /* tlbi vale2os */
+		else
+			asm volatile("sys #4, c8, c1, #1, %0" : : "r"(op) : "memory"); /* tlbi vae2os */
+		return 0;
+	}
 	if (ESR_EC_OF(esr) == ESR_EC_BRK64 && (esr & 0xffff) == BUG_BRK_IMM_VALUE) {
 		const s32 *entry = bug_flags_for(elr, &line, &flags);
 		u64 n = ST->warns;

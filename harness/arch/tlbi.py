@@ -49,6 +49,12 @@ def ttl(granule: Granule, level: int | None) -> int:
     return (TTL_TG[granule] << 2) | level
 
 
+def ttl_level(operand: int) -> int | None:
+    """The level a TLBI operand's TTL hints (None: no information, TG = 0)."""
+    t = TLBI_TTL.get(operand)
+    return None if t >> 2 == 0 else t & 3
+
+
 def operand(addr: int, granule: Granule, level: int | None = None) -> int:
     """The Xt of a TLBI by VA or IPA: page number and TTL hint."""
     return TLBI_ADDR.prep((addr >> TLBI_PAGE_SHIFT) & TLBI_ADDR.mask) | TLBI_TTL.prep(ttl(granule, level))

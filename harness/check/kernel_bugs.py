@@ -56,9 +56,11 @@ def _hvhe_xn_entry(ev: dict[str, Any]) -> bool:
 
 
 def _hyp_map_over_block(ev: dict[str, Any]) -> bool:
-    """A hyp reference-count or leak finding where upstream's own code (the oracle) breaks the rule
-    the same way: a hyp map inside an existing block."""
-    return (ev.get("kind") in ("refcount", "leak") and ev.get("stage") == 1 and bool(ev.get("upstream_same")))
+    """A hyp reference-count, leak or TLB finding where upstream's own code (the oracle) breaks the
+    rule the same way: a hyp map inside an existing block (the block is overwritten in place, with
+    no invalidation)."""
+    return (ev.get("kind") in ("refcount", "leak", "tlb-missing", "tlb-bbm") and ev.get("stage") == 1
+            and ev.get("op_name", "map") == "map" and bool(ev.get("upstream_same")))
 
 
 KNOWN_BUGS: tuple[KnownBug, ...] = (
@@ -76,8 +78,8 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         key="hyp-map-into-block",
         fix="none in the trees checked (6.12.117, 6.1.192): KVM never maps a hyp range twice",
         title=("kvm_pgtable_hyp_map inside an existing block replaces the block with an empty table: "
-               "no break-before-make, the rest of the block unmapped, and a reference taken on a slot that "
-               "already held one (the table page is never freed)"),
+               "no break-before-make and no TLB invalidation of the block, the rest of the block unmapped, and a "
+               "reference taken on a slot that already held one (the table page is never freed)"),
         rule=("a table page's reference count is one plus its valid entries (kvm_pgtable's own invariant); "
               "replacing a valid block by a table needs break-before-make (Arm ARM D8.16.1); "
               "hyp_map_walker_try_leaf WARNs only when a leaf of the same size changes"),

@@ -15,9 +15,9 @@ judged the same way; a finding the oracle has too is upstream's behaviour (``ups
 A caller's duty is done as KVM's callers do it: after ``wrprotect`` (``kvm_mmu_wp_memory_region``)
 and after an ``mkold`` that found the page young (``clear_flush_young``), the VMID is flushed.
 
-The hyp stage 1 is judged only where the operation needs no invalidation: its inline ``tlbi
-vae2is``/``vale2is`` are not recorded by the host, and its tables cannot be live (the host runs
-on its own EL2 map). Stage-1 operations are counted in ``tlb.unjudged``.
+The hyp stage 1 is judged by the rules only: its inline ``tlbi vae2is``/``vale2is`` are trapped
+and recorded with their operands (:meth:`harness.kernel.elf.PayloadElf.tlbi_traps`), but its
+tables cannot be live (the host runs on its own EL2 map while the operation runs).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.arch import tlbi
 from harness.arch.geometry import Geometry, Stage
 from harness.check import live
 from harness.core import tlb
@@ -40,6 +41,7 @@ from harness.target import live as target_live
 LIVE_OPS = frozenset({"map", "unmap", "wrprotect", "mkold", "mkyoung", "relax_perms", "split"})
 CALLER_FLUSHES = frozenset({"wrprotect", "mkold"})
 
+_HYP_FLUSHES = {EventKind.TLBI_VAE2IS: tlb.Flush.EL2_VA, EventKind.TLBI_VALE2IS: tlb.Flush.EL2_VA_LAST}
 _C_FLUSHES = {EventKind.TLBI_VMID_IPA: tlb.Flush.S2_IPA, EventKind.TLBI_VMID_IPA_NSH: tlb.Flush.S2_IPA_NSH,
               EventKind.TLBI_VMID_RANGE: tlb.Flush.S2_RANGE, EventKind.TLBI_VMID: tlb.Flush.S2_VMID}
 
@@ -49,6 +51,10 @@ def c_steps(events: Sequence[Event], hint: Callable[[int | None], int | None]) -
     ``__tlbi_level`` reads them) and pages returned to the pool."""
     out: list[tlb.Step] = []
     for e in events:
+        hyp = _HYP_FLUSHES.get(e.kind)
+        if hyp is not None:  # the trapped instruction's own operand: address and TTL as executed
+            out.append(tlb.Tlbi(hyp, tlbi.TLBI_ADDR.get(e.a0) << tlbi.TLBI_PAGE_SHIFT, tlbi.ttl_level(e.a0)))
+            continue
         flush = _C_FLUSHES.get(e.kind)
         if flush is tlb.Flush.S2_RANGE:
             out.append(tlb.Tlbi(flush, e.a0, None, e.a1))
@@ -82,7 +88,6 @@ class KernelTlb:
         self.rng = rng
         self.mmu = mmu and geom.stage is Stage.S2
         self.tally = live.TlbTally()
-        self.unjudged = 0  # operations whose maintenance could not be judged (hyp stage 1)
 
     def _predict(self, mem: PoolView, root: int) -> Callable[[Any, Access], BatchResult]:
         def p(a: Any, acc: Access) -> BatchResult:
@@ -106,10 +111,6 @@ class KernelTlb:
         """Judge the operation's maintenance and observe its live outcome; returns the findings,
         each with whether the oracle's own steps break the same rule (upstream's behaviour)."""
         tally = live.TlbTally()
-        if self.geom.stage is Stage.S1:
-            self.unjudged += 1
-            tally.unjudged = 1
-            return tally, []
         steps: list[tlb.Step] = list(tlb.writes_between(w.before.read64, after.read64, self.geom, w.root))
         steps += c_steps(events, self.hint)
         caller: list[tlb.Tlbi] = []

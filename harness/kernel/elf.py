@@ -85,6 +85,11 @@ BUGFLAG_TAINT_SHIFT = 8
 _CAP_DEFINE = re.compile(r"^#define\s+ARM64_(\w+)\s+(\d+)\s*$", re.MULTILINE)
 
 
+# SYS #4, C8, C3, #op2, Xt: tlbi vae2is (op2 1) and vale2is (op2 5), Rt in bits 4:0
+TLBI_FORMS = (0xD50C8320, 0xD50C83A0)
+A64_HVC = 0xD4000002  # hvc #imm16 (imm16 in bits 20:5)
+
+
 class PayloadElfError(InputError):
     """The ELF is not a linked AArch64 image, or one of its tables is malformed (message names what)."""
 
@@ -176,6 +181,7 @@ class Section:
     size: int
     alloc: bool
     nobits: bool
+    exec: bool = False
 
     def holds(self, addr: int, size: int) -> bool:
         """True if [addr, addr + size) lies in the section's bytes in the file."""
@@ -297,7 +303,8 @@ class PayloadElf:
         self.sections: dict[str, Section] = {}
         for s in self._elf.iter_sections():
             sec = Section(s.name, s["sh_addr"], s["sh_offset"], s["sh_size"],
-                          bool(s["sh_flags"] & SH_FLAGS.SHF_ALLOC), s["sh_type"] == "SHT_NOBITS")
+                          bool(s["sh_flags"] & SH_FLAGS.SHF_ALLOC), s["sh_type"] == "SHT_NOBITS",
+                          bool(s["sh_flags"] & SH_FLAGS.SHF_EXECINSTR))
             self.sections.setdefault(sec.name, sec)
 
     def __repr__(self) -> str:
@@ -501,12 +508,36 @@ class PayloadElf:
                              new=np.asarray(words, dtype="<u4").tobytes(), callback=callback))
         return tuple(out)
 
+    def tlbi_traps(self, data: bytes | None = None) -> tuple[tuple[int, int, int], ...]:
+        """Every inline ``tlbi vae2is, Xt``/``tlbi vale2is, Xt`` in the image's code, as (address, the
+        instruction, the ``hvc`` that replaces it): the host records each one's operand, runs it and
+        resumes (:data:`harness.kernel.protocol.TLBI_TRAP_HVC`). The host's own code uses other
+        forms, so every site found is the tree's. ``data``: the image to scan (default the file's)."""
+        from harness.kernel.protocol import TLBI_TRAP_HVC
+
+        image = self.data if data is None else data
+        out = []
+        for sec in self.sections.values():
+            if not (sec.exec and sec.alloc and not sec.nobits):
+                continue
+            words = np.frombuffer(image, dtype="<u4", count=sec.size // INSN_SIZE, offset=sec.offset)
+            for form, base in enumerate(TLBI_FORMS):
+                for i in np.flatnonzero((words & np.uint32(~0x1F & 0xFFFFFFFF)) == np.uint32(base)):
+                    rt = int(words[i]) & 0x1F
+                    out.append((sec.addr + INSN_SIZE * int(i), int(words[i]),
+                                A64_HVC | ((TLBI_TRAP_HVC | form << 5 | rt) << 5)))
+        return tuple(sorted(out))
+
     def patched(self, caps: Iterable[int] | Mapping[int, bool], cap_names: Mapping[str, int]) -> bytes:
-        """The whole file with the alternatives of ``caps`` applied (see :meth:`patches`)."""
+        """The whole file with the alternatives of ``caps`` applied (see :meth:`patches`), then
+        the hyp TLBIs turned into traps (:meth:`tlbi_traps`)."""
         image = bytearray(self.data)
         for p in self.patches(caps, cap_names):
             off = self.file_offset(p.addr, len(p.new))
             image[off:off + len(p.new)] = p.new
+        for addr, _old, new in self.tlbi_traps(bytes(image)):
+            off = self.file_offset(addr, INSN_SIZE)
+            image[off:off + INSN_SIZE] = new.to_bytes(INSN_SIZE, "little")
         return bytes(image)
 
     def write_patched(self, out_path: Path | str, caps: Iterable[int] | Mapping[int, bool],

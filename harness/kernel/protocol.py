@@ -11,8 +11,9 @@ after ``get_leaf``/``mkyoung``). ``arg7`` picks the object that runs it (:class:
 Everything else the host records lives in the state block at ``Layout.kpgt`` (:data:`STATE`):
 the page pool's reference counts (one u32 per pool page of the tree's PAGE_SIZE), a log of every
 callback the C code made (cache maintenance, stage-2 TLB invalidation, page allocation and
-release: :data:`EVENT` records, :class:`EventKind`), the WARNs it hit (:data:`WARN`), and the
-exception that ended an operation, if one did (``fault_*``).
+release, and the hyp code's own inline TLBIs, trapped: :data:`EVENT` records, :class:`EventKind`),
+the WARNs it hit (:data:`WARN`), and the exception that ended an operation, if one did
+(``fault_*``).
 
 Ops and arguments:
 
@@ -34,7 +35,7 @@ from harness.target.mailbox import Cmd, Record
 
 CMD_KPGT = Cmd.KPGT
 MAGIC = 0x4B50_4754_484F_5354  # "KPGTHOST"
-VERSION = 1
+VERSION = 2  # 2: hyp TLBIs trapped and recorded
 
 MAX_POOL_PAGES = 32768  # refcount slots: the pool's 128 MiB in 4K pages
 MAX_EVENTS = 16384
@@ -114,6 +115,8 @@ class EventKind(enum.IntEnum):
     PUT_PAGE = 11  # a0 page, a1 new count
     FREE_UNLINKED = 12  # a0 table, a1 level
     STACK_CHK_FAIL = 13
+    TLBI_VAE2IS = 14  # a0 the operand (VA >> 12, TTL): an inline hyp ``tlbi vae2is``, trapped (TLBI_TRAP)
+    TLBI_VALE2IS = 15  # a0 the operand: an inline hyp ``tlbi vale2is``, trapped
 
 
 class FaultKind(enum.IntEnum):
@@ -126,6 +129,14 @@ class FaultKind(enum.IntEnum):
 
 WARN_FLAG = 1 << 0  # BUGFLAG_WARNING in the bug table's flags
 
+# The hyp code's TLB invalidations are inline ``tlbi vae2is``/``vale2is`` instructions, not host
+# callbacks: the payload's image has each replaced by ``hvc #(TLBI_TRAP_HVC | form << 5 | Rt)``
+# (harness.kernel.elf), and the host's exception handler records the operand (an event of kind
+# TLBI_VAE2IS + form), runs the TLBI itself and returns after the hvc.
+TLBI_TRAP_HVC = 0x7000
+TLBI_TRAP_MASK = 0xFFC0  # imm16 bits that identify the trap (the form in bit 5, Rt in bits 4:0)
+TLBI_TRAP_FORMS = ("vae2is", "vale2is")
+
 
 def c_header() -> str:
     """``gen/kpgt.h`` for the host C code and its assembly."""
@@ -135,7 +146,8 @@ def c_header() -> str:
            f"#define KPGT_MAX_POOL_PAGES {MAX_POOL_PAGES}", f"#define KPGT_MAX_EVENTS {MAX_EVENTS}",
            f"#define KPGT_MAX_WARNS {MAX_WARNS}", f"#define KPGT_REFCOUNT_OFFSET {REFCOUNT_OFFSET:#x}",
            f"#define KPGT_EVENTS_OFFSET {EVENTS_OFFSET:#x}", f"#define KPGT_WARNS_OFFSET {WARNS_OFFSET:#x}",
-           f"#define KPGT_OWN_TABLES_OFFSET {OWN_TABLES_OFFSET:#x}", f"#define KPGT_WARN_FLAG {WARN_FLAG}"]
+           f"#define KPGT_OWN_TABLES_OFFSET {OWN_TABLES_OFFSET:#x}", f"#define KPGT_WARN_FLAG {WARN_FLAG}",
+           f"#define KPGT_TLBI_TRAP_HVC {TLBI_TRAP_HVC:#x}", f"#define KPGT_TLBI_TRAP_MASK {TLBI_TRAP_MASK:#x}"]
     for rec in (STATE, EVENT, WARN):
         out += rec.c_defines()
     out += [f"#define KOP_{o.name} {o.value}" for o in Op]
