@@ -133,10 +133,28 @@ static void own_build(void)
 	own_ready = 1;
 }
 
+static int own_mmu_is_on(void)
+{
+	u64 sctlr, ttbr;
+
+	asm volatile("mrs %0, sctlr_el2\n mrs %1, ttbr0_el2" : "=r"(sctlr), "=r"(ttbr));
+	return (sctlr & 1) && ttbr == (u64)OWN_L1;
+}
+
+static int stage2_live(void)
+{
+	u64 hcr;
+
+	asm volatile("mrs %0, hcr_el2" : "=r"(hcr));
+	return hcr & 1; /* HCR_EL2.VM */
+}
+
 static void own_mmu_on(void)
 {
 	u64 sctlr;
 
+	if (own_mmu_is_on())
+		return; /* kept on for a live stage 2: no SCTLR_EL2 write, which would flush QEMU's TLB */
 	fw_stage1_off(); /* a stage 2 installed live (the C tables, VMID 1) stays: its TLB is under test */
 	asm volatile("msr mair_el2, %0\n msr tcr_el2, %1\n msr ttbr0_el2, %2\n isb\n tlbi alle2\n dsb ish\n isb"
 		     : : "r"(OWN_MAIR), "r"(OWN_TCR), "r"((u64)OWN_L1) : "memory");
@@ -655,6 +673,12 @@ u64 kpgt_serve(u64 cmd)
 	ST->fault_kind = KFAULT_NONE;
 	ST->events = 0; /* the log holds this operation's callbacks */
 	ST->events_lost = 0;
+	if (op == KOP_ENTER) {
+		own_mmu_on();
+		if (!stage2_live())
+			fw_stage1_off();
+		return STATUS_OK;
+	}
 	if ((op == KOP_INIT_HYP || op == KOP_INIT_S2) && have_table) {
 		ST->status = KST_BUSY;
 		return STATUS_OK;
@@ -675,7 +699,8 @@ u64 kpgt_serve(u64 cmd)
 	el2_sync_hook = 0;
 	asm volatile("msr sp_el0, %0" : : "r"(saved_sp_el0) : "memory");
 	ST->pgd = (u64)pgt.pgd;
-	fw_stage1_off(); /* own MMU off: the request loop runs as before (a live stage 2 stays) */
+	if (!stage2_live())
+		fw_stage1_off(); /* own MMU off: the request loop runs as before */
 	fw_mailbox->ret0 = ret0;
 	fw_mailbox->ret1 = ret1;
 	return STATUS_OK;

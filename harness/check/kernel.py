@@ -213,7 +213,8 @@ class Session:
         if cfg.stage is Stage.S2:
             self._check_vtcr(res)
         no_access = tuple((r.base, r.size) for r in prologue_regions(cfg, self.layout))
-        self.tlb = KernelTlb(self.target, geom, self._regs(), no_access, self.oracle.level_hint, self.rng, self.mmu)
+        self.tlb = KernelTlb(self.target, geom, self._regs(), no_access, self.oracle.level_hint, self.rng, self.mmu,
+                             lambda: self.kw.op(Op.ENTER))
         for reg in prologue_regions(cfg, self.layout):
             kop = KOp("map", reg.base, reg.size, reg.base, reg.prot)
             if not self.step(res, -1, kop, check=False):

@@ -79,7 +79,9 @@ class KernelTlb:
     judge and observe after it."""
 
     def __init__(self, target: Any, geom: Geometry, regs: Any, no_access: Sequence[tuple[int, int]],
-                 hint: Callable[[int | None], int | None], rng: np.random.Generator, mmu: bool) -> None:
+                 hint: Callable[[int | None], int | None], rng: np.random.Generator, mmu: bool,
+                 enter: Callable[[], object]) -> None:
+        self.enter = enter
         self.target = target
         self.geom = geom
         self.regs = regs
@@ -101,6 +103,7 @@ class KernelTlb:
             pred = self._predict(pool, root)
             addrs = live.candidates(touched, pred, self.target.layout.scratch, self.no_access, self.rng)
             self.target.install(self.regs)
+            self.enter()  # the host's own EL2 map on now: the operation will not write SCTLR_EL2
             w = live.warm(self.target, Stage.S2, addrs, pred, self.tally.updates + 1)
         return Warmed(pool, root, w)
 
@@ -118,7 +121,7 @@ class KernelTlb:
             caller = [tlb.Tlbi(tlb.Flush.S2_VMID)]
             steps += caller
         j = tlb.judge(steps, self.geom, w.root, w.before.read64, order_known=False)
-        live.judged(tally, op, j)
+        live.judged(tally, op, j, live.flush_texts(steps))
         if w.warm is not None:
             try:
                 if caller:

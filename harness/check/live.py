@@ -61,7 +61,7 @@ class TlbFinding:
     invalidations: tuple[str, ...] = ()
 
     def text(self) -> str:
-        tl = f"; invalidations: {', '.join(self.invalidations) or 'none'}" if self.kind == "tlb-stale" else ""
+        tl = f"; invalidations: {', '.join(self.invalidations) or 'none'}"
         heading = self.rule.split(":")[0]
         return f"{self.kind} in {self.op}: {self.message}{tl}" + (f" [{heading}]" if heading else "")
 
@@ -235,10 +235,10 @@ def _stale(tally: TlbTally, op: str, addr: int, msg: str, flushes: Sequence[str]
                          old, new, tuple(flushes)))
 
 
-def judged(tally: TlbTally, op: str, j: tlb.Judgement) -> None:
+def judged(tally: TlbTally, op: str, j: tlb.Judgement, flushes: Sequence[str] = ()) -> None:
     tally.judged += j.duties
     for f in j.findings:
-        tally.add(TlbFinding(f.kind, op, f.addr, f.message, f.rule, f.old, f.new))
+        tally.add(TlbFinding(f.kind, op, f.addr, f.message, f.rule, f.old, f.new, tuple(flushes)))
 
 
 def flush_texts(steps: Sequence[tlb.Step]) -> list[str]:
@@ -332,7 +332,7 @@ def live_ops(built: BuiltScenario, target: Any, rng: np.random.Generator) -> Tlb
                     table.maint = None
                 op = f"ops[{i}] {o.describe()}"
                 j = tlb.judge(steps, geom, root, before.read64)
-                judged(tally, op, j)
+                judged(tally, op, j, flush_texts(steps))
                 addrs = candidates(touched(geom, o.addr, o.size, j), bpred, scratch, subj.no_access, rng)
                 w = warm(target, geom.stage, addrs, bpred, tally.updates + 1)
                 target_live.apply(target, steps, geom)

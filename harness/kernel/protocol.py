@@ -25,6 +25,11 @@ Ops and arguments:
   addr, size, mkold (6.12). S2_MKOLD: addr (6.1: ret1 = the old entry).
 * S2_RELAX_PERMS: addr, prot. S2_SPLIT: addr, size (6.12).
 * GET_LEAF: addr (ret1 = entry, state ``leaf_level``). DESTROY: none (either stage).
+* ENTER: none. The host runs the C code on its own EL2 stage 1 and, between requests, turns it off,
+  unless a stage 2 is installed (HCR_EL2.VM): then its EL2 map stays on after the operation, and
+  an operation that finds it on does not write SCTLR_EL2 (QEMU drops its whole TLB on an SCTLR
+  write, which would hide a stale stage-2 entry). ENTER turns it on before the warm loads of a
+  live check; UNINSTALL (or any install) turns it off.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class Op(enum.IntEnum):
     S2_FLUSH = 13
     GET_LEAF = 14
     DESTROY = 15
+    ENTER = 16  # no operation: the host's own EL2 map on, and kept on while a stage 2 is live
 
 
 class Build(enum.IntEnum):
