@@ -38,7 +38,7 @@ from harness.check.scenario import BuiltScenario, Scenario, apply_op, build
 from harness.core import tlb
 from harness.core.batch import BatchResult, translate_batch
 from harness.core.memory import WordsMemory
-from harness.core.translate import READ, WRITE, Access, translate
+from harness.core.translate import DEFAULT_MAIR, READ, WRITE, Access, translate
 from harness.target import live as target_live
 
 U64 = npt.NDArray[np.uint64]
@@ -239,6 +239,9 @@ def judged(tally: TlbTally, op: str, j: tlb.Judgement, flushes: Sequence[str] = 
     tally.judged += j.duties
     for f in j.findings:
         tally.add(TlbFinding(f.kind, op, f.addr, f.message, f.rule, f.old, f.new, tuple(flushes)))
+    for kind, n in j.by_kind.items():  # those beyond the judgement's kept findings
+        kept = sum(1 for f in j.findings if f.kind == kind)
+        tally.by_kind[kind] = tally.by_kind.get(kind, 0) + n - kept
 
 
 def flush_texts(steps: Sequence[tlb.Step]) -> list[str]:
@@ -302,13 +305,11 @@ def check_scenario(scenario: Scenario, target: Any, rng: np.random.Generator | N
 
 def live_ops(built: BuiltScenario, target: Any, rng: np.random.Generator) -> TlbTally:
     """Install ``built``'s tables (before its scenario's operations), then apply each operation to
-    the model and live on the target, judging and observing it; uninstall. ``built.table`` ends
-    in the state the operations leave."""
+    the model and live on the target (:func:`live_update`); uninstall. ``built.table`` ends in
+    the state the operations leave."""
     sc = built.scenario
     table = built.table
-    geom = table.geom
     subj = subject_of_built(built)
-    scratch = target.layout.scratch
     tally = TlbTally()
     with Clock(tally):
         target.install(subj.regs, subj.image)
@@ -317,46 +318,60 @@ def live_ops(built: BuiltScenario, target: Any, rng: np.random.Generator) -> Tlb
                 root = table.pgd
                 assert root is not None  # the scenario's table exists until destroy, which is no scenario op
                 before = WordsMemory(table.mem.base, table.mem.words().copy())
-
-                def bpred(a: U64, acc: Access, before: WordsMemory = before, root: int = root) -> BatchResult:
-                    return translate_batch(before.words(), before.base, geom, root, a, acc, subj.mair)
-
-                def apred(a: U64, acc: Access) -> BatchResult:
-                    return subj.predict(a, acc)
-
                 table.maint = tlb.MaintLog()
                 try:
                     apply_op(table, o, f"{sc.name}: ops[{i}]")
                     steps = table.maint.take()
                 finally:
                     table.maint = None
-                op = f"ops[{i}] {o.describe()}"
-                j = tlb.judge(steps, geom, root, before.read64)
-                judged(tally, op, j, flush_texts(steps))
-                addrs = candidates(touched(geom, o.addr, o.size, j), bpred, scratch, subj.no_access, rng)
-                w = warm(target, geom.stage, addrs, bpred, tally.updates + 1)
-                target_live.apply(target, steps, geom)
-                _same_tables(target, table)
-                pair = descriptor_pair(partial(translate, before, geom, root, access=READ),
-                                       partial(translate, table.mem, geom, root, access=READ))
-                observe(target, geom.stage, w, apred, op, scratch, flush_texts(steps), tally, pair)
-                tally.updates += 1
+                live_update(target, table.geom, root, before, table.mem, steps, f"ops[{i}] {o.describe()}",
+                            (o.addr, o.size), rng, tally, subj.no_access, subj.mair)
         finally:
             if target.alive:
                 target.uninstall()
     return tally
 
 
+def live_update(target: Any, geom: Geometry, root: int, before: Any, after: Any, steps: Sequence[tlb.Step],
+                op: str, span: tuple[int, int], rng: np.random.Generator, tally: TlbTally,
+                no_access: Sequence[tuple[int, int]] = (), mair: int = DEFAULT_MAIR) -> tlb.Judgement:
+    """One update of installed tables whose memory is ``before`` (a snapshot) and, once the steps
+    are done, ``after`` (the model's): judge the steps, warm the pages of ``span`` (addr, size) and
+    of every entry they change, run them live (:func:`harness.target.live.apply`), check guest
+    RAM holds ``after``'s tables, observe. Adds to ``tally``; returns the judgement."""
+
+    def bpred(a: U64, acc: Access) -> BatchResult:
+        return translate_batch(before.words(), before.base, geom, root, a, acc, mair)
+
+    def apred(a: U64, acc: Access) -> BatchResult:
+        return translate_batch(after.words(), after.base, geom, root, a, acc, mair)
+
+    scratch = target.layout.scratch
+    j = tlb.judge(steps, geom, root, before.read64)
+    judged(tally, op, j, flush_texts(steps))
+    addrs = candidates(touched(geom, span[0], span[1], j), bpred, scratch, no_access, rng)
+    w = warm(target, geom.stage, addrs, bpred, tally.updates + 1)
+    target_live.apply(target, steps, geom)
+    _same_tables(target, after, geom.granule.size)
+    pair = descriptor_pair(partial(translate, before, geom, root, access=READ, mair=mair),
+                           partial(translate, after, geom, root, access=READ, mair=mair))
+    observe(target, geom.stage, w, apred, op, scratch, flush_texts(steps), tally, pair)
+    tally.updates += 1
+    return j
+
+
 class LiveDivergence(RuntimeError):
     """The live update left guest RAM other than the model's tables (a harness fault)."""
 
 
-def _same_tables(target: Any, table: Any) -> None:
-    extent = max(table.mem.used_extent(), table.granule.size)
-    want = table.mem.words()[: extent // 8]
-    got = target.ram_u64(table.mem.base, extent // 8)
+def _same_tables(target: Any, mem: Any, page: int) -> None:
+    words = np.asarray(mem.words())
+    nz = np.flatnonzero(words)
+    extent = max(int(nz[-1] + 1) * 8 if nz.size else 0, page)
+    want = words[: extent // 8]
+    got = target.ram_u64(mem.base, extent // 8)
     bad = np.flatnonzero(got != want)
     if bad.size:
-        pa = table.mem.base + 8 * int(bad[0])
+        pa = mem.base + 8 * int(bad[0])
         raise LiveDivergence(f"live update: guest RAM at {pa:#x} holds {int(got[bad[0]]):#018x}, the model's "
                              f"table {int(want[bad[0]]):#018x} ({bad.size} words differ)")

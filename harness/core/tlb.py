@@ -152,22 +152,22 @@ class _Duty:
 @dataclass
 class Judgement:
     duties: int = 0  # entries whose invalidation the update needed (leaves under a table that went included)
-    findings: list[TlbFinding] = field(default_factory=list)
+    findings: list[TlbFinding] = field(default_factory=list)  # the first MAX_FINDINGS
     changed: list[tuple[int, int, int]] = field(default_factory=list)  # (va, size, level) of entries that changed
 
     @property
     def ok(self) -> bool:
-        return not self.findings
+        return not self.by_kind
+
+    by_kind: dict[str, int] = field(default_factory=dict)  # every finding, kept or not
 
     def add(self, f: TlbFinding) -> None:
+        self.by_kind[f.kind] = self.by_kind.get(f.kind, 0) + 1
         if len(self.findings) < MAX_FINDINGS:
             self.findings.append(f)
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for f in self.findings:
-            out[f.kind] = out.get(f.kind, 0) + 1
-        return out
+        return dict(self.by_kind)
 
 
 def cached(pte: int, level: int) -> bool:
