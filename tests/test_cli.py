@@ -216,6 +216,10 @@ def test_run_subset_json_as_a_process(tmp_path: Path) -> None:
     assert data["ok"] is True
     assert [r["scenario"] for r in data["reports"]] == ["s1-64K", "s2-16K"]
     assert all(r["checked"] == r["matched"] > 1000 for r in data["reports"])
+    # each scenario's operations ran live: changed translations observed, none stale
+    assert all(r["tlb"]["updates"] == 2 and r["tlb"]["checked"] > 0 and r["tlb"]["stale"] == 0
+               and r["tlb"]["by_kind"] == {} for r in data["reports"][:1]), [r["tlb"] for r in data["reports"]]
+    assert all(r["tlb"]["stale"] == 0 and r["tlb"]["updates"] > 0 for r in data["reports"])
     assert (tmp_path / "console.log").exists()
 
 
@@ -241,6 +245,11 @@ def test_check_inline_scenario_with_operations(capsys: pytest.CaptureFixture[str
     assert code == 0 and data["ok"]
     rep = data["reports"][0]
     assert rep["probes"]["load"] > 0 and rep["withheld_from_at"]
+    assert rep["tlb"]["updates"] == 2 and rep["tlb"]["checked"] > 0 and rep["tlb"]["stale"] == 0
+    code, out, _ = run_cli(capsys, "check", "--stage", "2", "--granule", "64K", "--ia-bits", "40",
+                           "--map", "0x10000000:1M:0x50000000:rw", "--op", "wrprotect:0x10000000:64K", "--no-live",
+                           "--json")
+    assert code == 0 and json.loads(out)["reports"][0]["tlb"]["updates"] == 0
 
 
 def _descendants(pid: int) -> set[int]:

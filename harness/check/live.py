@@ -317,7 +317,8 @@ def live_ops(built: BuiltScenario, target: Any, rng: np.random.Generator) -> Tlb
             for i, o in enumerate(sc.ops):
                 root = table.pgd
                 assert root is not None  # the scenario's table exists until destroy, which is no scenario op
-                before = WordsMemory(table.mem.base, table.mem.words().copy())
+                extent = max(table.mem.used_extent(), table.granule.size)  # the pages in use: the tables
+                before = WordsMemory(table.mem.base, table.mem.words()[: extent // 8].copy())
                 table.maint = tlb.MaintLog()
                 try:
                     apply_op(table, o, f"{sc.name}: ops[{i}]")
@@ -366,8 +367,11 @@ class LiveDivergence(RuntimeError):
 
 def _same_tables(target: Any, mem: Any, page: int) -> None:
     words = np.asarray(mem.words())
-    nz = np.flatnonzero(words)
-    extent = max(int(nz[-1] + 1) * 8 if nz.size else 0, page)
+    if hasattr(mem, "used_extent"):  # a page pool: its highest page in use
+        extent = max(int(mem.used_extent()), page)
+    else:
+        nz = np.flatnonzero(words)
+        extent = max(int(nz[-1] + 1) * 8 if nz.size else 0, page)
     want = words[: extent // 8]
     got = target.ram_u64(mem.base, extent // 8)
     bad = np.flatnonzero(got != want)

@@ -45,6 +45,7 @@ class PagePool:
         self._refcount: list[int] = [0] * self.pages
         self._used = 0
         self._next_free = 0  # allocation hint: lowest page that may be free
+        self._top = 0  # every page from this index up is free (a bound, tightened by used_extent)
         # Undo journal while a transaction is open: (kind, index, old value).
         self._journal: list[tuple[str, int, int]] | None = None
 
@@ -71,6 +72,8 @@ class PagePool:
                 self._refcount[index] = old
                 if old == 0:
                     self._next_free = min(self._next_free, index)
+                else:
+                    self._top = max(self._top, index + 1)
 
     def _set_refcount(self, index: int, value: int) -> None:
         old = self._refcount[index]
@@ -78,6 +81,8 @@ class PagePool:
             self._journal.append(("ref", index, old))
         self._refcount[index] = value
         self._used += (value != 0) - (old != 0)
+        if value:
+            self._top = max(self._top, index + 1)
 
     # -- allocation -------------------------------------------------------------------------
     @property
@@ -175,10 +180,9 @@ class PagePool:
 
     def used_extent(self) -> int:
         """Bytes from ``base`` up to the end of the highest page in use (0 if none)."""
-        for idx in range(self.pages - 1, -1, -1):
-            if self._refcount[idx]:
-                return (idx + 1) * self.page_size
-        return 0
+        while self._top and not self._refcount[self._top - 1]:
+            self._top -= 1
+        return self._top * self.page_size
 
 
 @dataclass(frozen=True)

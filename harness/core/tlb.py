@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from harness.arch import descriptors as d
 from harness.arch.geometry import LAST_LEVEL, Geometry, Stage
@@ -198,6 +199,17 @@ class _Tables:
         v = self.mem.get(pa)
         return self.read(pa) if v is None else v
 
+    def _page_words(self, page: int, g: int) -> list[int]:
+        """A table page's entries: from the memory's word array where it has one (fast), else read."""
+        mem: Any = getattr(self.read, "__self__", None)
+        words = getattr(mem, "words", None)
+        if words is not None and hasattr(mem, "base"):
+            arr = words()
+            off = (page - int(mem.base)) // 8
+            if off >= 0 and off + g // 8 <= len(arr):
+                return [int(w) for w in arr[off:off + g // 8]]
+        return [self.read(page + 8 * i) for i in range(g // 8)]
+
     def _index(self, root: int, g: int) -> None:
         todo = [root + i * g for i in range(self.geom.pgd_pages)]
         while todo:
@@ -205,9 +217,8 @@ class _Tables:
             level, base = self.where[page]
             if level >= LAST_LEVEL:
                 continue
-            for i in range(g // 8):
-                pte = self.read(page + 8 * i)
-                if d.is_valid(pte) and d.is_table(pte, level):
+            for i, pte in enumerate(self._page_words(page, g)):
+                if pte & 3 == 3 and d.is_table(pte, level):
                     child = d.pte_to_phys(pte, self.geom.granule, self.geom.lpa2)
                     if child not in self.where:
                         self.where[child] = (level + 1, base + i * self.geom.size(level))
