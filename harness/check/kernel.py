@@ -46,7 +46,7 @@ from harness.core.dump import mapped_ranges
 from harness.core.memory import PagePool, PoolImage
 from harness.core.translate import DEFAULT_MAIR, READ, translate
 from harness.kernel.config import KernelConfig
-from harness.kernel.driver import Event, KernelWalker, OpResult, PoolView
+from harness.kernel.driver import Event, KernelWalker, OpResult, PoolView, signed64
 from harness.kernel.protocol import Build, EventKind, FaultKind, Op, Status
 from harness.kernel.tree import TreeApi
 from harness.target.layout import Region
@@ -692,16 +692,12 @@ TLBI_KINDS = {EventKind.TLBI_VMID_IPA: "tlb_flush_vmid_ipa", EventKind.TLBI_VMID
 TLBI_ORACLE_KINDS = frozenset(TLBI_KINDS.values())
 
 
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >> 63 else v
-
-
 def _tlbi_key_c(e: Event) -> tuple[str, int, int]:
     """A recorded TLB helper call as (helper, address, level hint or pages): the VMID is the host's own."""
     name = TLBI_KINDS[e.kind]
     if e.kind is EventKind.TLBI_VMID:
         return name, 0, 0
-    return name, e.a0, e.a1 if e.kind is EventKind.TLBI_VMID_RANGE else _signed(e.a1)
+    return name, e.a0, e.a1 if e.kind is EventKind.TLBI_VMID_RANGE else signed64(e.a1)
 
 
 def _tlbi_key_oracle(e: Any) -> tuple[str, int, int]:
