@@ -321,7 +321,10 @@ class Session:
         if r.status is not Status.OK:
             self._finding(res, "return-code", index, kop.text(), f"the payload refused the operation: {r.status.name}")
             return False
-        o_root, o_before = self.oracle.pgd, self.oracle.pool.words().copy() if warmed is not None else None
+        o_pool = self.oracle.pool
+        o_root = self.oracle.pgd
+        o_before = o_pool.words()[: max(o_pool.used_extent(), o_pool.page_size) // 8].copy() \
+            if warmed is not None else None
         self.oracle.maint = tlb.MaintLog() if warmed is not None else None
         try:
             o_ret, o_ret1, o_level = self._run_oracle(kop)
@@ -651,7 +654,8 @@ class Session:
         assert self.tlb is not None and self.oracle is not None
         young = bool(r.ret) if self.api.test_clear_young else bool(d.AF.get(r.ret1))
         base = self.oracle.pool.base
-        o_read = None if o_before is None else (lambda pa: int(o_before[(pa - base) // 8]))
+        o_read = None if o_before is None else (
+            lambda pa: int(o_before[(pa - base) // 8]) if 0 <= pa - base < 8 * o_before.size else 0)
         tally, found = self.tlb.after(kop.name, kop.text(), warmed, mem, r.events,
                                young, o_steps, o_root, o_read)
         res.tlb.merge(tally)

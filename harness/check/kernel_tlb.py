@@ -131,9 +131,12 @@ class KernelTlb:
                     lambda a: translate(after, self.geom, w.root, a, READ))
                 live.observe(self.target, Stage.S2, w.warm, self._predict(after, w.root), op,
                              self.target.layout.scratch, live.flush_texts(steps), tally, pair)
-            finally:
+            except BaseException:
                 if self.target.alive:
                     self.target.uninstall()
+                raise
+            # left installed: the session's MMU check that follows installs the tables again,
+            # which swaps (uninstalls first), one request fewer
         tally.updates = 1
         upstream: set[str] = set()
         if oracle_steps is not None and oracle_root is not None and oracle_before is not None:
