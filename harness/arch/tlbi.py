@@ -80,4 +80,7 @@ class Insn(enum.IntEnum):
     TLBI_ALLE2IS = 15
 
 
-LAST_LEVEL_ONLY = frozenset({Insn.TLBI_IPAS2LE1IS, Insn.TLBI_VALE2IS})
+# The A64 encodings of the two hyp invalidations (SYS #4, C8, C3, #op2, Xt; Rt in bits 4:0):
+# tlbi vae2is (op2 1) and tlbi vale2is (op2 5), in that order (the kernel host's trap forms).
+TLBI_EL2IS_ENCODINGS = (0xD50C8320, 0xD50C83A0)
+TLBI_RT_MASK = 0x1F

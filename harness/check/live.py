@@ -79,7 +79,6 @@ class TlbTally:
     stale: int = 0  # of those, an old translation still used
     judged: int = 0  # entries changed whose invalidation the rules judged
     unobservable: int = 0  # changed, but not observable by a load or store (e.g. outside scratch RAM)
-    unjudged: int = 0  # updates whose invalidations were not recorded (the kernel's hyp stage 1)
     findings: list[TlbFinding] = field(default_factory=list)
     by_kind: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -99,7 +98,6 @@ class TlbTally:
         self.stale += other.stale
         self.judged += other.judged
         self.unobservable += other.unobservable
-        self.unjudged += other.unjudged
         self.seconds += other.seconds
         for f in other.findings:
             if len(self.findings) < MAX_FINDINGS:
@@ -118,7 +116,7 @@ class TlbTally:
 
     def as_json(self) -> dict[str, Any]:
         return {"updates": self.updates, "checked": self.checked, "stale": self.stale, "judged": self.judged,
-                "unobservable": self.unobservable, "unjudged": self.unjudged, "by_kind": dict(self.by_kind),
+                "unobservable": self.unobservable, "by_kind": dict(self.by_kind),
                 "findings": [f.as_json() for f in self.findings], "seconds": round(self.seconds, 4)}
 
 
@@ -162,8 +160,11 @@ def warm(target: Any, stage: Stage, addrs: U64, before: Predict, salt: int) -> W
     pred = before(addrs, READ)
     pa = pred.pa.astype(np.uint64) & ~np.uint64(7)
     tokens = np.uint64(TOKEN_BASE | (salt & 0xFFFF) << 32) | (pa & np.uint64(0xFFFF_FFFF))
-    for p, t in zip(pa.tolist(), tokens.tolist(), strict=True):
-        target.write_pa(int(p), int(t).to_bytes(8, "little"))
+    if pa.size:  # every old PA is in scratch RAM (candidates): one view, one assignment
+        scratch = target.layout.scratch
+        words = target.ram_u64(int(scratch.base), int(scratch.size) // 8)
+        words[((pa - np.uint64(scratch.base)) >> np.uint64(3)).astype(np.intp)] = tokens
+        del words
     rec = target.access(addrs, write=False, stage=stage)
     good = rec["completed"] & (rec["value"].astype(np.uint64) == tokens)
     writable = before(addrs, WRITE).ok

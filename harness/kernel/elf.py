@@ -54,6 +54,7 @@ from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from harness.arch import tlbi
 from harness.errors import InputError
 
 INSN_SIZE = 4
@@ -85,8 +86,6 @@ BUGFLAG_TAINT_SHIFT = 8
 _CAP_DEFINE = re.compile(r"^#define\s+ARM64_(\w+)\s+(\d+)\s*$", re.MULTILINE)
 
 
-# SYS #4, C8, C3, #op2, Xt: tlbi vae2is (op2 1) and vale2is (op2 5), Rt in bits 4:0
-TLBI_FORMS = (0xD50C8320, 0xD50C83A0)
 A64_HVC = 0xD4000002  # hvc #imm16 (imm16 in bits 20:5)
 
 
@@ -521,9 +520,9 @@ class PayloadElf:
             if not (sec.exec and sec.alloc and not sec.nobits):
                 continue
             words = np.frombuffer(image, dtype="<u4", count=sec.size // INSN_SIZE, offset=sec.offset)
-            for form, base in enumerate(TLBI_FORMS):
-                for i in np.flatnonzero((words & np.uint32(~0x1F & 0xFFFFFFFF)) == np.uint32(base)):
-                    rt = int(words[i]) & 0x1F
+            for form, base in enumerate(tlbi.TLBI_EL2IS_ENCODINGS):
+                for i in np.flatnonzero((words & np.uint32(~tlbi.TLBI_RT_MASK & 0xFFFFFFFF)) == np.uint32(base)):
+                    rt = int(words[i]) & tlbi.TLBI_RT_MASK
                     out.append((sec.addr + INSN_SIZE * int(i), int(words[i]),
                                 A64_HVC | ((TLBI_TRAP_HVC | form << 5 | rt) << 5)))
         return tuple(sorted(out))

@@ -141,7 +141,6 @@ WARN_FLAG = 1 << 0  # BUGFLAG_WARNING in the bug table's flags
 # TLBI_VAE2IS + form), runs the TLBI itself and returns after the hvc.
 TLBI_TRAP_HVC = 0x7000
 TLBI_TRAP_MASK = 0xFFC0  # imm16 bits that identify the trap (the form in bit 5, Rt in bits 4:0)
-TLBI_TRAP_FORMS = ("vae2is", "vale2is")
 
 
 def c_header() -> str:
