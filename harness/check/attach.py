@@ -291,16 +291,19 @@ class PermFilter:
 
 
 def parse_window(text: str) -> tuple[int, int]:
-    """``START:END`` (END exclusive) or ``START+SIZE``; numbers in any base Python reads (0x...)."""
+    """``START:END`` or ``START-END`` (END exclusive), or ``START+SIZE``; numbers in any base Python
+    reads (0x...), ASCII digits only."""
     try:
+        if not text.isascii():
+            raise ValueError(text)
         if "+" in text:
             a, b = text.split("+", 1)
             start = int(a, 0)
             return start, start + int(b, 0)
-        a, b = text.split(":", 1)
+        a, b = text.replace("-", ":", 1).split(":", 1)
         start, end = int(a, 0), int(b, 0)
     except ValueError:
-        raise InputError(f"--range: expected START:END or START+SIZE (e.g. 0x40000000:0x80000000), "
+        raise InputError(f"--range: expected START:END, START-END or START+SIZE (e.g. 0x40000000:0x80000000), "
                          f"got {text!r}") from None
     if end <= start:
         raise InputError(f"--range: END must be above START, got {text!r}")

@@ -24,27 +24,14 @@ import re
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 
-from harness.core.dump import mapped_ranges
-from harness.errors import InputError, MachineryError
-from harness.live.regimes import (
-    OPTIONAL_REGISTERS,
-    REGISTERS,
-    Regime,
-    RegimeUse,
-    RegisterDecodeError,
-    regimes_by_cpu,
-    regimes_from_registers,
-)
-from harness.live.snapshot import NoSuchCpu, Snapshot
+from harness.errors import InputError
+from harness.live.capture import AttachFailed, Capture, VCpu, capture_from, wanted_registers
 from harness.target.errors import TargetError
 from harness.target.gdbmi import GdbError, GdbMI, Record
-from harness.target.physmem import GdbPhysMemory
 
-CAPTURE_PAGE = 4096  # snapshot unit: table pages of any granule are captured as 4K pieces
 _CPU_INDEX = re.compile(r"CPU#(\d+)")
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})$")
 
@@ -52,13 +39,6 @@ _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port
 class TargetSpecError(InputError):
     """A TARGET argument that is neither HOST:PORT, a unix socket nor a snapshot file."""
 
-
-class UndecodableRegisters(InputError):
-    """The live registers describe a regime the decoder refuses (the message has the values)."""
-
-
-class AttachFailed(MachineryError):
-    """gdb or the gdbstub failed while attaching (the message says which step)."""
 
 
 @dataclass(frozen=True)
@@ -110,32 +90,6 @@ class _LiveGdb(GdbMI):
         rec = self.command(f"-data-list-register-values --thread {thread} x "
                            f"{' '.join(str(nums[n]) for n in names)}")
         return {by_num[int(item["number"])]: int(item["value"], 16) for item in rec["payload"]["register-values"]}
-
-
-@dataclass(frozen=True)
-class VCpu:
-    """A vCPU as QEMU's gdbstub shows it: a gdb thread."""
-
-    cpu: int  # QEMU's CPU index (from the thread's "CPU#N" details; else thread id - 1)
-    thread: str  # gdb's thread id
-    state: str  # QEMU's thread details, e.g. "CPU#1 [halted ]"
-
-
-@dataclass
-class Capture:
-    """A snapshot and how it was taken: ``uses`` are the distinct regimes with the vCPUs using
-    each, ``regimes`` the same regimes alone (in the same order)."""
-
-    snapshot: Snapshot
-    uses: list[RegimeUse]
-    was_running: bool
-    vm_status: str
-    vcpus: list[VCpu] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def regimes(self) -> list[Regime]:
-        return [u.regime for u in self.uses]
 
 
 def gdb_binary() -> str:
@@ -198,25 +152,43 @@ class Session:
             raise AttachFailed(f"gdb lists no thread (vCPU) on {self.spec}")
         return sorted(out, key=lambda v: v.cpu)
 
+    # -- TargetAccess (harness.live.capture) ------------------------------------------------
+    @property
+    def source(self) -> str:
+        return str(self.spec)
+
+    def register_names(self) -> list[str]:
+        return list(self.gdb.register_numbers())
+
+    def read_thread_registers(self, names: list[str], vcpu: VCpu) -> dict[str, int]:
+        return self.gdb.read_thread_registers(names, vcpu.thread)
+
     def read_registers(self, vcpu: VCpu) -> dict[str, int]:
         """The control registers of one vCPU (gdb's selection unchanged)."""
-        return _read_registers(self.gdb, vcpu.thread)
+        return self.read_thread_registers(wanted_registers(self.register_names()), vcpu)
+
+    def physical_mode(self, on: bool) -> None:
+        """gdb memory reads are physical (``Qqemu.PhyMemMode:1``) or virtual again."""
+        self.gdb.physical_mode(on)
+
+    def read_memory(self, addr: int, length: int) -> bytes:
+        try:
+            return self.gdb.read_memory(addr, length)
+        except GdbError as exc:
+            raise AttachFailed(f"reading {length} bytes at {addr:#x}: {exc}") from None
 
     @contextlib.contextmanager
     def physical(self) -> Iterator[None]:
         """gdb memory reads are physical inside (``Qqemu.PhyMemMode:1``), back to 0 after."""
-        self.gdb.physical_mode(True)
+        self.physical_mode(True)
         try:
             yield
         finally:
-            self.gdb.physical_mode(False)
+            self.physical_mode(False)
 
     def read_physical(self, pa: int, length: int) -> bytes:
         with self.physical():
-            try:
-                return self.gdb.read_memory(pa, length)
-            except GdbError as exc:
-                raise AttachFailed(f"reading {length} bytes at physical {pa:#x}: {exc}") from None
+            return self.read_memory(pa, length)
 
 
 def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = None,
@@ -225,53 +197,10 @@ def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = Non
     reachable from their regimes, of a live target (see module doc)."""
     t0 = time.perf_counter()
     with session(spec, timeout, log_path) as sess:
-        t1 = time.perf_counter()
-        vcpus = sess.vcpus()
-        if cpu is not None:
-            vcpus = [v for v in vcpus if v.cpu == cpu]
-            if not vcpus:
-                raise NoSuchCpu(f"--cpu: {cpu} is not a vCPU of {spec} (its vCPUs: "
-                                f"{', '.join(str(v.cpu) for v in sess.vcpus())})")
-        cpus = {v.cpu: sess.read_registers(v) for v in vcpus}
-        t2 = time.perf_counter()
-        uses = _uses(cpus)
-        reader = GdbPhysMemory(sess.gdb, CAPTURE_PAGE)
-        with sess.physical():
-            for use in uses:
-                mapped_ranges(reader, use.regime.geom, use.regime.root)  # reads every reachable table page
-        pages = dict(reader.cache)
-        t3 = time.perf_counter()
-        snap = Snapshot(cpus, pages, CAPTURE_PAGE, source=str(spec),
-                        captured=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        notes={"vm_status": sess.vm_status}, cpu_states={v.cpu: v.state for v in vcpus})
-        timings = {"connect": t1 - t0, "registers": t2 - t1, "registers_per_cpu": (t2 - t1) / len(vcpus),
-                   "read": t3 - t2}
-        return Capture(snap, uses, sess.was_running, sess.vm_status, vcpus, timings)
-
-
-def _uses(cpus: dict[int, dict[str, int]]) -> list[RegimeUse]:
-    for cpu, regs in sorted(cpus.items()):
-        try:
-            regimes_from_registers(regs)
-        except InputError as exc:
-            values = " ".join(f"{k}={v:#x}" for k, v in regs.items())
-            more = " (--cpu N attaches to another vCPU alone)" if len(cpus) > 1 else ""
-            raise UndecodableRegisters(f"CPU {cpu}: {exc} (registers read: {values}){more}") from exc
-    try:
-        return regimes_by_cpu(cpus)
-    except RegisterDecodeError as exc:  # already checked per CPU: not reached
-        raise UndecodableRegisters(str(exc)) from exc
-
-
-def _read_registers(gdb: _LiveGdb, thread: str) -> dict[str, int]:
-    names = gdb.register_numbers()
-    missing = [r for r in REGISTERS if r not in names]
-    if missing:
-        raise AttachFailed(
-            f"the gdbstub does not expose {', '.join(missing)} (QEMU's org.qemu.gdb.arm.sys.regs "
-            "feature: qemu-system-aarch64 with an AArch64 CPU)")
-    want = [*REGISTERS, *(r for r in OPTIONAL_REGISTERS if r in names)]
-    return gdb.read_thread_registers(want, thread)
+        connected = time.perf_counter() - t0
+        cap = capture_from(sess, cpu, sess.was_running)
+        cap.timings = {"connect": connected, **cap.timings}
+        return cap
 
 
 def _current_thread(gdb: GdbMI) -> str | None:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.live.gdbstub import Capture, capture, parse_target
+from harness.live.capture import Capture
+from harness.live.gdbstub import capture, parse_target
 from harness.live.kernel import KernelBoot, KernelImage, KernelImageError
 
 REQUIRE_ENV = "HARNESS_REQUIRE_HW"

@@ -11,17 +11,25 @@ pages again and again, so whole pages are read once and cached.
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Protocol
 
-from harness.target.gdbmi import GdbMI
+
+class PhysicalReads(Protocol):
+    """A debugger that reads memory and can switch its reads to physical addresses (:class:`harness.target.gdbmi.GdbMI`,
+    or a gdb session's Python API: :class:`harness.gdb.access.GdbApiAccess`)."""
+
+    def read_memory(self, addr: int, length: int) -> bytes: ...
+
+    def physical_mode(self, on: bool) -> None: ...
 
 
 class GdbPhysMemory:
     """``read64(pa)`` over gdb physical reads, one ``page``-sized read per page (cached).
 
     As a context manager it switches gdb to physical addresses on entry and back on exit; used
-    without one, the caller switches (:meth:`GdbMI.physical_mode`). ``reads`` counts gdb reads."""
+    without one, the caller switches (:meth:`PhysicalReads.physical_mode`). ``reads`` counts gdb reads."""
 
-    def __init__(self, gdb: GdbMI, page: int = 4096) -> None:
+    def __init__(self, gdb: PhysicalReads, page: int = 4096) -> None:
         if page <= 0 or page & (page - 1):
             raise ValueError(f"page: expected a power of two, got {page}")
         self.gdb = gdb

@@ -47,7 +47,8 @@ from harness.check.attach import (
 )
 from harness.cli import main
 from harness.core.translate import PERM_R, PERM_W, PERM_X
-from harness.live.gdbstub import Capture, parse_target, session
+from harness.live.capture import Capture
+from harness.live.gdbstub import parse_target, session
 from harness.live.kernel import EXPECTED_BANNER, HYP_IDMAP_TEXT, HYP_RODATA, HYP_TEXT, find_image_pa
 from harness.pytestplugin.kernel import LiveKernel
 from harness.target.layout import Layout
