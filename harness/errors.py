@@ -38,3 +38,27 @@ class MachineryError(HarnessError, RuntimeError):
     """The target or the machinery failed (exit 3); the message says what and where the logs are."""
 
     exit_code = EXIT_MACHINERY
+
+
+def printable(text: str) -> str:
+    """``text`` with every character ``str.isprintable`` refuses (controls such as a newline or
+    ESC, format characters such as the bidi overrides, separators other than the space) escaped
+    as ``repr`` writes it (``\\n``, ``\\x1b``, ``\\u202e``): a message stays one line and shows
+    what it was given."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``value`` as a message quotes it: its repr, escaped to one line (:func:`printable`) and
+    shortened to about ``limit`` characters (a number too long to print by its size in bits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        return f"a number of {value.bit_length()} bits"
+    try:
+        text = printable(repr(value))
+    except (RecursionError, ValueError):  # nested too deeply to print; an int past Python's digit limit
+        return f"a {type(value).__name__} too large to print"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 16]}...{text[-8:]} ({len(text)} characters)"

@@ -71,6 +71,47 @@ ARGUMENTS: list[tuple[list[str], str]] = [
     (["geometry", "--pa-bits", "47"], "--pa-bits"),
     (["geometry", "--stage", "7"], "--stage"),
     (["export", "/nonexistent-dir/sub/out", "--builtin", "s2-4K", "--seed", "-1"], "--seed"),
+    # issue 20: numbers in other scripts' digits (int() takes them), too long, or in the wrong form
+    (["check", "--stage", "2", "--granule", "4K", "--ia-bits", "４０"], "--ia-bits"),
+    (["check", *S2, "--map", "０x10000000:4K:0x50000000"], "maps[0].addr"),
+    (["check", *S2, "--map", "0x10000000:４K:0x50000000"], "maps[0].size"),
+    (["check", "--builtin", "s2-4K", "--sample", "１２３"], "--sample"),
+    (["check", "--builtin", "s2-4K", "--timeout", "１"], "--timeout"),
+    (["explain", "０x10000000", "--builtin", "s2-4K"], "ADDRESS"),
+    (["explain", "1" * 5000, "--builtin", "s2-4K"], "ADDRESS"),
+    (["run", "--seed", "1" * 5000], "--seed"),
+    (["fuzz", "--seed", "x"], "--seed"),
+    (["fuzz", "--probes", "1.5e0"], "--probes"),
+    (["fuzz", "--probes", "0"], "--probes"),
+    (["fuzz", "--granule", "8K"], "granule"),
+    (["fuzz", "--timeout", "nan"], "--timeout"),
+    # an empty PROT is not "no permissions"
+    (["check", *S2, "--map", "0x10000000:4K:0x50000000:"], "--map"),
+    (["check", *S2, "--map", "0x10000000:4K:0x50000000", "--op", "wrprotect:0x10000000:4K:"], "--op"),
+    # sizes past the real bound say so
+    (["check", *S2, "--map", "0x10000000:0x10000000000000000:0x50000000"], "below 2^64"),
+    # counts that would allocate hundreds of GiB: refused with the bound and its reason
+    (["fuzz", "--per-table", "100000000000"], "--per-table: expected at most 33554432"),
+    (["check", "--builtin", "s2-4K", "--sample", "1e12"], "--sample: expected at most"),
+    (["bench", "--probes", "1e11"], "--probes: expected at most"),
+    (["kernel-pgtable", "--debian", "6.12", "--ops", "1e12"], "--ops: expected at most"),
+    (["kernel-pgtable", "--debian", "6.12", "--ops", "1000", "--sequences", "10000"], "--ops, --sequences"),
+    # unwritable or unnamed output paths, found before anything boots
+    (["run", "--report", "/proc/x"], "--report"),
+    (["run", "--log-dir", "/proc/x"], "--log-dir"),
+    (["check", "--builtin", "s2-4K", "--report", "/proc/x"], "--report"),
+    (["check", "--builtin", "s2-4K", "--log-dir", ""], "--log-dir"),
+    (["explain", "0x1000", "--builtin", "s2-4K", "--log-dir", "/proc/x"], "--log-dir"),
+    (["dump", "--builtin", "s2-4K", "--log-dir", "/proc/x/y"], "--log-dir"),
+    (["review", "--log-dir", "/proc/x"], "--log-dir"),
+    (["bench", "--log-dir", "/proc/x"], "--log-dir"),
+    (["fuzz", "--report", "/proc/x"], "--report"),
+    (["fuzz", "--report", "/"], "--report"),
+    (["fuzz", "--report", ""], "--report"),
+    (["fuzz", "--log-dir", "/proc/x"], "--log-dir"),
+    (["kernel-pgtable", "--debian", "6.12", "--log-dir", "/proc/x"], "--log-dir"),
+    (["export", "/proc/x", "--builtin", "s2-4K"], "DIRECTORY"),
+    (["export", "", "--builtin", "s2-4K"], "DIRECTORY"),
 ]
 
 # (file name, contents, text stderr must contain): one scenario per file, checked with `harness check`
@@ -120,6 +161,30 @@ FILES: list[tuple[str, str | bytes, str]] = [
     ("a.toml", 'stage = 1\ngranule = "4K"\nia_bits = 40\n'
                'maps = [{addr = "0x10000000", size = "4K", pa = "0x50000000"}]\n'
                'ops = [{op = "mkold", addr = "0x10000000"}]\n', "ops[0]"),
+    # issue 20: past Python's int digit limit, nested 100,000 deep, duplicate keys, other scripts' digits
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "maps": [{"addr": %s, "size": 4096, "pa": 0}]}'
+     % ("1" * 5000), "maps[0].addr"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "sample": %s}' % ("9" * 100), "sample"),
+    ("a.json", '{"name": %s, "stage": 2, "granule": "4K", "ia_bits": 40}' % ("1" * 5000), "name"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nsample = %s\n' % ("1" * 5000), "sample"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = %s\n' % ("1" * 200), "ia_bits"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "maps": %s}' % ("[" * 100_000 + "]" * 100_000),
+     "nested"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = %s\n' % ("[" * 100_000 + "]" * 100_000), "nested"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "maps": %s}' % ("[" * 20 + "]" * 20), "maps[0]"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "stage": 1}', "'stage' given twice"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "maps": [{"addr": 0, "addr": 4096, "size": 4096, '
+               '"pa": 0}]}', "'addr' given twice"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "maps": [{"addr": "０x10000000", "size": 4096, '
+               '"pa": "0x50000000"}]}', "maps[0].addr"),
+    ("a.json", '{"stage": 2, "granule": "4K", "ia_bits": 40, "sample": "１２３"}', "sample"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = "４０"\n', "ia_bits"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nmaps = [{addr = "0x10000000", size = "1e400", '
+               'pa = "0x50000000"}]\n', "maps[0].size"),
+    ("a.toml", 'stage = 2\ngranule = "4K"\nia_bits = 40\nsample = "4e7"\n', "sample"),
+    # a name with a newline or a bidi override is shown escaped, on the one line
+    ("a.json", '{"name": "evil\\nharness check: ok\\u202e", "stage": 2, "granule": "4K", "ia_bits": 40, '
+               '"access": "x"}', "evil\\nharness check: ok\\u202e: access"),
 ]
 
 
@@ -143,6 +208,9 @@ def _assert_refused(code: int, err: str, needle: str) -> None:
     assert code == 2, err
     assert needle in err, err
     assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness") and ": error: " in lines[0], err
+    assert len(lines[0]) < 400, err  # a value is quoted, not pasted whole
 
 
 @pytest.mark.parametrize(("argv", "needle"), ARGUMENTS, ids=[" ".join(a) for a, _ in ARGUMENTS])

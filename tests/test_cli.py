@@ -333,3 +333,183 @@ def test_check_lpa2_and_hvhe_from_the_command_line(argv: list[str], capsys: pyte
     data = json.loads(out)
     assert code == 0 and data["ok"], err
     assert data["reports"][0]["checked"] > 0 and "lpa2" in data["reports"][0]["geometry"]
+
+
+# -- issue 20: messages, consistency, Ctrl-C --------------------------------------------------------
+
+def _one_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "doubled"), [
+    (["export", "/nonexistent/x", "--stage", "3", "--granule", "4K", "--ia-bits", "40"], "stage: stage:"),
+    (["export", "/nonexistent/x", "--stage", "2", "--granule", "8K", "--ia-bits", "40"], "granule: granule:"),
+    (["export", "/nonexistent/x", "--stage", "2", "--granule", "4K", "--ia-bits", "40",
+      "--map", "0x1000:4K:0x50000000:rwz"], "prot: prot:"),
+])
+def test_no_doubled_key_prefix(argv: list[str], doubled: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and doubled not in _one_line(err), err
+
+
+def test_argparse_errors_are_one_line_with_the_help_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, needle in ((["check", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+                         (["fuzz", "--seed", "x"], "argument --seed"),
+                         (["check", "--ia-bits"], "argument --ia-bits"),
+                         (["chek"], "invalid choice")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        line = _one_line(capsys.readouterr().err)
+        prog = "harness" if argv[0] == "chek" else f"harness {argv[0]}"
+        assert e.value.code == 2 and line.startswith(f"{prog}: error: ") and needle in line, line
+        assert line.endswith(f"({prog} --help)"), line
+
+
+def test_numbers_read_alike_everywhere(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--ia-bits/--pa-bits/--start-level take hex as the other numbers do; counts take 1e6."""
+    from harness.cli.app import parse
+
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "out"), "--stage", "2", "--granule", "4K",
+                           "--ia-bits", "0x28", "--pa-bits", "0x28", "--start-level", "0x1",
+                           "--map", "0x10000000:2M:0x50000000")
+    assert code == 0, err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["ia_bits"], config["pa_bits"], config["start_level"]) == (40, 40, 1)
+    assert parse(["fuzz", "--probes", "1e6", "--per-table", "2.5e3"]).probes == 1_000_000
+    assert parse(["fuzz", "--per-table", "2.5e3"]).per_table == 2500
+    assert parse(["bench", "--probes", "1e6"]).probes == 1_000_000
+    assert parse(["check", "--builtin", "s2-4K", "--sample", "1e3"]).sample == 1000
+    assert parse(["run", "--seed", "0x10"]).seed == 16
+
+
+def test_geometry_block_levels_are_reachable_from_the_start_level(capsys: pytest.CaptureFixture[str]) -> None:
+    for extra in ([], ["--lpa2", "--pa-bits", "52"]):
+        code, out, _ = run_cli(capsys, "geometry", "--json", *extra)
+        rows = json.loads(out)
+        assert code == 0 and all(min(r["block_levels"], default=3) >= r["start_level"] for r in rows)
+    code, out, _ = run_cli(capsys, "geometry", "--json", "--stage", "2")
+    row = next(r for r in json.loads(out) if r["granule"] == "4K" and r["ia_bits"] == 30)
+    assert (row["start_level"], row["block_levels"]) == (2, [2])
+
+
+def test_check_prints_the_per_probe_block_only_with_verbose(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import contextlib
+
+    import harness.cli.check as check_cmd
+
+    class Report:
+        ok = True
+
+        def text(self) -> str:
+            return "PER-PROBE BLOCK"
+
+    monkeypatch.setattr(check_cmd, "open_target", lambda args: contextlib.nullcontext(object()))
+    monkeypatch.setattr(check_cmd.live, "check_scenario", lambda *a, **k: Report())
+    monkeypatch.setattr(check_cmd, "print_reports", lambda *a, **k: print("SUMMARY"))
+    code, out, _ = run_cli(capsys, "check", "--builtin", "s2-4K")
+    assert code == 0 and out.split() == ["SUMMARY"], out
+    code, out, _ = run_cli(capsys, "check", "--builtin", "s2-4K", "--verbose")
+    assert code == 0 and out.splitlines() == ["SUMMARY", "PER-PROBE BLOCK"], out
+
+
+@pytest.mark.parametrize("command", [["check", "--builtin", "s2-4K"], ["fuzz", "--probes", "10"]])
+def test_machinery_errors_have_one_style(command: list[str], monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 3 says `harness CMD: error: ...` in every command, the install hint once."""
+    from harness.target.errors import ToolMissing
+
+    monkeypatch.setattr(Target, "start", _failing_start(ToolMissing("qemu is not on PATH (bash ci/setup.sh "
+                                                                    "installs QEMU 10.0)")))
+    code, _, err = run_cli(capsys, *command)
+    line = _one_line(err)
+    assert code == 3 and line.startswith(f"harness {command[0]}: error: qemu is not on PATH"), line
+    assert line.count("ci/setup.sh") == 1 and "ToolMissing" not in line and "failed:" not in line, line
+    shutil.rmtree(Path(line.split("(logs: ")[1].split(")")[0]))
+
+
+def test_tool_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HARNESS_QEMU empty is named; a --version that cannot be read is quoted on one line; an exit
+    status is never "None"."""
+    from harness.target import qemu
+    from harness.target.errors import QemuExited, ToolMissing
+
+    monkeypatch.setenv("HARNESS_QEMU", "")
+    with pytest.raises(ToolMissing, match="HARNESS_QEMU is set but empty"):
+        qemu.qemu_version()
+    fake = tmp_path / "fake-qemu"
+    fake.write_text('#!/bin/sh\nprintf "bogus\\nCopyright (c) nobody\\n"\n')
+    fake.chmod(0o755)
+    with pytest.raises(ToolMissing) as e:
+        qemu.qemu_version(str(fake))
+    assert "\n" not in str(e.value) and "\\n" not in str(e.value) and "'bogus'" in str(e.value)
+    assert "None" not in str(QemuExited("boot", None, "", "")).splitlines()[0]
+    assert "killed by SIGKILL" in str(QemuExited("boot", -9, "", "")).splitlines()[0]
+
+
+def test_a_scenario_name_is_shown_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "sc.toml"
+    f.write_text('name = "two\\nlines\\u202e"\nstage = 2\ngranule = "4K"\nia_bits = 40\n'
+                 'maps = [{addr = "0x10000000", size = "64K", pa = "0x50000000"}]\n')
+    code, out, err = run_cli(capsys, "export", str(tmp_path / "out"), "--scenario", str(f))
+    assert code == 0, err
+    assert "two\\nlines\\u202e: stage 2" in out and "\u202e" not in out, out
+
+
+def _harness_argv() -> list[str]:
+    """The console script next to this interpreter (what a user runs), else `python -m harness.cli`."""
+    script = Path(sys.executable).with_name("harness")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "harness.cli"]
+
+
+def _before_any_harness_code(returncode: int, err: str) -> bool:
+    """The SIGINT came inside the interpreter's own start-up (site, .pth files) or its import of the
+    package itself: no code of the harness ran yet, so the message is Python's."""
+    import re
+    import signal
+
+    import harness
+
+    if (returncode == -signal.SIGINT and not err) or "init_import_site" in err:
+        return True
+    package = str(Path(harness.__file__).parent)
+    return err.rstrip().endswith("KeyboardInterrupt") and not any(
+        f.startswith(package) for f in re.findall(r'File "([^"]+)"', err))
+
+
+@pytest.mark.parametrize("command", [["run"], ["check", "--builtin", "s2-4K"]])
+def test_ctrl_c_at_any_time_is_one_line_and_130(command: list[str], tmp_path: Path) -> None:
+    """SIGINT while the modules import, while QEMU starts, and a second one during the clean-up:
+    exit status 130, one line, never a traceback. QEMU is a stand-in that never boots. (A SIGINT
+    inside the interpreter's own start-up, before any code of the harness runs, is Python's to
+    report: a loaded machine can stretch that past the first delay.)"""
+    import os
+    import signal
+    import time
+
+    fake = tmp_path / "qemu"
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "QEMU emulator version 10.0.2"; exit 0; }\n'
+                    "exec sleep 30\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "HARNESS_QEMU": str(fake)}
+    for i, delay in enumerate((0.05, 0.15, 0.3, 0.45, 0.6, 0.8)):
+        proc = subprocess.Popen([*_harness_argv(), *command, "--timeout", "20", "--log-dir", str(tmp_path / str(i))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)  # a second Ctrl-C, while the first one's clean-up runs
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if _before_any_harness_code(proc.returncode, err):
+            continue
+        line = _one_line(err)
+        if "interrupted" in line:
+            assert proc.returncode == 130, (delay, err)
+        else:  # the stand-in was not reached (no firmware toolchain): still one line, no traceback
+            assert proc.returncode in (2, 3), (delay, err)

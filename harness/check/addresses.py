@@ -15,6 +15,12 @@ import numpy.typing as npt
 from harness.core.pgtable import KvmPgtable
 
 DEFAULT_MAX_PAGES = 1 << 20
+# The most addresses one check walks and probes in one batch (a scenario's sample, a fuzz table's
+# addresses, a bench pass): each costs ~100 bytes per AT form in the model's batch walk and about
+# as much again in the comparison, so a bound well above any useful value keeps a typo from
+# asking for hundreds of GiB.
+MAX_BATCH_ADDRESSES = 1 << 25
+BATCH_REASON = "each is walked and probed in one batch, ~100 bytes per AT form"
 
 U64 = npt.NDArray[np.uint64]
 

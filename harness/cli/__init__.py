@@ -24,137 +24,43 @@ Log directories are removed after a successful run unless --log-dir is given, ke
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib
-import shutil
+import _signal  # type: ignore[import-not-found]  # loaded with the interpreter; `signal` builds enums (ms)
+import os
 import sys
-import traceback
-from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
-
-from harness.errors import EXIT_INTERRUPTED, EXIT_MACHINERY, EXIT_OK, HarnessError, InputError
-from harness.target import process
-from harness.target.errors import TargetTimeout, ToolMissing
+from collections.abc import Sequence  # nothing heavier here: see main
 
 # One module per command, in `harness --help` order: each exposes add_parser(sub) and run(args).
 COMMANDS: tuple[str, ...] = (
-    "run", "check", "explain", "export", "dump", "review", "bench", "geometry", "fuzz", "attach", "kernel-pgtable",
+    "run", "check", "explain", "export", "dump", "review", "bench", "geometry", "fuzz", "attach",
+    "kernel-pgtable",
 )
+DEFAULT_COMMAND = "run"  # `harness` alone
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+def prog_of(argv: Sequence[str]) -> str:
+    """``harness CMD`` for the command ``argv`` names (``harness`` when it names none)."""
+    if not argv:
+        return f"harness {DEFAULT_COMMAND}"
+    return f"harness {argv[0]}" if argv[0] in COMMANDS else "harness"
 
 
-def command_modules() -> dict[str, ModuleType]:
-    return {name: importlib.import_module(f"harness.cli.{name.replace('-', '_')}") for name in COMMANDS}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="harness", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, module in command_modules().items():
-        module.add_parser(sub)
-        p = sub.choices[name]
-        p.add_argument("--debug", action="store_true", help="on an error, print the whole message and traceback")
-        p.set_defaults(command_module=module)
-    return ap
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _report_error(args: argparse.Namespace, e: BaseException, expected: bool) -> None:
-    """One line on stderr (the whole story under --debug); where the logs are, if any were kept."""
-    prog = f"harness {args.command}"
-    if args.debug:
-        traceback.print_exception(e, file=sys.stderr)
-    if isinstance(e, InputError):
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return
-    what = _first_line(e) if expected else f"internal error: {type(e).__name__}: {_first_line(e)}"
-    if isinstance(e, ToolMissing):
-        what += " (bash ci/setup.sh installs what the harness needs)"
-    if isinstance(e, TargetTimeout) and "QEMU" in e.evidence:  # why it did not answer, when known
-        what += f": QEMU {e.evidence['QEMU']}"
-    logs = [str(d) for d in args.log_dirs]
-    for d in args.log_dirs:
-        _write_error_file(d, e)
-    where = f" (logs: {', '.join(logs)})" if logs else ""
-    hint = "" if args.debug else "; --debug for details"
-    print(f"{prog}: failed: {what}{where}{hint}", file=sys.stderr)
-
-
-def _write_error_file(log_dir: Path, e: BaseException) -> None:
-    with contextlib.suppress(OSError):
-        (log_dir / "error.txt").write_text("".join(traceback.format_exception(e)))
-
-
-def _finish_logs(args: argparse.Namespace, code: int) -> None:
-    """Remove the temporary log directories after success; keep and name them otherwise."""
-    for d in args.temporary_log_dirs:
-        if code == EXIT_OK:
-            shutil.rmtree(d, ignore_errors=True)
-        elif code != EXIT_MACHINERY:  # exit 3 named them already
-            print(f"harness {args.command}: logs kept in {d}", file=sys.stderr)
-
-
-def _raise_interruption(e: BaseException) -> None:
-    """Re-raise the SIGTERM/SIGHUP (SystemExit) or Ctrl-C (KeyboardInterrupt) that ``e`` was raised
-    while handling: a cleanup step that met the QEMU the signal handler had just killed must not
-    turn "terminated" into "the machinery failed"."""
-    seen: set[int] = set()
-    ctx = e.__context__
-    while ctx is not None and id(ctx) not in seen:
-        if isinstance(ctx, SystemExit | KeyboardInterrupt):
-            raise ctx from None
-        seen.add(id(ctx))
-        ctx = ctx.__context__
+def exit_interrupted(*_: object) -> None:
+    """The SIGINT handler while the program starts (nothing to clean up yet): one line, exit
+    status 130 at once."""
+    os.write(2, f"{prog_of(sys.argv[1:])}: interrupted\n".encode())
+    os._exit(130)  # harness.errors.EXIT_INTERRUPTED, not imported yet
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (``argv`` None: the program's own arguments, and SIGTERM/SIGHUP handlers
-    that kill QEMU and gdb first, then unwind with status 128 + signal)."""
+    """The command line. ``argv`` None: the program's own arguments, and its signal handling,
+    installed here before the heavy imports (Ctrl-C: :mod:`harness.cli.interrupt`; SIGTERM/SIGHUP
+    kill QEMU and gdb first, then unwind with status 128 + signal). The work is in
+    :mod:`harness.cli.app`."""
     if argv is None:
-        process.install_signal_handlers()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["run", *argv])
-    args.log_dirs = []  # log directories the command used (harness.cli.args.open_target) ...
-    args.temporary_log_dirs = []  # ... and those of them it created: removed after success
-    code = EXIT_MACHINERY
-    try:
-        try:
-            code = int(args.command_module.run(args))
-        except Exception as e:
-            _raise_interruption(e)  # cleanup that failed because QEMU was just killed hides the signal
-            raise
-    except HarnessError as e:
-        code = e.exit_code
-        _report_error(args, e, expected=True)
-    except SystemExit as e:  # SIGTERM/SIGHUP become SystemExit(128 + signal) after QEMU/gdb are killed
-        code = e.code if isinstance(e.code, int) else EXIT_MACHINERY
-        raise
-    except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
-        print(f"harness {args.command}: interrupted", file=sys.stderr)
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stderr.close()
-        code = EXIT_OK
-    except OSError as e:  # files, pipes, sockets: the machinery, not the input
-        code = EXIT_MACHINERY
-        _report_error(args, e, expected=True)
-    except Exception as e:
-        code = EXIT_MACHINERY
-        _report_error(args, e, expected=False)
-    finally:
-        _finish_logs(args, code)
-    return code
+        _signal.signal(_signal.SIGINT, exit_interrupted)  # before any other import of ours
+        from harness.cli import interrupt
+
+        interrupt.install()
+    from harness.cli.app import run_command
+
+    return run_command(argv)

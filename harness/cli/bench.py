@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from harness.bench.e2e import run_bench
-from harness.cli.args import UsageError, add_target_args, check_log_dir, open_target, positive_int
+from harness.check.addresses import BATCH_REASON, MAX_BATCH_ADDRESSES
+from harness.cli.args import add_target_args, count, open_target
 from harness.cli.output import print_json
 
 NAME = "bench"
@@ -18,13 +19,11 @@ MIN_PROBES = 1000
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(NAME, help="verified translations/s end to end, vs the raw AT rate")
     add_target_args(p)
-    p.add_argument("--probes", type=positive_int, default=1_000_000, help="addresses per pass (default 1e6)")
+    p.add_argument("--probes", type=count(MIN_PROBES, MAX_BATCH_ADDRESSES, BATCH_REASON, "addresses"),
+                   default=1_000_000, help=f"addresses per pass, at least {MIN_PROBES} (default 1e6)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.probes < MIN_PROBES:
-        raise UsageError(f"--probes: expected at least {MIN_PROBES}, got {args.probes}")
-    check_log_dir(args.log_dir)
     with open_target(args) as t:
         result = run_bench(t, args.probes, np.random.default_rng(args.seed))
     if args.json:

@@ -11,7 +11,7 @@ from harness.arch.geometry import Stage
 from harness.arch.registers import ttbr_table_base
 from harness.check import scenario as scenarios
 from harness.check.engine import used_image
-from harness.cli.args import add_scenario_args, add_target_args, check_log_dir, open_target, scenario_from_args
+from harness.cli.args import add_scenario_args, add_target_args, open_target, scenario_from_args
 from harness.cli.output import print_json
 from harness.core.dump import diff_ranges, mapped_ranges
 from harness.target.layout import LAYOUT
@@ -29,7 +29,6 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     sc = scenario_from_args(args)
     built = scenarios.build(sc, LAYOUT)
-    check_log_dir(args.log_dir)
     table = built.table
     assert table.pgd is not None
     model = mapped_ranges(table.mem, table.geom, table.pgd)

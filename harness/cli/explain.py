@@ -10,7 +10,6 @@ from harness.check.engine import AT_OPS, check_address
 from harness.cli.args import (
     add_scenario_args,
     add_target_args,
-    check_log_dir,
     open_target,
     parse_address,
     scenario_from_args,
@@ -32,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
     sc = scenario_from_args(args)
     addr = parse_address(args.address, "ADDRESS")
     built = scenarios.build(sc, LAYOUT)
-    check_log_dir(args.log_dir)
     with open_target(args) as t:
         verdicts = check_address(built, t, addr)
     ops = [op for op, _ in AT_OPS[built.table.stage]]  # one verdict per AT form, in this order

@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from harness.arch.geometry import GeometryError, Granule, Stage, parse_stage
 from harness.check.fuzz import DEFAULT_PER_TABLE, FuzzOptions, FuzzReport, fuzz
-from harness.cli.args import check_log_dir, start_target
-from harness.errors import EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, HarnessError
+from harness.cli.args import batch_count, count, non_negative_int, positive_seconds, start_target
+from harness.errors import EXIT_MISMATCH, EXIT_OK, InputError
 from harness.target.target import Target
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("fuzz", help="random raw tables against the MMU; disagreements classified",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=0, help="RNG seed (table i of a run is seed/i; default 0)")
-    p.add_argument("--probes", type=int, default=1_000_000, help="probes: AT forms and real accesses (1e6)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="RNG seed (table i of a run is seed/i; default 0)")
+    p.add_argument("--probes", type=count(), default=1_000_000,
+                   help="probes: AT forms and real accesses (default 1e6)")
     p.add_argument("--stage", help="only stage 1 or 2 (default both)")
     p.add_argument("--granule", help="only 4K, 16K or 64K (default all)")
     p.add_argument("--lpa2", action=argparse.BooleanOptionalAction, default=None,
@@ -39,59 +39,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--fetch", action="store_true",
                    help="instruction-fetch probes too, on the tables with sampled real accesses (off by default: "
                         "once one has run, every later firmware request takes ~2.5x as long on QEMU 10.0.2)")
-    p.add_argument("--per-table", type=int, default=DEFAULT_PER_TABLE,
+    p.add_argument("--per-table", type=batch_count("addresses per table"), default=DEFAULT_PER_TABLE,
                    help=f"addresses per table, each probed with both AT forms (default {DEFAULT_PER_TABLE})")
-    p.add_argument("--min-tables", type=int, default=1, help="run at least this many tables")
-    p.add_argument("--max-deaths", type=int, default=10, help="stop after QEMU died this many times (default 10)")
+    p.add_argument("--min-tables", type=count(0), default=1, help="run at least this many tables")
+    p.add_argument("--max-deaths", type=count(), default=10, help="stop after QEMU died this many times (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--report", metavar="FILE",
                    help="write the walks here: unexplained ones (up to 200), one per known divergence")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds for boot and each request")
+    p.add_argument("--timeout", type=positive_seconds, default=60.0, help="seconds for boot and each request")
     p.add_argument("--log-dir", help="keep QEMU/gdb/console logs here")
 
 
 def _options(args: argparse.Namespace) -> FuzzOptions:
-    def bad(arg: str, want: str, got: object) -> ValueError:
-        return ValueError(f"{arg}: expected {want}, got {got!r}")
-
-    if args.seed < 0:
-        raise bad("--seed", "a non-negative integer", args.seed)
-    if args.probes <= 0:
-        raise bad("--probes", "a positive number of probes", args.probes)
-    if args.per_table <= 0:
-        raise bad("--per-table", "a positive number of addresses", args.per_table)
-    if args.max_deaths < 1:
-        raise bad("--max-deaths", "a positive number", args.max_deaths)
-    if args.min_tables < 0:
-        raise bad("--min-tables", "a non-negative number", args.min_tables)
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise bad("--timeout", "a positive number of seconds", args.timeout)
     try:
         stage = parse_stage(args.stage) if args.stage is not None else None
-    except GeometryError as exc:
-        raise ValueError(f"--{exc}") from exc
-    try:
         granule = Granule.parse(args.granule) if args.granule is not None else None
     except GeometryError as exc:
-        raise ValueError(f"--{exc}") from exc
+        raise InputError(f"--{exc}") from exc
     if args.lpa2 and granule is Granule.K64:
-        raise bad("--lpa2", "the 4K or 16K granule (DS = 1 does not apply to 64K)", "64K")
+        raise InputError("--lpa2: expected the 4K or 16K granule (DS = 1 does not apply to 64K), got 64K")
     if args.e2h and stage is Stage.S2:
-        raise bad("--e2h", "stage 1 (the EL2&0 regime is a stage-1 regime)", "stage 2")
+        raise InputError("--e2h: expected stage 1 (the EL2&0 regime is a stage-1 regime), got stage 2")
     return FuzzOptions(args.seed, args.probes, stage, granule, args.per_table, args.min_tables, args.max_deaths,
                        lpa2=args.lpa2, e2h=args.e2h, fetches=args.fetch)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        opts = _options(args)
-        report_path = Path(args.report) if args.report else None
-        if report_path is not None and not report_path.parent.is_dir():
-            raise ValueError(f"--report: directory {str(report_path.parent)!r} does not exist")
-        check_log_dir(args.log_dir)
-    except (ValueError, GeometryError) as exc:
-        print(f"harness fuzz: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    opts = _options(args)  # the paths were checked by harness.cli.app before this
     live = sys.stderr.isatty() and not args.json
 
     def progress(rep: FuzzReport) -> None:
@@ -102,15 +76,11 @@ def run(args: argparse.Namespace) -> int:
     def start() -> Target:
         return start_target(args)
 
-    try:
-        rep = fuzz(start, opts, progress)
-    except HarnessError as exc:
-        print(f"harness fuzz: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return exc.exit_code
+    rep = fuzz(start, opts, progress)
     if live:
         print(file=sys.stderr)
-    if report_path is not None:
-        report_path.write_text(rep.text(full=True) + "\n")
+    if args.report is not None:
+        Path(args.report).write_text(rep.text(full=True) + "\n")
     if args.json:
         print(json.dumps(rep.to_json(), indent=2))
     else:

@@ -33,6 +33,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lpa2", action="store_true", help="FEAT_LPA2 (DS = 1) geometries for the 4K and 16K granules")
 
 
+def reachable_block_levels(geom: Geometry) -> list[int]:
+    """The levels a walk from the start level can find a block at (the architecture allows a block
+    at a level above the start level too, but no walk of this geometry reads one there)."""
+    return [level for level in geom.block_levels if level >= geom.start_level]
+
+
 def geometry_rows(stages: tuple[Stage, ...], pa_bits: int, lpa2: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for st in stages:
@@ -50,7 +56,7 @@ def geometry_rows(stages: tuple[Stage, ...], pa_bits: int, lpa2: bool = False) -
                 rows.append({"stage": int(st), "granule": g.label, "lpa2": lpa2, "ia_bits": ia,
                              "pa_bits": geom.pa_bits, "start_level": geom.start_level, "levels": geom.levels,
                              "pgd_pages": geom.pgd_pages, "allowed_start_levels": list(allowed),
-                             "block_levels": list(geom.block_levels)})
+                             "block_levels": reachable_block_levels(geom)})
     return rows
 
 

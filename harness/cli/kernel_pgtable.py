@@ -31,9 +31,12 @@ from harness.arch.geometry import GeometryError, Granule, Stage, parse_stage
 from harness.check import kernel_bugs
 from harness.check.kernel_run import RunOptions, TreeReport, run_tree, summary_lines
 from harness.check.scenario import load
-from harness.cli.args import check_log_dir, non_negative_int, positive_int, positive_seconds
+from harness.cli.args import count, non_negative_int, positive_seconds
 from harness.errors import EXIT_MISMATCH, EXIT_OK, InputError
 from harness.kernel.tree import DEBIAN_SERIES, debian_tree, locate_tree
+
+MAX_RANDOM_OPS = 1_000_000  # per configuration, --ops x --sequences
+RANDOM_OPS_REASON = "a configuration's random sequences are made before it runs, each operation checked on the MMU"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -52,8 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--cc", action="append", choices=("gcc", "clang"),
                    help="compiler (repeatable; default gcc; clang gives the BTI build)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random sequences' seed (default 0)")
-    p.add_argument("--ops", type=positive_int, default=12, help="operations per random sequence (default 12)")
-    p.add_argument("--sequences", type=non_negative_int, default=2,
+    p.add_argument("--ops", type=count(1, MAX_RANDOM_OPS, RANDOM_OPS_REASON), default=12,
+                   help="operations per random sequence (default 12)")
+    p.add_argument("--sequences", type=count(0, MAX_RANDOM_OPS, RANDOM_OPS_REASON), default=2,
                    help="random sequences per configuration (default 2)")
     p.add_argument("--no-scripted", action="store_true", help="skip the scripted sequences")
     p.add_argument("--no-mmu", action="store_true", help="compare with the oracle only (no MMU probes)")
@@ -84,7 +88,9 @@ def _options(args: argparse.Namespace) -> RunOptions:
         raise InputError("--e2h: expected stage 1 (hVHE is a stage-1 regime), got --stage 2")
     if args.lpa2 and granules == (Granule.K64,):
         raise InputError("--lpa2: expected the 4K or 16K granule (LPA2 does not apply to 64K), got 64K")
-    check_log_dir(args.log_dir)
+    if args.ops * args.sequences > MAX_RANDOM_OPS:
+        raise InputError(f"--ops, --sequences: expected at most {MAX_RANDOM_OPS} random operations per "
+                         f"configuration ({RANDOM_OPS_REASON}), got {args.ops} x {args.sequences}")
     scenarios = tuple(sc for path in args.scenario or () for sc in load(path))
     return RunOptions(granules=granules, compilers=tuple(dict.fromkeys(args.cc or ["gcc"])), stage=stage,
                       lpa2=args.lpa2, e2h=args.e2h, seed=args.seed, random_sequences=args.sequences,

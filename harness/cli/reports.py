@@ -36,5 +36,5 @@ def print_reports(reports: list[CheckReport], args: argparse.Namespace, elapsed:
 
 
 def write_report(path: str | None, reports: list[CheckReport]) -> None:
-    if path:
+    if path is not None:
         Path(path).write_text("\n\n".join(r.text() for r in reports) + "\n")

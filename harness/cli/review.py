@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from harness.check.review import run_review
-from harness.cli.args import add_json_arg, check_log_dir, open_target, positive_seconds
+from harness.cli.args import add_json_arg, open_target, positive_seconds
 from harness.cli.output import print_json, print_table
 
 NAME = "review"
@@ -28,7 +28,6 @@ def _shorten(text: str, width: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_log_dir(args.log_dir)
     with open_target(args) as t:
         verdicts = run_review(t)
         version = ".".join(map(str, t.qemu_version))

@@ -11,14 +11,7 @@ import numpy as np
 from harness.check import live
 from harness.check import scenario as scenarios
 from harness.check.engine import CheckReport
-from harness.cli.args import (
-    add_live_arg,
-    add_report_arg,
-    add_target_args,
-    check_log_dir,
-    check_output_file,
-    open_target,
-)
+from harness.cli.args import add_live_arg, add_report_arg, add_target_args, open_target
 from harness.cli.output import Progress
 from harness.cli.reports import print_reports, write_report
 
@@ -34,9 +27,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    selected = scenarios.builtin_subset(args.only, "--only")
-    check_output_file(args.report, "--report")
-    check_log_dir(args.log_dir)
+    selected = scenarios.builtin_subset(args.only, "--only")  # --report and --log-dir: checked by harness.cli.app
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     reports: list[CheckReport] = []
@@ -49,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
                 progress.advance()
         finally:
             progress.close()
+        write_report(args.report, reports)  # before the output says "ok"
         print_reports(reports, args, time.perf_counter() - t0, t)
-    write_report(args.report, reports)
     return 0 if all(r.ok for r in reports) else 1

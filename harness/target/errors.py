@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from harness.errors import MachineryError
 
 
@@ -13,6 +15,19 @@ class ToolMissing(TargetError):
     """A required tool (QEMU, gdb, cross compiler) is absent or too old."""
 
 
+def exit_text(returncode: int | None) -> str:
+    """How a child process ended, as Popen's ``returncode`` tells it: "exited with code 1", "was
+    killed by SIGKILL", or (None) "ended, its exit status not yet collected"."""
+    if returncode is None:
+        return "ended, its exit status not yet collected"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
 class QemuExited(TargetError):
     """QEMU exited while it was expected to run."""
 
@@ -21,7 +36,7 @@ class QemuExited(TargetError):
         self.console_tail = console_tail
         self.stderr_tail = stderr_tail
         super().__init__(
-            f"{message}: QEMU exited with code {returncode}\n"
+            f"{message}: QEMU {exit_text(returncode)}\n"
             f"--- console (tail) ---\n{console_tail}\n--- QEMU stderr (tail) ---\n{stderr_tail}"
         )
 

@@ -22,7 +22,7 @@ from pygdbmi.gdbescapes import unescape
 from pygdbmi.gdbmiparser import parse_response
 
 from harness.target import process
-from harness.target.errors import GdbLost, TargetTimeout
+from harness.target.errors import GdbLost, TargetTimeout, exit_text
 
 Record = dict[str, Any]
 
@@ -87,6 +87,13 @@ class GdbMI:
     def pid(self) -> int:
         return self.proc.pid
 
+    def _reaped(self) -> int | None:
+        """gdb's exit status, waiting briefly: it closed its output as it exited."""
+        try:
+            return self.proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            return None
+
     # -- transport ------------------------------------------------------------------------
     def _readline(self, deadline: float) -> str | None:
         """One line of output, or None at the deadline. Raises GdbLost if gdb is gone."""
@@ -107,7 +114,7 @@ class GdbMI:
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                raise GdbLost(f"gdb (pid {self.proc.pid}) closed its output; exit code {self.proc.poll()}")
+                raise GdbLost(f"gdb (pid {self.proc.pid}) closed its output: it {exit_text(self._reaped())}")
             self._buf += chunk
 
     def _send(self, line: str) -> None:
@@ -118,7 +125,7 @@ class GdbMI:
             self.proc.stdin.write(line.encode() + b"\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError) as exc:
-            raise GdbLost(f"gdb (pid {self.proc.pid}) is gone: {exc}; exit code {self.proc.poll()}") from exc
+            raise GdbLost(f"gdb (pid {self.proc.pid}) is gone ({exc}): it {exit_text(self._reaped())}") from exc
 
     def _record(self, line: str) -> Record | None:
         if not line or line.startswith("(gdb)"):

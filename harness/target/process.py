@@ -35,6 +35,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from harness.target.errors import ToolMissing
+
 OWNER_ENV = "PGTABLE_HARNESS_OWNER"
 RUNTIME_PREFIX = "pgtable-harness-"
 _PR_SET_PDEATHSIG = 1
@@ -205,6 +207,20 @@ class Terminated(SystemExit):
 def _on_terminate(signum: int, frame: FrameType | None) -> None:
     signal_all()  # the children die now, whatever the unwinding does next
     raise Terminated(signum)
+
+
+def require_tool(binary: str, variable: str, hint: str) -> str:
+    """The path of the program ``binary`` (the value of the environment ``variable`` when that is
+    set); ToolMissing saying which, and ``hint``, when it is empty or names no executable."""
+    from_env = variable in os.environ
+    if not binary.strip():
+        raise ToolMissing(f"{variable} is set but empty: unset it, or set it to the program to run ({hint})")
+    found = shutil.which(binary)
+    if found is None:
+        what = f"{variable}={binary}" if from_env else binary
+        where = "is not an executable file" if os.sep in binary else "is not on PATH"
+        raise ToolMissing(f"{what} {where} ({hint})")
+    return found
 
 
 def install_signal_handlers() -> None:

@@ -6,7 +6,6 @@ import functools
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
+from harness.errors import shown
 from harness.target import process
 from harness.target.errors import QemuExited, TargetTimeout, ToolMissing
 from harness.target.layout import LAYOUT, Layout
@@ -30,13 +30,13 @@ def qemu_binary() -> str:
 @functools.cache
 def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
     """QEMU's version as a tuple; ToolMissing if absent or unparsable."""
-    binary = binary or qemu_binary()
-    if not shutil.which(binary):
-        raise ToolMissing(f"{binary} is not on PATH (bash ci/setup.sh installs QEMU 10.0)")
+    binary = binary if binary is not None else qemu_binary()
+    process.require_tool(binary, "HARNESS_QEMU", "bash ci/setup.sh installs QEMU 10.0")
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False, timeout=60).stdout
     m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
     if not m:
-        raise ToolMissing(f"cannot parse the version of {binary}: {out.strip()!r}")
+        first = out.strip().splitlines()[0] if out.strip() else ""
+        raise ToolMissing(f"cannot read a version in `{binary} --version`: its first line is {shown(first)}")
     return (int(m[1]), int(m[2]), int(m[3]))
 
 
@@ -77,7 +77,7 @@ class Qemu:
 
     def __init__(self, elf: Path, workdir: Path, logdir: Path, layout: Layout = LAYOUT,
                  binary: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
-        self.binary = binary or qemu_binary()
+        self.binary = binary if binary is not None else qemu_binary()
         self.version = check_qemu(self.binary)
         self.layout = layout
         self.workdir = workdir

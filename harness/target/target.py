@@ -41,7 +41,7 @@ from harness.target.errors import (
     RequestFailed,
     TargetError,
     TargetTimeout,
-    ToolMissing,
+    exit_text,
 )
 from harness.target.firmware import build
 from harness.target.gdbmi import GdbError, GdbMI
@@ -134,8 +134,7 @@ class Target:
         request_timeout = timeout if request_timeout is None else request_timeout
         t0 = time.perf_counter()
         elf = build(cc=cc, layout=layout) if elf is None else elf
-        if not shutil.which(gdb_binary()):
-            raise ToolMissing(f"{gdb_binary()} is not on PATH (apt-get install gdb-multiarch)")
+        process.require_tool(gdb_binary(), "HARNESS_GDB", "apt-get install gdb-multiarch")
         logs = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
         logs.mkdir(parents=True, exist_ok=True)
         t = cls(layout, timeout, request_timeout, logs)
@@ -357,7 +356,7 @@ class Target:
         budget = min(2.0, max(0.2, self.request_timeout / 2))
         try:
             if self.qemu.poll() is not None:
-                evidence["QEMU"] = f"QEMU exited with {self.qemu.poll()}"
+                evidence["QEMU"] = f"QEMU {exit_text(self.qemu.poll())}"
                 return evidence
             if process.process_state(self.qemu.pid) == "T":
                 evidence["QEMU"] = f"QEMU (pid {self.qemu.pid}) is stopped (SIGSTOP or a tracer) and cannot answer"

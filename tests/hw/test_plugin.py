@@ -21,7 +21,7 @@ def test_missing_tool_skips_or_errors(pytester: pytest.Pytester, monkeypatch: py
     pytester.makepyfile(HW_TEST)
     skipped = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
     skipped.assert_outcomes(skipped=1)
-    skipped.stdout.fnmatch_lines(["*nonexistent/qemu-system-aarch64 is not on PATH*"])
+    skipped.stdout.fnmatch_lines(["*HARNESS_QEMU=/nonexistent/qemu-system-aarch64 is not an executable file*"])
     required = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--require-hw")
     required.assert_outcomes(errors=1)
     monkeypatch.setenv("HARNESS_REQUIRE_HW", "1")
