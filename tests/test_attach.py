@@ -521,3 +521,87 @@ def test_kernel_boot_smp_argument(tmp_path: Path) -> None:
     for bad in (0, 9, True, "2"):
         with pytest.raises(InputError, match="smp: expected a number of CPUs from 1 to 8"):
             KernelBoot(image, smp=bad, log_dir=tmp_path)  # type: ignore[arg-type]
+
+
+# -- bad snapshots and output paths: exit 2, one line naming what is wrong, nothing left behind ----------
+
+def _saved(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    t = HypPgtable(pool_for("4K"), "4K", 48, 48)
+    t.map(0x4000_0000, 4 * 4096, 0x5000_0000, Prot.RW)
+    t.map(0x8000_0000, 2 * MIB, 0x6000_0000, Prot.RX)
+    path = tmp_path / "snap.json"
+    from_tables(t).save(path)
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("which", ["root", "last"])
+def test_snapshot_missing_a_table_page_exit_2(tmp_path: Path, which: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path, obj = _saved(tmp_path)
+    regs = obj["cpus"][0]["registers"]
+    root = f"{int(regs['TTBR0_EL2'], 16) & ~0xFFF:#x}"
+    drop = root if which == "root" else max(obj["pages"], key=lambda k: int(k, 16))
+    assert drop in obj["pages"] and (which == "root" or drop != root)
+    del obj["pages"][drop]
+    path.write_text(json.dumps(obj))
+    for extra in ([], ["--verify"]):
+        assert main(["attach", str(path), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"no page {drop}" in err, err
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff\xfe\x00 binary", b'{"format": "\xff"}', bytes(range(256))])
+def test_snapshot_not_text_exit_2(tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bin.json"
+    path.write_bytes(content)
+    assert main(["attach", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not UTF-8" in err, err
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--save", "/proc/pgtable-harness-x"], "--save: "),
+    (["--save", "{tmp}"], "--save: "),
+    (["--save", "{tmp}/no/such/dir/x.json"], "--save: "),
+    (["--seed", "-1", "--verify"], "--seed: expected 0 or more"),
+    (["--samples", "100000000000", "--verify"], "--samples: expected 0 to 100000"),
+])
+def test_attach_bad_options_exit_2_before_anything(tmp_path: Path, args: list[str], needle: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path, _ = _saved(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["attach", str(path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap.json"]  # nothing written, no 0-byte file
+
+
+def test_failed_save_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshot is written to a temporary sibling and renamed: an error while writing (disk full,
+    here a failing encoder) leaves neither a partial file nor the temporary one."""
+    path, _ = _saved(tmp_path)
+    snap = Snapshot.load(path)
+    out = tmp_path / "out.json"
+
+    def broken(self: Snapshot) -> dict[str, Any]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Snapshot, "to_json", broken)
+    with pytest.raises(OSError, match="No space"):
+        snap.save(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap.json"]
+
+
+def test_refused_connection_said_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing listens on the port: gdb is told not to retry, and the error says refused (not a
+    timeout) within a few seconds."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    assert main(["attach", f"127.0.0.1:{port}", "--timeout", "30"]) == 3
+    assert time.monotonic() - t0 < 5
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "connection refused" in err and "timed out" not in err, err

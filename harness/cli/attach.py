@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
 from harness.check import attach as att
 from harness.cli import attach_view as av
-from harness.cli.args import check_log_dir, start_target
+from harness.cli.args import check_log_dir, check_output_file, start_target
 from harness.cli.output import print_json
-from harness.errors import EXIT_MISMATCH, EXIT_OK, HarnessError, InputError
+from harness.errors import EXIT_MISMATCH, EXIT_OK, InputError
 from harness.live.gdbstub import capture, parse_target
 from harness.live.snapshot import Snapshot
 from harness.target.layout import Layout
 from harness.target.target import Target
 
 REGIME_NAMES = av.REGIME_NAMES
+MAX_SAMPLES = 100_000  # --verify probes (samples + edges) per range and hole: beyond this, memory not time
 
 
 def add_parser(sub: Any) -> None:
@@ -52,14 +51,6 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except HarnessError as exc:
-        print(f"harness attach: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
-def _run(args: argparse.Namespace) -> int:
     filters, cpu = _check_args(args)
     spec = parse_target(args.target)
     timings: dict[str, float] = {}
@@ -73,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         snap, regimes = cap.snapshot, cap.regimes
         timings.update(cap.timings)
     if args.save:
-        snap.save(args.save)
+        _save(snap, args.save)
     v = av.view(snap, regimes, filters, timings)
     report = _verify(args, v) if args.verify else None
     code = EXIT_OK if report is None or report.ok else EXIT_MISMATCH
@@ -91,17 +82,23 @@ def _check_args(args: argparse.Namespace) -> tuple[av.Filters, int | None]:
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise InputError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
     check_log_dir(args.log_dir)
-    if args.samples < 0:
-        raise InputError(f"--samples: expected 0 or more, got {args.samples}")
-    if args.save:
-        save = Path(args.save)
-        if not save.parent.is_dir():
-            raise InputError(f"--save: directory {save.parent} does not exist")
+    if not 0 <= args.samples <= MAX_SAMPLES:
+        raise InputError(f"--samples: expected 0 to {MAX_SAMPLES} addresses per range and hole, got {args.samples}")
+    if args.seed < 0:
+        raise InputError(f"--seed: expected 0 or more, got {args.seed}")
+    check_output_file(args.save, "--save")
     filters = av.Filters(av.parse_regimes(args.regime),
                          att.parse_window(args.window) if args.window else None,
                          att.PermFilter.parse(args.perm) if args.perm else None,
                          av.parse_address(args.explain) if args.explain else None)
     return filters, av.parse_cpu(args.cpu) if args.cpu is not None else None
+
+
+def _save(snap: Snapshot, path: str) -> None:
+    try:
+        snap.save(path)
+    except OSError as exc:
+        raise InputError(f"--save: cannot write {path}: {exc.strerror}") from None
 
 
 def _verify(args: argparse.Namespace, v: av.View) -> att.VerifyReport:

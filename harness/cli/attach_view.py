@@ -82,6 +82,8 @@ def view(snap: Snapshot, regimes: Sequence[Regime], filters: Filters, timings: d
         att.RegimeDecode(r, [], snap.cpus_using(r)) for r in chosen]
     out: dict[str, Any] = {"source": snap.source, "pages": len(snap.pages), "cpus": cpus_json(snap, decoded),
                            "regimes": []}
+    if not read_tables:
+        del out["pages"]
     if "cpsr" in snap.registers:  # PSTATE.EL of the first vCPU (gdb has no CurrentEL register)
         out["current_el"] = current_el(snap.registers)
     for rd in decoded:
@@ -116,8 +118,8 @@ def text(v: View, filters: Filters, source: str, saved_to: str | None = None) ->
 
 def header_lines(v: View, source: str, saved_to: str | None = None) -> list[str]:
     snap = v.snapshot
-    lines = [f"{snap.source or source}: {len(snap.pages)} table pages"
-             + (f" (saved to {saved_to})" if saved_to else "")]
+    pages = f": {v.out['pages']} table pages" if "pages" in v.out else ""
+    lines = [f"{snap.source or source}{pages}" + (f" (saved to {saved_to})" if saved_to else "")]
     for c in v.out["cpus"]:
         el = f"EL{c['el']}" if c["el"] is not None else "EL?"
         uses = ", ".join(v.decoded[i].name for i in c["regimes"]) or "no regime enabled"

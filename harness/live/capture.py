@@ -153,17 +153,19 @@ def read_table_pages(access: TargetAccess, uses: list[RegimeUse]) -> dict[int, b
     return dict(reader.cache)
 
 
-def capture_from(access: TargetAccess, cpu: int | None = None, was_running: bool = False) -> Capture:
+def capture_from(access: TargetAccess, cpu: int | None = None, was_running: bool = False,
+                 pages: bool = True) -> Capture:
     """Snapshot the registers of every vCPU (only CPU ``cpu``, if given) and every table page
-    reachable from their regimes. Nothing is written to the target."""
+    reachable from their regimes (none with ``pages`` False: registers only). Nothing is written
+    to the target."""
     t1 = time.perf_counter()
     vcpus = select_vcpus(access, cpu)
     cpus = read_cpus(access, vcpus)
     t2 = time.perf_counter()
     uses = regime_uses(cpus)
-    pages = read_table_pages(access, uses)
+    tables = read_table_pages(access, uses) if pages else {}
     t3 = time.perf_counter()
-    snap = Snapshot(cpus, pages, CAPTURE_PAGE, source=access.source,
+    snap = Snapshot(cpus, tables, CAPTURE_PAGE, source=access.source,
                     captured=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     notes={"vm_status": access.vm_status}, cpu_states={v.cpu: v.state for v in vcpus})
     timings = {"registers": t2 - t1, "registers_per_cpu": (t2 - t1) / len(vcpus), "read": t3 - t2}

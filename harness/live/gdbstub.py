@@ -102,17 +102,20 @@ def session(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = Non
     if spec.kind != "gdb":
         raise TargetSpecError(f"TARGET: {spec.where} is a snapshot file, not a gdbstub")
     try:
-        gdb = _LiveGdb(gdb_binary(), log_path)
+        gdb = _LiveGdb(gdb_binary(), log_path, default_timeout=timeout)
     except OSError as exc:
         raise AttachFailed(f"cannot start {gdb_binary()}: {exc} (apt-get install gdb-multiarch)") from None
     sess = Session(gdb, spec, timeout)
     try:
-        for setting in ("pagination off", "confirm off", "architecture aarch64", "remotetimeout 10"):
+        # A refused TCP connection fails at once (gdb would retry it for 15 s by default).
+        for setting in ("pagination off", "confirm off", "architecture aarch64",
+                        f"remotetimeout {max(1, int(timeout))}", "tcp auto-retry off",
+                        f"tcp connect-timeout {max(1, int(timeout))}"):
             gdb.command(f"-gdb-set {setting}")
         try:
             gdb.command(f"-target-select remote {spec.where}", timeout)
         except GdbError as exc:
-            raise AttachFailed(f"connecting gdb to {spec}: {exc}") from None
+            raise AttachFailed(f"connecting gdb to {spec}: {_connect_error(str(exc))}") from None
         sess.connected = True
         gdb.discard_async()
         try:
@@ -201,6 +204,14 @@ def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = Non
         cap = capture_from(sess, cpu, sess.was_running)
         cap.timings = {"connect": connected, **cap.timings}
         return cap
+
+
+def _connect_error(message: str) -> str:
+    """gdb's complaint about a connection, without the MI command it quotes."""
+    text = message.rsplit(": ", 1)[-1].strip().rstrip(".") if ": " in message else message
+    if "Connection refused" in message:
+        return "connection refused (nothing listens there: is QEMU running with -gdb / -s?)"
+    return text or message
 
 
 def _current_thread(gdb: GdbMI) -> str | None:

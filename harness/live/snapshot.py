@@ -36,8 +36,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import os
 import struct
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,6 +59,14 @@ _U64 = struct.Struct("<Q")
 
 class SnapshotError(InputError):
     """A snapshot file that cannot be read as one (the message names the key)."""
+
+
+class MissingPage(SnapshotError, KeyError):
+    """A table page the regimes reach is not in the snapshot (a KeyError too, for readers that
+    probe memory that way)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class NoSuchCpu(InputError):
@@ -131,7 +142,18 @@ class Snapshot:
         }
 
     def save(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        """Write the file whole or not at all (a temporary sibling renamed over ``path``); an
+        OSError names the path."""
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.to_json(), indent=1) + "\n")
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def from_json(cls, obj: object, where: str = "snapshot") -> Snapshot:
@@ -177,9 +199,12 @@ class Snapshot:
     def load(cls, path: Path | str) -> Snapshot:
         p = Path(path)
         try:
-            text = p.read_text()
+            text = p.read_bytes().decode("utf-8")
         except OSError as exc:
             raise SnapshotError(f"snapshot file {p}: cannot read it: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise SnapshotError(f"snapshot file {p}: not a snapshot (not UTF-8 text: byte {exc.start} is "
+                                f"{exc.object[exc.start]:#04x})") from None
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -245,7 +270,10 @@ class SnapshotMemory:
     def read64(self, pa: int) -> int:
         base = pa - pa % self.page_size
         page = self.pages.get(base)
-        if page is None or pa & 7:
+        if page is None:
+            raise MissingPage(f"snapshot: pages: no page {base:#x}, which the tables reach (word {pa:#x}): "
+                              "the snapshot is incomplete")
+        if pa & 7:
             raise KeyError(f"pa {pa:#x} is not an aligned word of a captured page")
         return int(_U64.unpack_from(page, pa - base)[0])
 
