@@ -10,6 +10,7 @@
     harness geometry             the geometry table for every granule and input size
     harness fuzz                 random raw tables against the MMU; every disagreement classified
     harness attach TARGET        decode (and --verify on the MMU) a live target's tables via its gdbstub
+    harness boot [KERNEL]        boot a kernel with a KVM guest of the harness's own VMM, gdbstub for attach
     harness gdb-script           the file to source in gdb for the pgt commands (attach inside your gdb)
     harness kernel-pgtable ...   a kernel tree's own pgtable.c at EL2, checked op by op (oracle and MMU)
 
@@ -32,7 +33,7 @@ from collections.abc import Sequence  # nothing heavier here: see main
 
 # One module per command, in `harness --help` order: each exposes add_parser(sub) and run(args).
 COMMANDS: tuple[str, ...] = (
-    "run", "check", "explain", "export", "dump", "review", "bench", "geometry", "fuzz", "attach",
+    "run", "check", "explain", "export", "dump", "review", "bench", "geometry", "fuzz", "attach", "boot",
     "gdb-script", "kernel-pgtable",
 )
 DEFAULT_COMMAND = "run"  # `harness` alone

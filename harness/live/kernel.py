@@ -14,10 +14,16 @@ initcall), and with ``panic=0`` the kernel then idles forever with every table l
 ``smp=N`` every CPU has run KVM's per-CPU hyp init (and, in protected mode, pKVM's finalisation)
 before the banner and the panic: the panicking CPU then loops at EL1 (interrupts on, waiting in
 mdelay), the others are parked at EL1 with interrupts masked (``smp_send_stop``).
+
+``mode="vhe"`` passes no ``kvm-arm.mode``: on a CPU with FEAT_VHE the kernel itself runs at EL2
+(``kvm [1]: VHE mode initialized successfully``). ``initrd=`` (with ``guest=``) boots an initramfs
+instead, e.g. the harness's VMM (:mod:`harness.live.initramfs`, :mod:`harness.live.vmm`), and
+:meth:`KernelBoot.start` then waits for its ``ready`` (or ``error``) record, or a panic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -38,13 +44,23 @@ from harness.target import process
 from harness.target.errors import QemuExited, TargetTimeout
 from harness.target.qemu import check_qemu, qemu_binary
 
-MODES = ("nvhe", "protected")
+MODES = ("nvhe", "protected", "vhe")
+# The command line of each mode: "vhe" is the default on a CPU with FEAT_VHE (-cpu max): no
+# kvm-arm.mode, the kernel itself runs at EL2 (HCR_EL2.E2H = 1) and prints "VHE mode ...".
+MODE_ARGS = {"nvhe": "kvm-arm.mode=nvhe", "protected": "kvm-arm.mode=protected", "vhe": ""}
 BANNER = re.compile(rb"kvm \[\d+\]: (?P<what>[^\n]*?) mode initialized successfully")
 # The exact banners Linux 6.12 prints on QEMU -cpu max (with and without lpa2=off).
-EXPECTED_BANNER = {"nvhe": "Hyp nVHE", "protected": "Protected hVHE"}
+EXPECTED_BANNER = {"nvhe": "Hyp nVHE", "protected": "Protected hVHE", "vhe": "VHE"}
 SETTLED = re.compile(rb"Kernel panic - not syncing")
+# With an initrd holding the harness's VMM (harness.live.initramfs): its ready or error record, or a
+# panic (an init that died, say).
+VMM_SETTLED = re.compile(rb'@@vmm \{"event":"(?:ready|error)"[^\n]*\n|Kernel panic - not syncing[^\n]*\n')
 MAX_SMP = 8  # the virt board's GICv2 limit, and plenty for TCG on a small host
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class NoKvm(InputError):
+    """The kernel came up without KVM's banner (no CONFIG_KVM, or not entered at EL2)."""
 
 
 class KernelImageError(InputError):
@@ -142,9 +158,18 @@ class KernelBoot:
 
     def __init__(self, image: KernelImage, mode: str = "nvhe", cpu: str = "max", memory: str = "1G",
                  append: str = "", log_dir: Path | str | None = None, timeout: float = 60.0,
-                 smp: int = 1) -> None:
+                 smp: int = 1, initrd: Path | str | None = None, guest: str | None = None,
+                 settle: re.Pattern[bytes] | None = None, gdb_socket: Path | str | None = None) -> None:
+        """``initrd``: an initramfs (QEMU ``-initrd``; ``rdinit=/init`` is appended), e.g. the VMM's
+        (:func:`harness.live.initramfs.vmm_initramfs`); ``guest``: its ``vmm.guest=NAME``. ``settle``:
+        what :meth:`start` waits for after the banner (default: the root-fs panic, or with an initrd
+        the VMM's ready/error record or a panic, :data:`VMM_SETTLED`). ``gdb_socket``: where QEMU's
+        gdbstub listens (a unix socket, removed by :meth:`close`; default: in the run-time directory)."""
         if mode not in MODES:
             raise InputError(f"mode: expected one of {', '.join(MODES)} (kvm-arm.mode), got {mode!r}")
+        if guest is not None and (initrd is None or not guest or any(c.isspace() for c in guest)):
+            raise InputError(f"guest: expected a word for vmm.guest= and an initrd to run it, got {guest!r}"
+                             + ("" if initrd is not None else " without an initrd"))
         if isinstance(smp, bool) or not isinstance(smp, int) or not 1 <= smp <= MAX_SMP:
             raise InputError(f"smp: expected a number of CPUs from 1 to {MAX_SMP} (QEMU -smp), got {smp!r}")
         self.image = image
@@ -161,19 +186,25 @@ class KernelBoot:
         self._finalizer: weakref.finalize[..., KernelBoot] | None = None
         self.banner = ""
         self.timings: dict[str, float] = {}
+        self._gdb_path = Path(gdb_socket).absolute() if gdb_socket is not None else None
+        self.initrd = Path(initrd) if initrd is not None else None
+        self.guest = guest
+        self.settle = settle or (VMM_SETTLED if initrd is not None else SETTLED)
+        self.settled = ""  # what start() saw settle the kernel (the line matched)
+        extra = [*(["rdinit=/init"] if initrd is not None else []), *([f"vmm.guest={guest}"] if guest else [])]
         self.args = [
             qemu_binary(), "-M", "virt,virtualization=on", "-cpu", cpu, *(["-smp", str(smp)] if smp > 1 else []),
             "-m", memory,
             "-nodefaults", "-display", "none", "-serial", f"file:{self.serial_log}", "-no-reboot",
-            "-kernel", str(image.vmlinuz),
-            "-append", f"console=ttyAMA0 kvm-arm.mode={mode} panic=0 {append}".strip(),
+            "-kernel", str(image.vmlinuz), *(["-initrd", str(self.initrd)] if self.initrd is not None else []),
+            "-append", " ".join(a for a in ("console=ttyAMA0", MODE_ARGS[mode], "panic=0", *extra, append) if a),
         ]
 
     @property
     def gdb_socket(self) -> Path:
         if self._rundir is None:
             raise InputError("gdb_socket: the kernel is not started")
-        return self._rundir / "gdb.sock"
+        return self._gdb_path or self._rundir / "gdb.sock"
 
     @property
     def cmdline(self) -> str:
@@ -188,19 +219,27 @@ class KernelBoot:
         check_qemu()
         t0 = time.perf_counter()
         self._rundir = _make_rundir()
-        sock = self._rundir / "gdb.sock"
+        sock = self.gdb_socket
         args = [*self.args, "-chardev", f"socket,id=gdb0,path={sock},server=on,wait=off", "-gdb", "chardev:gdb0"]
         self.args = args
         (self.log_dir / "qemu.cmdline").write_text(self.cmdline + "\n")
         self.serial_log.write_bytes(b"")
         with open(self.stderr_log, "wb") as err:
             self._proc = _spawn(args, stdout=err, stderr=err, cwd=self._rundir)
-        self._finalizer = weakref.finalize(self, _release, self._proc, self._rundir)
+        self._finalizer = weakref.finalize(self, _release, self._proc, self._rundir, self._gdb_path)
         try:
-            match = self._wait_for(BANNER, "KVM's 'mode initialized successfully' banner")
+            first = re.compile(BANNER.pattern + b"|" + self.settle.pattern)
+            match = self._wait_for(first, "KVM's 'mode initialized successfully' banner")
+            if BANNER.fullmatch(match.group(0)) is None:  # settled (init ran, or a panic) with no KVM
+                raise NoKvm(f"{self.image.vmlinuz.name} came up without KVM: no 'kvm [1]: ... mode initialized "
+                            f"successfully' before {match.group(0).decode('utf-8', 'replace').strip()!r} (a kernel "
+                            f"without CONFIG_KVM, or not entered at EL2; console: {self.serial_log}; last lines: "
+                            f"{self.console_lines(3)})")
             self.banner = match.group(0).decode()
             self.timings["banner"] = time.perf_counter() - t0
-            self._wait_for(SETTLED, "the kernel to settle (the root-fs panic after KVM's init)")
+            settled = self._wait_for(self.settle, "the kernel to settle (the root-fs panic after KVM's init)"
+                                     if self.settle is SETTLED else f"the kernel to settle ({self.settle.pattern!r})")
+            self.settled = settled.group(0).decode("utf-8", "replace")
             self.timings["settled"] = time.perf_counter() - t0
             while not sock.exists():
                 self._check_alive()
@@ -230,6 +269,15 @@ class KernelBoot:
                                                           "serial tail": self.console_tail(800)})
             time.sleep(0.02)
 
+    def console_lines(self, n: int = 3) -> str:
+        """The console's last ``n`` non-empty lines, joined with `` | `` (for one-line messages)."""
+        lines = [ln.strip() for ln in self.console_tail(4000).splitlines() if ln.strip()]
+        return " | ".join(lines[-n:]) or "(empty)"
+
+    def poll(self) -> int | None:
+        """QEMU's exit status, or None while it runs."""
+        return None if self._proc is None else self._proc.poll()
+
     def console_tail(self, limit: int = 4000) -> str:
         return _tail(self.serial_log, limit)
 
@@ -254,9 +302,12 @@ def _make_rundir() -> Path:
     return process.make_runtime_dir()
 
 
-def _release(proc: subprocess.Popen[bytes], rundir: Path) -> None:
+def _release(proc: subprocess.Popen[bytes], rundir: Path, socket: Path | None = None) -> None:
     process.kill(proc)
     process.remove_runtime_dir(rundir)
+    if socket is not None:
+        with contextlib.suppress(OSError):
+            socket.unlink()
 
 
 def _tail(path: Path, limit: int = 4000) -> str:

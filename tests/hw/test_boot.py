@@ -1,0 +1,117 @@
+"""``harness boot``: a kernel with the harness's own KVM guest, its gdbstub for ``harness attach``.
+
+The command runs in the background as a user would run it; its one JSON line says where the
+gdbstub is and what the VMM reported; ``harness attach`` then finds the guest's stage 2 (a
+capture may stop the vCPU in the host: a few tries); SIGTERM ends it and leaves nothing behind
+(no QEMU, no socket). Bad input is refused before anything boots, and a CPU that cannot run the
+mode asked is said so with exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.live.kernel import KernelImage
+from harness.target.process import OWNER_ENV
+
+pytestmark = pytest.mark.hw
+
+HARNESS = [sys.executable, "-m", "harness.cli"]
+
+
+def _qemus_of(pid: int) -> list[int]:
+    """QEMUs whose environment names ``pid`` as their owner (harness.target.process)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"{OWNER_ENV}={pid}".encode() in env and b"qemu-system" in cmd:
+            out.append(int(proc.name))
+    return out
+
+
+def test_boot_attach_and_sigterm(kernel_image: KernelImage, tmp_path: Path) -> None:
+    sock = tmp_path / "k.sock"
+    proc = subprocess.Popen([*HARNESS, "boot", str(kernel_image.vmlinuz), "--mode", "nvhe", "--guest", "touch",
+                             "--gdb", str(sock), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        text = ""
+        while not text.rstrip().endswith("}") or text.count("{") != text.count("}"):
+            line = proc.stdout.readline()
+            assert line, f"harness boot ended: {proc.wait()} {proc.stderr.read() if proc.stderr else ''}"
+            text += line
+        info = json.loads(text)
+        assert info["gdb"] == str(sock) and sock.is_socket()
+        assert info["banner"].endswith("Hyp nVHE mode initialized successfully")
+        guest = info["guest"]
+        assert guest["pattern"] == "touch" and guest["vms"] == [0] and guest["memslots"] and guest["pages"]
+        assert _qemus_of(proc.pid), "no QEMU of harness boot's"
+        for _ in range(8):  # the vCPU may be stopped in the host: try again
+            done = subprocess.run([*HARNESS, "attach", str(sock), "--json"], capture_output=True, text=True,
+                                  timeout=120, check=False)
+            assert done.returncode == 0, done.stderr
+            regimes = json.loads(done.stdout)["regimes"]
+            guests = [r for r in regimes if r["regime"] == "stage2" and int(r["registers"]["VTTBR_EL2"], 16) >> 48]
+            if guests:
+                break
+        else:
+            pytest.fail(f"no capture in guest context: {[r['regime'] for r in regimes]}")
+        (s2,) = guests
+        ipas = {int(p["ipa"], 16) for p in guest["pages"]}
+        mapped = [(r["va"], r["va"] + r["size"]) for r in s2["ranges"]]
+        assert all(any(lo <= ipa < hi for lo, hi in mapped) for ipa in ipas)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 128 + signal.SIGTERM, proc.stderr.read() if proc.stderr else ""
+    assert not sock.exists()
+    deadline = time.monotonic() + 5
+    while _qemus_of(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _qemus_of(proc.pid)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--gdb", "{tmp}/no/such/dir/k.sock"], "--gdb: directory"),
+    (["--gdb", "{tmp}"], "--gdb: "),
+    (["--gdb", "{tmp}/k.sock", "--guest", "two-vms"], "--guest two-vms: runs two vCPUs at once"),
+    (["--gdb", "{tmp}/k.sock", "--smp", "99"], "--smp: expected 1 to"),
+    (["/nonexistent/vmlinuz", "--gdb", "{tmp}/k.sock"], "KERNEL"),
+    (["--gdb", "{tmp}/k.sock", "--guest", "nope"], "--guest"),
+])
+def test_boot_bad_input_exit_2(kernel_image: KernelImage, tmp_path: Path, args: list[str], needle: str) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    t0 = time.monotonic()
+    done = subprocess.run([*HARNESS, "boot", *argv], capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "HARNESS_KERNEL": str(kernel_image.vmlinuz)})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness boot: error: ") and needle in lines[0], lines
+    assert time.monotonic() - t0 < 20  # refused before anything booted
+
+
+def test_boot_mode_the_cpu_cannot_run(kernel_image: KernelImage, tmp_path: Path) -> None:
+    """VHE needs FEAT_VHE, which cortex-a57 lacks: the kernel comes up in nVHE, and boot says so."""
+    done = subprocess.run([*HARNESS, "boot", str(kernel_image.vmlinuz), "--mode", "vhe", "--cpu", "cortex-a57",
+                           "--gdb", str(tmp_path / "k.sock")], capture_output=True, text=True, timeout=300,
+                          check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "--mode vhe: the kernel came up as 'Hyp nVHE mode initialized successfully'" in line, line
+    assert "on -cpu cortex-a57: that CPU cannot run vhe" in line
+    assert not (tmp_path / "k.sock").exists()
