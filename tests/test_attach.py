@@ -605,3 +605,31 @@ def test_refused_connection_said_at_once(capsys: pytest.CaptureFixture[str]) -> 
     assert time.monotonic() - t0 < 5
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "connection refused" in err and "timed out" not in err, err
+
+
+def test_upper_range_decoded_at_its_top_addresses(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Tables installed through TTBR1_EL2 (E2H = 1; a VHE host kernel's): their ranges start at
+    2**64 - 2**ia_bits, a walk of a top address finds the same leaf as the lower range's walk of
+    VA - va_base, and the W^X findings (the hypervisor's rules) do not judge them."""
+    t = HypPgtable(pool_for("4K"), "4K", 48, 48, e2h=True)
+    t.map(0x4000_0000, 2 * MIB, 0x5000_0000, Prot.RX)
+    snap = from_tables(t)
+    regs = snap.cpus[0]
+    tcr = regs["TCR_EL2"]
+    t0sz, tg0_4k = tcr & 0x3F, 0b10  # TG1's 4K encoding
+    regs.update(TCR_EL2=(tcr & ~((0x3F << 16) | (3 << 30) | (1 << 23))) | (t0sz << 16) | (tg0_4k << 30) | (1 << 7),
+                TTBR1_EL2=regs["TTBR0_EL2"], TTBR0_EL2=0)
+    (rd,) = decode(snap)
+    base = (1 << 64) - (1 << 48)
+    assert rd.name == "el2&0:ttbr1" and rd.regime.va_base == base
+    [(va, size, pa, perms)] = [(r.va, r.range.size, r.range.pa, r.to_json()["perms"]) for r in rd.ranges]
+    assert (va, size, pa, perms) == (base + 0x4000_0000, 2 * MIB, 0x5000_0000, "r-x")
+    assert findings([rd]) == []  # a kernel's text is PXN = 0, UXN = 1: not the hyp's el0-only-xn
+    path = tmp_path / "upper.json"
+    snap.save(path)
+    assert main(["attach", str(path), "--json", "--explain", hex(base + 0x4000_1234)]) == 0
+    (ex,) = json.loads(capsys.readouterr().out)["explain"]
+    assert ex["ok"] and ex["pa"] == 0x5000_1234 and hex(base + 0x4000_1234) in ex["walk"]
+    assert main(["attach", str(path), "--json", "--explain", "0x40001234"]) == 0  # below the range
+    (ex,) = json.loads(capsys.readouterr().out)["explain"]
+    assert not ex["ok"]

@@ -8,7 +8,17 @@ regime with its :class:`~harness.arch.geometry.Geometry` and table base:
   E2H = 0 layout;
 * ``"el2&0"``: SCTLR_EL2.M = 1 with HCR_EL2.E2H = 1 (KVM's hVHE, or a VHE host), TCR_EL2 in
   TCR_EL1's layout, walks through TTBR0_EL2 (the lower VA range);
+* ``"el2&0:ttbr1"``: the same regime's upper VA range through TTBR1_EL2 (a VHE host kernel's own
+  tables), when TCR_EL2.EPD1 = 0 and TTBR1_EL2 was read;
+* ``"el1&0"`` and ``"el1&0:ttbr1"``: SCTLR_EL1.M = 1 (the stopped vCPU's EL1 has its MMU on: an
+  nVHE host kernel, a guest's own stage 1), TCR_EL1 and TTBR0_EL1 / TTBR1_EL1, when those were read;
+  its output addresses are IPAs when stage 2 is on;
 * ``"stage2"``: HCR_EL2.VM = 1, VTCR_EL2 and VTTBR_EL2.
+
+An upper range's walk is its lower range's walk of ``VA - va_base`` (the index bits are the same;
+the top bits only select the TTBR): :attr:`LiveRegime.va_base` is ``2**64 - 2**ia_bits`` there, 0
+elsewhere, and :meth:`LiveRegime.as_lower_range` gives the TCR value that walks the same tables
+through TTBR0 (how a replay installs them).
 
 The rules are the Arm ARM's (``AArch64.GetS1TTWParams``/``GetS2TTWParams``, ``S2InvalidSL``,
 ``S2InconsistentSL``, ``PhysicalAddressSize``, ``S1TTBaseAddress``/``S2TTBaseAddress``):
@@ -35,7 +45,9 @@ from harness.arch.geometry import (
 )
 from harness.arch.registers import (
     HCR_E2H,
+    HCR_TGE,
     HCR_VM,
+    IRGN0,
     MMFR0_PARANGE,
     MMFR0_TGRAN4,
     MMFR0_TGRAN4_2,
@@ -43,6 +55,7 @@ from harness.arch.registers import (
     MMFR0_TGRAN16_2,
     MMFR0_TGRAN64,
     MMFR0_TGRAN64_2,
+    ORGN0,
     PS,
     SCTLR_M,
     SCTLR_WXN,
@@ -50,13 +63,25 @@ from harness.arch.registers import (
     T0SZ,
     TCR_E2H_DS,
     TCR_E2H_EPD0,
+    TCR_E2H_EPD1,
+    TCR_E2H_HPD0,
+    TCR_E2H_HPD1,
     TCR_E2H_IPS,
+    TCR_E2H_IRGN1,
+    TCR_E2H_ORGN1,
+    TCR_E2H_SH1,
+    TCR_E2H_T1SZ,
+    TCR_E2H_TBI0,
+    TCR_E2H_TBI1,
+    TCR_E2H_TG1,
     TCR_EL2_DS,
     TG0,
     TG0_ENCODING,
+    TG1_ENCODING,
     VTCR_DS,
     VTCR_SL0,
     VTCR_SL2,
+    VTTBR_VMID,
     effective_pa_bits,
     ttbr_table_base,
 )
@@ -64,7 +89,10 @@ from harness.errors import InputError
 
 REGISTER_KEYS = ("SCTLR_EL2", "HCR_EL2", "TCR_EL2", "TTBR0_EL2", "VTCR_EL2", "VTTBR_EL2", "MAIR_EL2",
                  "ID_AA64MMFR0_EL1")
+# Read when present: the upper range of EL2&0, and the EL1&0 regime.
+RANGE_KEYS = ("TTBR1_EL2", "SCTLR_EL1", "TCR_EL1", "TTBR0_EL1", "TTBR1_EL1", "MAIR_EL1")
 _TG0_GRANULE = {code: g for g, code in TG0_ENCODING.items()}
+_TG1_GRANULE = {code: g for g, code in TG1_ENCODING.items()}
 
 
 class RegisterDecodeError(InputError):
@@ -74,22 +102,52 @@ class RegisterDecodeError(InputError):
 
 @dataclass(frozen=True)
 class LiveRegime:
-    name: str  # "el2" (E2H=0 stage 1), "el2&0" (E2H=1 stage 1), "stage2"
+    name: str  # "el2", "el2&0", "el2&0:ttbr1", "el1&0", "el1&0:ttbr1", "stage2"
     geom: Geometry
-    root: int  # table base PA from TTBR0_EL2 / VTTBR_EL2 BADDR (incl. [51:48] forms)
-    mair: int | None  # MAIR_EL2 for stage 1, None for stage 2
+    root: int  # table base PA from the TTBR's BADDR (incl. [51:48] forms)
+    mair: int | None  # MAIR_EL2 / MAIR_EL1 for stage 1, None for stage 2
     registers: dict[str, int]  # the raw values used
+    va_base: int = 0  # the range's lowest input address: 2**64 - 2**ia_bits for a TTBR1 range
+    control: str = "TCR_EL2"  # the register of the walk's controls (VTCR_EL2, TCR_EL1)
+    base: str = "TTBR0_EL2"  # the table base register (VTTBR_EL2, TTBR1_EL2, TTBR0/1_EL1)
+    sctlr: str = "SCTLR_EL2"  # the SCTLR whose WXN applies (SCTLR_EL1 for EL1&0)
+
+    @property
+    def upper(self) -> bool:
+        """A TTBR1 range (VA[63:ia_bits] all ones)."""
+        return self.va_base != 0
 
     @property
     def wxn(self) -> bool:
-        """SCTLR_EL2.WXN for the stage-1 regimes (memory writable at EL2 is execute-never at EL2);
-        False for stage 2, which it does not govern. What the walks take as ``wxn``."""
-        return self.geom.stage is Stage.S1 and bool(SCTLR_WXN.get(self.registers.get("SCTLR_EL2", 0)))
+        """SCTLR.WXN for the stage-1 regimes (memory writable at the privileged level is execute-never
+        there); False for stage 2, which it does not govern. What the walks take as ``wxn``."""
+        return self.geom.stage is Stage.S1 and bool(SCTLR_WXN.get(self.registers.get(self.sctlr, 0)))
 
     @property
     def sh0(self) -> int:
-        """TCR_EL2/VTCR_EL2.SH0: the shareability of translated memory with DS = 1."""
-        return SH0.get(self.registers["VTCR_EL2" if self.geom.stage is Stage.S2 else "TCR_EL2"])
+        """The range's SH field (SH0, or SH1 for a TTBR1 range): the shareability of translated
+        memory with DS = 1."""
+        control = self.registers[self.control]
+        return TCR_E2H_SH1.get(control) if self.upper else SH0.get(control)
+
+    def local(self, address: int) -> int:
+        """The input address as the range's walk indexes it (``address - va_base``; an address below
+        an upper range maps to 2**ia_bits or above: outside it)."""
+        return (address - self.va_base) & ((1 << 64) - 1)
+
+    def as_lower_range(self) -> int:
+        """The TCR value (this regime's layout) that walks the same tables through TTBR0 as this
+        range's walk does: itself for a lower range; for a TTBR1 range its T1SZ, TG1, SH1, IRGN1,
+        ORGN1, TBI1 moved into the TTBR0 fields, EPD0 = 0, EPD1 = 1."""
+        tcr = self.registers[self.control]
+        if not self.upper:
+            return tcr
+        moved = [(T0SZ, TCR_E2H_T1SZ.get(tcr)), (TG0, TG0_ENCODING[self.geom.granule]),
+                 (SH0, TCR_E2H_SH1.get(tcr)), (IRGN0, TCR_E2H_IRGN1.get(tcr)), (ORGN0, TCR_E2H_ORGN1.get(tcr)),
+                 (TCR_E2H_TBI0, TCR_E2H_TBI1.get(tcr)), (TCR_E2H_EPD0, 0), (TCR_E2H_EPD1, 1)]
+        for f, v in moved:
+            tcr = (tcr & ~f.mask) | f.prep(v)
+        return tcr
 
 
 @dataclass(frozen=True)
@@ -134,14 +192,15 @@ def _require(regs: Mapping[str, int], key: str) -> int:
     return value
 
 
-def _granule(reg: str, value: int, pe: _Pe, stage: Stage) -> Granule:
-    code = TG0.get(value)
-    if code not in _TG0_GRANULE:
-        raise RegisterDecodeError(f"{reg}.TG0: {code:#04b} is a reserved granule encoding")
-    granule = _TG0_GRANULE[code]
+def _granule(reg: str, value: int, pe: _Pe, stage: Stage, upper: bool = False) -> Granule:
+    field, codes = (TCR_E2H_TG1, _TG1_GRANULE) if upper else (TG0, _TG0_GRANULE)
+    code = field.get(value)
+    if code not in codes:
+        raise RegisterDecodeError(f"{reg}.{field.name}: {code:#04b} is a reserved granule encoding")
+    granule = codes[code]
     if not pe.granule_support(granule, stage)[0]:
         raise RegisterDecodeError(
-            f"{reg}.TG0: the {granule.label} granule is not implemented at stage {int(stage)} "
+            f"{reg}.{field.name}: the {granule.label} granule is not implemented at stage {int(stage)} "
             "(ID_AA64MMFR0_EL1)")
     return granule
 
@@ -157,13 +216,14 @@ def _lpa2(reg: str, ds: int, granule: Granule, pe: _Pe, stage: Stage) -> bool:
     return True
 
 
-def _ia_bits(reg: str, value: int, granule: Granule, lpa2: bool) -> int:
-    t0sz = T0SZ.get(value)
-    ia = 64 - t0sz
+def _ia_bits(reg: str, value: int, granule: Granule, lpa2: bool, upper: bool = False) -> int:
+    field = TCR_E2H_T1SZ if upper else T0SZ
+    tsz = field.get(value)
+    ia = 64 - tsz
     hi = max_ia_bits(granule, lpa2)
     if not MIN_IA_BITS <= ia <= hi:
         raise RegisterDecodeError(
-            f"{reg}.T0SZ: {t0sz} gives a {ia}-bit input; expected {64 - hi}..{64 - MIN_IA_BITS} "
+            f"{reg}.{field.name}: {tsz} gives a {ia}-bit input; expected {64 - hi}..{64 - MIN_IA_BITS} "
             f"({MIN_IA_BITS}..{hi} bits) for the {granule.label} granule"
             f"{' with DS = 1' if lpa2 else ''} (smaller values are CONSTRAINED UNPREDICTABLE "
             "or need FEAT_TTST)")
@@ -177,26 +237,70 @@ def _create(reg: str, *args: object, **kw: object) -> Geometry:
         raise RegisterDecodeError(f"{reg}: {exc}") from exc
 
 
-def _stage1(regs: Mapping[str, int], hcr: int, pe: _Pe) -> LiveRegime:
-    tcr = _require(regs, "TCR_EL2")
-    ttbr = _require(regs, "TTBR0_EL2")
-    mair = _require(regs, "MAIR_EL2")
-    e2h = bool(HCR_E2H.get(hcr))
-    granule = _granule("TCR_EL2", tcr, pe, Stage.S1)
-    if e2h:
-        if TCR_E2H_EPD0.get(tcr):
-            raise RegisterDecodeError("TCR_EL2.EPD0: 1 (E2H = 1 layout): walks through TTBR0_EL2 are "
-                                      "disabled, so the lower VA range has no tables to decode")
+@dataclass(frozen=True)
+class _Range:
+    """One stage-1 VA range and the registers that describe it."""
+
+    name: str
+    control: str  # TCR_EL2 / TCR_EL1
+    base: str  # TTBR0_EL2 / TTBR1_EL2 / TTBR0_EL1 / TTBR1_EL1
+    mair: str
+    sctlr: str
+    e2h_layout: bool  # the control register has TCR_EL1's layout (two ranges)
+    upper: bool
+
+
+EL2 = _Range("el2", "TCR_EL2", "TTBR0_EL2", "MAIR_EL2", "SCTLR_EL2", False, False)
+EL2_0 = _Range("el2&0", "TCR_EL2", "TTBR0_EL2", "MAIR_EL2", "SCTLR_EL2", True, False)
+EL2_0_UPPER = _Range("el2&0:ttbr1", "TCR_EL2", "TTBR1_EL2", "MAIR_EL2", "SCTLR_EL2", True, True)
+EL1_0 = _Range("el1&0", "TCR_EL1", "TTBR0_EL1", "MAIR_EL1", "SCTLR_EL1", True, False)
+EL1_0_UPPER = _Range("el1&0:ttbr1", "TCR_EL1", "TTBR1_EL1", "MAIR_EL1", "SCTLR_EL1", True, True)
+
+
+def _disabled(r: _Range, tcr: int) -> bool:
+    """EPD0/EPD1: walks through this range's TTBR are disabled."""
+    return bool((TCR_E2H_EPD1 if r.upper else TCR_E2H_EPD0).get(tcr)) if r.e2h_layout else False
+
+
+def _stage1(regs: Mapping[str, int], r: _Range, pe: _Pe) -> LiveRegime:
+    tcr = _require(regs, r.control)
+    ttbr = _require(regs, r.base)
+    mair = _require(regs, r.mair)
+    granule = _granule(r.control, tcr, pe, Stage.S1, r.upper)
+    if r.e2h_layout:
+        if (TCR_E2H_HPD1 if r.upper else TCR_E2H_HPD0).get(tcr):
+            raise RegisterDecodeError(f"{r.control}.HPD{int(r.upper)}: 1: hierarchical permissions disabled "
+                                      "(FEAT_HPDS) is not modelled")
         ds, ps = TCR_E2H_DS.get(tcr), TCR_E2H_IPS.get(tcr)
     else:
         ds, ps = TCR_EL2_DS.get(tcr), PS.get(tcr)
-    lpa2 = _lpa2("TCR_EL2", ds, granule, pe, Stage.S1)
-    ia = _ia_bits("TCR_EL2", tcr, granule, lpa2)
+    lpa2 = _lpa2(r.control, ds, granule, pe, Stage.S1)
+    ia = _ia_bits(r.control, tcr, granule, lpa2, r.upper)
     pa = effective_pa_bits(ps, granule, lpa2, pe.pamax)
-    geom = _create("TCR_EL2", Stage.S1, granule, ia, pa, pamax=pe.pamax, lpa2=lpa2, e2h=e2h)
-    used = {k: regs[k] for k in ("SCTLR_EL2", "HCR_EL2", "TCR_EL2", "TTBR0_EL2", "MAIR_EL2",
-                                  "ID_AA64MMFR0_EL1")}
-    return LiveRegime("el2&0" if e2h else "el2", geom, ttbr_table_base(ttbr, geom), mair, used)
+    geom = _create(r.control, Stage.S1, granule, ia, pa, pamax=pe.pamax, lpa2=lpa2, e2h=r.e2h_layout)
+    used = {k: regs[k] for k in (r.sctlr, "HCR_EL2", r.control, r.base, r.mair, "ID_AA64MMFR0_EL1")}
+    return LiveRegime(r.name, geom, ttbr_table_base(ttbr, geom), mair, used,
+                      va_base=(1 << 64) - (1 << ia) if r.upper else 0, control=r.control, base=r.base,
+                      sctlr=r.sctlr)
+
+
+def _stage1_ranges(regs: Mapping[str, int], hcr: int, pe: _Pe) -> list[LiveRegime]:
+    """EL2's (one range, or EL2&0's two) when SCTLR_EL2.M = 1, then EL1&0's when SCTLR_EL1.M = 1;
+    a range is left out when its walks are disabled (EPDn) or its TTBR was not read."""
+    out: list[LiveRegime] = []
+    groups = []
+    if SCTLR_M.get(_require(regs, "SCTLR_EL2")):
+        groups.append((EL2_0, EL2_0_UPPER) if HCR_E2H.get(hcr) else (EL2,))
+    if "SCTLR_EL1" in regs and "TCR_EL1" in regs and SCTLR_M.get(_require(regs, "SCTLR_EL1")):
+        groups.append((EL1_0, EL1_0_UPPER))
+    for group in groups:
+        tcr = _require(regs, group[0].control)
+        live = [r for r in group if not _disabled(r, tcr) and (r.base in regs or r.base in REGISTER_KEYS)]
+        if group[0] is EL2_0 and _disabled(EL2_0, tcr) and not live:
+            raise RegisterDecodeError("TCR_EL2.EPD0: 1 (E2H = 1 layout): walks through TTBR0_EL2 are "
+                                      "disabled, so the lower VA range has no tables to decode")
+        out += [_stage1(regs, r, pe) for r in live]
+    return out
 
 
 def _stage2_start_level(vtcr: int, granule: Granule, lpa2: bool) -> int:
@@ -226,20 +330,30 @@ def _stage2(regs: Mapping[str, int], pe: _Pe) -> LiveRegime:
     level = _stage2_start_level(vtcr, granule, lpa2)
     geom = _create("VTCR_EL2.SL0", Stage.S2, granule, ia, pa, level, pamax=pe.pamax, lpa2=lpa2)
     used = {k: regs[k] for k in ("HCR_EL2", "VTCR_EL2", "VTTBR_EL2", "ID_AA64MMFR0_EL1")}
-    return LiveRegime("stage2", geom, ttbr_table_base(vttbr, geom), None, used)
+    return LiveRegime("stage2", geom, ttbr_table_base(vttbr, geom), None, used, control="VTCR_EL2",
+                      base="VTTBR_EL2")
 
 
 def regimes_from_registers(regs: Mapping[str, int]) -> list[LiveRegime]:
-    """The enabled EL2 translation regimes (stage 1 first, then stage 2) that ``regs`` describe.
-    Keys other than :data:`REGISTER_KEYS` (e.g. TTBR1_EL2, pc) are ignored; a key a regime needs
-    and ``regs`` lacks is an error naming it."""
-    sctlr = _require(regs, "SCTLR_EL2")
+    """The enabled translation regimes (stage-1 ranges first, then stage 2) that ``regs`` describe.
+    :data:`RANGE_KEYS` add the ranges they describe when present; other keys (pc, ...) are
+    ignored; a key a regime needs and ``regs`` lacks is an error naming it."""
+    _require(regs, "SCTLR_EL2")
     hcr = _require(regs, "HCR_EL2")
     pe = _Pe(_require(regs, "ID_AA64MMFR0_EL1"))
     pe.pamax  # noqa: B018 -- a reserved PARange is refused even with no regime enabled
-    out: list[LiveRegime] = []
-    if SCTLR_M.get(sctlr):
-        out.append(_stage1(regs, hcr, pe))
+    out = _stage1_ranges(regs, hcr, pe)
     if HCR_VM.get(hcr):
         out.append(_stage2(regs, pe))
     return out
+
+
+def guest_vmid(regs: Mapping[str, int]) -> int | None:
+    """The VMID of the guest a vCPU was stopped in: HCR_EL2.VM = 1 (stage 2 on), TGE = 0, and a
+    VMID other than 0 (which pKVM's host stage 2 uses); None when it was stopped in the host (or
+    the hypervisor with no guest's stage 2 loaded)."""
+    hcr = regs.get("HCR_EL2", 0)
+    if not HCR_VM.get(hcr) or HCR_TGE.get(hcr):
+        return None
+    vmid = VTTBR_VMID.get(regs.get("VTTBR_EL2", 0))
+    return vmid or None

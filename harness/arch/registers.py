@@ -5,7 +5,8 @@ range through TTBR0_EL2: T0SZ [5:0], IRGN0 [9:8], ORGN0 [11:10], SH0 [13:12], TG
 PS [18:16], TBI 20, HA 21, HD 22, bits 23 and 31 RES1, DS 32. With E2H = 1 (the EL2&0 regime,
 KVM's hVHE) it has TCR_EL1's layout: T0SZ [5:0], EPD0 7, IRGN0/ORGN0/SH0/TG0 as above,
 T1SZ [21:16], A1 22, EPD1 23, IRGN1 [25:24], ORGN1 [27:26], SH1 [29:28], TG1 [31:30]
-(16K 0b01, 4K 0b10, 64K 0b11), IPS [34:32], AS 36, TBI0 37, TBI1 38, HA 39, HD 40, DS 59.
+(16K 0b01, 4K 0b10, 64K 0b11), IPS [34:32], AS 36, TBI0 37, TBI1 38, HA 39, HD 40, HPD0 41,
+HPD1 42, DS 59. TCR_EL1 (the EL1&0 regime) has the same layout.
 VTCR_EL2 adds SL0 [7:6], VS 19, HA 21, DS 32 and SL2 33 (4K start level -1 with DS = 1).
 """
 
@@ -49,8 +50,11 @@ TCR_E2H_TG1 = Field("TG1", 31, 30)
 TCR_E2H_IPS = Field("IPS", 34, 32)
 TCR_E2H_AS = bit("AS", 36)
 TCR_E2H_TBI0 = bit("TBI0", 37)
+TCR_E2H_TBI1 = bit("TBI1", 38)
 TCR_E2H_HA = bit("HA", 39)
 TCR_E2H_HD = bit("HD", 40)
+TCR_E2H_HPD0 = bit("HPD0", 41)  # FEAT_HPDS: hierarchical permissions disabled (not modelled)
+TCR_E2H_HPD1 = bit("HPD1", 42)
 TCR_E2H_DS = bit("DS", 59)
 VTCR_SL0 = Field("SL0", 7, 6)
 VTCR_VS = bit("VS", 19)

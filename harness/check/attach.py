@@ -56,6 +56,7 @@ from harness.core.batch import BatchResult
 from harness.core.dump import MappedRange, mapped_ranges
 from harness.core.memory import PagePool, PoolImage
 from harness.core.pgtable import KvmPgtable, PgtableError
+from harness.core.prot import Prot
 from harness.core.translate import (
     DEFAULT_MAIR,
     PERM_R,
@@ -153,8 +154,9 @@ def walk(snapshot: Snapshot, regime: Regime, address: int, access: Access = READ
     """The model's walk as the regime's registers configure it (MAIR, SH0, SCTLR_EL2.WXN; ``wxn``
     overrides the last)."""
     mair = regime.mair if regime.mair is not None else DEFAULT_MAIR
-    return translate(snapshot.memory(), regime.geom, regime.root, address, access, mair, sh0=regime.sh0,
-                     wxn=regime.wxn if wxn is None else wxn)
+    t = translate(snapshot.memory(), regime.geom, regime.root, regime.local(address), access, mair,
+                  sh0=regime.sh0, wxn=regime.wxn if wxn is None else wxn)
+    return replace(t, address=address) if regime.upper else t
 
 
 def decode(snapshot: Snapshot, regimes: Sequence[Regime] | None = None) -> list[RegimeDecode]:
@@ -165,6 +167,7 @@ def decode(snapshot: Snapshot, regimes: Sequence[Regime] | None = None) -> list[
         mem = snapshot.memory()
         ranges = []
         for r in mapped_ranges(mem, regime.geom, regime.root):
+            r = replace(r, va=r.va + regime.va_base)  # a TTBR1 range's addresses are its top ones
             t = walk(snapshot, regime, r.va)
             by_wxn = regime.wxn and not t.perms & PERM_X \
                 and bool(walk(snapshot, regime, r.va, wxn=False).perms & PERM_X)
@@ -179,6 +182,7 @@ def decode(snapshot: Snapshot, regimes: Sequence[Regime] | None = None) -> list[
 FINDING_WRITABLE_EXECUTABLE = "writable-executable"
 FINDING_WXN_ONLY = "wxn-only"
 FINDING_EL0_ONLY_XN = "el0-only-xn"
+HYP_REGIMES = ("el2", "el2&0")  # the regimes the W^X findings judge
 
 
 @dataclass(frozen=True)
@@ -229,8 +233,11 @@ def regime_findings(rd: RegimeDecode) -> list[Finding]:
       at EL2 only because SCTLR_EL2.WXN = 1: W^X holds only through WXN;
     * ``el0-only-xn`` (EL2&0 regime): execute-never at EL0 only (UXN = 1, PXN = 0), so executable
       at EL2 unless WXN removes it: read-only ones (data, not text) run at EL2.
+
+    They are the hypervisor's rules (:data:`HYP_REGIMES`: EL2's regime, EL2&0's lower range): a
+    kernel's own tables (EL1&0, a VHE host's TTBR1_EL2) are meant to map their text UXN = 1, PXN = 0.
     """
-    if rd.regime.geom.stage is not Stage.S1:
+    if rd.regime.geom.stage is not Stage.S1 or rd.name not in HYP_REGIMES:
         return []
     out = []
     wx = [r for r in rd.ranges if r.perms & PERM_W and r.perms & PERM_X]
@@ -441,6 +448,21 @@ def splice(rep: Replay, regions: Sequence[Region], taken: Sequence[tuple[int, in
     return {pool.base + int(i) * ENTRY_BYTES for i in np.nonzero(before != after)[0]}
 
 
+def _check_spliced(regime: Regime, rep: Replay, regions: Sequence[Region]) -> None:
+    """The payload must get what it needs where it was spliced in: the snapshot's own table entries
+    on the way (APTable, XNTable/PXNTable: a Linux user process's tables are PXNTable) may take
+    it away, and the payload would then fault on its first instruction after the install."""
+    mair = regime.mair if regime.mair is not None else DEFAULT_MAIR
+    for r in regions:
+        need = (PERM_R if r.prot & Prot.R else 0) | (PERM_W if r.prot & Prot.W else 0) \
+            | (PERM_X if r.prot & Prot.X else 0)
+        t = translate(rep.pool, rep.geom, rep.root, r.base, READ, mair, sh0=regime.sh0, wxn=regime.wxn)
+        if t.perms & need != need:
+            raise VerifyRefused(f"the snapshot's table entries above the payload's {r.name} region [{r.base:#x}, "
+                                f"{r.end:#x}) leave it {perm_label(t.perms)} where it needs {perm_label(need)} "
+                                "(hierarchical APTable/XNTable/PXNTable): cannot splice it in")
+
+
 def layouts(base: Layout = LAYOUT) -> list[Layout]:
     """Candidate payload layouts: the default, then the whole block (code .. pool) moved up RAM."""
     out = [base]
@@ -625,11 +647,13 @@ def replay_sctlr_el2_set(regime: Regime) -> int:
 def _regs_for(regime: Regime, root: int) -> Stage1Regs | Stage2Regs:
     regs = regime.registers
     if regime.geom.stage is Stage.S1:
-        ttbr = regs.get("TTBR0_EL2", 0)
+        # Any stage-1 range replays as EL2's (E2H = 0) or EL2&0's lower range, through TTBR0_EL2: a
+        # TTBR1 range by the same walk of VA - va_base, EL1&0 in EL2&0 (the same two-level layout).
+        ttbr = regs.get(regime.base, 0)
         new_ttbr = (ttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | ttbr_baddr(root, regime.geom)
         hcr = HCR_E2H.prep(int(regime.geom.e2h))
         return Stage1Regs(mair_el2=regime.mair if regime.mair is not None else DEFAULT_MAIR,
-                          tcr_el2=regs["TCR_EL2"], ttbr0_el2=new_ttbr & ~1,  # CnP off: one PE
+                          tcr_el2=regime.as_lower_range(), ttbr0_el2=new_ttbr & ~1,  # CnP off: one PE
                           sctlr_el2_set=replay_sctlr_el2_set(regime), hcr_el2_set=hcr)
     vttbr = regs.get("VTTBR_EL2", 0)
     new_vttbr = (vttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | ttbr_baddr(root, regime.geom)
@@ -658,7 +682,10 @@ def _prepare(snapshot: Snapshot, regime: Regime,
             # the snapshot leaves its IPA unmapped, else leave the snapshot's mapping alone.
             want = [r for r in want if not any(r.base < hi and lo < r.end for lo, hi in taken)]
         try:
-            return layout, rep, want, splice(rep, want, taken)
+            changed = splice(rep, want, taken)
+            if regime.geom.stage is Stage.S1:
+                _check_spliced(regime, rep, want)
+            return layout, rep, want, changed
         except VerifyRefused as exc:
             reasons.append(f"payload at {layout.code:#x}: {exc}")
     raise VerifyRefused(f"{regime.name}: no payload layout fits the snapshot's unmapped input space: "

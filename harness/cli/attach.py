@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from typing import Any
 
+from harness.arch.regimes import guest_vmid
 from harness.check import attach as att
 from harness.cli import attach_view as av
 from harness.cli.args import check_log_dir, check_output_file, start_target
 from harness.cli.output import print_json
-from harness.errors import EXIT_MISMATCH, EXIT_OK, InputError
-from harness.live.gdbstub import capture, parse_target
+from harness.errors import EXIT_MISMATCH, EXIT_OK, InputError, MachineryError
+from harness.live.capture import Capture
+from harness.live.gdbstub import TargetSpec, capture, parse_target
 from harness.live.snapshot import Snapshot
 from harness.target.layout import Layout
 from harness.target.target import Target
@@ -40,6 +43,10 @@ def add_parser(sub: Any) -> None:
                    "range (clipped to it); START-END and START+SIZE also accepted")
     p.add_argument("--perm", metavar="SPEC", help="only ranges with these permissions, e.g. x, rw, 'x!w' "
                    "(executable and not writable)")
+    p.add_argument("--all-ranges", action="store_true", help="also EL1&0's ranges (TTBR0/1_EL1) when the "
+                   "vCPU's EL1 MMU is on: an nVHE host kernel's own tables, a guest's stage 1")
+    p.add_argument("--in-guest", action="store_true", help="capture again (up to 8 times) until a vCPU is "
+                   "stopped in a guest (HCR_EL2.VM = 1, VMID != 0): a running guest's vCPU is sometimes in the host")
     p.add_argument("--explain", metavar="ADDR", help="the walk of this input address in every regime")
     p.add_argument("--save", metavar="FILE", help="write the snapshot (registers + table pages, JSON) here")
     p.add_argument("--verify", action="store_true", help="replay the tables on the harness's QEMU and check "
@@ -60,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             snap = snap.only_cpu(cpu)
         regimes = snap.regimes()
     else:
-        cap = capture(spec, timeout=args.timeout, cpu=cpu)
+        cap = _capture(spec, args, cpu)
         snap, regimes = cap.snapshot, cap.regimes
         timings.update(cap.timings)
     if args.save:
@@ -92,6 +99,27 @@ def _check_args(args: argparse.Namespace) -> tuple[av.Filters, int | None]:
                          att.PermFilter.parse(args.perm) if args.perm else None,
                          av.parse_address(args.explain) if args.explain else None)
     return filters, av.parse_cpu(args.cpu) if args.cpu is not None else None
+
+
+GUEST_TRIES = 8
+
+
+class NoGuest(MachineryError):
+    """--in-guest: no capture found a vCPU in a guest."""
+
+
+def _capture(spec: TargetSpec, args: argparse.Namespace, cpu: int | None) -> Capture:
+    """One capture, or with --in-guest the first of up to GUEST_TRIES with a vCPU in a guest (the
+    target runs between tries)."""
+    seen = []
+    for _ in range(GUEST_TRIES if args.in_guest else 1):
+        cap = capture(spec, timeout=args.timeout, cpu=cpu, all_ranges=args.all_ranges)
+        if not args.in_guest or any(guest_vmid(regs) is not None for regs in cap.snapshot.cpus.values()):
+            return cap
+        seen.append(",".join(f"EL{(r.get('cpsr', 0) >> 2) & 3}" for r in cap.snapshot.cpus.values()))
+        time.sleep(0.05)
+    raise NoGuest(f"--in-guest: no vCPU of {spec} was stopped in a guest in {GUEST_TRIES} captures (stopped at: "
+                  f"{'; '.join(seen)}): is a guest running?")
 
 
 def _save(snap: Snapshot, path: str) -> None:

@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from harness.arch.regimes import guest_vmid
 from harness.check import attach as att
 from harness.errors import InputError
 from harness.live.regimes import Regime
 from harness.live.snapshot import Snapshot
 
-REGIME_NAMES = ("el2", "el2&0", "stage2")
+REGIME_NAMES = ("el2", "el2&0", "el2&0:ttbr1", "el1&0", "el1&0:ttbr1", "stage2")
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def header_lines(v: View, source: str, saved_to: str | None = None) -> list[str]
         el = f"EL{c['el']}" if c["el"] is not None else "EL?"
         uses = ", ".join(v.decoded[i].name for i in c["regimes"]) or "no regime enabled"
         state = f" ({c['state']})" if c.get("state") else ""
-        lines.append(f"  vCPU {c['cpu']}: stopped at {el}{state}: {uses}")
+        guest = f"; in a guest (VMID {c['vmid']})" if c.get("context") == "guest" else ""
+        lines.append(f"  vCPU {c['cpu']}: stopped at {el}{state}: {uses}{guest}")
     return lines
 
 
@@ -152,13 +154,16 @@ def current_el(regs: dict[str, int]) -> int | None:
 
 
 def cpus_json(snap: Snapshot, decoded: list[att.RegimeDecode]) -> list[dict[str, Any]]:
-    """Each vCPU of the snapshot: its exception level, QEMU's state for it, the indexes (into
+    """Each vCPU of the snapshot: its exception level, the context it was stopped in ("guest" with
+    its VMID, or "host": :func:`harness.arch.regimes.guest_vmid`), QEMU's state for it, the indexes (into
     ``regimes``) of the regimes it uses, and every register read on it (a regime's "registers"
     are its first vCPU's: HCR_EL2 and SCTLR_EL2 bits the walk ignores may differ on the others)."""
     out = []
     for cpu in sorted(snap.cpus):
         regs = snap.cpus[cpu]
+        vmid = guest_vmid(regs)
         entry: dict[str, Any] = {"cpu": cpu, "el": current_el(regs), "pc": regs.get("pc"),
+                                 "context": "host" if vmid is None else "guest", "vmid": vmid,
                                  "regimes": [i for i, rd in enumerate(decoded) if cpu in rd.cpus]}
         if cpu in snap.cpu_states:
             entry["state"] = snap.cpu_states[cpu]

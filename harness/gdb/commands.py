@@ -85,6 +85,8 @@ class Sub:
     def parser(self, write: Callable[[str], None] = lambda _s: None) -> _Parser:
         p = _Parser(write, prog=f"{PREFIX} {self.name}", description=self.summary)
         self.add_args(p)
+        p.add_argument("--all-ranges", action="store_true", help="also EL1&0's ranges (TTBR0/1_EL1) when "
+                       "the vCPU's EL1 MMU is on: an nVHE host kernel's own tables, a guest's stage 1")
         p.add_argument("--phys", choices=PHYS_MODES, default="qemu",
                        help="how table pages are read by physical address: qemu (QEMU's Qqemu.PhyMemMode, "
                             "default) or direct (the server's reads already are physical)")
@@ -127,7 +129,7 @@ def _filters(args: argparse.Namespace, address: int | None = None) -> av.Filters
 def _capture(gdb: GdbModule, args: argparse.Namespace, cpu: int | None, pages: bool = True) -> Capture:
     access = GdbApiAccess(gdb, args.phys)
     with kept_selection(gdb, access):
-        return capture_from(access, cpu, pages=pages)
+        return capture_from(access, cpu, pages=pages, all_ranges=args.all_ranges)
 
 
 def _selected_cpu(gdb: GdbModule) -> int | None:

@@ -18,6 +18,8 @@ from typing import Protocol
 from harness.core.dump import mapped_ranges
 from harness.errors import InputError, MachineryError
 from harness.live.regimes import (
+    ALL_RANGES_REGISTERS,
+    GDB_NAMES,
     OPTIONAL_REGISTERS,
     REGISTERS,
     Regime,
@@ -95,16 +97,26 @@ class Capture:
         return [u.regime for u in self.uses]
 
 
-def wanted_registers(available: Iterable[str]) -> list[str]:
-    """The registers a capture reads: all of :data:`REGISTERS` (AttachFailed names any the target
-    lacks) and those of :data:`OPTIONAL_REGISTERS` it has."""
+def wanted_registers(available: Iterable[str], all_ranges: bool = False) -> list[str]:
+    """The registers a capture reads, by the target's names (:data:`GDB_NAMES`): all of
+    :data:`REGISTERS` (AttachFailed names any the target lacks) and those of
+    :data:`OPTIONAL_REGISTERS` it has (with ``all_ranges``, :data:`ALL_RANGES_REGISTERS` too)."""
     have = set(available)
     missing = [r for r in REGISTERS if r not in have]
     if missing:
         raise AttachFailed(
             f"the gdbstub does not expose {', '.join(missing)} (QEMU's org.qemu.gdb.arm.sys.regs "
             "feature: qemu-system-aarch64 with an AArch64 CPU)")
-    return [*REGISTERS, *(r for r in OPTIONAL_REGISTERS if r in have)]
+    optional = (*OPTIONAL_REGISTERS, *(ALL_RANGES_REGISTERS if all_ranges else ()))
+    return [*REGISTERS, *(g for g in (GDB_NAMES.get(r, r) for r in optional) if g in have)]
+
+
+_ARCH_NAMES = {g: r for r, g in GDB_NAMES.items()}
+
+
+def arch_names(values: Mapping[str, int]) -> dict[str, int]:
+    """Register values keyed by the Arm ARM's names (SCTLR_EL1, not gdb's SCTLR)."""
+    return {_ARCH_NAMES.get(k, k): v for k, v in values.items()}
 
 
 def select_vcpus(access: TargetAccess, cpu: int | None) -> list[VCpu]:
@@ -119,10 +131,10 @@ def select_vcpus(access: TargetAccess, cpu: int | None) -> list[VCpu]:
     return chosen
 
 
-def read_cpus(access: TargetAccess, vcpus: list[VCpu]) -> dict[int, dict[str, int]]:
+def read_cpus(access: TargetAccess, vcpus: list[VCpu], all_ranges: bool = False) -> dict[int, dict[str, int]]:
     """Each vCPU's control registers, by CPU index."""
-    names = wanted_registers(access.register_names())
-    return {v.cpu: access.read_thread_registers(names, v) for v in vcpus}
+    names = wanted_registers(access.register_names(), all_ranges)
+    return {v.cpu: arch_names(access.read_thread_registers(names, v)) for v in vcpus}
 
 
 def regime_uses(cpus: Mapping[int, Mapping[str, int]]) -> list[RegimeUse]:
@@ -154,13 +166,13 @@ def read_table_pages(access: TargetAccess, uses: list[RegimeUse]) -> dict[int, b
 
 
 def capture_from(access: TargetAccess, cpu: int | None = None, was_running: bool = False,
-                 pages: bool = True) -> Capture:
+                 pages: bool = True, all_ranges: bool = False) -> Capture:
     """Snapshot the registers of every vCPU (only CPU ``cpu``, if given) and every table page
-    reachable from their regimes (none with ``pages`` False: registers only). Nothing is written
-    to the target."""
+    reachable from their regimes (none with ``pages`` False: registers only); ``all_ranges``: the
+    kernels' own ranges too (:data:`ALL_RANGES_REGISTERS`). Nothing is written to the target."""
     t1 = time.perf_counter()
     vcpus = select_vcpus(access, cpu)
-    cpus = read_cpus(access, vcpus)
+    cpus = read_cpus(access, vcpus, all_ranges)
     t2 = time.perf_counter()
     uses = regime_uses(cpus)
     tables = read_table_pages(access, uses) if pages else {}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import InputError
-from harness.live.capture import AttachFailed, Capture, VCpu, capture_from, wanted_registers
+from harness.live.capture import AttachFailed, Capture, VCpu, arch_names, capture_from, wanted_registers
 from harness.target.errors import TargetError
 from harness.target.gdbmi import GdbError, GdbMI, Record
 
@@ -168,7 +168,7 @@ class Session:
 
     def read_registers(self, vcpu: VCpu) -> dict[str, int]:
         """The control registers of one vCPU (gdb's selection unchanged)."""
-        return self.read_thread_registers(wanted_registers(self.register_names()), vcpu)
+        return arch_names(self.read_thread_registers(wanted_registers(self.register_names()), vcpu))
 
     def physical_mode(self, on: bool) -> None:
         """gdb memory reads are physical (``Qqemu.PhyMemMode:1``) or virtual again."""
@@ -195,13 +195,13 @@ class Session:
 
 
 def capture(spec: TargetSpec, timeout: float = 20.0, log_path: Path | None = None,
-            cpu: int | None = None) -> Capture:
+            cpu: int | None = None, all_ranges: bool = False) -> Capture:
     """Snapshot the registers of every vCPU (only CPU ``cpu``, if given) and every table page
     reachable from their regimes, of a live target (see module doc)."""
     t0 = time.perf_counter()
     with session(spec, timeout, log_path) as sess:
         connected = time.perf_counter() - t0
-        cap = capture_from(sess, cpu, sess.was_running)
+        cap = capture_from(sess, cpu, sess.was_running, all_ranges=all_ranges)
         cap.timings = {"connect": connected, **cap.timings}
         return cap
 

@@ -13,24 +13,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from harness.arch.geometry import Geometry, Stage
-from harness.arch.regimes import REGISTER_KEYS, LiveRegime, RegisterDecodeError
+from harness.arch.geometry import Geometry
+from harness.arch.regimes import RANGE_KEYS, REGISTER_KEYS, LiveRegime, RegisterDecodeError
 from harness.arch.regimes import regimes_from_registers as _decode
 
 # What attach reads from a live target: the decoder's registers (ID_AA64MMFR0_EL1 gives PAMax and
-# the granules), and a few more kept in the snapshot for the record.
+# the granules), the other ranges' when the target has them (TTBR1_EL2, EL1&0), and a few more
+# kept in the snapshot for the record.
 REGISTERS = REGISTER_KEYS
 OPTIONAL_REGISTERS = ("TTBR1_EL2", "ID_AA64MMFR1_EL1", "ID_AA64MMFR2_EL1", "cpsr", "pc")
+# Read only when asked (attach --all-ranges): they add EL1&0's ranges (an nVHE host kernel's own
+# tables, a guest's stage 1), hundreds of table pages. TTBR1_EL2 is always read: EL2&0's upper
+# range is in use only with EPD1 = 0 (a VHE host kernel; KVM's hVHE sets EPD1).
+ALL_RANGES_REGISTERS = tuple(k for k in RANGE_KEYS if k != "TTBR1_EL2")
+# Where QEMU's gdbstub (org.qemu.gdb.arm.sys.regs) names a register otherwise than the Arm ARM.
+GDB_NAMES = {"SCTLR_EL1": "SCTLR"}
 
 Regime = LiveRegime
 
-__all__ = ["OPTIONAL_REGISTERS", "REGISTERS", "Regime", "RegimeKey", "RegimeUse", "RegisterDecodeError",
-           "regime_key", "regimes_by_cpu", "regimes_from_registers"]
+__all__ = ["ALL_RANGES_REGISTERS", "GDB_NAMES", "OPTIONAL_REGISTERS", "REGISTERS", "Regime", "RegimeKey",
+           "RegimeUse", "RegisterDecodeError", "regime_key", "regimes_by_cpu", "regimes_from_registers"]
 
 
 def regimes_from_registers(regs: Mapping[str, int]) -> list[LiveRegime]:
     """Every regime the registers put in use (stage 1 first); RegisterDecodeError names the field."""
-    return _decode({k: v for k, v in regs.items() if k in REGISTER_KEYS})
+    return _decode({k: v for k, v in regs.items() if k in REGISTER_KEYS or k in RANGE_KEYS})
 
 
 @dataclass(frozen=True)
@@ -50,10 +57,7 @@ class RegimeKey:
 
 
 def regime_key(r: LiveRegime) -> RegimeKey:
-    s2 = r.geom.stage is Stage.S2
-    regs = r.registers
-    return RegimeKey(r.name, r.geom, r.root, regs["VTCR_EL2" if s2 else "TCR_EL2"],
-                     regs["VTTBR_EL2" if s2 else "TTBR0_EL2"], r.mair, r.wxn)
+    return RegimeKey(r.name, r.geom, r.root, r.registers[r.control], r.registers[r.base], r.mair, r.wxn)
 
 
 @dataclass(frozen=True)

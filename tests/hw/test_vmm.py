@@ -141,7 +141,8 @@ def check_regimes(rd: RegimeDecode, others: list[RegimeDecode], mode: str) -> No
     hcr = rd.regime.registers["HCR_EL2"]
     assert HCR_VM.get(hcr) and not HCR_TGE.get(hcr)
     assert bool(HCR_E2H.get(hcr)) == (mode != "nvhe")
-    assert [o.name for o in others] == ["el2" if mode == "nvhe" else "el2&0"]
+    # VHE: the host kernel's own TTBR1_EL2 range too (EPD1 = 0); hVHE sets EPD1
+    assert [o.name for o in others] == {"nvhe": ["el2"], "protected": ["el2&0"], "vhe": ["el2&0", "el2&0:ttbr1"]}[mode]
     g = rd.regime.geom
     # protected: pKVM gives every VM the full IPA range; otherwise the VMM's default, 40 bits
     assert (g.ia_bits, g.start_level, g.pgd_pages) == ((52, 0, 16) if mode == "protected" else (40, 1, 2))
@@ -231,3 +232,41 @@ def test_two_vms(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path) ->
             check_stage2(rd, rep, vm)
             check_host_stage1(others[0], [p for p in rep.pages if p.vm == vm])
         assert matched == {0, 1}
+
+
+def test_vhe_every_regime_decoded_and_verified(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path) -> None:
+    """VHE with the guest running: the VMM's own tables (TTBR0_EL2), the host
+    kernel's (TTBR1_EL2: its linear map holds every page the guest touched) and the guest's stage 2
+    are decoded; the replay on the harness's MMU verifies the stage 2 with 0 mismatches. The other
+    two are refused with the reason, before anything runs: the VMM's user tables are PXNTable above
+    every place the payload's code could go (Linux user page tables), and the kernel's TTBR1 range
+    maps the low 1 GiB of its input space, where the payload's UART must be."""
+    from harness.check.attach import VerifyRefused, verify
+    from harness.target.layout import Layout
+    from harness.target.target import Target
+
+    with vmm(kernel_image, vmm_initrd, tmp_path, "vhe", "touch") as (boot, rep):
+        for _ in range(CAPTURE_TRIES):
+            cap = capture(parse_target(str(boot.gdb_socket)), timeout=60.0)
+            names = [r.name for r in cap.regimes]
+            if "stage2" in names:
+                break
+        assert names == ["el2&0", "el2&0:ttbr1", "stage2"], names
+        decoded = {rd.name: rd for rd in decode(cap.snapshot, cap.regimes)}
+        kernel = decoded["el2&0:ttbr1"]
+        assert kernel.regime.va_base == (1 << 64) - (1 << kernel.regime.geom.ia_bits)
+        assert all(r.va >= kernel.regime.va_base for r in kernel.ranges)
+        for run in rep.pages:  # the linear map: every guest page's PFN is mapped by the host kernel
+            assert any(r.range.pa <= run.pa < r.range.pa + r.range.size for r in kernel.ranges), run
+        check_stage2(decoded["stage2"], rep, 0)
+        by_name = {r.name: r for r in cap.regimes}
+        def start(layout: Layout) -> Target:
+            return Target.start(timeout=60, layout=layout)
+
+        report = verify(cap.snapshot, start, regimes=[by_name["stage2"]])
+        assert [r.regime for r in report.regimes] == ["stage2"]
+        assert report.mismatched == 0 and all(r.checked > 0 for r in report.regimes), report.text()
+        with pytest.raises(VerifyRefused, match=r"code region .* leave it r-- where it needs r-x"):
+            verify(cap.snapshot, start, regimes=[by_name["el2&0"]])
+        with pytest.raises(VerifyRefused, match=r"uart region .* is mapped by the snapshot"):
+            verify(cap.snapshot, start, regimes=[kernel.regime])

@@ -161,3 +161,66 @@ def test_refusals_name_the_field(values: dict[str, int], needle: str) -> None:
     with pytest.raises(RegisterDecodeError, match=needle) as info:
         regimes_from_registers(values)
     assert isinstance(info.value, InputError)
+
+
+# -- the other ranges: EL2&0's TTBR1_EL2 (a VHE host kernel), EL1&0 (TTBR0/1_EL1) -------------------
+
+# Linux 6.12's TCR_EL1 / VHE TCR_EL2 on -cpu max (measured): 4K both ranges, T0SZ = T1SZ = 12 (52-bit
+# VAs, DS = 1), EPD0 = EPD1 = 0, HA = 1.
+LINUX_TCR = 0x095001F6B54C350C
+
+
+def _tcr_e2h(t0sz: int, tg0: int, t1sz: int, tg1: int, epd0: int = 0, epd1: int = 0, ips: int = 5,
+             sh1: int = 3) -> int:
+    return (t0sz | epd0 << 7 | tg0 << 14 | t1sz << 16 | epd1 << 23 | sh1 << 28 | tg1 << 30 | ips << 32)
+
+
+def test_vhe_host_kernel_range_through_ttbr1_el2() -> None:
+    tcr = _tcr_e2h(t0sz=16, tg0=0b00, t1sz=25, tg1=0b01)  # lower 4K 48 bits; upper 16K 39 bits
+    found = regimes_from_registers(regs(SCTLR_EL2=M, HCR_EL2=E2H, TCR_EL2=tcr, TTBR0_EL2=0x4000_0000,
+                                        TTBR1_EL2=0x4100_0000 | (7 << 48), MAIR_EL2=0xFF))
+    lower, upper = found
+    assert (lower.name, upper.name) == ("el2&0", "el2&0:ttbr1")
+    assert (lower.geom.granule.label, lower.geom.ia_bits, lower.va_base, lower.root) == ("4K", 48, 0, 0x4000_0000)
+    assert (upper.geom.granule.label, upper.geom.ia_bits, upper.root, upper.base) == ("16K", 39, 0x4100_0000,
+                                                                                       "TTBR1_EL2")
+    assert upper.va_base == (1 << 64) - (1 << 39) and upper.upper and not lower.upper
+    assert upper.local(upper.va_base + 0x1234) == 0x1234 and upper.local(0x1234) >= 1 << 39
+    assert upper.sh0 == 3  # SH1
+    view = upper.as_lower_range()  # the same walk through TTBR0: T1SZ, TG1 as TG0, SH1 ... moved
+    assert (view & 0x3F, (view >> 14) & 3, (view >> 12) & 3, (view >> 7) & 1, (view >> 23) & 1) == (25, 0b10, 3, 0, 1)
+    assert lower.as_lower_range() == tcr
+    # Without TTBR1_EL2 read, or with EPD1 = 1, there is no upper range.
+    assert [r.name for r in regimes_from_registers(regs(SCTLR_EL2=M, HCR_EL2=E2H, TCR_EL2=tcr,
+                                                        TTBR0_EL2=0, MAIR_EL2=0))] == ["el2&0"]
+    assert [r.name for r in regimes_from_registers(regs(SCTLR_EL2=M, HCR_EL2=E2H, TCR_EL2=tcr | 1 << 23,
+                                                        TTBR0_EL2=0, TTBR1_EL2=0, MAIR_EL2=0))] == ["el2&0"]
+
+
+def test_el1_regime_when_its_mmu_is_on() -> None:
+    el1 = {"SCTLR_EL1": M | 1 << 19, "TCR_EL1": LINUX_TCR, "TTBR0_EL1": 0x41EFD000, "TTBR1_EL1": 0x41EFE001,
+           "MAIR_EL1": 0x40044FFFF}
+    found = regimes_from_registers(regs(SCTLR_EL2=M, TCR_EL2=NVHE_TCR, TTBR0_EL2=0x4000_0000, MAIR_EL2=0, **el1))
+    assert [r.name for r in found] == ["el2", "el1&0", "el1&0:ttbr1"]
+    _, low, high = found
+    assert (low.control, low.base, low.sctlr, low.mair) == ("TCR_EL1", "TTBR0_EL1", "SCTLR_EL1", 0x40044FFFF)
+    assert low.wxn and high.wxn  # SCTLR_EL1.WXN (bit 19), not SCTLR_EL2's
+    assert (high.geom.ia_bits, high.geom.start_level, high.geom.lpa2) == (52, -1, True)
+    assert high.va_base == 0xFFF0_0000_0000_0000 and high.root == 0x41EFE000
+    # MMU off at EL1: no EL1&0 regime; EPD0 = 1: the upper range alone.
+    off = regimes_from_registers(regs(SCTLR_EL2=M, TCR_EL2=NVHE_TCR, TTBR0_EL2=0, MAIR_EL2=0,
+                                      **{**el1, "SCTLR_EL1": 0}))
+    assert [r.name for r in off] == ["el2"]
+    epd0 = regimes_from_registers(regs(**{**el1, "TCR_EL1": LINUX_TCR | 1 << 7}))
+    assert [r.name for r in epd0] == ["el1&0:ttbr1"]
+
+
+@pytest.mark.parametrize(("tcr", "field"), [
+    (_tcr_e2h(16, 0, 16, 0b00), "TCR_EL1.TG1"),  # TG1 0b00 is reserved
+    (_tcr_e2h(16, 0, 16, 0b10) | 1 << 42, "TCR_EL1.HPD1"),  # hierarchical permissions disabled
+    (_tcr_e2h(16, 0, 16, 0b10) | 1 << 41, "TCR_EL1.HPD0"),
+    (_tcr_e2h(16, 0, 50, 0b10), "TCR_EL1.T1SZ"),  # a 14-bit upper range
+])
+def test_el1_refusals_name_the_field(tcr: int, field: str) -> None:
+    with pytest.raises(RegisterDecodeError, match=field.replace(".", r"\.")):
+        regimes_from_registers(regs(SCTLR_EL1=M, TCR_EL1=tcr, TTBR0_EL1=0, TTBR1_EL1=0, MAIR_EL1=0))
