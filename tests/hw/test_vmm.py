@@ -51,8 +51,9 @@ def vmm_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextmanager
 def vmm(image: KernelImage, initrd: Path, logs: Path, mode: str, guest: str,
-        smp: int = 1) -> Iterator[tuple[KernelBoot, VmmReport]]:
-    boot, report = start_vmm(image, guest=guest, mode=mode, smp=smp, initrd=initrd, log_dir=logs, timeout=180.0)
+        smp: int = 1, cpu: str = "max") -> Iterator[tuple[KernelBoot, VmmReport]]:
+    boot, report = start_vmm(image, guest=guest, mode=mode, smp=smp, initrd=initrd, log_dir=logs, timeout=180.0,
+                             cpu=cpu)
     with boot:
         yield boot, report
 
@@ -137,33 +138,42 @@ def check_host_stage1(rd: RegimeDecode, runs: list[PageRun]) -> None:
             assert hit is not None and hit[1] == run.pa + i * PAGE, (run, i, hit)
 
 
-def check_regimes(rd: RegimeDecode, others: list[RegimeDecode], mode: str) -> None:
+def check_regimes(rd: RegimeDecode, others: list[RegimeDecode], mode: str, cpu: str = "max") -> None:
     hcr = rd.regime.registers["HCR_EL2"]
     assert HCR_VM.get(hcr) and not HCR_TGE.get(hcr)
     assert bool(HCR_E2H.get(hcr)) == (mode != "nvhe")
     # VHE: the host kernel's own TTBR1_EL2 range too (EPD1 = 0); hVHE sets EPD1
     assert [o.name for o in others] == {"nvhe": ["el2"], "protected": ["el2&0"], "vhe": ["el2&0", "el2&0:ttbr1"]}[mode]
     g = rd.regime.geom
-    # protected: pKVM gives every VM the full IPA range; otherwise the VMM's default, 40 bits
-    assert (g.ia_bits, g.start_level, g.pgd_pages) == ((52, 0, 16) if mode == "protected" else (40, 1, 2))
+    # protected: pKVM gives every VM the full IPA range (52 bits with LPA2, else 48); otherwise the
+    # VMM's default, 40 bits
+    full = (52, 0, 16) if cpu == "max" else (48, 0, 1)
+    assert (g.ia_bits, g.start_level, g.pgd_pages) == (full if mode == "protected" else (40, 1, 2))
+    assert g.lpa2 is (cpu == "max")
 
 
-@pytest.mark.parametrize("mode", ["nvhe", "protected", "vhe"])
-def test_touch(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path, mode: str,
+MODES = ["nvhe", "protected", "vhe"]
+CPUS = [pytest.param("max", id="max"), pytest.param("max,lpa2=off", id="lpa2off")]
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+@pytest.mark.parametrize("mode", MODES)
+def test_touch(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path, mode: str, cpu: str,
                record_property: Callable[[str, object], None]) -> None:
-    with vmm(kernel_image, vmm_initrd, tmp_path, mode, "touch") as (boot, rep):
+    with vmm(kernel_image, vmm_initrd, tmp_path, mode, "touch", cpu=cpu) as (boot, rep):
         record_property("boot_to_ready_s", round(boot.timings["settled"], 2))
         check_records(boot, rep, mode, "touch")
         [(rd, others)] = guest_stage2(boot)
-        check_regimes(rd, others, mode)
+        check_regimes(rd, others, mode, cpu)
         check_stage2(rd, rep, 0)
         if mode == "vhe":
             check_host_stage1(others[0], rep.pages)
 
 
-def test_dirty_log(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path) -> None:
-    mode = "protected"
-    with vmm(kernel_image, vmm_initrd, tmp_path, mode, "dirty-log") as (boot, rep):
+@pytest.mark.parametrize("cpu", CPUS)
+@pytest.mark.parametrize("mode", MODES)
+def test_dirty_log(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path, mode: str, cpu: str) -> None:
+    with vmm(kernel_image, vmm_initrd, tmp_path, mode, "dirty-log", cpu=cpu) as (boot, rep):
         check_records(boot, rep, mode, "dirty-log")
         log = [m for m in rep.memslot_ops(0) if m.op == "log"]
         assert [(m.slot, m.log_dirty) for m in log] == [(THP_SLOT, True)]
@@ -176,7 +186,7 @@ def test_dirty_log(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path) 
         assert all(p.access == "w" and p.count == 1 for p in written)
 
         [(rd, others)] = guest_stage2(boot)
-        check_regimes(rd, others, mode)
+        check_regimes(rd, others, mode, cpu)
         check_stage2(rd, rep, 0, skip_slot=THP_SLOT)
         # The logged slot: only the dirtied pages are mapped, as 4K pages, write-protected again
         # by KVM_GET_DIRTY_LOG; the blocks they were in are gone.
@@ -188,9 +198,10 @@ def test_dirty_log(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path) 
             assert r.range.pa == pages[r.va]
 
 
-def test_memslot(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path) -> None:
-    mode = "nvhe"
-    with vmm(kernel_image, vmm_initrd, tmp_path, mode, "memslot") as (boot, rep):
+@pytest.mark.parametrize("cpu", CPUS)
+@pytest.mark.parametrize("mode", MODES)
+def test_memslot(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path, mode: str, cpu: str) -> None:
+    with vmm(kernel_image, vmm_initrd, tmp_path, mode, "memslot", cpu=cpu) as (boot, rep):
         check_records(boot, rep, mode, "memslot")
         ops = {m.op: m for m in rep.memslot_ops(0) if m.op != "create"}
         deleted, moved = ops["delete"], ops["move"]
@@ -204,7 +215,7 @@ def test_memslot(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path) ->
         assert [(p.ipa, p.pfn, p.count) for p in after] == [(moved.ipa, before[0].pfn, 512)]
 
         [(rd, others)] = guest_stage2(boot)
-        check_regimes(rd, others, mode)
+        check_regimes(rd, others, mode, cpu)
         check_stage2(rd, rep, 0)
         for gone in (deleted.ipa, old.ipa):
             assert not [r for r in rd.ranges if r.va < gone + BLOCK and r.end > gone], f"{gone:#x} still mapped"
@@ -212,11 +223,12 @@ def test_memslot(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path) ->
         assert hit is not None and hit[1] == before[0].pa and hit[0].level == 2
 
 
-def test_two_vms(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cpu", CPUS)
+@pytest.mark.parametrize("mode", MODES)
+def test_two_vms(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path, mode: str, cpu: str) -> None:
     """Two VMs, one process and one vCPU each, on two CPUs: both guests' stage 2s are live at once
     (distinct VMIDs), each mapping its own VM's pages; in VHE each CPU's TTBR0_EL2 is its VMM's."""
-    mode = "vhe"
-    with vmm(kernel_image, vmm_initrd, tmp_path, mode, "two-vms", smp=2) as (boot, rep):
+    with vmm(kernel_image, vmm_initrd, tmp_path, mode, "two-vms", smp=2, cpu=cpu) as (boot, rep):
         check_records(boot, rep, mode, "two-vms", vms=2)
         pfns = [{p.pfn for p in rep.pages if p.vm == vm} for vm in (0, 1)]
         assert not pfns[0] & pfns[1]  # each VM its own memory
@@ -224,13 +236,14 @@ def test_two_vms(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path) ->
         assert len({_vmid(rd) for rd, _ in guests}) == 2
         matched = set()
         for rd, others in guests:
-            check_regimes(rd, others, mode)
+            check_regimes(rd, others, mode, cpu)
             maps = rep.page_map(0), rep.page_map(1)
             vm = next(v for v in (0, 1) if all((h := _at(rd, ipa)) is not None and h[1] == pa
                                                for ipa, pa in maps[v].items()))
             matched.add(vm)
             check_stage2(rd, rep, vm)
-            check_host_stage1(others[0], [p for p in rep.pages if p.vm == vm])
+            if mode == "vhe":  # each CPU's TTBR0_EL2 is its VMM process's
+                check_host_stage1(others[0], [p for p in rep.pages if p.vm == vm])
         assert matched == {0, 1}
 
 
