@@ -633,3 +633,13 @@ def test_upper_range_decoded_at_its_top_addresses(capsys: pytest.CaptureFixture[
     assert main(["attach", str(path), "--json", "--explain", "0x40001234"]) == 0  # below the range
     (ex,) = json.loads(capsys.readouterr().out)["explain"]
     assert not ex["ok"]
+
+
+def test_vmm_log_bad_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, _ = _saved(tmp_path)
+    plain = tmp_path / "console.log"
+    plain.write_text("[    0.0] Booting Linux on physical CPU 0x0\n")
+    for log, needle in ((tmp_path / "missing.log", "--vmm: cannot read"), (plain, "no '@@vmm' record")):
+        assert main(["attach", str(path), "--vmm", str(log)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err

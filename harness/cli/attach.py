@@ -18,6 +18,7 @@ from typing import Any
 
 from harness.arch.regimes import guest_vmid
 from harness.check import attach as att
+from harness.check.guest import check_guest
 from harness.cli import attach_view as av
 from harness.cli.args import check_log_dir, check_output_file, start_target
 from harness.cli.output import print_json
@@ -25,6 +26,7 @@ from harness.errors import EXIT_MISMATCH, EXIT_OK, InputError, MachineryError
 from harness.live.capture import Capture
 from harness.live.gdbstub import TargetSpec, capture, parse_target
 from harness.live.snapshot import Snapshot
+from harness.live.vmm import read_report
 from harness.target.layout import Layout
 from harness.target.target import Target
 
@@ -47,6 +49,8 @@ def add_parser(sub: Any) -> None:
                    "vCPU's EL1 MMU is on: an nVHE host kernel's own tables, a guest's stage 1")
     p.add_argument("--in-guest", action="store_true", help="capture again (up to 8 times) until a vCPU is "
                    "stopped in a guest (HCR_EL2.VM = 1, VMID != 0): a running guest's vCPU is sometimes in the host")
+    p.add_argument("--vmm", metavar="LOG", help="hold the guest's stage 2 to the account of the harness's VMM "
+                   "in this console log (harness boot's serial_log): exit 1 where they disagree")
     p.add_argument("--explain", metavar="ADDR", help="the walk of this input address in every regime")
     p.add_argument("--save", metavar="FILE", help="write the snapshot (registers + table pages, JSON) here")
     p.add_argument("--verify", action="store_true", help="replay the tables on the harness's QEMU and check "
@@ -59,6 +63,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     filters, cpu = _check_args(args)
+    vmm_report = read_report(args.vmm) if args.vmm else None
     spec = parse_target(args.target)
     timings: dict[str, float] = {}
     if spec.kind == "file":
@@ -73,12 +78,17 @@ def run(args: argparse.Namespace) -> int:
     if args.save:
         _save(snap, args.save)
     v = av.view(snap, regimes, filters, timings)
+    guest = check_guest(vmm_report, v.decoded) if vmm_report is not None else None
+    if guest is not None:
+        v.out["guest_check"] = guest.to_json()
     report = _verify(args, v) if args.verify else None
-    code = EXIT_OK if report is None or report.ok else EXIT_MISMATCH
+    code = EXIT_OK if (report is None or report.ok) and (guest is None or guest.ok) else EXIT_MISMATCH
     if args.json:
         print_json(v.out)
         return code
     print(av.text(v, filters, args.target, args.save))
+    if guest is not None:
+        print("\n" + guest.text())
     if report is not None:
         print("\n" + report.text())
     return code

@@ -368,9 +368,16 @@ def parse_report(text: str | bytes, source: str = "console") -> VmmReport:
 
 
 def read_report(path: Path | str) -> VmmReport:
-    """The records of a serial log file."""
+    """The records of a serial log file (RecordError names an unreadable file or a bad line)."""
     path = Path(path)
-    return parse_report(path.read_bytes(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecordError(f"--vmm: cannot read {path}: {exc.strerror}") from None
+    report = parse_report(data, str(path))
+    if not report.records:
+        raise RecordError(f"--vmm: {path} has no '@@vmm' record: not the console log of the harness's VMM")
+    return report
 
 
 def start_vmm(image: KernelImage, guest: str = "touch", mode: str = "vhe", *, cpu: str = "max", smp: int = 1,
@@ -388,7 +395,7 @@ def start_vmm(image: KernelImage, guest: str = "touch", mode: str = "vhe", *, cp
     boot = KernelBoot(image, mode=mode, cpu=cpu, smp=smp, initrd=initrd, guest=guest, log_dir=log_dir,
                       timeout=timeout, append=append, gdb_socket=gdb_socket).start()
     try:
-        report = read_report(boot.serial_log)
+        report = parse_report(boot.serial_log.read_bytes(), str(boot.serial_log))
         if PANIC.search(boot.settled):
             raise VmmFailed(f"the kernel panicked before the VMM was ready: {boot.settled.strip()}\n"
                             f"--- console (tail) ---\n{boot.console_tail(1500)}")

@@ -62,10 +62,12 @@ def test_boot_attach_and_sigterm(kernel_image: KernelImage, tmp_path: Path) -> N
         assert guest["pattern"] == "touch" and guest["vms"] == [0] and guest["memslots"] and guest["pages"]
         assert _qemus_of(proc.pid), "no QEMU of harness boot's"
         # --in-guest: captured again until the vCPU is stopped in the guest (it spins there)
-        done = subprocess.run([*HARNESS, "attach", str(sock), "--json", "--in-guest"], capture_output=True,
-                              text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stderr
+        done = subprocess.run([*HARNESS, "attach", str(sock), "--json", "--in-guest", "--vmm", info["serial_log"]],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr + done.stdout[-2000:]
         out = json.loads(done.stdout)
+        check = out["guest_check"]  # the guest's stage 2 against the VMM's account
+        assert check["ok"] and check["vms"] == {"0": 1} and check["pages"] > 1000, check
         assert [(c["context"], c["vmid"]) for c in out["cpus"]] == [("guest", 1)]
         guests = [r for r in out["regimes"] if r["regime"] == "stage2"]
         text = subprocess.run([*HARNESS, "attach", str(sock), "--in-guest"], capture_output=True, text=True,

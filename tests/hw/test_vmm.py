@@ -30,6 +30,7 @@ import pytest
 
 from harness.arch.registers import HCR_E2H, HCR_TGE, HCR_VM
 from harness.check.attach import LiveRange, RegimeDecode, decode
+from harness.check.guest import check_guest
 from harness.core.translate import PERM_R, PERM_W
 from harness.live.gdbstub import capture, parse_target
 from harness.live.initramfs import vmm_initramfs
@@ -62,10 +63,12 @@ def _vmid(rd: RegimeDecode) -> int:
     return rd.regime.registers["VTTBR_EL2"] >> 48
 
 
-def guest_stage2(boot: KernelBoot, vms: int = 1) -> list[tuple[RegimeDecode, list[RegimeDecode]]]:
+def guest_stage2(boot: KernelBoot, vms: int = 1, rep: VmmReport | None = None) -> list[tuple[RegimeDecode,
+                                                                                              list[RegimeDecode]]]:
     """Capture until ``vms`` guest stage 2s (VMID != 0) are in use at once; each with the other
     regimes of the CPUs using it. A capture can stop a vCPU while the host runs (a timer tick):
-    then try again."""
+    then try again. With ``rep``, the capture must pass the guest check against it
+    (harness.check.guest: what ``harness attach --vmm`` runs)."""
     seen: list[str] = []
     for _ in range(CAPTURE_TRIES):
         cap = capture(parse_target(str(boot.gdb_socket)), timeout=60.0)
@@ -73,6 +76,9 @@ def guest_stage2(boot: KernelBoot, vms: int = 1) -> list[tuple[RegimeDecode, lis
         guests = [rd for rd in decoded if rd.name == "stage2" and _vmid(rd) != 0]
         seen.append(", ".join(f"{rd.name}@{rd.cpus}" for rd in decoded))
         if len({_vmid(rd) for rd in guests}) >= vms:
+            if rep is not None:
+                res = check_guest(rep, decoded)
+                assert res.ok and len(res.vms) == vms, res.text()
             return [(rd, [o for o in decoded if o is not rd and set(o.cpus) & set(rd.cpus)]) for rd in guests]
     raise AssertionError(f"no capture with {vms} guest stage 2(s) in {CAPTURE_TRIES} tries: {seen}")
 
@@ -163,7 +169,7 @@ def test_touch(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path, mode
     with vmm(kernel_image, vmm_initrd, tmp_path, mode, "touch", cpu=cpu) as (boot, rep):
         record_property("boot_to_ready_s", round(boot.timings["settled"], 2))
         check_records(boot, rep, mode, "touch")
-        [(rd, others)] = guest_stage2(boot)
+        [(rd, others)] = guest_stage2(boot, rep=rep)
         check_regimes(rd, others, mode, cpu)
         check_stage2(rd, rep, 0)
         if mode == "vhe":
@@ -185,7 +191,7 @@ def test_dirty_log(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path, 
         assert sorted((p.ipa - slot.ipa) // PAGE for p in written) == list(DIRTY_PAGES)
         assert all(p.access == "w" and p.count == 1 for p in written)
 
-        [(rd, others)] = guest_stage2(boot)
+        [(rd, others)] = guest_stage2(boot, rep=rep)
         check_regimes(rd, others, mode, cpu)
         check_stage2(rd, rep, 0, skip_slot=THP_SLOT)
         # The logged slot: only the dirtied pages are mapped, as 4K pages, write-protected again
@@ -214,7 +220,7 @@ def test_memslot(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path, mo
         after = [p for p in rep.pages if p.slot == moved.slot and p.phase == "moved"]
         assert [(p.ipa, p.pfn, p.count) for p in after] == [(moved.ipa, before[0].pfn, 512)]
 
-        [(rd, others)] = guest_stage2(boot)
+        [(rd, others)] = guest_stage2(boot, rep=rep)
         check_regimes(rd, others, mode, cpu)
         check_stage2(rd, rep, 0)
         for gone in (deleted.ipa, old.ipa):
@@ -232,7 +238,7 @@ def test_two_vms(kernel_image: KernelImage, vmm_initrd: Path, tmp_path: Path, mo
         check_records(boot, rep, mode, "two-vms", vms=2)
         pfns = [{p.pfn for p in rep.pages if p.vm == vm} for vm in (0, 1)]
         assert not pfns[0] & pfns[1]  # each VM its own memory
-        guests = guest_stage2(boot, vms=2)
+        guests = guest_stage2(boot, vms=2, rep=rep)
         assert len({_vmid(rd) for rd, _ in guests}) == 2
         matched = set()
         for rd, others in guests:
