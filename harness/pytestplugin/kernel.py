@@ -35,9 +35,10 @@ import pytest
 from harness.live.capture import Capture
 from harness.live.gdbstub import capture, parse_target
 from harness.live.kernel import KernelBoot, KernelImage, KernelImageError
+from harness.live.vmm import VmmReport, start_vmm
 
 REQUIRE_ENV = "HARNESS_REQUIRE_HW"
-_BootKey = tuple[str, str, str, int]  # mode, CPU model, extra command line, number of CPUs
+_BootKey = tuple[str, str, str, int, str]  # mode, CPU model, extra command line, number of CPUs, guest
 _BOOTS_KEY = pytest.StashKey[dict[_BootKey, "LiveKernel"]]()
 
 
@@ -56,6 +57,7 @@ class LiveKernel:
 
     boot: KernelBoot
     captures: list[Capture] = field(default_factory=list)
+    vmm: VmmReport | None = None  # with guest=: what the harness's VMM reported (harness.live.vmm)
 
     @property
     def image(self) -> KernelImage:
@@ -115,23 +117,30 @@ def _kernel_boots(request: pytest.FixtureRequest) -> Iterator[dict[_BootKey, Liv
 @pytest.fixture
 def live_kernel(request: pytest.FixtureRequest, kernel_image: KernelImage, tmp_path_factory: pytest.TempPathFactory,
                 _kernel_boots: dict[_BootKey, LiveKernel]) -> Iterator[Callable[..., LiveKernel]]:
-    """``live_kernel(mode="nvhe", cpu="max", append="", smp=1)`` -> a :class:`LiveKernel`
-    (session-cached). Between the tests that use them the session's kernels are stopped (SIGSTOP:
-    a booted kernel spins after its root-fs panic, a host core each) and continued when a test asks
-    for one again."""
+    """``live_kernel(mode="nvhe", cpu="max", append="", smp=1, guest=None)`` -> a :class:`LiveKernel`
+    (session-cached); ``mode`` also "vhe"; ``guest``: a pattern of the harness's VMM
+    (:data:`harness.live.vmm.PATTERNS`) run as /init, its report in ``LiveKernel.vmm``. Between the
+    tests that use them the session's kernels are stopped (SIGSTOP: a booted kernel spins after its
+    root-fs panic, and a guest spins by design, a host core each) and continued when a test asks for
+    one again."""
     timeout = float(request.config.getoption("--kernel-timeout"))
 
-    def get(mode: str = "nvhe", cpu: str = "max", append: str = "", smp: int = 1) -> LiveKernel:
-        key = (mode, cpu, append, smp)
+    def get(mode: str = "nvhe", cpu: str = "max", append: str = "", smp: int = 1,
+            guest: str | None = None) -> LiveKernel:
+        key = (mode, cpu, append, smp, guest or "")
         k = _kernel_boots.get(key)
         if k is not None and k.boot.pid is not None and _alive(k):
             _signal(k, signal.SIGCONT)
             return k
         smp_tag = f"-smp{smp}" if smp != 1 else ""
         logs = tmp_path_factory.mktemp(f"kernel-{mode}-{cpu.replace(',', '-').replace('=', '')}{smp_tag}")
-        boot = KernelBoot(kernel_image, mode=mode, cpu=cpu, append=append, timeout=timeout, log_dir=logs,
-                          smp=smp).start()
-        k = _kernel_boots[key] = LiveKernel(boot)
+        if guest is not None:  # the harness's VMM as /init, running that guest pattern
+            boot, report = start_vmm(kernel_image, guest=guest, mode=mode, cpu=cpu, smp=smp, log_dir=logs,
+                                     timeout=timeout, append=append)
+        else:
+            boot, report = KernelBoot(kernel_image, mode=mode, cpu=cpu, append=append, timeout=timeout,
+                                      log_dir=logs, smp=smp).start(), None
+        k = _kernel_boots[key] = LiveKernel(boot, vmm=report)
         return k
 
     try:
@@ -162,7 +171,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if rep.when != "call" or not rep.failed or "live_kernel" not in getattr(item, "fixturenames", ()):
         return
     boots = item.config.stash.get(_BOOTS_KEY, {})
-    for (mode, cpu, _, smp), k in boots.items():
+    for (mode, cpu, _, smp, _guest), k in boots.items():
         rep.sections.append((f"kernel {mode} on -cpu {cpu} -smp {smp}",
                              f"serial log: {k.serial_log}\nQEMU: {k.boot.cmdline}\n"
                              f"--- serial tail ---\n{k.boot.console_tail(1500)}"))

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +118,19 @@ def test_boot_mode_the_cpu_cannot_run(kernel_image: KernelImage, tmp_path: Path)
     assert "--mode vhe: the kernel came up as 'Hyp nVHE mode initialized successfully'" in line, line
     assert "on -cpu cortex-a57: that CPU cannot run vhe" in line
     assert not (tmp_path / "k.sock").exists()
+
+
+def test_live_kernel_fixture_with_a_guest(live_kernel: Any) -> None:
+    """``live_kernel(guest=...)``: the kernel runs the VMM's guest; its report comes along, and the
+    capture (retried: the vCPU may be in the host) passes the guest check."""
+    from harness.check.attach import decode
+    from harness.check.guest import check_guest
+
+    k = live_kernel(mode="vhe", guest="dirty-log")
+    assert k.vmm is not None and k.vmm.ready is not None and k.vmm.ready.pattern == "dirty-log"
+    for _ in range(8):
+        cap = k.capture()
+        res = check_guest(k.vmm, decode(cap.snapshot, cap.regimes))
+        if "missing-vm" not in res.by_kind:
+            break
+    assert res.ok, res.text()
