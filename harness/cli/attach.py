@@ -126,7 +126,7 @@ def _capture(spec: TargetSpec, args: argparse.Namespace, cpu: int | None) -> Cap
         cap = capture(spec, timeout=args.timeout, cpu=cpu, all_ranges=args.all_ranges)
         if not args.in_guest or any(guest_vmid(regs) is not None for regs in cap.snapshot.cpus.values()):
             return cap
-        seen.append(",".join(f"EL{(r.get('cpsr', 0) >> 2) & 3}" for r in cap.snapshot.cpus.values()))
+        seen.append(",".join(f"EL{av.current_el(r)}" for r in cap.snapshot.cpus.values()))
         time.sleep(0.05)
     raise NoGuest(f"--in-guest: no vCPU of {spec} was stopped in a guest in {GUEST_TRIES} captures (stopped at: "
                   f"{'; '.join(seen)}): is a guest running?")

@@ -15,6 +15,8 @@ from typing import Any
 
 from harness.arch.regimes import guest_vmid
 from harness.check import attach as att
+from harness.check.scenario.parse import int_text
+from harness.cli import args
 from harness.errors import InputError
 from harness.live.regimes import Regime
 from harness.live.snapshot import Snapshot
@@ -55,18 +57,12 @@ def parse_regimes(values: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def parse_address(text: str, option: str = "--explain") -> int:
-    try:
-        value = int(text, 0) if text.isascii() else -1
-    except ValueError:
-        value = -1
-    if not 0 <= value < 1 << 64:
-        raise InputError(f"{option}: expected a 64-bit address like 0x40001000, got {text!r}")
-    return value
+    return args.parse_address(text, option)
 
 
 def parse_cpu(text: str) -> int:
     try:
-        value = int(text, 0) if text.isascii() else -1
+        value = int_text(text, "a vCPU index")
     except ValueError:
         value = -1
     if value < 0:

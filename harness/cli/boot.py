@@ -30,7 +30,7 @@ from typing import Any
 from harness.cli.args import add_json_arg, check_log_dir, positive_seconds
 from harness.cli.output import print_json
 from harness.errors import EXIT_OK, InputError, MachineryError
-from harness.live.kernel import BANNER, EXPECTED_BANNER, MAX_SMP, MODES, KernelBoot, KernelImage, NoKvm
+from harness.live.kernel import BANNER, EXPECTED_BANNER, MAX_SMP, MODES, KernelBoot, KernelImage, NoKvm, last_lines
 from harness.live.vmm import PATTERNS, VmmFailed, VmmReport, start_vmm
 from harness.target.errors import TargetError
 
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         boot, report = start_vmm(image, guest=args.guest, mode=args.mode, cpu=args.cpu, smp=args.smp,
                                  log_dir=logs, timeout=args.timeout, gdb_socket=sock)
     except (TargetError, VmmFailed, NoKvm) as exc:
-        last = _last_lines(logs / "serial.log")
+        last = last_lines(logs / "serial.log")
         banner = BANNER.search((logs / "serial.log").read_bytes()) if (logs / "serial.log").exists() else None
         if banner is not None:
             _check_mode(banner.group(0).decode(), args.mode, args.cpu, logs)
@@ -151,14 +151,6 @@ def _serve(args: argparse.Namespace, boot: KernelBoot, report: VmmReport, image:
               f"{ready.pattern if ready else '?'} running in {len(report.vms)} VM(s); gdbstub on {sock}; "
               f"console {boot.serial_log}; SIGTERM or Ctrl-C ends it", flush=True)
     _wait(boot)
-
-
-def _last_lines(log: Path, n: int = 3) -> str:
-    try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no console log)"
-    return " | ".join(lines[-n:]) or "(empty)"
 
 
 def _first_line(exc: BaseException) -> str:

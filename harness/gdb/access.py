@@ -18,17 +18,15 @@ Physical reads:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from harness.errors import InputError
-from harness.live.capture import AttachFailed, VCpu
+from harness.live.capture import AttachFailed, VCpu, vcpu_of_thread
 
 PHYS_MODES = ("qemu", "direct")
-_CPU_INDEX = re.compile(r"CPU#(\d+)")
 _OK = 'received: "OK"'
 
 GdbModule = Any  # gdb's own Python module (only inside gdb) or a stand-in
@@ -55,10 +53,8 @@ def source_of(gdb: GdbModule) -> str:
 
 
 def vcpu_of(thread: Any) -> VCpu:
-    """A gdb thread as a vCPU: QEMU names each ``CPU#N [state]`` (thread N+1)."""
-    details = str(thread.details or "")
-    m = _CPU_INDEX.search(details)
-    return VCpu(int(m[1]) if m else int(thread.num) - 1, str(thread.num), details)
+    """A gdb thread (gdb's Python object) as a vCPU."""
+    return vcpu_of_thread(str(thread.num), str(thread.details or ""))
 
 
 class GdbApiAccess:

@@ -9,6 +9,7 @@ code and cannot drift apart.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,15 @@ class VCpu:
     cpu: int  # QEMU's CPU index (from the thread's "CPU#N" details; else thread id - 1)
     thread: str  # gdb's thread id
     state: str  # QEMU's thread details, e.g. "CPU#1 [halted ]"
+
+
+_CPU_INDEX = re.compile(r"CPU#(\d+)")
+
+
+def vcpu_of_thread(thread: str, details: str) -> VCpu:
+    """A gdb thread as a vCPU: QEMU's gdbstub names each ``CPU#N [state]`` (thread N+1)."""
+    m = _CPU_INDEX.search(details)
+    return VCpu(int(m[1]) if m else int(thread) - 1, thread, details)
 
 
 class TargetAccess(Protocol):

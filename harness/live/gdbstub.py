@@ -28,11 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import InputError
-from harness.live.capture import AttachFailed, Capture, VCpu, arch_names, capture_from, wanted_registers
+from harness.live.capture import (
+    AttachFailed,
+    Capture,
+    VCpu,
+    arch_names,
+    capture_from,
+    vcpu_of_thread,
+    wanted_registers,
+)
 from harness.target.errors import TargetError
 from harness.target.gdbmi import GdbError, GdbMI, Record
 
-_CPU_INDEX = re.compile(r"CPU#(\d+)")
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})$")
 
 
@@ -148,9 +155,7 @@ class Session:
         threads = self.gdb.command("-thread-info", self.timeout)["payload"].get("threads", [])
         out = []
         for t in threads:
-            details = str(t.get("details", ""))
-            m = _CPU_INDEX.search(details)
-            out.append(VCpu(int(m[1]) if m else int(t["id"]) - 1, str(t["id"]), details))
+            out.append(vcpu_of_thread(str(t["id"]), str(t.get("details", ""))))
         if not out:
             raise AttachFailed(f"gdb lists no thread (vCPU) on {self.spec}")
         return sorted(out, key=lambda v: v.cpu)

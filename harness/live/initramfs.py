@@ -30,7 +30,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.target.firmware import FIRMWARE_DIR, FirmwareBuildError, Toolchain, cache_root, choose_toolchain
+from harness.target.firmware import (
+    FIRMWARE_DIR,
+    FirmwareBuildError,
+    Toolchain,
+    cache_root,
+    choose_toolchain,
+    publish,
+)
 
 VMM_DIR = FIRMWARE_DIR / "vmm"
 VMM_SOURCES = ("start.S", "vmm.c")
@@ -180,14 +187,7 @@ def build_vmm(force: bool = False, cc: str | None = None) -> Path:
             shutil.copy(VMM_DIR / name, work / name)
         _run(vmm_command(toolchain), work)
         (work / "BUILD").write_text(shlex.join(vmm_command(toolchain)) + "\n")
-        if force and final.exists():
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(work, final)  # atomic; fails if another builder got there first
-        except OSError:
-            if not binary.exists():
-                raise
-        return binary
+        return publish(work, final, binary, force)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

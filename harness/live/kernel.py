@@ -271,8 +271,7 @@ class KernelBoot:
 
     def console_lines(self, n: int = 3) -> str:
         """The console's last ``n`` non-empty lines, joined with `` | `` (for one-line messages)."""
-        lines = [ln.strip() for ln in self.console_tail(4000).splitlines() if ln.strip()]
-        return " | ".join(lines[-n:]) or "(empty)"
+        return last_lines(self.serial_log, n)
 
     def poll(self) -> int | None:
         """QEMU's exit status, or None while it runs."""
@@ -292,6 +291,12 @@ class KernelBoot:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def last_lines(log: Path, n: int = 3) -> str:
+    """A console log's last ``n`` non-empty lines, joined with `` | `` (for one-line messages)."""
+    lines = [ln.strip() for ln in _tail(log, 4000).splitlines() if ln.strip()]
+    return " | ".join(lines[-n:]) or "(empty)"
 
 
 def _spawn(args: list[str], stdout: IO[bytes], stderr: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:

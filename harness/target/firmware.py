@@ -177,16 +177,22 @@ def build(force: bool = False, cc: str | None = None, layout: Layout = LAYOUT) -
         _run([*toolchain.cc, *CFLAGS, *LDFLAGS, *toolchain.link_flags, "-T", "gen/link.ld", "-Wl,--build-id=none",
               "-o", "payload.elf", *objs], work)
         (work / "BUILD").write_text(f"{toolchain.describe()}\n{' '.join(CFLAGS)}\n")
-        if force and final.exists():
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(work, final)  # atomic; fails if another builder got there first
-        except OSError:
-            if not elf.exists():
-                raise
-        return elf
+        return publish(work, final, elf, force)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def publish(work: Path, final: Path, product: Path, force: bool = False) -> Path:
+    """Move a finished build directory into its cache place (atomically: a rename, which fails if
+    another builder got there first, whose ``product`` is then used); ``force`` replaces it."""
+    if force and final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.rename(work, final)
+    except OSError:
+        if not product.exists():
+            raise
+    return product
 
 
 def main(argv: list[str] | None = None) -> int:
