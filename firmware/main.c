@@ -120,10 +120,11 @@ void fw_uninstall(void)
     uninstall();
 }
 
-/* hcr_set: HCR_EL2.E2H for the EL2&0 regime (hVHE), set before TCR_EL2 (read in its E2H = 1 layout). */
-static u64 install_s1(u64 mair, u64 tcr, u64 ttbr0, u64 sctlr_set, u64 hcr_set)
+/* hcr_set: HCR_EL2.E2H for the EL2&0 regime (hVHE), set before TCR_EL2 (read in its E2H = 1 layout);
+ * ttbr1: that regime's upper range (TCR_EL2.EPD1 = 0 walks it), none without E2H. */
+static u64 install_s1(u64 mair, u64 tcr, u64 ttbr0, u64 sctlr_set, u64 hcr_set, u64 ttbr1)
 {
-    if (hcr_set & ~HCR_E2H)
+    if (hcr_set & ~HCR_E2H || (ttbr1 && !(hcr_set & HCR_E2H)))
         return STATUS_BAD_ARG;
     uninstall();
     if (hcr_set) {
@@ -133,6 +134,8 @@ static u64 install_s1(u64 mair, u64 tcr, u64 ttbr0, u64 sctlr_set, u64 hcr_set)
     WRITE_SYSREG(mair_el2, mair);
     WRITE_SYSREG(tcr_el2, tcr);
     WRITE_SYSREG(ttbr0_el2, ttbr0);
+    if (hcr_set)
+        WRITE_SYSREG(s3_4_c2_c0_1, ttbr1); /* TTBR1_EL2 (FEAT_VHE: not in -march=armv8-a's names) */
     ISB();
     tlbi_el2_regime();
     WRITE_SYSREG(sctlr_el2, READ_SYSREG(sctlr_el2) | sctlr_set);
@@ -308,7 +311,7 @@ static u64 serve(u64 cmd)
     case CMD_NOP:
         return STATUS_OK;
     case CMD_INSTALL_S1:
-        return install_s1(mb->arg[0], mb->arg[1], mb->arg[2], mb->arg[3], mb->arg[4]);
+        return install_s1(mb->arg[0], mb->arg[1], mb->arg[2], mb->arg[3], mb->arg[4], mb->arg[5]);
     case CMD_INSTALL_S2:
         install_s2(mb->arg[0], mb->arg[1], mb->arg[2]);
         return STATUS_OK;

@@ -58,6 +58,9 @@ S1_UXN = bit("UXN", 54)  # the same bit in the EL2&0 regime (E2H = 1): EL0's exe
 # GP, bit [50]): instruction fetches from the page are subject to branch target checks. With DS = 1
 # bit 50 is still GP (the output address reaches only bit 49 there).
 S1_GP = bit("GP", 50)
+# Dirty Bit Modifier (FEAT_HAFDBS): with TCR.HD = 1 (and HA = 1) a write to a leaf with DBM = 1 and
+# AP[2] = 1 ("writable-clean") is permitted, and the MMU clears AP[2]; without HD it is ignored.
+S1_DBM = bit("DBM", 51)
 
 # Stage-2 leaf attributes.
 S2_MEMATTR = Field("MemAttr", 5, 2)

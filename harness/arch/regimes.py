@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from harness.arch.bits import Field
 from harness.arch.geometry import (
@@ -64,6 +65,8 @@ from harness.arch.registers import (
     TCR_E2H_DS,
     TCR_E2H_EPD0,
     TCR_E2H_EPD1,
+    TCR_E2H_HA,
+    TCR_E2H_HD,
     TCR_E2H_HPD0,
     TCR_E2H_HPD1,
     TCR_E2H_IPS,
@@ -75,10 +78,13 @@ from harness.arch.registers import (
     TCR_E2H_TBI1,
     TCR_E2H_TG1,
     TCR_EL2_DS,
+    TCR_EL2_HA,
+    TCR_EL2_HD,
     TG0,
     TG0_ENCODING,
     TG1_ENCODING,
     VTCR_DS,
+    VTCR_HA,
     VTCR_SL0,
     VTCR_SL2,
     VTTBR_VMID,
@@ -130,6 +136,28 @@ class LiveRegime:
         control = self.registers[self.control]
         return TCR_E2H_SH1.get(control) if self.upper else SH0.get(control)
 
+    @property
+    def ha(self) -> bool:
+        """TCR/VTCR.HA: the MMU sets a leaf's Access flag instead of faulting (FEAT_HAFDBS)."""
+        control = self.registers[self.control]
+        if self.geom.stage is Stage.S2:
+            return bool(VTCR_HA.get(control))
+        return bool((TCR_E2H_HA if self.geom.e2h else TCR_EL2_HA).get(control))
+
+    @property
+    def hd(self) -> bool:
+        """TCR.HD with HA: a stage-1 write to a DBM = 1 leaf clears its AP[2] instead of faulting
+        (stage 2's dirty state, VTCR_EL2.HD with S2 DBM, is not modelled: False there)."""
+        if self.geom.stage is Stage.S2:
+            return False
+        control = self.registers[self.control]
+        return self.ha and bool((TCR_E2H_HD if self.geom.e2h else TCR_EL2_HD).get(control))
+
+    def walk_options(self) -> dict[str, Any]:
+        """The keywords of the model's walks (:func:`harness.core.translate.translate`) that this
+        regime's registers set: SH0 (SH1), SCTLR.WXN, TCR.HA and HD."""
+        return {"sh0": self.sh0, "wxn": self.wxn, "ha": self.ha, "hd": self.hd}
+
     def local(self, address: int) -> int:
         """The input address as the range's walk indexes it (``address - va_base``; an address below
         an upper range maps to 2**ia_bits or above: outside it)."""
@@ -148,6 +176,29 @@ class LiveRegime:
         for f, v in moved:
             tcr = (tcr & ~f.mask) | f.prep(v)
         return tcr
+
+    def as_both_ranges(self) -> int:
+        """The TCR value (two-range layout) whose TTBR1 range walks this range's tables and whose
+        TTBR0 range walks a table of the same geometry: :meth:`as_lower_range` with its T0SZ, TG, SH,
+        IRGN, ORGN, TBI and HPD copied into the TTBR1 fields, EPD0 = EPD1 = 0. A lower range's walk
+        of ``VA`` is then the TTBR1 walk of ``VA + 2**64 - 2**ia_bits`` (the index bits are the same),
+        an upper range's is its own; the TTBR0 range is free for another table."""
+        if not self.geom.e2h:
+            raise ValueError(f"{self.name}: {self.control} has one range (no TTBR1)")
+        low = self.as_lower_range()
+        copied = [(TCR_E2H_T1SZ, T0SZ.get(low)), (TCR_E2H_TG1, TG1_ENCODING[self.geom.granule]),
+                  (TCR_E2H_SH1, SH0.get(low)), (TCR_E2H_IRGN1, IRGN0.get(low)), (TCR_E2H_ORGN1, ORGN0.get(low)),
+                  (TCR_E2H_TBI1, TCR_E2H_TBI0.get(low)), (TCR_E2H_HPD1, TCR_E2H_HPD0.get(low)),
+                  (TCR_E2H_EPD0, 0), (TCR_E2H_EPD1, 0)]
+        tcr = low
+        for f, v in copied:
+            tcr = (tcr & ~f.mask) | f.prep(v)
+        return tcr
+
+    @property
+    def upper_base(self) -> int:
+        """The lowest input address of a TTBR1 range of this regime's size: ``2**64 - 2**ia_bits``."""
+        return (1 << 64) - (1 << self.geom.ia_bits)
 
 
 @dataclass(frozen=True)

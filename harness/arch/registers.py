@@ -287,7 +287,8 @@ def describe_esr(esr: int) -> str:
 @dataclass(frozen=True)
 class Stage1Regs:
     """What the firmware programs for the EL2 stage-1 regime: HCR_EL2 |= hcr_el2_set (E2H for the
-    EL2&0 "hVHE" regime; 0 for the non-VHE EL2 regime), MAIR/TCR/TTBR0, then SCTLR_EL2 |= sctlr_set.
+    EL2&0 "hVHE" regime; 0 for the non-VHE EL2 regime), MAIR/TCR/TTBR0 (and TTBR1 with E2H: the
+    upper range, walked when TCR_EL2.EPD1 = 0), then SCTLR_EL2 |= sctlr_set.
 
     ``sctlr_el2_set`` is M, C and I for the harness's own tables (SCTLR_EL2.WXN = 0, the walks'
     default); ``harness attach --verify`` adds WXN when the snapshot has it (the payload's code is
@@ -298,6 +299,7 @@ class Stage1Regs:
     ttbr0_el2: int
     sctlr_el2_set: int
     hcr_el2_set: int = 0
+    ttbr1_el2: int = 0
 
     stage = Stage.S1
 

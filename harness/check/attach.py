@@ -21,6 +21,13 @@
   addresses whose leaf lies in RAM the payload does not use (:meth:`Layout.free_ram`: the replay's
   RAM holds none of the snapshot's data, so a stub is planted there and restored). Not at stage 2:
   the EL1 stub would run through the snapshot's own stage-2 mapping of its page.
+
+  A regime of two ranges (EL2&0, EL1&0) has a second way, needing no room in the snapshot: the
+  payload runs from a table of its own in TTBR0_EL2 and the snapshot's copy goes in TTBR1_EL2
+  (:meth:`LiveRegime.as_both_ranges`), each probe at ``VA + 2**64 - 2**ia_bits``
+  (:class:`UpperRangeTarget`). A TTBR1 range (a VHE host kernel's, whose linear map covers the
+  payload's addresses) always replays so, at its own addresses; a TTBR0 range when the splice is
+  refused (a Linux process's tables are PXNTable above every place the payload's code could go).
 """
 
 from __future__ import annotations
@@ -141,6 +148,7 @@ class RegimeDecode:
                 "stage": int(g.stage), "granule": g.granule.label, "ia_bits": g.ia_bits, "pa_bits": g.pa_bits,
                 "pamax": g.pamax, "start_level": g.start_level, "levels": g.levels, "pgd_pages": g.pgd_pages,
                 "lpa2": g.lpa2, "e2h": g.e2h, "sh0": self.regime.sh0, "wxn": self.regime.wxn,
+                "ha": self.regime.ha, "hd": self.regime.hd,
                 "mair_attrs": None if mair is None else [f"{mair_attr(mair, i):#04x}" for i in range(8)],
             },
             "root": self.regime.root,
@@ -151,11 +159,11 @@ class RegimeDecode:
 
 def walk(snapshot: Snapshot, regime: Regime, address: int, access: Access = READ,
          wxn: bool | None = None) -> Translation:
-    """The model's walk as the regime's registers configure it (MAIR, SH0, SCTLR_EL2.WXN; ``wxn``
-    overrides the last)."""
+    """The model's walk as the regime's registers configure it (MAIR, SH0, SCTLR_EL2.WXN, TCR.HA
+    and HD; ``wxn`` overrides WXN)."""
     mair = regime.mair if regime.mair is not None else DEFAULT_MAIR
-    t = translate(snapshot.memory(), regime.geom, regime.root, regime.local(address), access, mair,
-                  sh0=regime.sh0, wxn=regime.wxn if wxn is None else wxn)
+    options = regime.walk_options() | ({} if wxn is None else {"wxn": wxn})
+    t = translate(snapshot.memory(), regime.geom, regime.root, regime.local(address), access, mair, **options)
     return replace(t, address=address) if regime.upper else t
 
 
@@ -371,6 +379,20 @@ class Replay:
     table: KvmPgtable
     moved: dict[int, int] = field(default_factory=dict)
     added: set[int] = field(default_factory=set)
+    payload: KvmPgtable | None = None  # the payload's own table (TTBR0), the copy then in TTBR1
+
+    @property
+    def va_offset(self) -> int:
+        """What the MMU's input address adds to the walk's: ``2**64 - 2**ia_bits`` when the copy
+        replays through TTBR1, else 0."""
+        return (1 << 64) - (1 << self.geom.ia_bits) if self.payload is not None else 0
+
+    @property
+    def through(self) -> str:
+        """The table base register the copy is installed in."""
+        if self.geom.stage is Stage.S2:
+            return "VTTBR_EL2"
+        return "TTBR1_EL2" if self.payload is not None else "TTBR0_EL2"
 
     @property
     def geom(self) -> Geometry:
@@ -456,11 +478,59 @@ def _check_spliced(regime: Regime, rep: Replay, regions: Sequence[Region]) -> No
     for r in regions:
         need = (PERM_R if r.prot & Prot.R else 0) | (PERM_W if r.prot & Prot.W else 0) \
             | (PERM_X if r.prot & Prot.X else 0)
-        t = translate(rep.pool, rep.geom, rep.root, r.base, READ, mair, sh0=regime.sh0, wxn=regime.wxn)
+        t = translate(rep.pool, rep.geom, rep.root, r.base, READ, mair, **regime.walk_options())
         if t.perms & need != need:
             raise VerifyRefused(f"the snapshot's table entries above the payload's {r.name} region [{r.base:#x}, "
                                 f"{r.end:#x}) leave it {perm_label(t.perms)} where it needs {perm_label(need)} "
                                 "(hierarchical APTable/XNTable/PXNTable): cannot splice it in")
+
+
+def split(snapshot: Snapshot, regime: Regime, layout: Layout) -> Replay:
+    """The copy for TTBR1, and the payload's regions (identity) in a table of the same geometry
+    for TTBR0, both in the layout's pool: the copy is not changed at all."""
+    rep = relocate(snapshot, regime, layout)
+    rep.payload = KvmPgtable.for_geometry(rep.geom, rep.pool)
+    for r in layout.stage1_regions():
+        try:
+            rep.payload.map(r.base, r.size, r.base, r.prot)
+        except PgtableError as exc:  # the payload's regions above the regime's input size
+            raise VerifyRefused(f"the payload's {r.name} region cannot be mapped in TTBR0_EL2 "
+                                f"({rep.geom.ia_bits}-bit input range): {exc}") from None
+    return rep
+
+
+class UpperRangeTarget:
+    """The replay target as the check engine sees it when the copy is in TTBR1: each probe's
+    input address goes to the MMU as ``address + offset`` (AT and fetches), and the FAR of a
+    fetch's abort comes back as the walk's address; the rest is the target's."""
+
+    def __init__(self, target: Any, offset: int) -> None:
+        self.target = target
+        self.offset = np.uint64(offset)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
+
+    def _up(self, addresses: npt.ArrayLike) -> U64:
+        with np.errstate(over="ignore"):
+            return np.asarray(addresses, dtype=np.uint64) + self.offset
+
+    def at_start(self, addresses: npt.ArrayLike, op: Any) -> None:
+        self.target.at_start(self._up(addresses), op)
+
+    def at_start_both(self, reads: npt.ArrayLike, writes: npt.ArrayLike, stage: Any, uninstall: bool = False) -> None:
+        self.target.at_start_both(self._up(reads), self._up(writes), stage, uninstall=uninstall)
+
+    def at(self, addresses: npt.ArrayLike, op: Any) -> U64:
+        out: U64 = self.target.at(self._up(addresses), op)
+        return out
+
+    def fetch(self, addresses: npt.ArrayLike, stage: Any = None) -> Any:
+        rec = self.target.fetch(self._up(addresses), stage=stage).copy()
+        faulted = ~np.asarray(rec["completed"], dtype=np.bool_)
+        with np.errstate(over="ignore"):
+            rec["far"][faulted] = rec["far"][faulted].astype(np.uint64) - self.offset
+        return rec
 
 
 def layouts(base: Layout = LAYOUT) -> list[Layout]:
@@ -547,6 +617,8 @@ class RegimeVerify:
     ranges: int = 0
     spliced: list[str] = field(default_factory=list)
     layout_code: int = 0
+    through: str = "TTBR0_EL2"  # the table base register the replay installs the copy in
+    va_offset: int = 0  # the MMU is asked at the walk's address + this (2**64 - 2**ia_bits in TTBR1)
     relocation_mismatches: list[Mismatch] = field(default_factory=list)
     wxn: bool = False  # SCTLR_EL2.WXN of the snapshot, programmed on the replay and predicted with
     sctlr_el2: int | None = None  # SCTLR_EL2 read back from the replay target while checking (stage 1)
@@ -565,7 +637,8 @@ class RegimeVerify:
                 "at_mismatched": self.check.mismatched, "relocation_checked": self.relocation_checked,
                 "relocation_mismatched": self.relocation_mismatched, "through_spliced_tables": self.excluded,
                 "pages": self.pages, "ranges": self.ranges, "spliced": self.spliced,
-                "payload_code": f"{self.layout_code:#x}", "wxn": self.wxn,
+                "payload_code": f"{self.layout_code:#x}", "through": self.through,
+                "va_offset": f"{self.va_offset:#x}", "wxn": self.wxn,
                 "sctlr_el2": None if self.sctlr_el2 is None else f"{self.sctlr_el2:#x}",
                 "relocation_mismatches": [m.to_json() for m in self.relocation_mismatches[:50]],
                 "fetch": self._fetch_json()}
@@ -609,9 +682,11 @@ class VerifyReport:
         lines = [f"verify: {'OK' if self.ok else 'MISMATCH'}: {self.checked} probes (AT, fetch), "
                  f"{self.mismatched} mismatched ({self.qemu})"]
         for r in self.regimes:
-            lines.append(f"  {r.regime}: {r.pages} table pages, {r.ranges} ranges; payload at {r.layout_code:#x}, "
-                         f"spliced {', '.join(r.spliced) or 'nothing'}; {r.excluded} walks through spliced "
-                         f"tables; relocation: {r.relocation_mismatched} of {r.relocation_checked} walks differ"
+            where = (f"in {r.through} at VA + {r.va_offset:#x}, the payload in TTBR0_EL2 (its own table)"
+                     if r.va_offset else f"in {r.through}; payload at {r.layout_code:#x}, spliced "
+                     f"{', '.join(r.spliced) or 'nothing'}; {r.excluded} walks through spliced tables")
+            lines.append(f"  {r.regime}: {r.pages} table pages, {r.ranges} ranges; replayed {where}; "
+                         f"relocation: {r.relocation_mismatched} of {r.relocation_checked} walks differ"
                          + (f"; SCTLR_EL2 {r.sctlr_el2:#x} (WXN {int(r.wxn)})" if r.sctlr_el2 is not None else ""))
             lines.append("    " + r.check.text().replace("\n", "\n    "))
             for m in r.relocation_mismatches[:20]:
@@ -624,14 +699,13 @@ class VerifyReport:
 class _ReplaySubject(Subject):
     """The replayed tables as the check engine's subject, with TCR/VTCR.SH0 (used with DS = 1)."""
 
-    sh0: int = 3
-    wxn: bool = False  # SCTLR_EL2.WXN as the replay programs it (the snapshot's)
+    options: dict[str, Any] = field(default_factory=dict)  # LiveRegime.walk_options: as the replay programs them
 
     def predict(self, addrs: npt.ArrayLike, access: Access, **semantics: Any) -> BatchResult:
-        return super().predict(addrs, access, **{"sh0": self.sh0, "wxn": self.wxn, **semantics})
+        return super().predict(addrs, access, **{**self.options, **semantics})
 
     def walk(self, addr: int, access: Access, **semantics: Any) -> Translation:
-        return super().walk(addr, access, **{"sh0": self.sh0, "wxn": self.wxn, **semantics})
+        return super().walk(addr, access, **{**self.options, **semantics})
 
 
 TargetFactory = Callable[[Layout], Any]  # a started harness.target.target.Target for a layout
@@ -644,16 +718,24 @@ def replay_sctlr_el2_set(regime: Regime) -> int:
     return SCTLR_M.prep(1) | SCTLR_C.prep(1) | SCTLR_I.prep(1) | SCTLR_WXN.prep(int(regime.wxn))
 
 
-def _regs_for(regime: Regime, root: int) -> Stage1Regs | Stage2Regs:
+def _regs_for(regime: Regime, rep: Replay) -> Stage1Regs | Stage2Regs:
     regs = regime.registers
+    root = rep.root
     if regime.geom.stage is Stage.S1:
-        # Any stage-1 range replays as EL2's (E2H = 0) or EL2&0's lower range, through TTBR0_EL2: a
-        # TTBR1 range by the same walk of VA - va_base, EL1&0 in EL2&0 (the same two-level layout).
+        # Any stage-1 range replays as EL2's (E2H = 0) or EL2&0's: through TTBR0_EL2 (a TTBR1 range
+        # by the same walk of VA - va_base), or through TTBR1_EL2 with the payload's own table in
+        # TTBR0_EL2 (rep.payload); EL1&0 in EL2&0 (the same two-range layout).
         ttbr = regs.get(regime.base, 0)
         new_ttbr = (ttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | ttbr_baddr(root, regime.geom)
+        new_ttbr &= ~1  # CnP off: one PE
         hcr = HCR_E2H.prep(int(regime.geom.e2h))
-        return Stage1Regs(mair_el2=regime.mair if regime.mair is not None else DEFAULT_MAIR,
-                          tcr_el2=regime.as_lower_range(), ttbr0_el2=new_ttbr & ~1,  # CnP off: one PE
+        mair = regime.mair if regime.mair is not None else DEFAULT_MAIR
+        if rep.payload is not None:
+            assert rep.payload.pgd is not None
+            return Stage1Regs(mair_el2=mair, tcr_el2=regime.as_both_ranges(),
+                              ttbr0_el2=ttbr_baddr(rep.payload.pgd, regime.geom), ttbr1_el2=new_ttbr,
+                              sctlr_el2_set=replay_sctlr_el2_set(regime), hcr_el2_set=hcr)
+        return Stage1Regs(mair_el2=mair, tcr_el2=regime.as_lower_range(), ttbr0_el2=new_ttbr,
                           sctlr_el2_set=replay_sctlr_el2_set(regime), hcr_el2_set=hcr)
     vttbr = regs.get("VTTBR_EL2", 0)
     new_vttbr = (vttbr & ~(TTBR_BADDR.mask | TTBR_BADDR_51_48.mask)) | ttbr_baddr(root, regime.geom)
@@ -674,6 +756,8 @@ def _prepare(snapshot: Snapshot, regime: Regime,
     """The first payload layout whose regions fit in the snapshot's unmapped input space."""
     taken = _occupied(ranges)
     reasons = []
+    if regime.geom.stage is Stage.S1 and regime.geom.e2h and regime.upper:
+        return LAYOUT, split(snapshot, regime, LAYOUT), [], set()
     for layout in layouts():
         want = layout.stage1_regions() if regime.geom.stage is Stage.S1 else layout.stage2_regions()
         rep = relocate(snapshot, regime, layout)
@@ -688,6 +772,11 @@ def _prepare(snapshot: Snapshot, regime: Regime,
             return layout, rep, want, changed
         except VerifyRefused as exc:
             reasons.append(f"payload at {layout.code:#x}: {exc}")
+    if regime.geom.stage is Stage.S1 and regime.geom.e2h:
+        try:
+            return LAYOUT, split(snapshot, regime, LAYOUT), [], set()
+        except VerifyRefused as exc:
+            reasons.append(f"payload in TTBR0_EL2, the tables in TTBR1_EL2: {exc}")
     raise VerifyRefused(f"{regime.name}: no payload layout fits the snapshot's unmapped input space: "
                         + "; ".join(reasons))
 
@@ -716,7 +805,8 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
     layout, rep, spliced, changed = _prepare(snapshot, regime, ranges)
     res = RegimeVerify(regime.name, CheckReport(regime.name, geom.describe(), ""),
                        pages=len(rep.moved) + geom.pgd_pages, ranges=len(ranges),
-                       spliced=[r.name for r in spliced], layout_code=layout.code, wxn=regime.wxn)
+                       spliced=[r.name for r in spliced], layout_code=layout.code, wxn=regime.wxn,
+                       through=rep.through, va_offset=rep.va_offset)
     pool, root = rep.pool, rep.root
     addrs = probe_addresses(ranges, geom.limit, geom.granule.size, rng, samples)
     for r in spliced:  # the payload's own regions, edges and a sample inside (checked as replayed)
@@ -724,17 +814,17 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
     image = pool.export()
     used = max(pool.used_extent(), geom.granule.size)
     mair = regime.mair if regime.mair is not None else DEFAULT_MAIR
-    sh0 = regime.sh0
+    options = regime.walk_options()
     mem = snapshot.memory()
     # The model's walk of the copy must equal its walk of the original (relocation moves table
     # addresses only), except where it goes through what the splice added.
     for op, access in AT_OPS[geom.stage]:
         for a in addrs:
-            replayed = translate(pool, geom, root, int(a), access, mair, sh0=sh0, wxn=regime.wxn)
+            replayed = translate(pool, geom, root, int(a), access, mair, **options)
             if any(st.table_pa in rep.added or st.desc_pa in changed for st in replayed.steps):
                 res.excluded += 1
                 continue
-            original = translate(mem, geom, regime.root, int(a), access, mair, sh0=sh0, wxn=regime.wxn)
+            original = translate(mem, geom, regime.root, int(a), access, mair, **options)
             res.relocation_checked += 1
             mask = par_compare_mask(original)
             if (_par(original) ^ _par(replayed)) & mask or replayed.unmodelled != original.unmodelled:
@@ -751,12 +841,11 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
             t.close()
         targets.clear()
         targets[layout] = start_target(layout)
-    target = targets[layout]
+    target = targets[layout] if not rep.va_offset else UpperRangeTarget(targets[layout], rep.va_offset)
     report.qemu = res.check.qemu = ".".join(map(str, target.qemu_version))
-    regs = _regs_for(regime, root)
+    regs = _regs_for(regime, rep)
     subject = _ReplaySubject(f"{regime.name} (replayed)", geom, pool, root, regs,
-                             PoolImage(image.base, image.data[:used]), mair, accesses=False, sh0=sh0,
-                             wxn=regime.wxn)
+                             PoolImage(image.base, image.data[:used]), mair, accesses=False, options=options)
     target.install(regs, subject.image)
     try:
         if geom.stage is Stage.S1:  # what the MMU runs under, read back (WXN included)

@@ -41,6 +41,7 @@ from harness.core.translate import (
     Translation,
     WalkSemantics,
     access_perm,
+    check_hafdbs,
     check_wxn,
     descriptor_faults,
     descriptor_is_table,
@@ -189,6 +190,8 @@ class _Params:
     with_oa_hi: bool
     check_final_oa: bool
     wxn: bool = False
+    ha: bool = False
+    hd: bool = False
 
 
 def _level_step(p: _Params, out: _Outcome, words: U64, base_pa: int, cur: _Lanes, level: int,
@@ -253,7 +256,7 @@ def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> None:
         perms = _S2_PERMS[((desc >> _U(S2_AP.lo)) & _U(S2_AP.max))
                           | (((desc >> _U(S2_XN.lo)) & _U(S2_XN.max)) << _U(S2_AP.width))]
     else:
-        perms = s1_perms(desc, np.concatenate(found.restrictions), geom.e2h, p.wxn).astype(np.uint8)
+        perms = s1_perms(desc, np.concatenate(found.restrictions), geom.e2h, p.wxn, p.hd).astype(np.uint8)
     if len(found.lanes) == 1:  # every leaf at one level
         size_mask = np.full(1, geom.size(int(level[0])) - 1, dtype=np.uint64)
     else:
@@ -264,6 +267,8 @@ def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> None:
     # The Arm ARM's order: final output address, then AF, then permissions. A leaf no larger
     # than 2**PS whose descriptor bits passed cannot reach beyond PS (the check is skipped).
     no_af = (desc & _U(AF.mask)) == 0
+    if p.ha:  # the MMU sets AF instead
+        no_af[:] = False
     denied = (perms & np.uint8(access_perm(p.access))) == 0
     faulted = no_af | denied
     largest = geom.size(min(int(lv[0]) for lv in found.level))
@@ -332,6 +337,8 @@ def translate_batch(
     *,
     sh0: int = SH_INNER,
     wxn: bool = False,
+    ha: bool = False,
+    hd: bool = False,
     qemu: WalkSemantics = ARM_ARM,
 ) -> BatchResult:
     """Translate every address in ``addresses`` through the tables at ``root_pa``.
@@ -341,9 +348,10 @@ def translate_batch(
     :func:`harness.core.translate.translate`'s.
     """
     check_wxn(geom, wxn)
+    check_hafdbs(geom, ha, hd)
     addr = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
     words = np.asarray(words, dtype=np.uint64)
-    p = _Params(geom, access, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn)
+    p = _Params(geom, access, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn, ha, hd)
     out = _Outcome(addr.size)
     lanes = np.flatnonzero(_prechecks(p, out, addr, root_pa))
     cur = _Lanes(lanes, addr[lanes], np.full(lanes.size, root_table_base(geom, root_pa), dtype=np.uint64),

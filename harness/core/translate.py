@@ -9,8 +9,8 @@ architecturally defined here (the bits a differential check may compare).
 
 Regimes (see :mod:`harness.arch.registers` for the register values the harness programs):
 
-* Stage 1 is the EL2 regime with HCR_EL2.E2H = 0: one VA range through TTBR0_EL2, TBI = 0,
-  no hardware AF/dirty update. AP[1] is RES1 (only AP[2], read-only,
+* Stage 1 is the EL2 regime with HCR_EL2.E2H = 0: one VA range through TTBR0_EL2, TBI = 0.
+  AP[1] is RES1 (only AP[2], read-only,
   matters), XN is bit 54, PXN and PXNTable are RES0 (ignored); the table attributes APTable[1]
   (bit 62: subtree read-only) and XNTable (bit 60) apply hierarchically. ``AT S1E2R/W``.
 * Stage 1 with ``geom.e2h`` is the EL2&0 regime (HCR_EL2.E2H = 1, TGE = 0: KVM's hVHE), the
@@ -22,6 +22,13 @@ Regimes (see :mod:`harness.arch.registers` for the register values the harness p
   execute-never at EL2, whatever XN/PXN say (:func:`wxn_executable`). ``AT`` cannot observe it
   (it has no instruction-fetch form); the default ``wxn=False`` is what the harness's own
   firmware programs.
+* Hardware updates (FEAT_HAFDBS, off by default as the harness's own firmware runs): ``ha``
+  (TCR/VTCR.HA) - a leaf with AF = 0 takes no Access flag fault (the MMU sets AF); ``hd``
+  (TCR.HD, only with HA; stage 1) - a write to a leaf with DBM = 1 is permitted where AP[2] alone
+  forbids it (the MMU clears AP[2]; APTable[1] still forbids it). Reads and fetches see the
+  descriptor as it is: WXN and the EL2&0 rule for EL0-writable memory use AP[2] unchanged (QEMU
+  10 clears AP[2] for stores only, before the permission check). Linux sets both on the CPUs
+  that have them (a VHE host's TCR_EL2; its user pages are writable-clean until written).
 * Stage 2 is the EL1&0 stage 2 with EL1's stage 1 off and HCR_EL2.DC = 1, so the IPA is the VA
   and the stage-1 attributes are Normal write-back non-shareable: the combined attributes are
   stage 2's. S2AP[0] allows reads, S2AP[1] writes; XN[54:53] (FEAT_XNX) for EL1 fetches.
@@ -57,7 +64,7 @@ Fault and level conventions (Arm ARM pseudocode, and QEMU 10.0 ``get_phys_addr_l
   nonzero value with a PA size under 52 bits is an Address size fault (Arm ARM). QEMU 10 only
   reads them when PS = 52 bits and otherwise ignores them: ``qemu=WalkSemantics(lpa_oa=True)``
   models that known divergence.
-* Leaf with AF = 0: Access flag fault at the leaf level; it takes priority over a Permission
+* Leaf with AF = 0 (and HA = 0): Access flag fault at the leaf level; it takes priority over a Permission
   fault (Arm ARM ``AArch64.S1Translate``/QEMU check AF first).
 * Access not allowed: Permission fault at the leaf level.
 * A descriptor read outside ``mem``: no architectural outcome is predicted (the real memory
@@ -80,6 +87,7 @@ from harness.arch.descriptors import (
     PXN_TABLE,
     S1_AP,
     S1_ATTRINDX,
+    S1_DBM,
     S1_PXN,
     S1_XN,
     S2_AP,
@@ -277,13 +285,15 @@ def wxn_executable(x: Word, w: Word, wxn: bool) -> Word:
     return x & (w ^ 1) if wxn else x
 
 
-def s1_perms(desc: Word, restrictions: Word, e2h: bool, wxn: bool = False) -> Word:
+def s1_perms(desc: Word, restrictions: Word, e2h: bool, wxn: bool = False, hd: bool = False) -> Word:
     """EL2's effective permissions for a stage-1 leaf (PERM_R | PERM_W | PERM_X): AP[2] or
     APTable[1] read-only; XN or XNTable forbid fetches (E2H = 0). With E2H = 1 PXN or PXNTable
     forbid EL2 fetches, and so does memory writable at EL0 after the table attributes (AP[2:1] =
     0b01 with neither APTable bit set: ``AArch64.S1DirectBasePermissions``). ``wxn``:
-    SCTLR_EL2.WXN (:func:`wxn_executable`)."""
-    ro = ((desc >> (S1_AP.lo + 1)) & 1) | ((restrictions >> 1) & 1)
+    SCTLR_EL2.WXN (:func:`wxn_executable`). ``hd``: TCR.HD (with HA): DBM = 1 makes the leaf
+    writable unless APTable[1] forbids it; execute permission still sees AP[2] as it is."""
+    table_ro = (restrictions >> 1) & 1
+    ro = ((desc >> (S1_AP.lo + 1)) & 1) | table_ro
     if e2h:
         el0_access = ((desc >> S1_AP.lo) & 1) & (((restrictions >> 2) & 1) ^ 1)
         el0_writable = el0_access & (ro ^ 1)
@@ -291,13 +301,23 @@ def s1_perms(desc: Word, restrictions: Word, e2h: bool, wxn: bool = False) -> Wo
     else:
         xn = ((desc >> S1_XN.lo) & 1) | (restrictions & _TABLE_XN)
     w = ro ^ 1
-    return PERM_R | w * PERM_W | wxn_executable(xn ^ 1, w, wxn) * PERM_X
+    w_data = w | ((desc >> S1_DBM.lo) & 1) & (table_ro ^ 1) if hd else w
+    return PERM_R | w_data * PERM_W | wxn_executable(xn ^ 1, w, wxn) * PERM_X
 
 
 def check_wxn(geom: Geometry, wxn: bool) -> None:
     """SCTLR_EL2.WXN governs the EL2 and EL2&0 stage 1 only (ValueError for stage 2)."""
     if wxn and geom.stage is not Stage.S1:
         raise ValueError("wxn: SCTLR_EL2.WXN applies to the EL2 stage-1 regimes, not to stage 2")
+
+
+def check_hafdbs(geom: Geometry, ha: bool, hd: bool) -> None:
+    """TCR.HD is modelled for stage 1 only, and only with HA (the Arm ARM manages the dirty state
+    only where the Access flag is managed too): ValueError otherwise."""
+    if hd and not ha:
+        raise ValueError("hd: hardware dirty state is managed only with ha (TCR.HA = 1)")
+    if hd and geom.stage is not Stage.S1:
+        raise ValueError("hd: stage 2's dirty state (VTCR_EL2.HD, S2 DBM) is not modelled")
 
 
 def s2_perms(desc: Word) -> Word:
@@ -484,6 +504,8 @@ class _Walk:
     with_oa_hi: bool
     check_final_oa: bool
     wxn: bool = False
+    ha: bool = False
+    hd: bool = False
 
 
 def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, level: int,
@@ -500,7 +522,7 @@ def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, l
         attr_index = None
         attr = s2_attr(S2_MEMATTR.get(raw))
     else:
-        perms = s1_perms(raw, restrictions, geom.e2h, w.wxn)
+        perms = s1_perms(raw, restrictions, geom.e2h, w.wxn, w.hd)
         xn = (S1_PXN if geom.e2h else S1_XN).get(raw) | (restrictions & _TABLE_XN)
         memattr = None
         attr_index = S1_ATTRINDX.get(raw)
@@ -514,7 +536,7 @@ def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, l
     if w.check_final_oa and oa_out_of_range(pa, geom.pa_bits):
         return _with_fault(leaf, FaultKind.ADDRESS_SIZE, level, is_s2,
                            f"output address {pa:#x} beyond the {geom.pa_bits}-bit PA size")
-    if not AF.get(raw):
+    if not AF.get(raw) and not w.ha:
         return _with_fault(leaf, FaultKind.ACCESS_FLAG, level, is_s2, "AF = 0 (no hardware AF)")
     if not perms & access_perm(access):
         why = f"{access.value} not permitted"
@@ -538,15 +560,20 @@ def translate(
     *,
     sh0: int = SH_INNER,
     wxn: bool = False,
+    ha: bool = False,
+    hd: bool = False,
     qemu: WalkSemantics = ARM_ARM,
 ) -> Translation:
     """Walk the tables at ``root_pa`` for ``address`` as the MMU does (see the module notes).
 
     ``sh0`` is TCR_EL2/VTCR_EL2.SH0 (the shareability with lpa2); ``wxn`` is SCTLR_EL2.WXN (stage
-    1 only). ``qemu`` selects QEMU's declared departures from the Arm ARM (:class:`WalkSemantics`)."""
+    1 only); ``ha``/``hd`` are TCR.HA/HD (hardware Access flag and dirty state; ``hd`` stage 1
+    only, with ``ha``). ``qemu`` selects QEMU's declared departures from the Arm ARM
+    (:class:`WalkSemantics`)."""
     if not 0 <= address < 1 << 64:
         raise ValueError(f"address: expected a 64-bit value, got {address!r}")
     check_wxn(geom, wxn)
+    check_hafdbs(geom, ha, hd)
     stage = geom.stage
     is_s2 = stage is Stage.S2
     steps: list[Step] = []
@@ -564,7 +591,7 @@ def translate(
         return fault(FaultKind.ADDRESS_SIZE, 0,
                      f"table base {root_pa:#x} beyond the {geom.pa_bits}-bit PA size")
 
-    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn)
+    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn, ha, hd)
     granule = geom.granule
     table = root_table_base(geom, root_pa)
     level = geom.start_level

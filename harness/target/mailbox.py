@@ -13,7 +13,8 @@ Request arguments:
   swapping tables is one request); a refused argument leaves the installed regime as it was.
 * INSTALL_S1: arg0 MAIR_EL2, arg1 TCR_EL2, arg2 TTBR0_EL2, arg3 SCTLR_EL2 bits to set, arg4 HCR_EL2
   bits to set first (0: the EL2 regime; HCR_EL2.E2H: the EL2&0 "hVHE" regime, TCR_EL2 in its
-  E2H = 1 layout; any other bit is refused).
+  E2H = 1 layout; any other bit is refused), arg5 TTBR1_EL2 (the EL2&0 regime's upper range, used
+  when TCR_EL2.EPD1 = 0; must be 0 without E2H, where TTBR1_EL2 has no role: refused otherwise).
 * INSTALL_S2: arg0 VTCR_EL2, arg1 VTTBR_EL2, arg2 HCR_EL2 bits to set.
 * UNINSTALL: none (stage 1 off, HCR_EL2.VM/DC/E2H off, all EL2 and EL1 TLB entries invalidated).
 * AT: arg0 op (:class:`AtOp`), arg1 count, arg2 address buffer PA, arg3 result buffer PA. A probe
@@ -61,7 +62,7 @@ from harness.arch.registers import PAR_F
 from harness.arch.tlbi import Insn
 
 MAGIC = 0x5047_5441_424C_4521  # "PGTABLE!"
-VERSION = 5  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW; ACCESS write = 2. 5: LIVE
+VERSION = 6  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW; ACCESS write = 2. 5: LIVE. 6: TTBR1_EL2
 
 U64Array = npt.NDArray[np.uint64]
 BoolArray = npt.NDArray[np.bool_]

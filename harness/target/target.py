@@ -460,7 +460,7 @@ class Target:
             self.write_pa(image.base, image.data)
         if isinstance(regs, Stage1Regs):
             self._submit(mbx.Cmd.INSTALL_S1, regs.mair_el2, regs.tcr_el2, regs.ttbr0_el2, regs.sctlr_el2_set,
-                         regs.hcr_el2_set)
+                         regs.hcr_el2_set, regs.ttbr1_el2)
             self._pending = ("INSTALL", int(Stage.S1), 0, time.monotonic())
         else:
             self._submit(mbx.Cmd.INSTALL_S2, regs.vtcr_el2, regs.vttbr_el2, regs.hcr_el2_set)

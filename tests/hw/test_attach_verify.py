@@ -207,3 +207,91 @@ def test_replayed_wxn_does_not_outlive_its_install() -> None:
     assert report.mismatched == 0 and SCTLR_WXN.get(report.regimes[0].sctlr_el2 or 0) == 1
     (w,) = seen
     assert w.sctlr_after is not None and SCTLR_WXN.get(w.sctlr_after) == 0 and w.sctlr_after & 1 == 0
+
+
+def _two_ranges(uart_taken: bool) -> tuple[KvmPgtable, KvmPgtable]:
+    """hVHE tables for both ranges of EL2&0 in one pool: TTBR0's (the UART's address mapped when
+    ``uart_taken``: no room to splice the payload in) and TTBR1's."""
+    pool = _pool(4096)
+    t0 = HypPgtable(pool, "4K", 48, 48, e2h=True)
+    t0.map(0x1_0000_0000, 2 * MIB, 0x5000_0000, Prot.RW)
+    if uart_taken:
+        t0.map(0x0800_0000, 32 * MIB, 0x0800_0000, Prot.RW | Prot.DEVICE)
+    t1 = HypPgtable(pool, "4K", 48, 48, e2h=True)
+    t1.map(0x1000, 4096, 0x5010_0000, Prot.RX)  # the upper range's first page
+    t1.map((1 << 48) - 2 * MIB, 2 * MIB, 0x5020_0000, Prot.RW)  # and its last block
+    t1.map(0x8000_0000, 64 * 1024, 0x5040_0000, Prot.R)
+    return t0, t1
+
+
+def _with_ttbr1(snap_table: KvmPgtable, upper: KvmPgtable) -> dict[str, int]:
+    from harness.arch.registers import TCR_E2H_EPD1, ttbr_baddr
+
+    assert upper.pgd is not None
+    snap = from_tables(snap_table)
+    regs = snap.registers
+    regs["TCR_EL2"] &= ~TCR_E2H_EPD1.mask
+    regs["TTBR1_EL2"] = ttbr_baddr(upper.pgd, upper.geom)
+    return regs
+
+
+@pytest.mark.parametrize("uart_taken", [False, True], ids=["room", "no-room"])
+def test_verify_both_ranges_of_el2_and_0(uart_taken: bool) -> None:
+    """Both ranges of EL2&0 replay: TTBR1's always through TTBR1_EL2 at its own addresses (the
+    payload in TTBR0_EL2, a table of its own), TTBR0's by the splice when there is room, else
+    through TTBR1_EL2 too, at VA + 2**64 - 2**48: 0 mismatches, fetches included."""
+    t0, t1 = _two_ranges(uart_taken)
+    snap = from_tables(t0)
+    regs = _with_ttbr1(t0, t1)
+    snap.cpus[0] = regs
+    names = [r.name for r in snap.regimes()]
+    assert names == ["el2&0", "el2&0:ttbr1"], names
+    report = verify(snap, _start)
+    assert report.mismatched == 0, report.text()
+    by = {r.regime: r for r in report.regimes}
+    upper = (1 << 64) - (1 << 48)
+    assert (by["el2&0:ttbr1"].through, by["el2&0:ttbr1"].va_offset) == ("TTBR1_EL2", upper)
+    want0 = ("TTBR1_EL2", upper) if uart_taken else ("TTBR0_EL2", 0)
+    assert (by["el2&0"].through, by["el2&0"].va_offset) == want0
+    assert all(r.checked > 20 for r in report.regimes)
+    assert by["el2&0:ttbr1"].to_json()["fetch"]["probes"] > 0
+    assert f"in TTBR1_EL2 at VA + {upper:#x}" in report.text()
+
+
+def _leaf_pa(t: KvmPgtable, va: int) -> int:
+    from harness.core.translate import translate
+
+    assert t.pgd is not None
+    return translate(t.mem, t.geom, t.pgd, va).steps[-1].desc_pa
+
+
+@pytest.mark.parametrize("e2h", [False, True], ids=["el2", "hVHE"])
+def test_verify_hardware_access_flag_and_dirty_state(e2h: bool) -> None:
+    """TCR_EL2.HA and HD (FEAT_HAFDBS, which Linux sets): a leaf with AF = 0 takes no Access flag
+    fault with HA, a write to a read-only leaf with DBM = 1 is permitted with HD. The replay
+    programs the snapshot's TCR_EL2 and the model predicts with it: 0 mismatches with both set
+    and with both clear, and the two predictions differ where they must."""
+    from harness.arch.descriptors import AF, S1_DBM
+    from harness.arch.registers import TCR_E2H_HA, TCR_E2H_HD, TCR_EL2_HA, TCR_EL2_HD
+    from harness.check.attach import walk
+    from harness.core.translate import WRITE
+
+    t = HypPgtable(_pool(4096), "4K", 48, 48, e2h=e2h)
+    t.map(0x1_0000_0000, 64 * 1024, 0x5000_0000, Prot.R)
+    t.map(0x1_0001_0000, 64 * 1024, 0x5001_0000, Prot.RW)
+    clean, old = 0x1_0000_3000, 0x1_0001_5000
+    t.mem.write64(_leaf_pa(t, clean), t.mem.read64(_leaf_pa(t, clean)) | S1_DBM.mask)  # writable-clean
+    t.mem.write64(_leaf_pa(t, old), t.mem.read64(_leaf_pa(t, old)) & ~AF.mask)  # old
+    ha, hd = (TCR_E2H_HA, TCR_E2H_HD) if e2h else (TCR_EL2_HA, TCR_EL2_HD)
+    outcomes = {}
+    for on in (True, False):
+        snap = from_tables(t)
+        if on:
+            snap.registers["TCR_EL2"] |= ha.mask | hd.mask
+        (regime,) = snap.regimes()
+        assert (regime.ha, regime.hd) == (on, on)
+        outcomes[on] = (walk(snap, regime, clean, WRITE).fault, walk(snap, regime, old).fault)
+        report = verify(snap, _start)
+        assert report.mismatched == 0 and report.checked > 20, report.text()
+    assert outcomes[True] == (None, None)
+    assert outcomes[False][0] is not None and outcomes[False][1] is not None

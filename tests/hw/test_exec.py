@@ -267,8 +267,8 @@ def test_planted_xn_ignored_is_caught(target: Target, monkeypatch: pytest.Monkey
     addrs2 = _place(tab2, S2_CASES)
     real_s1, real_s2 = translate.s1_perms, translate.s2_perms
 
-    def s1_no_xn(desc, restrictions, e2h, wxn=False):  # type: ignore[no-untyped-def]
-        return real_s1(desc, restrictions, e2h, wxn) | PERM_X
+    def s1_no_xn(desc, restrictions, e2h, wxn=False, hd=False):  # type: ignore[no-untyped-def]
+        return real_s1(desc, restrictions, e2h, wxn, hd) | PERM_X
 
     def s2_no_xn(desc):  # type: ignore[no-untyped-def]
         return real_s2(desc) | PERM_X

@@ -224,3 +224,34 @@ def test_el1_regime_when_its_mmu_is_on() -> None:
 def test_el1_refusals_name_the_field(tcr: int, field: str) -> None:
     with pytest.raises(RegisterDecodeError, match=field.replace(".", r"\.")):
         regimes_from_registers(regs(SCTLR_EL1=M, TCR_EL1=tcr, TTBR0_EL1=0, TTBR1_EL1=0, MAIR_EL1=0))
+
+
+def test_both_ranges_tcr_puts_a_range_in_ttbr1() -> None:
+    """as_both_ranges: TTBR1's fields take this range's walk, TTBR0's the same geometry, both walk."""
+    tcr = _tcr_e2h(t0sz=16, tg0=0b00, t1sz=25, tg1=0b01, epd1=0)
+    lower, upper = regimes_from_registers(regs(SCTLR_EL2=M, HCR_EL2=E2H, TCR_EL2=tcr | 1 << 37,  # TBI0
+                                               TTBR0_EL2=0x4000_0000, TTBR1_EL2=0x4100_0000, MAIR_EL2=0xFF))
+
+    def fields(v: int) -> tuple[int, ...]:  # T0SZ, TG0, T1SZ, TG1, EPD0, EPD1, TBI0, TBI1, SH0, SH1
+        return (v & 0x3F, (v >> 14) & 3, (v >> 16) & 0x3F, (v >> 30) & 3, (v >> 7) & 1, (v >> 23) & 1,
+                (v >> 37) & 1, (v >> 38) & 1, (v >> 12) & 3, (v >> 28) & 3)
+
+    assert fields(lower.as_both_ranges()) == (16, 0b00, 16, 0b10, 0, 0, 1, 1, 0, 0)  # 4K 48 bits twice
+    assert fields(upper.as_both_ranges()) == (25, 0b10, 25, 0b01, 0, 0, 0, 0, 3, 3)  # 16K 39 bits twice
+    assert lower.upper_base == (1 << 64) - (1 << 48) and upper.upper_base == upper.va_base
+    assert lower.as_both_ranges() >> 32 & 7 == 5  # the rest (IPS) kept
+    nvhe = regimes_from_registers(regs(SCTLR_EL2=M, TCR_EL2=NVHE_TCR, TTBR0_EL2=0x4000_0000, MAIR_EL2=0))[0]
+    with pytest.raises(ValueError, match="one range"):
+        nvhe.as_both_ranges()
+
+
+@pytest.mark.parametrize(("e2h", "ha_bit", "hd_bit"), [(False, 21, 22), (True, 39, 40)])
+def test_hardware_af_and_dirty_from_tcr(e2h: bool, ha_bit: int, hd_bit: int) -> None:
+    """TCR_EL2.HA/HD in either layout; HD counts only with HA; VTCR_EL2.HA for stage 2, no HD."""
+    base = _tcr_e2h(t0sz=16, tg0=0b00, t1sz=16, tg1=0b10, epd1=1) if e2h else NVHE_TCR
+    for bits, want in ((0, (False, False)), (1 << ha_bit, (True, False)), (1 << hd_bit, (False, False)),
+                       (1 << ha_bit | 1 << hd_bit, (True, True))):
+        (r,) = regimes_from_registers(regs(SCTLR_EL2=M, HCR_EL2=E2H if e2h else 0, TCR_EL2=base | bits,
+                                           TTBR0_EL2=0x4000_0000, MAIR_EL2=0))
+        assert (r.ha, r.hd) == want, hex(bits)
+        assert r.walk_options() == {"sh0": r.sh0, "wxn": False, "ha": want[0], "hd": want[1]}

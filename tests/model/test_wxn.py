@@ -124,3 +124,53 @@ def test_live_regime_decodes_wxn_from_sctlr_el2() -> None:
     off = regimes_from_registers({**regs, "SCTLR_EL2": regs["SCTLR_EL2"] & ~SCTLR_WXN.mask})
     assert not off[0].wxn
     assert isinstance(s1, LiveRegime)
+
+
+DBM = 1 << 51
+
+
+@pytest.mark.parametrize("e2h", [False, True])
+@pytest.mark.parametrize(
+    ("bits", "table_bits", "af", "ha", "hd", "read_ok", "write_ok", "perms"),
+    [
+        (AP_RO | DBM, 0, True, False, False, True, False, RX),  # DBM ignored without HD
+        (AP_RO | DBM, 0, True, True, True, True, True, RWX),  # writable-clean: a write is permitted
+        (AP_RO | DBM, 1 << 62, True, True, True, True, False, RX),  # APTable[1] still forbids it
+        (AP_RO, 0, True, True, True, True, False, RX),  # no DBM: read-only
+        (0, 0, False, False, False, False, False, None),  # AF = 0: Access flag fault
+        (0, 0, False, True, False, True, True, RWX),  # with HA the MMU sets AF
+    ],
+)
+def test_hardware_af_and_dirty_state(e2h: bool, bits: int, table_bits: int, af: bool, ha: bool, hd: bool,
+                                     read_ok: bool, write_ok: bool, perms: int | None) -> None:
+    """FEAT_HAFDBS in the walk, scalar and batch alike (TCR.HA, TCR.HD)."""
+    geom = Geometry.create(1, "4K", 39, 40, e2h=e2h)
+    pool = one_page(geom, bits, table_bits)
+    if not af:
+        leaf = translate(pool, geom, BASE, VA).steps[-1].desc_pa
+        pool.write64(leaf, pool.read64(leaf) & ~AF)
+    for access, ok in ((READ, read_ok), (WRITE, write_ok)):
+        t = translate(pool, geom, BASE, VA, access, ha=ha, hd=hd)
+        assert t.ok == ok, t.explain()
+        if not ok:
+            assert t.fault is (FaultKind.ACCESS_FLAG if not af and not ha else FaultKind.PERMISSION)
+        res = translate_batch(pool.words(), pool.base, geom, BASE, np.array([VA], dtype=np.uint64), access,
+                              ha=ha, hd=hd)
+        assert int(res.fault[0]) == (-1 if t.fault is None else t.fault.value)
+    if perms is not None:
+        assert translate(pool, geom, BASE, VA, ha=ha, hd=hd).perms == perms
+
+
+def test_writable_clean_stays_executable_under_wxn() -> None:
+    """Reads and fetches see AP[2] as it is: WXN does not take a writable-clean page's execution."""
+    geom = Geometry.create(1, "4K", 39, 40)
+    pool = one_page(geom, AP_RO | DBM)
+    assert translate(pool, geom, BASE, VA, EXEC, wxn=True, ha=True, hd=True).ok
+
+
+def test_hd_needs_ha_and_stage_1() -> None:
+    pool = PagePool(BASE, 8 * 4096, 4096)
+    with pytest.raises(ValueError, match="only with ha"):
+        translate(pool, Geometry.create(1, "4K", 39, 40), BASE, 0, hd=True)
+    with pytest.raises(ValueError, match="stage 2"):
+        translate(pool, Geometry.create(2, "4K", 40, 40), BASE, 0, ha=True, hd=True)
