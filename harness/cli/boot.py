@@ -8,8 +8,12 @@ ci/kernel.sh unpacks into .cache/kernel) under qemu-system-aarch64 -M virt,virtu
 the harness's own VMM as /init (an initramfs the harness writes: harness.live.initramfs). The VMM
 creates a VM, memslots and a vCPU, and runs the guest pattern (--guest): touch, dirty-log,
 memslot or two-vms (harness.live.vmm). Once the guest runs, one line is printed (--json: {"gdb":
-SOCKET, "guest": {what the VMM reported}, ...}), and the kernel keeps running, its gdbstub on
-SOCKET, until SIGTERM or Ctrl-C; then QEMU is killed and SOCKET removed.
+SOCKET, "guest": {what the VMM reported}, ...}), and the kernel keeps running, its gdbstub reached
+through SOCKET, until SIGTERM or Ctrl-C; then QEMU is killed and SOCKET removed.
+
+An idle kernel burns no host core: QEMU is stopped (SIGSTOP) while no gdb client is connected to
+SOCKET, and continued while one is (harness.live.gate: the harness listens on SOCKET and relays
+each client to QEMU's own gdbstub). Its guest's clocks stand still with it.
 
 --mode: vhe (the kernel at EL2, no kvm-arm.mode), nvhe or protected (kvm-arm.mode=).
 """
@@ -30,6 +34,7 @@ from typing import Any
 from harness.cli.args import add_json_arg, check_log_dir, positive_seconds
 from harness.cli.output import print_json
 from harness.errors import EXIT_OK, InputError, MachineryError
+from harness.live.gate import IdleGate
 from harness.live.kernel import BANNER, EXPECTED_BANNER, MAX_SMP, MODES, KernelBoot, KernelImage, NoKvm, last_lines
 from harness.live.vmm import PATTERNS, VmmFailed, VmmReport, start_vmm
 from harness.target.errors import TargetError
@@ -113,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         boot, report = start_vmm(image, guest=args.guest, mode=args.mode, cpu=args.cpu, smp=args.smp,
-                                 log_dir=logs, timeout=args.timeout, gdb_socket=sock)
+                                 log_dir=logs, timeout=args.timeout)
     except (TargetError, VmmFailed, NoKvm) as exc:
         last = last_lines(logs / "serial.log")
         banner = BANNER.search((logs / "serial.log").read_bytes()) if (logs / "serial.log").exists() else None
@@ -123,23 +128,30 @@ def run(args: argparse.Namespace) -> int:
             raise NoKvm(f"{exc} (logs: {logs})") from exc
         raise BootFailed(f"{image.vmlinuz.name} did not run the guest: {_first_line(exc)}; console's last lines: "
                          f"{last} (logs: {logs})") from exc
+    gate: IdleGate | None = None
     try:
-        _serve(args, boot, report, image, sock, t0)
+        _check_mode(boot.banner, args.mode, args.cpu, boot.log_dir)
+        assert boot.pid is not None
+        gate = IdleGate(sock, boot.gdb_socket, boot.pid).start()
+        _serve(args, boot, report, image, gate, t0)
     except (WrongMode, BootFailed):
         keep = True  # named in the message
         raise
     finally:
+        if gate is not None:
+            gate.close()
         boot.close()
         if not keep:
             shutil.rmtree(logs, ignore_errors=True)
     return EXIT_OK
 
 
-def _serve(args: argparse.Namespace, boot: KernelBoot, report: VmmReport, image: KernelImage, sock: Path,
+def _serve(args: argparse.Namespace, boot: KernelBoot, report: VmmReport, image: KernelImage, gate: IdleGate,
            t0: float) -> None:
     """Say the guest runs, then keep the kernel until a signal ends the harness."""
-    _check_mode(boot.banner, args.mode, args.cpu, boot.log_dir)
-    line = {"gdb": str(sock), "mode": args.mode, "cpu": args.cpu, "smp": args.smp, "banner": boot.banner,
+    sock = gate.listen
+    line = {"gdb": str(sock), "idle": "QEMU stopped while no gdb client is connected", "mode": args.mode,
+            "cpu": args.cpu, "smp": args.smp, "banner": boot.banner,
             "kernel": str(image.vmlinuz), "serial_log": str(boot.serial_log),
             "qemu_pid": boot.pid, "seconds": round(time.perf_counter() - t0, 2), "guest": report_json(report)}
     if args.json:
@@ -149,8 +161,9 @@ def _serve(args: argparse.Namespace, boot: KernelBoot, report: VmmReport, image:
         ready = report.ready
         print(f"harness boot: {image.vmlinuz.name} up ({boot.banner.split(': ', 1)[-1]}), guest "
               f"{ready.pattern if ready else '?'} running in {len(report.vms)} VM(s); gdbstub on {sock}; "
-              f"console {boot.serial_log}; SIGTERM or Ctrl-C ends it", flush=True)
-    _wait(boot)
+              f"console {boot.serial_log}; QEMU stopped until a gdb client connects; SIGTERM or Ctrl-C "
+              "ends it", flush=True)
+    _wait(boot, gate)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -165,11 +178,15 @@ def _check_mode(banner: str, mode: str, cpu: str, logs: Path) -> None:
                         f"{mode} (logs: {logs})")
 
 
-def _wait(boot: KernelBoot) -> None:
-    """Until a signal ends the harness (the CLI's handlers unwind through here), or QEMU exits."""
+def _wait(boot: KernelBoot, gate: IdleGate) -> None:
+    """Until a signal ends the harness (the CLI's handlers unwind through here), QEMU exits or the
+    gdb socket's relay fails."""
     while True:
         code = boot.poll()
         if code is not None:
             raise BootFailed(f"QEMU exited with status {code} while the guest ran (console: {boot.serial_log})\n"
                              f"{boot.console_tail(1500)}")
+        if not gate.alive:
+            raise BootFailed(f"the relay of {gate.listen} to QEMU's gdbstub failed: {gate.error!r} "
+                             f"(console: {boot.serial_log})")
         time.sleep(0.2)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from harness.live.kernel import KernelImage
-from harness.target.process import OWNER_ENV
+from harness.target.process import OWNER_ENV, process_state
 
 pytestmark = pytest.mark.hw
 
@@ -44,6 +44,22 @@ def _qemus_of(pid: int) -> list[int]:
     return out
 
 
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _assert_idle(pid: int) -> None:
+    """QEMU is stopped (within 3 s) and burns no CPU time while it is."""
+    deadline = time.monotonic() + 3
+    while process_state(pid) != "T":
+        assert time.monotonic() < deadline, f"QEMU {pid} still {process_state(pid)!r} with no gdb client"
+        time.sleep(0.05)
+    before = _cpu_ticks(pid)
+    time.sleep(0.5)
+    assert _cpu_ticks(pid) == before and process_state(pid) == "T"
+
+
 def test_boot_attach_and_sigterm(kernel_image: KernelImage, tmp_path: Path) -> None:
     sock = tmp_path / "k.sock"
     proc = subprocess.Popen([*HARNESS, "boot", str(kernel_image.vmlinuz), "--mode", "nvhe", "--guest", "touch",
@@ -61,7 +77,8 @@ def test_boot_attach_and_sigterm(kernel_image: KernelImage, tmp_path: Path) -> N
         assert info["banner"].endswith("Hyp nVHE mode initialized successfully")
         guest = info["guest"]
         assert guest["pattern"] == "touch" and guest["vms"] == [0] and guest["memslots"] and guest["pages"]
-        assert _qemus_of(proc.pid), "no QEMU of harness boot's"
+        (qemu,) = _qemus_of(proc.pid)
+        _assert_idle(qemu)  # nobody connected: the spinning guest costs no host core
         # --in-guest: captured again until the vCPU is stopped in the guest (it spins there)
         done = subprocess.run([*HARNESS, "attach", str(sock), "--json", "--in-guest", "--vmm", info["serial_log"]],
                               capture_output=True, text=True, timeout=300, check=False)
@@ -70,6 +87,7 @@ def test_boot_attach_and_sigterm(kernel_image: KernelImage, tmp_path: Path) -> N
         check = out["guest_check"]  # the guest's stage 2 against the VMM's account
         assert check["ok"] and check["vms"] == {"0": 1} and check["pages"] > 1000, check
         assert [(c["context"], c["vmid"]) for c in out["cpus"]] == [("guest", 1)]
+        _assert_idle(qemu)  # stopped again once attach is done
         guests = [r for r in out["regimes"] if r["regime"] == "stage2"]
         text = subprocess.run([*HARNESS, "attach", str(sock), "--in-guest"], capture_output=True, text=True,
                               timeout=300, check=False).stdout
@@ -78,6 +96,13 @@ def test_boot_attach_and_sigterm(kernel_image: KernelImage, tmp_path: Path) -> N
         ipas = {int(p["ipa"], 16) for p in guest["pages"]}
         mapped = [(r["va"], r["va"] + r["size"]) for r in s2["ranges"]]
         assert all(any(lo <= ipa < hi for lo, hi in mapped) for ipa in ipas)
+        _assert_idle(qemu)
+        # gdb itself through the same socket: a session that detaches (QEMU resumes the VM), then idle again
+        gdb = subprocess.run(["gdb-multiarch", "-nx", "-batch", "-ex", "set architecture aarch64",
+                              "-ex", f"target remote {sock}", "-ex", "info registers pc", "-ex", "detach"],
+                             capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+        assert gdb.returncode == 0 and "pc " in gdb.stdout, gdb.stderr + gdb.stdout
+        _assert_idle(qemu)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
