@@ -29,13 +29,15 @@ from pathlib import Path
 import pytest
 
 from harness.arch.registers import HCR_E2H, HCR_TGE, HCR_VM
-from harness.check.attach import LiveRange, RegimeDecode, decode
+from harness.check.attach import LiveRange, RegimeDecode, decode, verify
 from harness.check.guest import check_guest
 from harness.core.translate import PERM_R, PERM_W
 from harness.live.gdbstub import capture, parse_target
 from harness.live.initramfs import vmm_initramfs
 from harness.live.kernel import EXPECTED_BANNER, KernelBoot, KernelImage
 from harness.live.vmm import DIRTY_PAGES, PHASES, PageRun, VmmReport, start_vmm
+from harness.target.layout import Layout
+from harness.target.target import Target
 
 pytestmark = pytest.mark.hw
 
@@ -63,12 +65,17 @@ def _vmid(rd: RegimeDecode) -> int:
     return rd.regime.registers["VTTBR_EL2"] >> 48
 
 
+def _replay_target(layout: Layout) -> Target:
+    return Target.start(timeout=60, layout=layout)
+
+
 def guest_stage2(boot: KernelBoot, vms: int = 1, rep: VmmReport | None = None) -> list[tuple[RegimeDecode,
                                                                                               list[RegimeDecode]]]:
     """Capture until ``vms`` guest stage 2s (VMID != 0) are in use at once; each with the other
     regimes of the CPUs using it. A capture can stop a vCPU while the host runs (a timer tick):
     then try again. With ``rep``, the capture must pass the guest check against it
-    (harness.check.guest: what ``harness attach --vmm`` runs)."""
+    (harness.check.guest: what ``harness attach --vmm`` runs). Every regime of that capture is then
+    replayed on the harness's MMU (what ``harness attach --verify`` runs): 0 mismatches."""
     seen: list[str] = []
     for _ in range(CAPTURE_TRIES):
         cap = capture(parse_target(str(boot.gdb_socket)), timeout=60.0)
@@ -79,6 +86,9 @@ def guest_stage2(boot: KernelBoot, vms: int = 1, rep: VmmReport | None = None) -
             if rep is not None:
                 res = check_guest(rep, decoded)
                 assert res.ok and len(res.vms) == vms, res.text()
+            report = verify(cap.snapshot, _replay_target, regimes=cap.regimes)
+            assert report.mismatched == 0 and all(r.checked > 0 for r in report.regimes), report.text()
+            assert sorted(r.regime for r in report.regimes) == sorted(r.name for r in cap.regimes)
             return [(rd, [o for o in decoded if o is not rd and set(o.cpus) & set(rd.cpus)]) for rd in guests]
     raise AssertionError(f"no capture with {vms} guest stage 2(s) in {CAPTURE_TRIES} tries: {seen}")
 
@@ -261,10 +271,6 @@ def test_vhe_every_regime_decoded_and_verified(kernel_image: KernelImage, vmm_in
     its code could go; the kernel's linear map covers its addresses), so both replay through
     TTBR1_EL2 with the payload in TTBR0_EL2: the kernel's at its own addresses, the VMM's at
     VA + 2**64 - 2**ia_bits."""
-    from harness.check.attach import verify
-    from harness.target.layout import Layout
-    from harness.target.target import Target
-
     with vmm(kernel_image, vmm_initrd, tmp_path, "vhe", "touch") as (boot, rep):
         for _ in range(CAPTURE_TRIES):
             cap = capture(parse_target(str(boot.gdb_socket)), timeout=60.0)
@@ -280,10 +286,7 @@ def test_vhe_every_regime_decoded_and_verified(kernel_image: KernelImage, vmm_in
             assert any(r.range.pa <= run.pa < r.range.pa + r.range.size for r in kernel.ranges), run
         check_stage2(decoded["stage2"], rep, 0)
         by_name = {r.name: r for r in cap.regimes}
-        def start(layout: Layout) -> Target:
-            return Target.start(timeout=60, layout=layout)
-
-        report = verify(cap.snapshot, start, regimes=[by_name[n] for n in ("el2&0", "el2&0:ttbr1", "stage2")])
+        report = verify(cap.snapshot, _replay_target, regimes=[by_name[n] for n in ("el2&0", "el2&0:ttbr1", "stage2")])
         assert [r.regime for r in report.regimes] == ["el2&0", "el2&0:ttbr1", "stage2"]
         assert report.mismatched == 0 and all(r.checked > 0 for r in report.regimes), report.text()
         through = {r.regime: (r.through, r.va_offset, r.relocation_checked) for r in report.regimes}
