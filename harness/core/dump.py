@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from harness.arch import descriptors as d
-from harness.arch.geometry import Geometry, Granule
+from harness.arch.geometry import Geometry
 from harness.core.translate import root_table_base
-from harness.core.walker import Walker, WalkFlags, align_down, walk
+from harness.core.walker import GeometryShape, Walker, WalkFlags, align_down, walk
 
 
 class Memory(Protocol):
@@ -42,28 +42,12 @@ class MappedRange:
 
 
 @dataclass(frozen=True)
-class _RawTables:
+class _RawTables(GeometryShape):
     """Raw tables as the walker sees them (``WalkablePgtable``): a geometry, a root, a memory."""
 
     geom: Geometry
     pgd: int
     mem: _OneEntryCache
-
-    @property
-    def ia_bits(self) -> int:
-        return self.geom.ia_bits
-
-    @property
-    def start_level(self) -> int:
-        return self.geom.start_level
-
-    @property
-    def granule(self) -> Granule:
-        return self.geom.granule
-
-    @property
-    def lpa2(self) -> bool:
-        return self.geom.lpa2
 
 
 class _OneEntryCache:

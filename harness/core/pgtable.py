@@ -33,6 +33,7 @@ from harness.core.prot import Prot
 from harness.core.tlb import Flush, MaintLog
 from harness.core.walker import (
     UPSTREAM_RULES,
+    GeometryShape,
     Walker,
     WalkFlags,
     WalkRules,
@@ -68,7 +69,7 @@ class Leaf:
     size: int
 
 
-class KvmPgtable:
+class KvmPgtable(GeometryShape):
     """Common state (``struct kvm_pgtable``): geometry, memory, PGD."""
 
     def __init__(self, geom: Geometry, mem: PagePool, rules: WalkRules = UPSTREAM_RULES) -> None:
@@ -84,23 +85,7 @@ class KvmPgtable:
         n = geom.pgd_pages
         self.pgd: int | None = mem.alloc_pages(n, align_pages=n)
 
-    # Protocol for the walker.
-    @property
-    def ia_bits(self) -> int:
-        return self.geom.ia_bits
-
-    @property
-    def start_level(self) -> int:
-        return self.geom.start_level
-
-    @property
-    def granule(self) -> Granule:
-        return self.geom.granule
-
-    @property
-    def lpa2(self) -> bool:
-        return self.geom.lpa2
-
+    # Protocol for the walker: ia_bits, start_level, granule, lpa2 (GeometryShape), pgd, mem.
     @property
     def stage(self) -> Stage:
         return self.geom.stage

@@ -32,6 +32,7 @@ from harness.arch.geometry import (
     ENTRY_BYTES,
     MAX_LEVELS,
     MIN_LEVEL,
+    Geometry,
     Granule,
     level_shift,
     ptrs_per_table,
@@ -72,6 +73,28 @@ class WalkablePgtable(Protocol):
     def pgd(self) -> int | None: ...
     @property
     def mem(self) -> Memory: ...
+
+
+class GeometryShape:
+    """The walker's view of a table's shape, read from its ``geom`` (a mixin for page tables)."""
+
+    geom: Geometry
+
+    @property
+    def ia_bits(self) -> int:
+        return self.geom.ia_bits
+
+    @property
+    def start_level(self) -> int:
+        return self.geom.start_level
+
+    @property
+    def granule(self) -> Granule:
+        return self.geom.granule
+
+    @property
+    def lpa2(self) -> bool:
+        return self.geom.lpa2
 
 
 # Visitor: (addr, end, level, ptep, flag) -> None. ``ptep`` is the entry's physical address.
