@@ -189,6 +189,12 @@ def pa_size_encoding(pa_bits: int) -> int:
     return PA_SIZES.index(pa_bits)
 
 
+def upper_range_base(ia_bits: int) -> int:
+    """The lowest address of a stage-1 TTBR1 range of ``ia_bits`` input bits: ``2**64 - 2**ia_bits``
+    (its walks index the same bits as a TTBR0 range's, the top bits only select the TTBR)."""
+    return (1 << 64) - (1 << ia_bits)
+
+
 def stage1_levels(granule: Granule, ia_bits: int, lpa2: bool = False) -> int:
     check_ia_bits(granule, ia_bits, lpa2)
     step = bits_per_level(granule)

@@ -43,6 +43,7 @@ from harness.arch.geometry import (
     Granule,
     Stage,
     max_ia_bits,
+    upper_range_base,
 )
 from harness.arch.registers import (
     HCR_E2H,
@@ -198,7 +199,7 @@ class LiveRegime:
     @property
     def upper_base(self) -> int:
         """The lowest input address of a TTBR1 range of this regime's size: ``2**64 - 2**ia_bits``."""
-        return (1 << 64) - (1 << self.geom.ia_bits)
+        return upper_range_base(self.geom.ia_bits)
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,7 @@ def _stage1(regs: Mapping[str, int], r: _Range, pe: _Pe) -> LiveRegime:
     geom = _create(r.control, Stage.S1, granule, ia, pa, pamax=pe.pamax, lpa2=lpa2, e2h=r.e2h_layout)
     used = {k: regs[k] for k in (r.sctlr, "HCR_EL2", r.control, r.base, r.mair, "ID_AA64MMFR0_EL1")}
     return LiveRegime(r.name, geom, ttbr_table_base(ttbr, geom), mair, used,
-                      va_base=(1 << 64) - (1 << ia) if r.upper else 0, control=r.control, base=r.base,
+                      va_base=upper_range_base(ia) if r.upper else 0, control=r.control, base=r.base,
                       sctlr=r.sctlr)
 
 

@@ -41,7 +41,15 @@ import numpy as np
 import numpy.typing as npt
 
 from harness.arch import descriptors as d
-from harness.arch.geometry import ENTRY_BYTES, LAST_LEVEL, Geometry, Granule, Stage, ptrs_per_table
+from harness.arch.geometry import (
+    ENTRY_BYTES,
+    LAST_LEVEL,
+    Geometry,
+    Granule,
+    Stage,
+    ptrs_per_table,
+    upper_range_base,
+)
 from harness.arch.registers import (
     HCR_DC,
     HCR_E2H,
@@ -385,7 +393,7 @@ class Replay:
     def va_offset(self) -> int:
         """What the MMU's input address adds to the walk's: ``2**64 - 2**ia_bits`` when the copy
         replays through TTBR1, else 0."""
-        return (1 << 64) - (1 << self.geom.ia_bits) if self.payload is not None else 0
+        return upper_range_base(self.geom.ia_bits) if self.payload is not None else 0
 
     @property
     def through(self) -> str:
@@ -753,32 +761,41 @@ def _occupied(ranges: Sequence[MappedRange]) -> list[tuple[int, int]]:
 
 def _prepare(snapshot: Snapshot, regime: Regime,
              ranges: Sequence[MappedRange]) -> tuple[Layout, Replay, list[Region], set[int]]:
-    """The first payload layout whose regions fit in the snapshot's unmapped input space."""
-    taken = _occupied(ranges)
-    reasons = []
-    if regime.geom.stage is Stage.S1 and regime.geom.e2h and regime.upper:
-        return LAYOUT, split(snapshot, regime, LAYOUT), [], set()
-    for layout in layouts():
-        want = layout.stage1_regions() if regime.geom.stage is Stage.S1 else layout.stage2_regions()
-        rep = relocate(snapshot, regime, layout)
-        if regime.geom.stage is Stage.S2:
-            # AT S12E1* runs at EL2: the EL1 stub is needed only for real accesses; splice it when
-            # the snapshot leaves its IPA unmapped, else leave the snapshot's mapping alone.
-            want = [r for r in want if not any(r.base < hi and lo < r.end for lo, hi in taken)]
-        try:
-            changed = splice(rep, want, taken)
-            if regime.geom.stage is Stage.S1:
-                _check_spliced(regime, rep, want)
-            return layout, rep, want, changed
-        except VerifyRefused as exc:
-            reasons.append(f"payload at {layout.code:#x}: {exc}")
-    if regime.geom.stage is Stage.S1 and regime.geom.e2h:
+    """How the regime replays: through TTBR1_EL2 at once for a TTBR1 range (its own addresses);
+    otherwise the first payload layout whose regions splice into the snapshot's unmapped input
+    space, and for a TTBR0 range of EL2&0 when none does, through TTBR1_EL2 (:func:`split`)."""
+    reasons: list[str] = []
+    two_ranges = regime.geom.stage is Stage.S1 and regime.geom.e2h
+    if not (two_ranges and regime.upper):
+        for layout in layouts():
+            try:
+                return _spliced(snapshot, regime, ranges, layout)
+            except VerifyRefused as exc:
+                reasons.append(f"payload at {layout.code:#x}: {exc}")
+    if two_ranges:
         try:
             return LAYOUT, split(snapshot, regime, LAYOUT), [], set()
         except VerifyRefused as exc:
             reasons.append(f"payload in TTBR0_EL2, the tables in TTBR1_EL2: {exc}")
     raise VerifyRefused(f"{regime.name}: no payload layout fits the snapshot's unmapped input space: "
                         + "; ".join(reasons))
+
+
+def _spliced(snapshot: Snapshot, regime: Regime, ranges: Sequence[MappedRange],
+             layout: Layout) -> tuple[Layout, Replay, list[Region], set[int]]:
+    """The snapshot's copy with the payload's regions of ``layout`` spliced into its unmapped input
+    space (refused with :class:`VerifyRefused` where they do not fit)."""
+    taken = _occupied(ranges)
+    want = layout.stage1_regions() if regime.geom.stage is Stage.S1 else layout.stage2_regions()
+    rep = relocate(snapshot, regime, layout)
+    if regime.geom.stage is Stage.S2:
+        # AT S12E1* runs at EL2: the EL1 stub is needed only for real accesses; splice it when
+        # the snapshot leaves its IPA unmapped, else leave the snapshot's mapping alone.
+        want = [r for r in want if not any(r.base < hi and lo < r.end for lo, hi in taken)]
+    changed = splice(rep, want, taken)
+    if regime.geom.stage is Stage.S1:
+        _check_spliced(regime, rep, want)
+    return layout, rep, want, changed
 
 
 def verify(snapshot: Snapshot, start_target: TargetFactory, samples: int = 3, seed: int = 0,
