@@ -26,6 +26,8 @@ extern void at_loop_s1e2r(const u64 *, u64 *, u64);
 extern void at_loop_s1e2w(const u64 *, u64 *, u64);
 extern void at_loop_s12e1r(const u64 *, u64 *, u64);
 extern void at_loop_s12e1w(const u64 *, u64 *, u64);
+extern void at_loop_s1e0r(const u64 *, u64 *, u64);
+extern void at_loop_s1e0w(const u64 *, u64 *, u64);
 extern void s1_access_loop(const u64 *, struct access_record *, u64, u64, const u64 *);
 extern void s2_access_loop(const u64 *, struct access_record *, u64, u64, const u64 *);
 extern void s1_fetch_loop(const u64 *, struct access_record *, u64);
@@ -165,26 +167,25 @@ static int in_buffer(u64 pa, u64 len, u64 base, u64 size)
     return pa >= base && len <= size && pa - base <= size - len && (pa & 7) == 0;
 }
 
-/* AT_S1E2RW / AT_S12E1RW: the read form over the first n addresses, then the write form over
- * the next n2 (arg4), results in the same order: both forms of a stage in one request; arg5 = 1:
- * then uninstall (as UNINSTALL does), so the last probe of a table needs no request of its own. */
-static u64 do_at(void)
+/* AT_S1E2RW / AT_S12E1RW / AT_S1E0RW: the read form over the first n addresses, then the write
+ * form over the next n2 (arg4), results in the same order: both forms in one request; arg5 = 1:
+ * then uninstall (as UNINSTALL does), so the last probe of a table needs no request of its own.
+ * The EL0 forms (AT S1E0R/W) need the EL2&0 regime installed (HCR_EL2.E2H) and run with
+ * HCR_EL2.TGE = 1, so that they translate as EL0 of EL2&0, not of EL1&0. */
+static int at_el0(u64 op)
 {
-    u64 op = mb->arg[0], n = mb->arg[1], src = mb->arg[2], dst = mb->arg[3];
-    int paired = op == AT_S1E2RW || op == AT_S12E1RW;
-    u64 n2 = paired ? mb->arg[4] : 0, then_uninstall = paired ? mb->arg[5] : 0;
-    u64 total = n + n2;
-    if (n > PROBE_ADDRS_SIZE / 8 || n2 > PROBE_ADDRS_SIZE / 8 || then_uninstall > 1 ||
-        !in_buffer(src, total * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
-        !in_buffer(dst, total * 8, PROBE_RESULTS_BASE, PROBE_RESULTS_SIZE))
-        return STATUS_BAD_ARG;
-    const u64 *a = (const u64 *)src;
-    u64 *r = (u64 *)dst;
+    return op == AT_S1E0R || op == AT_S1E0W || op == AT_S1E0RW;
+}
+
+static void at_loops(u64 op, const u64 *a, u64 *r, u64 n, u64 n2)
+{
     switch (op) {
     case AT_S1E2R: at_loop_s1e2r(a, r, n); break;
     case AT_S1E2W: at_loop_s1e2w(a, r, n); break;
     case AT_S12E1R: at_loop_s12e1r(a, r, n); break;
     case AT_S12E1W: at_loop_s12e1w(a, r, n); break;
+    case AT_S1E0R: at_loop_s1e0r(a, r, n); break;
+    case AT_S1E0W: at_loop_s1e0w(a, r, n); break;
     case AT_S1E2RW:
         at_loop_s1e2r(a, r, n);
         at_loop_s1e2w(a + n, r + n, n2);
@@ -193,7 +194,32 @@ static u64 do_at(void)
         at_loop_s12e1r(a, r, n);
         at_loop_s12e1w(a + n, r + n, n2);
         break;
-    default: return STATUS_BAD_ARG;
+    case AT_S1E0RW:
+        at_loop_s1e0r(a, r, n);
+        at_loop_s1e0w(a + n, r + n, n2);
+        break;
+    }
+}
+
+static u64 do_at(void)
+{
+    u64 op = mb->arg[0], n = mb->arg[1], src = mb->arg[2], dst = mb->arg[3];
+    int paired = op == AT_S1E2RW || op == AT_S12E1RW || op == AT_S1E0RW;
+    u64 n2 = paired ? mb->arg[4] : 0, then_uninstall = paired ? mb->arg[5] : 0;
+    u64 total = n + n2, hcr = READ_SYSREG(hcr_el2);
+    if (op > AT_S1E0RW || n > PROBE_ADDRS_SIZE / 8 || n2 > PROBE_ADDRS_SIZE / 8 || then_uninstall > 1 ||
+        !in_buffer(src, total * 8, PROBE_ADDRS_BASE, PROBE_ADDRS_SIZE) ||
+        !in_buffer(dst, total * 8, PROBE_RESULTS_BASE, PROBE_RESULTS_SIZE) ||
+        (at_el0(op) && !(hcr & HCR_E2H)))
+        return STATUS_BAD_ARG;
+    if (at_el0(op)) {
+        WRITE_SYSREG(hcr_el2, hcr | HCR_TGE);
+        ISB();
+    }
+    at_loops(op, (const u64 *)src, (u64 *)dst, n, n2);
+    if (at_el0(op)) {
+        WRITE_SYSREG(hcr_el2, hcr);
+        ISB();
     }
     if (then_uninstall)
         uninstall();

@@ -89,6 +89,8 @@ at_store_\name:
     AT_LOOP s1e2w, s1e2w
     AT_LOOP s12e1r, s12e1r
     AT_LOOP s12e1w, s12e1w
+    AT_LOOP s1e0r, s1e0r
+    AT_LOOP s1e0w, s1e0w
 
 /* Clear one access record (x19) and mark it completed; the vector overwrites it on a fault. */
 .macro RECORD_START
@@ -281,6 +283,8 @@ el2_sync:
     AT_FIXUP s1e2w
     AT_FIXUP s12e1r
     AT_FIXUP s12e1w
+    AT_FIXUP s1e0r
+    AT_FIXUP s1e0w
     adr     x1, s1_probe_ld     /* an EL2 probe instruction faulting? */
     cmp     x0, x1
     b.eq    1f

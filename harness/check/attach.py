@@ -107,13 +107,16 @@ def perm_label(perms: int) -> str:
 @dataclass(frozen=True)
 class LiveRange:
     """One merged range of a regime, with what the architectural walk says of it (SCTLR_EL2.WXN
-    applied: ``xn_by_wxn`` when the descriptors alone would let EL2 execute it)."""
+    applied: ``xn_by_wxn`` when the descriptors alone would let EL2 execute it). ``perms`` are the
+    privileged level's (EL2, or EL1 for EL1&0); ``el0`` EL0's, in a two-range regime (EL2&0 or
+    EL1&0: AP[1], UXN and their table bits), else None."""
 
     range: MappedRange
     perms: int
     attr: int | None  # MAIR encoding of the memory type (PAR_EL1.ATTR)
     level: int | None
     xn_by_wxn: bool = False  # writable at EL2, execute-never at EL2 only through SCTLR_EL2.WXN
+    el0: int | None = None
 
     @property
     def va(self) -> int:
@@ -124,15 +127,17 @@ class LiveRange:
         return self.range.end
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.range.to_json(), "perms": perm_label(self.perms), "attr": self.attr, "level": self.level,
-                "xn_by_wxn": self.xn_by_wxn}
+        return {**self.range.to_json(), "perms": perm_label(self.perms),
+                "el0_perms": None if self.el0 is None else perm_label(self.el0), "attr": self.attr,
+                "level": self.level, "xn_by_wxn": self.xn_by_wxn}
 
     def describe(self) -> str:
         r = self.range
         attr = f" attr={self.attr:#04x}" if self.attr is not None else ""
         wxn = " (x by descriptor, off by WXN)" if self.xn_by_wxn else ""
+        el0 = f" el0 {perm_label(self.el0)}" if self.el0 is not None else ""
         return (f"[{r.va:#018x}, {r.end:#018x}) {r.size:#12x} -> {r.pa:#014x} "
-                f"{perm_label(self.perms)}{attr} L{self.level}{wxn}")
+                f"{perm_label(self.perms)}{el0}{attr} L{self.level}{wxn}")
 
 
 @dataclass
@@ -166,13 +171,18 @@ class RegimeDecode:
 
 
 def walk(snapshot: Snapshot, regime: Regime, address: int, access: Access = READ,
-         wxn: bool | None = None) -> Translation:
+         wxn: bool | None = None, el0: bool = False) -> Translation:
     """The model's walk as the regime's registers configure it (MAIR, SH0, SCTLR_EL2.WXN, TCR.HA
-    and HD; ``wxn`` overrides WXN)."""
+    and HD; ``wxn`` overrides WXN); ``el0``: EL0's access (two-range regimes only)."""
     mair = regime.mair if regime.mair is not None else DEFAULT_MAIR
-    options = regime.walk_options() | ({} if wxn is None else {"wxn": wxn})
+    options = regime.walk_options() | ({} if wxn is None else {"wxn": wxn}) | ({"el0": True} if el0 else {})
     t = translate(snapshot.memory(), regime.geom, regime.root, regime.local(address), access, mair, **options)
     return replace(t, address=address) if regime.upper else t
+
+
+def has_el0(regime: Regime) -> bool:
+    """Whether the regime has an EL0 (a two-range stage-1 regime: EL2&0 or EL1&0)."""
+    return regime.geom.stage is Stage.S1 and regime.geom.e2h
 
 
 def decode(snapshot: Snapshot, regimes: Sequence[Regime] | None = None) -> list[RegimeDecode]:
@@ -187,7 +197,8 @@ def decode(snapshot: Snapshot, regimes: Sequence[Regime] | None = None) -> list[
             t = walk(snapshot, regime, r.va)
             by_wxn = regime.wxn and not t.perms & PERM_X \
                 and bool(walk(snapshot, regime, r.va, wxn=False).perms & PERM_X)
-            ranges.append(LiveRange(r, t.perms, t.attr, t.level, by_wxn))
+            el0 = walk(snapshot, regime, r.va, el0=True).perms if has_el0(regime) else None
+            ranges.append(LiveRange(r, t.perms, t.attr, t.level, by_wxn, el0))
         out.append(RegimeDecode(regime, ranges, snapshot.cpus_using(regime)))
     return out
 

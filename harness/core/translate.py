@@ -18,6 +18,11 @@ Regimes (see :mod:`harness.arch.registers` for the register values the harness p
   EL0 access and does not restrict EL2 reads or writes; EL2 fetches obey PXN (bit 53) and
   PXNTable (bit 59), and memory writable at EL0 (AP = 0b01) is never executable at EL2; UXN
   (bit 54) and UXNTable (bit 60) concern EL0 only.
+* EL0 of the EL2&0 regime (``el0=True``: ``AT S1E0R/W`` at EL2 with HCR_EL2.{E2H, TGE} = {1, 1},
+  and EL0's own accesses): AP[1] grants EL0 access unless APTable[0] was set on the way down;
+  AP[2] or APTable[1] make it read-only; UXN or UXNTable forbid EL0 fetches, AP[1] or not
+  (execute-only memory); with WXN, memory writable at EL0 is execute-never at EL0
+  (:func:`s1_el0_perms`). The same rules are EL1&0's EL0 view.
 * SCTLR_EL2.WXN (``wxn=True``, stage 1 only; Linux sets it): memory writable at EL2 is
   execute-never at EL2, whatever XN/PXN say (:func:`wxn_executable`). ``AT`` cannot observe it
   (it has no instruction-fetch form); the default ``wxn=False`` is what the harness's own
@@ -89,6 +94,7 @@ from harness.arch.descriptors import (
     S1_ATTRINDX,
     S1_DBM,
     S1_PXN,
+    S1_UXN,
     S1_XN,
     S2_AP,
     S2_MEMATTR,
@@ -231,6 +237,7 @@ def root_table_base(geom: Geometry, root_pa: int) -> int:
 _TABLE_XN = 1  # hierarchical restriction: no execution below (XNTable; PXNTable with E2H = 1)
 _TABLE_RO = 2  # hierarchical restriction: read-only below (APTable[1])
 _TABLE_NO_EL0 = 4  # hierarchical restriction: no EL0 access below (APTable[0], E2H = 1 only)
+_TABLE_UXN = 8  # hierarchical restriction: no EL0 execution below (UXNTable, E2H = 1 only)
 
 
 @overload
@@ -268,11 +275,11 @@ def oa_out_of_range(oa: int | U64s, pa_bits: int) -> bool | Bools:
 
 def table_restrictions(desc: Word, e2h: bool) -> Word:
     """The stage-1 hierarchical restrictions a table descriptor adds (_TABLE_XN | _TABLE_RO, and
-    _TABLE_NO_EL0 in the EL2&0 regime)."""
+    _TABLE_NO_EL0 | _TABLE_UXN in the EL2&0 regime, where bit 60 is UXNTable)."""
     xn = PXN_TABLE if e2h else XN_TABLE
     out = ((desc >> xn.lo) & 1) * _TABLE_XN | ((desc >> (AP_TABLE.lo + 1)) & 1) * _TABLE_RO
     if e2h:
-        out |= ((desc >> AP_TABLE.lo) & 1) * _TABLE_NO_EL0
+        out |= ((desc >> AP_TABLE.lo) & 1) * _TABLE_NO_EL0 | ((desc >> XN_TABLE.lo) & 1) * _TABLE_UXN
     return out
 
 
@@ -303,6 +310,28 @@ def s1_perms(desc: Word, restrictions: Word, e2h: bool, wxn: bool = False, hd: b
     w = ro ^ 1
     w_data = w | ((desc >> S1_DBM.lo) & 1) & (table_ro ^ 1) if hd else w
     return PERM_R | w_data * PERM_W | wxn_executable(xn ^ 1, w, wxn) * PERM_X
+
+
+def s1_el0_perms(desc: Word, restrictions: Word, wxn: bool = False, hd: bool = False) -> Word:
+    """EL0's effective permissions for a leaf of the EL2&0 regime (``AT S1E0R/W`` at EL2 with
+    HCR_EL2.{E2H, TGE} = {1, 1}, EL0's own accesses; PERM_R | PERM_W | PERM_X): AP[1] grants EL0
+    access unless APTable[0] forbids it below; AP[2] or APTable[1] make it read-only; UXN or
+    UXNTable forbid EL0 fetches, whatever AP[1] says (execute-only memory); with ``wxn`` memory
+    writable at EL0 is execute-never at EL0 (:func:`wxn_executable` with EL0's write permission).
+    ``hd``: DBM = 1 makes an EL0-accessible leaf writable unless APTable[1] forbids it."""
+    table_ro = (restrictions >> 1) & 1
+    el0 = ((desc >> S1_AP.lo) & 1) & (((restrictions >> 2) & 1) ^ 1)
+    w = el0 & ((((desc >> (S1_AP.lo + 1)) & 1) | table_ro) ^ 1)
+    w_data = w | el0 & ((desc >> S1_DBM.lo) & 1) & (table_ro ^ 1) if hd else w
+    xn = ((desc >> S1_UXN.lo) & 1) | ((restrictions >> 3) & 1)
+    return el0 * PERM_R | w_data * PERM_W | wxn_executable(xn ^ 1, w, wxn) * PERM_X
+
+
+def check_el0(geom: Geometry, el0: bool) -> None:
+    """EL0's view is modelled for the EL2&0 regime's stage 1 only (ValueError otherwise: the EL2
+    regime has no EL0, and stage 2's EL0 accesses are EL1&0's)."""
+    if el0 and (geom.stage is not Stage.S1 or not geom.e2h):
+        raise ValueError("el0: EL0's accesses are modelled in the EL2&0 regime (stage 1 with E2H = 1) only")
 
 
 def check_wxn(geom: Geometry, wxn: bool) -> None:
@@ -506,6 +535,7 @@ class _Walk:
     wxn: bool = False
     ha: bool = False
     hd: bool = False
+    el0: bool = False
 
 
 def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, level: int,
@@ -522,8 +552,12 @@ def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, l
         attr_index = None
         attr = s2_attr(S2_MEMATTR.get(raw))
     else:
-        perms = s1_perms(raw, restrictions, geom.e2h, w.wxn, w.hd)
-        xn = (S1_PXN if geom.e2h else S1_XN).get(raw) | (restrictions & _TABLE_XN)
+        if w.el0:
+            perms = s1_el0_perms(raw, restrictions, w.wxn, w.hd)
+            xn = S1_UXN.get(raw) | ((restrictions & _TABLE_UXN) >> 3)
+        else:
+            perms = s1_perms(raw, restrictions, geom.e2h, w.wxn, w.hd)
+            xn = (S1_PXN if geom.e2h else S1_XN).get(raw) | (restrictions & _TABLE_XN)
         memattr = None
         attr_index = S1_ATTRINDX.get(raw)
         attr = mair_attr(w.mair, attr_index)
@@ -539,13 +573,15 @@ def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, l
     if not AF.get(raw) and not w.ha:
         return _with_fault(leaf, FaultKind.ACCESS_FLAG, level, is_s2, "AF = 0 (no hardware AF)")
     if not perms & access_perm(access):
-        why = f"{access.value} not permitted"
+        why = f"{access.value} not permitted" + (" at EL0" if w.el0 else "")
+        if w.el0 and not perms & PERM_R and access is not Access.EXEC:
+            why += " (AP[1] = 0)" if not S1_AP.get(raw) & 1 else " (APTable[0] set on the way down)"
         if restrictions & _TABLE_RO and access is Access.WRITE:
             why += " (APTable[1] set on the way down)"
-        if restrictions & _TABLE_XN and access is Access.EXEC:
-            why += " (XNTable set on the way down)"
+        if restrictions & (_TABLE_UXN if w.el0 else _TABLE_XN) and access is Access.EXEC:
+            why += " (UXNTable set on the way down)" if w.el0 else " (XNTable set on the way down)"
         if access is Access.EXEC and not is_s2 and w.wxn and perms & PERM_W:
-            why += " (SCTLR_EL2.WXN: writable at EL2)"
+            why += f" (SCTLR_EL2.WXN: writable at {'EL0' if w.el0 else 'EL2'})"
         return _with_fault(leaf, FaultKind.PERMISSION, level, is_s2, why)
     return leaf
 
@@ -562,18 +598,21 @@ def translate(
     wxn: bool = False,
     ha: bool = False,
     hd: bool = False,
+    el0: bool = False,
     qemu: WalkSemantics = ARM_ARM,
 ) -> Translation:
     """Walk the tables at ``root_pa`` for ``address`` as the MMU does (see the module notes).
 
     ``sh0`` is TCR_EL2/VTCR_EL2.SH0 (the shareability with lpa2); ``wxn`` is SCTLR_EL2.WXN (stage
     1 only); ``ha``/``hd`` are TCR.HA/HD (hardware Access flag and dirty state; ``hd`` stage 1
-    only, with ``ha``). ``qemu`` selects QEMU's declared departures from the Arm ARM
+    only, with ``ha``); ``el0``: EL0's accesses in the EL2&0 regime (``AT S1E0R/W``,
+    :func:`s1_el0_perms`) instead of EL2's. ``qemu`` selects QEMU's declared departures from the Arm ARM
     (:class:`WalkSemantics`)."""
     if not 0 <= address < 1 << 64:
         raise ValueError(f"address: expected a 64-bit value, got {address!r}")
     check_wxn(geom, wxn)
     check_hafdbs(geom, ha, hd)
+    check_el0(geom, el0)
     stage = geom.stage
     is_s2 = stage is Stage.S2
     steps: list[Step] = []
@@ -591,7 +630,7 @@ def translate(
         return fault(FaultKind.ADDRESS_SIZE, 0,
                      f"table base {root_pa:#x} beyond the {geom.pa_bits}-bit PA size")
 
-    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn, ha, hd)
+    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn, ha, hd, el0)
     granule = geom.granule
     table = root_table_base(geom, root_pa)
     level = geom.start_level

@@ -23,6 +23,9 @@ Request arguments:
   in ``at_exceptions``; the loop goes on. The paired ops S1E2RW and S12E1RW run both forms of a
   stage in one request: the read form over the first ``count`` addresses, then the write form over
   the next arg4 addresses (results in the same order); arg5 = 1 then uninstalls (as UNINSTALL).
+  S1E0R, S1E0W and S1E0RW are EL0's forms in the EL2&0 regime: refused unless HCR_EL2.E2H is set
+  (an EL2&0 stage 1 installed), run with HCR_EL2.TGE = 1 (else they would be EL1&0's), which is
+  cleared again before the reply.
 * ACCESS: arg0 write (0/1; 2: loads over the first ``count`` addresses, then stores over the next
   arg6, records and values in the same order), arg1 stage (1: EL2 with its stage 1; 2: EL1 through stage 2),
   arg2 count, arg3 address buffer PA, arg4 record buffer PA (:data:`ACCESS_RECORD` each), arg5
@@ -62,7 +65,7 @@ from harness.arch.registers import PAR_F
 from harness.arch.tlbi import Insn
 
 MAGIC = 0x5047_5441_424C_4521  # "PGTABLE!"
-VERSION = 6  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW; ACCESS write = 2. 5: LIVE. 6: TTBR1_EL2
+VERSION = 7  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW; ACCESS write = 2. 5: LIVE. 6: TTBR1_EL2. 7: AT_S1E0*
 
 U64Array = npt.NDArray[np.uint64]
 BoolArray = npt.NDArray[np.bool_]
@@ -173,6 +176,9 @@ class AtOp(enum.IntEnum):
     S12E1W = 3
     S1E2RW = 4  # S1E2R over arg1 addresses, then S1E2W over the next arg4
     S12E1RW = 5  # S12E1R, then S12E1W, likewise
+    S1E0R = 6  # EL0's forms, in the EL2&0 regime only (HCR_EL2.E2H installed; run with TGE = 1)
+    S1E0W = 7
+    S1E0RW = 8  # S1E0R, then S1E0W, as S1E2RW
 
 
 class AccessStatus(enum.IntEnum):

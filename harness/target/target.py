@@ -56,7 +56,9 @@ AccessRecords = npt.NDArray[np.void]
 U64Array = npt.NDArray[np.uint64]
 
 MIN_RAM_BACKING = 256 << 20  # the pages a run touches: firmware, probe buffers, table pool
-_AT_PAIRS = {Stage.S1: mbx.AtOp.S1E2RW, Stage.S2: mbx.AtOp.S12E1RW}  # both forms of a stage
+# both forms of a stage (and EL0's, EL2&0 only) in one request
+_AT_PAIRS = {(Stage.S1, False): mbx.AtOp.S1E2RW, (Stage.S2, False): mbx.AtOp.S12E1RW,
+             (Stage.S1, True): mbx.AtOp.S1E0RW}
 _AT_OPS = {op.name: op for op in mbx.AtOp if op not in _AT_PAIRS.values()}
 
 
@@ -505,31 +507,34 @@ class Target:
         self._pending = ("AT", n, self.layout.probe_results, time.monotonic())
 
     def at_start_both(self, reads: npt.ArrayLike, writes: npt.ArrayLike, stage: Stage | int,
-                      uninstall: bool = False) -> None:
-        """Start one request running both AT forms of ``stage``: the read form (S1E2R, S12E1R)
-        over ``reads``, then the write form (S1E2W, S12E1W) over ``writes`` (at most
-        ``layout.max_at`` addresses in all); :meth:`at_wait` returns the read forms' PAR_EL1s
-        followed by the write forms'. ``uninstall``: the same request then uninstalls (as
-        :meth:`uninstall`), for a table's last probes."""
+                      uninstall: bool = False, el0: bool = False) -> None:
+        """Start one request running both AT forms of ``stage``: the read form (S1E2R, S12E1R;
+        with ``el0`` EL0's S1E0R, in the EL2&0 regime only) over ``reads``, then the write form
+        (S1E2W, S12E1W, S1E0W) over ``writes`` (at most ``layout.max_at`` addresses in all);
+        :meth:`at_wait` returns the read forms' PAR_EL1s followed by the write forms'.
+        ``uninstall``: the same request then uninstalls (as :meth:`uninstall`), for a table's last
+        probes."""
         st = Stage(int(stage))
+        if (st, el0) not in _AT_PAIRS:
+            raise ValueError("el0: EL0's AT forms (S1E0R/W) are stage-1 forms (the EL2&0 regime)")
         r = np.ascontiguousarray(reads, dtype=np.uint64).reshape(-1)
         w = np.ascontiguousarray(writes, dtype=np.uint64).reshape(-1)
         addrs = self._put_addresses(np.concatenate([r, w]), self.layout.max_at)
-        self._submit(mbx.Cmd.AT, int(_AT_PAIRS[st]), int(r.size), self.layout.probe_addrs,
+        self._submit(mbx.Cmd.AT, int(_AT_PAIRS[st, el0]), int(r.size), self.layout.probe_addrs,
                      self.layout.probe_results, int(w.size), int(uninstall))
         self._pending = ("AT", int(addrs.size), self.layout.probe_results, time.monotonic())
         if uninstall:
             self._installed = None
 
-    def at_both(self, addresses: npt.ArrayLike, stage: Stage | int) -> tuple[U64Array, U64Array]:
-        """PAR_EL1 after the read and the write AT form of ``stage`` for each address (any
-        count), both forms in each request: ``(read PARs, write PARs)``."""
+    def at_both(self, addresses: npt.ArrayLike, stage: Stage | int, el0: bool = False) -> tuple[U64Array, U64Array]:
+        """PAR_EL1 after the read and the write AT form of ``stage`` (``el0``: EL0's, S1E0R/W)
+        for each address (any count), both forms in each request: ``(read PARs, write PARs)``."""
         addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
         out = np.empty((2, addrs.size), dtype=np.uint64)
         step = self.layout.max_at // 2
         for i in range(0, addrs.size, step):
             chunk = addrs[i : i + step]
-            self.at_start_both(chunk, chunk, stage)
+            self.at_start_both(chunk, chunk, stage, el0=el0)
             pars = self.at_wait()
             out[0, i : i + chunk.size] = pars[: chunk.size]
             out[1, i : i + chunk.size] = pars[chunk.size :]
