@@ -244,6 +244,17 @@ static u64 do_access(void)
         s1_access_loop(a, r, n, write & 1, v);
         if (write == 2)
             s1_access_loop(a + n, r + n, n2, 1, v + n);
+    } else if (stage == ACCESS_AT_EL0) { /* ldtr/sttr with E2H = TGE = 1: EL0's accesses in EL2&0 */
+        u64 hcr = READ_SYSREG(hcr_el2);
+        if (!(hcr & HCR_E2H))
+            return STATUS_BAD_ARG;
+        WRITE_SYSREG(hcr_el2, hcr | HCR_TGE);
+        ISB();
+        s1_access_loop(a, r, n, 2 + (write & 1), v);
+        if (write == 2)
+            s1_access_loop(a + n, r + n, n2, 3, v + n);
+        WRITE_SYSREG(hcr_el2, hcr);
+        ISB();
     } else if (stage == 2) {
         if (READ_SYSREG(hcr_el2) & HCR_E2H) /* the EL1 stub needs the EL1&0 regime */
             return STATUS_BAD_ARG;

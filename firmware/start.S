@@ -101,12 +101,36 @@ at_store_\name:
     str     xzr, [x19, #ACCESS_RECORD_OFF_HPFAR]
 .endm
 
-/* void s1_access_loop(const u64 *addrs, struct access_record *records, u64 count, u64 write,
+/* One probe loop of s1_access_loop: a 64-bit \insn (ldr or ldtr: x1 = 0 first, the value read
+ * recorded; str or sttr: values[i] stored and recorded) at each address, the probe instruction
+ * at \label (el2_sync records its data abort in the current record, x19, and skips it). */
+.macro S1_PROBE_LOOP insn, label, store
+1:  cbz     x21, 9f
+    ldr     x0, [x20], #8
+    RECORD_START
+    .if \store
+    ldr     x1, [x22], #8
+    str     x1, [x19, #ACCESS_RECORD_OFF_VALUE]
+    .else
+    mov     x1, xzr
+    .endif
+    .global \label
+\label:
+    \insn   x1, [x0]
+    .if !\store
+    str     x1, [x19, #ACCESS_RECORD_OFF_VALUE]
+    .endif
+    add     x19, x19, #ACCESS_RECORD_SIZE
+    sub     x21, x21, #1
+    b       1b
+.endm
+
+/* void s1_access_loop(const u64 *addrs, struct access_record *records, u64 count, u64 mode,
  *                     const u64 *values)
- * 64-bit loads or stores at EL2 through the installed stage 1 (EL2 or EL2&0 regime). A load
- * records the value read (0 if it faulted), a store writes values[i] and records it. A data abort
- * on the probe instruction is recorded by the vector (x19 = current record) and the instruction
- * skipped. */
+ * 64-bit accesses through the installed stage 1 (EL2 or EL2&0 regime). mode 0: EL2 loads, 1:
+ * EL2 stores, 2: EL0 loads (ldtr), 3: EL0 stores (sttr): unprivileged, so EL0's accesses, when
+ * the caller has set HCR_EL2.{E2H, TGE} = {1, 1}. A load records the value read (0 if it
+ * faulted), a store writes values[i] and records it. */
     .global s1_access_loop
     .type s1_access_loop, %function
 s1_access_loop:
@@ -116,29 +140,16 @@ s1_access_loop:
     mov     x20, x0
     mov     x21, x2
     mov     x22, x4
-    cbnz    x3, 5f
-1:  cbz     x21, 9f
-    ldr     x0, [x20], #8
-    RECORD_START
-    mov     x1, xzr
-    .global s1_probe_ld
-s1_probe_ld:
-    ldr     x1, [x0]
-    str     x1, [x19, #ACCESS_RECORD_OFF_VALUE]
-    add     x19, x19, #ACCESS_RECORD_SIZE
-    sub     x21, x21, #1
-    b       1b
-5:  cbz     x21, 9f
-    ldr     x0, [x20], #8
-    RECORD_START
-    ldr     x1, [x22], #8
-    str     x1, [x19, #ACCESS_RECORD_OFF_VALUE]
-    .global s1_probe_st
-s1_probe_st:
-    str     x1, [x0]
-    add     x19, x19, #ACCESS_RECORD_SIZE
-    sub     x21, x21, #1
-    b       5b
+    cmp     x3, #1
+    b.eq    5f
+    cmp     x3, #2
+    b.eq    6f
+    cmp     x3, #3
+    b.eq    7f
+    S1_PROBE_LOOP ldr, s1_probe_ld, 0
+5:  S1_PROBE_LOOP str, s1_probe_st, 1
+6:  S1_PROBE_LOOP ldtr, s1_probe_ldtr, 0
+7:  S1_PROBE_LOOP sttr, s1_probe_sttr, 1
 9:  ldp     x21, x22, [sp, #16]
     ldp     x19, x20, [sp], #32
     ret
@@ -289,6 +300,12 @@ el2_sync:
     cmp     x0, x1
     b.eq    1f
     adr     x1, s1_probe_st
+    cmp     x0, x1
+    b.eq    1f
+    adr     x1, s1_probe_ldtr
+    cmp     x0, x1
+    b.eq    1f
+    adr     x1, s1_probe_sttr
     cmp     x0, x1
     b.eq    1f
     adr     x1, s1_fetch_ret    /* a fetch probe's target raising an exception? */

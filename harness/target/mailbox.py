@@ -31,7 +31,10 @@ Request arguments:
   arg2 count, arg3 address buffer PA, arg4 record buffer PA (:data:`ACCESS_RECORD` each), arg5
   value buffer PA (one u64 per address: what a store writes). Each probe is a 64-bit ``ldr``/``str``
   at the (8-byte aligned) address; the record's ``value`` is the loaded value (0 if the load
-  faulted) or the stored value.
+  faulted) or the stored value. arg1 = :data:`ACCESS_AT_EL0`: EL0's accesses in the EL2&0 regime
+  (``ldtr``/``sttr`` at EL2 with HCR_EL2.{E2H, TGE} = {1, 1}, which makes them unprivileged;
+  refused without E2H; TGE is cleared again before the reply); a fault is a data abort taken
+  from EL2 (EC 0x25).
 * FETCH: arg0 stage (1: EL2 with its stage 1; 2: EL1 through stage 2, EL1's MMU off), arg1 count,
   arg2 address buffer PA, arg3 record buffer PA (:data:`ACCESS_RECORD` each). Instruction-fetch
   probes: ``ic iallu`` first (the host plants code behind QEMU's back), then for each (4-byte
@@ -65,7 +68,8 @@ from harness.arch.registers import PAR_F
 from harness.arch.tlbi import Insn
 
 MAGIC = 0x5047_5441_424C_4521  # "PGTABLE!"
-VERSION = 7  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW; ACCESS write = 2. 5: LIVE. 6: TTBR1_EL2. 7: AT_S1E0*
+VERSION = 7  # 4: INSTALL_* uninstall first; AT_S1E2RW, AT_S12E1RW; ACCESS write = 2. 5: LIVE. 6: TTBR1_EL2.
+# 7: AT_S1E0*, ACCESS_AT_EL0
 
 U64Array = npt.NDArray[np.uint64]
 BoolArray = npt.NDArray[np.bool_]
@@ -181,6 +185,9 @@ class AtOp(enum.IntEnum):
     S1E0RW = 8  # S1E0R, then S1E0W, as S1E2RW
 
 
+ACCESS_AT_EL0 = 3  # ACCESS arg1 (beside stages 1 and 2): EL0's loads and stores in the EL2&0 regime
+
+
 class AccessStatus(enum.IntEnum):
     NOT_RUN = 0
     COMPLETED = 1
@@ -292,6 +299,7 @@ def c_header() -> str:
     out += [f"#define STATUS_{s.name} {s.value}" for s in Status]
     out += [f"#define AT_{a.name} {a.value}" for a in AtOp]
     out += [f"#define ACCESS_{a.name} {a.value}" for a in AccessStatus]
+    out += [f"#define ACCESS_AT_EL0 {ACCESS_AT_EL0}"]
     out += ["#ifndef __ASSEMBLER__", "#include <stdint.h>"]
     for rec in (MAILBOX, ACCESS_RECORD, LIVE_STEP, PANIC_FRAME):
         out += rec.c_struct()

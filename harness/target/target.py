@@ -562,7 +562,7 @@ class Target:
         return out
 
     def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None,
-               values: npt.ArrayLike | None = None) -> AccessRecords:
+               values: npt.ArrayLike | None = None, el0: bool = False) -> AccessRecords:
         """Real 64-bit loads (``ldr``) or stores (``str``), one per address, that prove where they land.
 
         Each probe accesses the naturally aligned 64-bit word holding its address (``addr & ~7``;
@@ -573,9 +573,10 @@ class Target:
         (the EL2 or EL2&0 regime installed); stage 2 runs from the EL1 stub through stage 2. The
         default is the installed regime (stage 1 when none). Returns records with fields ``status``
         (:class:`AccessStatus`), ``completed``, ``esr``, ``far``, ``hpfar`` and ``value`` (the value
-        loaded, 0 when the load faulted; or the value the store carried).
+        loaded, 0 when the load faulted; or the value the store carried). ``el0``: EL0's loads
+        and stores (``ldtr``/``sttr``, unprivileged) in the installed EL2&0 regime, stage 1 only.
         """
-        st = int(stage) if stage is not None else int(self._installed or Stage.S1)
+        st = self._access_at(stage, el0)
         addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1) & ~np.uint64(7)
         if values is None:
             self._access_requests += 1
@@ -600,17 +601,17 @@ class Target:
         return out
 
     def access_both(self, loads: npt.ArrayLike, stores: npt.ArrayLike,
-                    stage: Stage | int | None = None) -> tuple[AccessRecords, AccessRecords]:
+                    stage: Stage | int | None = None, el0: bool = False) -> tuple[AccessRecords, AccessRecords]:
         """Loads at ``loads``, then stores at ``stores``, as :meth:`access` would make them (the
         stores carry the default :func:`mailbox.store_tokens`, the same as a load request then a
         store request), in one request where both fit (``layout.max_access`` in all; else two).
         Returns ``(load records, store records)``."""
-        st = int(stage) if stage is not None else int(self._installed or Stage.S1)
+        st = self._access_at(stage, el0)
         la = np.ascontiguousarray(loads, dtype=np.uint64).reshape(-1) & ~np.uint64(7)
         sa = np.ascontiguousarray(stores, dtype=np.uint64).reshape(-1) & ~np.uint64(7)
         n1, n2 = int(la.size), int(sa.size)
         if n1 + n2 > self.layout.max_access or not n1 or not n2:
-            return self.access(la, False, st), self.access(sa, True, st)
+            return self.access(la, False, stage, el0=el0), self.access(sa, True, stage, el0=el0)
         self._access_requests += 2  # as a load request, then a store request
         vals = np.concatenate([np.zeros(n1, dtype=np.uint64), mbx.store_tokens(self._access_requests, n2)])
         self._put_addresses(np.concatenate([la, sa]), self.layout.max_access)
@@ -623,6 +624,14 @@ class Target:
         self._read_records(out)
         out["completed"] = out["status"] == mbx.AccessStatus.COMPLETED
         return out[:n1], out[n1:]
+
+    def _access_at(self, stage: Stage | int | None, el0: bool) -> int:
+        """The ACCESS request's arg1: the stage (default: the installed one, else 1), or
+        :data:`mailbox.ACCESS_AT_EL0` for EL0's accesses (stage 1 only)."""
+        st = int(stage) if stage is not None else int(self._installed or Stage.S1)
+        if el0 and st != Stage.S1:
+            raise ValueError("el0: EL0's accesses go through a stage 1 (the EL2&0 regime)")
+        return mbx.ACCESS_AT_EL0 if el0 else st
 
     def _read_records(self, out: AccessRecords) -> None:
         """Copy the firmware's access records (the first ``len(out)`` in the result buffer) into
