@@ -297,6 +297,15 @@ static u64 do_fetch(void)
         ISB();
         /* mode 2: the stub branches to each address (the values buffer is read and ignored) */
         s2_access_loop((const u64 *)src, (struct access_record *)dst, n, 2, (const u64 *)src);
+    } else if (stage == ACCESS_AT_EL0) { /* EL0 of EL2&0: eret to the EL0 stub with TGE = 1 */
+        u64 hcr = READ_SYSREG(hcr_el2);
+        if (!(hcr & HCR_E2H))
+            return STATUS_BAD_ARG;
+        WRITE_SYSREG(hcr_el2, hcr | HCR_TGE);
+        ISB();
+        s2_access_loop((const u64 *)src, (struct access_record *)dst, n, 3, (const u64 *)src);
+        WRITE_SYSREG(hcr_el2, hcr);
+        ISB();
     } else {
         return STATUS_BAD_ARG;
     }

@@ -7,6 +7,8 @@
 /* s2_probing: what the EL1 stub is doing (0: nothing, lower-EL exceptions are unexpected) */
 #define S2_PROBING_DATA 1
 #define S2_PROBING_FETCH 2
+#define S2_PROBING_EL0_FETCH 3  /* EL0 of the EL2&0 regime (TGE = 1): el0_stub_fx, SVC #0 when done */
+#define EL0_STUB_BYTES 16
 
     .section .text.start, "ax"
     .global _start
@@ -186,7 +188,9 @@ s1_fetch_next:
 
 /* void s2_access_loop(const u64 *addrs, struct access_record *records, u64 count, u64 mode,
  *                     const u64 *values)
- * mode 0: loads, 1: stores, 2: instruction fetches (values is read and ignored).
+ * mode 0: loads, 1: stores, 2: instruction fetches (values is read and ignored); 3: instruction
+ * fetches at EL0 of the EL2&0 regime (the caller set HCR_EL2.{E2H, TGE} = {1, 1}): an eret to
+ * el0_stub_fx at EL0t, done with SVC #0, an abort or other exception taken from EL0 recorded.
  * For each address: eret into the EL1 stub (x0 = address, x1 = value to store, 0 for a load or a
  * fetch), which accesses it (a fetch: blr to it) and issues HVC #0; a stage-2 fault arrives as a
  * lower-EL data or instruction abort. Both
@@ -215,6 +219,11 @@ s2_access_loop:
     adrp    x22, el1_stub_fx
     add     x22, x22, :lo12:el1_stub_fx
     mov     x1, #S2_PROBING_FETCH
+    cmp     x3, #2
+    b.eq    1f
+    adrp    x22, el0_stub_fx
+    add     x22, x22, :lo12:el0_stub_fx
+    mov     x1, #S2_PROBING_EL0_FETCH
 1:  adrp    x23, s2_probing
     add     x23, x23, :lo12:s2_probing
     str     x1, [x23]
@@ -225,6 +234,9 @@ s2_next:
     str     xzr, [x19, #ACCESS_RECORD_OFF_STATUS]
     msr     elr_el2, x22
     mov     x1, #SPSR_EL1H_MASKED
+    mov     x2, #SPSR_EL0T_MASKED
+    cmp     x29, #3
+    csel    x1, x2, x1, eq
     msr     spsr_el2, x1
     ldr     x1, [x24], #8
     cmp     x29, #1
@@ -243,6 +255,17 @@ s2_resume:                      /* x0 = status, x1 = value, from the lower-EL sy
     ldp     x19, x20, [sp, #16]
     ldp     x29, x30, [sp], #64
     ret
+
+/* The EL0 stub, in the firmware's code (which the tables under test map executable at EL0: UXN
+ * = 0, AP[1] = 0): EL0 of the EL2&0 regime branches to the probe's address (x0) and reports back
+ * with SVC #0, which TGE = 1 takes to EL2 (lower_sync). */
+    .balign 16
+    .global el0_stub_fx
+el0_stub_fx:
+    blr     x0
+    mov     x1, x0
+    svc     #0
+    b       .
 
 /* ---------------------------------------------------------------------------------------- */
 /* EL2 vectors. Each entry saves x0/x1 in TPIDR_EL2/TPIDR_EL0 (nothing else uses them), puts the
@@ -378,6 +401,10 @@ lower_sync:                     /* EL1 stub: HVC #0 (done) or a stage-2 data abo
     ldr     x0, [x0, :lo12:s2_probing]
     cbz     x0, 3f
     mrs     x0, esr_el2
+    adrp    x1, s2_probing
+    ldr     x1, [x1, :lo12:s2_probing]
+    cmp     x1, #S2_PROBING_EL0_FETCH
+    b.eq    5f
     ubfx    x1, x0, #ESR_EC_SHIFT, #ESR_EC_WIDTH
     cmp     x1, #EC_HVC64
     b.ne    1f
@@ -425,6 +452,20 @@ lower_sync:                     /* EL1 stub: HVC #0 (done) or a stage-2 data abo
     b       s2_resume
 3:  mov     x1, #VEC_LOWER_A64_SYNC
     b       unexpected
+5:  ubfx    x1, x0, #ESR_EC_SHIFT, #ESR_EC_WIDTH  /* an EL0 fetch probe (x0 = ESR_EL2) */
+    cmp     x1, #EC_SVC64
+    b.ne    6f
+    mov     x0, #ACCESS_COMPLETED  /* the code returned to the stub: x1 = the x0 it returned */
+    mrs     x1, tpidr_el0
+    b       s2_resume
+6:  mrs     x1, elr_el2         /* anything else, unless the stub itself took it: recorded */
+    adrp    x0, el0_stub_fx
+    add     x0, x0, :lo12:el0_stub_fx
+    sub     x1, x1, x0
+    cmp     x1, #EL0_STUB_BYTES
+    b.lo    3b
+    mrs     x0, esr_el2
+    b       2b
 
 /* Unexpected: MMU off first (the code is identity mapped, so execution continues), then a
  * private stack, a panic frame, and C. x0/x1 are in TPIDR_EL2/TPIDR_EL0, x1 = vector index; the

@@ -49,9 +49,15 @@ class Vector(enum.IntEnum):
 
 # SPSR_ELx on an exception return: M[3:0] the target mode, DAIF masks in [9:6].
 SPSR_M = Field("M", 3, 0)
+SPSR_MODE_EL0T = 0b0000  # EL0 (SP_EL0)
 SPSR_MODE_EL1H = 0b0101  # EL1 using SP_EL1
 SPSR_DAIF = Field("DAIF", 9, 6)
 SPSR_DAIF_ALL = 0b1111
+
+
+def spsr_el0t_masked() -> int:
+    """SPSR for an ERET to EL0 (AArch64, SP_EL0) with Debug, SError, IRQ and FIQ masked."""
+    return SPSR_M.prep(SPSR_MODE_EL0T) | SPSR_DAIF.prep(SPSR_DAIF_ALL)
 
 
 def spsr_el1h_masked() -> int:

@@ -113,6 +113,7 @@ def arch_header() -> str:
     out += [f"#define VECTOR_ENTRY_SIZE {el2.VECTOR_ENTRY_SIZE:#x}",
             f"#define VECTOR_TABLE_ALIGN {el2.VECTOR_TABLE_ALIGN:#x}",
             f"#define SPSR_EL1H_MASKED {el2.spsr_el1h_masked():#x}",
+            f"#define SPSR_EL0T_MASKED {el2.spsr_el0t_masked():#x}",
             f"#define SCTLR_EL1_RES1 {el2.SCTLR_EL1_RES1:#x}", "#endif", ""]
     return "\n".join(out)
 

@@ -34,7 +34,9 @@ Request arguments:
   faulted) or the stored value. arg1 = :data:`ACCESS_AT_EL0`: EL0's accesses in the EL2&0 regime
   (``ldtr``/``sttr`` at EL2 with HCR_EL2.{E2H, TGE} = {1, 1}, which makes them unprivileged;
   refused without E2H; TGE is cleared again before the reply); a fault is a data abort taken
-  from EL2 (EC 0x25).
+  from EL2 (EC 0x25). FETCH takes the same arg0 (:data:`ACCESS_AT_EL0`): the branches are made at
+  EL0 of the EL2&0 regime (an eret to the firmware's EL0 stub with TGE = 1, SVC #0 when done), an
+  instruction abort is EC 0x20.
 * FETCH: arg0 stage (1: EL2 with its stage 1; 2: EL1 through stage 2, EL1's MMU off), arg1 count,
   arg2 address buffer PA, arg3 record buffer PA (:data:`ACCESS_RECORD` each). Instruction-fetch
   probes: ``ic iallu`` first (the host plants code behind QEMU's back), then for each (4-byte

@@ -644,7 +644,7 @@ class Target:
                 out[name] = view[name]
         del view
 
-    def fetch(self, addresses: npt.ArrayLike, stage: Stage | int | None = None) -> AccessRecords:
+    def fetch(self, addresses: npt.ArrayLike, stage: Stage | int | None = None, el0: bool = False) -> AccessRecords:
         """Instruction-fetch probes: the firmware branches (``blr``) to each address and expects
         the code there to return.
 
@@ -660,10 +660,14 @@ class Target:
         :meth:`access`: ``status`` (:class:`AccessStatus`: COMPLETED, FAULT, or EL1_EXCEPTION when
         the code at a stage-2 target raised an exception at EL1, ESR_EL1/FAR_EL1 in ``esr``/``far``),
         ``completed``, ``esr``, ``far``, ``hpfar`` and ``value`` (x0 after the return, 0 on a fault).
+        ``el0``: the branch is made at EL0 of the installed EL2&0 regime (HCR_EL2.TGE = 1 while it
+        runs): an instruction abort is EC 0x20 (from a lower EL), any other exception the code
+        raises at EL0 is taken to EL2 and recorded as a FAULT with its ESR_EL2.
         """
         st = int(stage) if stage is not None else int(self._installed or Stage.S1)
         if st not in (1, 2):
             raise ValueError(f"stage: expected 1 or 2, got {stage!r}")
+        st = self._access_at(st, el0)
         addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1) & ~np.uint64(3)
         out = np.zeros(addrs.size, dtype=ACCESS_RESULT_DTYPE)
         step = min(self.layout.max_at, self.layout.probe_results_size // mbx.ACCESS_RECORD_SIZE)
