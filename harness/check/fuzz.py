@@ -2,10 +2,18 @@
 
 Each table ``i`` of a run with seed ``S`` comes from ``numpy.random.default_rng([S, i])`` (a
 random configuration, random raw tables, random probe addresses), so any finding is reproduced
-by its seed and index. Tables are swapped through the mailbox without a reboot. A disagreement
-is either explained by a declared QEMU departure (:mod:`harness.check.divergences`) or it is
-unexplained (a model bug until shown otherwise). If QEMU itself dies, the table and the address
-chunk are recorded as a finding, a new target is started, and the run goes on.
+by its seed and index. A run of ``--probes N`` is :func:`planned_tables` tables, decided before
+it starts (``ceil(N / (2 * per_table))``: each of a table's addresses is probed with both AT forms;
+real accesses add a few probes, addresses that cannot be probed take a few away), so that its tables
+do not depend on how the run is split: with ``jobs`` > 1 (:func:`fuzz_jobs`), job ``j`` of ``n``
+runs the tables whose block of :func:`block_size` consecutive indices is ``j`` mod ``n`` (a block
+keeps a configuration's tables and an access-sampled table together), each job in its own process
+with its own QEMU, and :meth:`FuzzReport.merged` makes the one report: the same tables, counts and
+examples (in index order) whatever the number of jobs. Tables are swapped through the mailbox
+without a reboot. A disagreement is either explained by a declared QEMU departure
+(:mod:`harness.check.divergences`) or it is unexplained (a model bug until shown otherwise). If
+QEMU itself dies, the table and the address chunk are recorded as a finding (the dead target's log
+directory named, ``error.txt`` there), a new target is started, and the run goes on.
 
 Throughput (a run is a stream of round trips to the firmware: install, AT read, AT write, real
 loads and stores when due; no uninstall: the next install swaps the tables in the same request,
@@ -19,11 +27,16 @@ differ from zero is written into guest RAM, and the sampled real accesses are ba
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import statistics
 import time
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -38,10 +51,14 @@ from harness.check.engine import (
     TargetLike,
     check_subject,
 )
+from harness.check.jobs import JobCall, Send, run_jobs
 from harness.errors import MachineryError
+from harness.target.target import Target
 
 DEFAULT_PER_TABLE = 1550  # addresses per table (each probed with both AT forms): ~3.3 K probes, >= 300 tables/10^6
 RAW_AT_PROBES = 1 << 19
+V = TypeVar("V")
+UNEXPLAINED = "unexplained"
 EXPLAIN_PER_TABLE = 16  # disagreements of one table re-walked in full (all are counted and classified)
 
 
@@ -80,10 +97,48 @@ class Finding:
     table: str
     addresses: list[int]
     error: str
+    log_dir: str = ""  # the dead target's logs (error.txt there has the whole story)
 
     def text(self) -> str:
         head = ", ".join(f"{a:#x}" for a in self.addresses[:8])
-        return f"table {self.seed}/{self.index} ({self.table}): {self.error}; addresses {head} ..."
+        logs = f" (logs: {self.log_dir})" if self.log_dir else ""
+        return f"table {self.seed}/{self.index} ({self.table}): {self.error}; addresses {head} ...{logs}"
+
+
+@dataclass(frozen=True)
+class Example:
+    """A disagreement's text, where it came from (table ``index``, ``rank`` within the table:
+    unexplained ones first) and its ``tag`` (the divergence's key, or ``unexplained``)."""
+
+    index: int
+    rank: int
+    tag: str
+    text: str
+
+
+@dataclass
+class _Examples:
+    """The rule for which disagreements a report keeps as examples, offered in index order:
+    every unexplained one up to :data:`MAX_EXPLAINED` in all, and the first of each known
+    divergence. A job keeps a superset of what it contributes to a serial run's choice (what
+    comes before an example in the job came before it in the run), so choosing again over the
+    jobs' examples in index order gives the serial run's."""
+
+    kept: list[Example] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+
+    def offer(self, e: Example) -> None:
+        if len(self.kept) >= MAX_EXPLAINED or (e.tag != UNEXPLAINED and e.tag in self.seen):
+            return
+        self.seen.add(e.tag)
+        self.kept.append(e)
+
+    @classmethod
+    def chosen(cls, examples: Iterable[Example]) -> list[Example]:
+        ex = cls()
+        for e in sorted(examples, key=lambda e: (e.index, e.rank)):
+            ex.offer(e)
+        return ex.kept
 
 
 @dataclass
@@ -99,11 +154,12 @@ class FuzzReport:
     by_config: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
     raw_at_per_s: float = 0.0
-    examples: list[str] = field(default_factory=list)  # text of disagreements (unexplained first)
+    examples: list[Example] = field(default_factory=list)  # disagreements shown (see _Examples)
     findings: list[Finding] = field(default_factory=list)
     restarts: int = 0
     stopped: str = ""  # why the run ended early, if it did
     timings: dict[str, float] = field(default_factory=dict)  # seconds by phase (engine's keys, "install", ...)
+    jobs: int = 1  # processes (each with its QEMU) the run was split over
 
     @property
     def probes_per_s(self) -> float:
@@ -132,13 +188,41 @@ class FuzzReport:
             _bump(self.skipped, k, v)
         for k, v in rep.withheld.items():
             _bump(self.withheld, k, v)
-        seen = {e.split("]", 1)[0] for e in self.examples}
-        for m in sorted(rep.mismatches, key=lambda m: m.divergence is not None):
-            tag = f"[{m.divergence or 'unexplained'}"
-            if len(self.examples) >= MAX_EXPLAINED or (m.divergence and tag in seen):
-                continue  # every unexplained one (up to the cap), one example per known divergence
-            seen.add(tag)
-            self.examples.append(f"{tag}] table {self.seed}/{index} {table}\n{_indent(m)}")
+        ex = _Examples(self.examples, {e.tag for e in self.examples})
+        for rank, m in enumerate(sorted(rep.mismatches, key=lambda m: m.divergence is not None)):
+            tag = m.divergence or UNEXPLAINED
+            ex.offer(Example(index, rank, tag, f"[{tag}] table {self.seed}/{index} {table}\n{_indent(m)}"))
+
+    @classmethod
+    def merged(cls, reports: Sequence[FuzzReport]) -> FuzzReport:
+        """One report of a run split over jobs (``reports``: one per job, any order): counts
+        summed, examples chosen again in index order, findings in index order; ``seconds`` the
+        longest job's, ``raw_at_per_s`` the mean of the jobs' (each measured by one QEMU)."""
+        out = cls(reports[0].seed, reports[0].qemu, jobs=len(reports))
+        for r in reports:
+            out.probes += r.probes
+            out.tables += r.tables
+            out.unexplained += r.unexplained
+            out.restarts += r.restarts
+            for mine, theirs in ((out.disagreements, r.disagreements), (out.skipped, r.skipped),
+                                 (out.withheld, r.withheld)):
+                for k, v in theirs.items():
+                    _bump(mine, k, v)
+            for key, row in r.by_config.items():
+                for k, v in row.items():
+                    _bump(out.by_config.setdefault(key, {}), k, v)
+            for k, t in r.timings.items():
+                _bump_time(out.timings, k, t)
+        out.disagreements, out.skipped, out.withheld = (_sorted(out.disagreements), _sorted(out.skipped),
+                                                        _sorted(out.withheld))
+        out.by_config, out.timings = _sorted(out.by_config), _sorted(out.timings)
+        out.examples = _Examples.chosen(e for r in reports for e in r.examples)
+        out.findings = sorted((f for r in reports for f in r.findings), key=lambda f: f.index)
+        out.seconds = max(r.seconds for r in reports)
+        rates = [r.raw_at_per_s for r in reports if r.raw_at_per_s]
+        out.raw_at_per_s = statistics.fmean(rates) if rates else 0.0
+        out.stopped = "; ".join(sorted({r.stopped for r in reports if r.stopped}))
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -148,17 +232,17 @@ class FuzzReport:
             "raw_at_per_s": self.raw_at_per_s, "seconds": self.seconds, "by_config": self.by_config,
             "findings": [f.__dict__ for f in self.findings], "restarts": self.restarts, "stopped": self.stopped,
             "timings": {k: round(v, 3) for k, v in sorted(self.timings.items())},
-            "examples": self.examples,
+            "jobs": self.jobs, "examples": [e.text for e in self.examples],
         }
 
     def text(self, full: bool = False) -> str:
         verdict = "OK" if self.ok else "UNEXPLAINED DISAGREEMENTS"
         lines = [f"{verdict}: fuzz seed {self.seed} on QEMU {self.qemu}: {self.probes} probes over {self.tables} "
                  f"tables in {self.seconds:.1f} s ({self.probes_per_s / 1e6:.2f} M probes/s; raw AT "
-                 f"{self.raw_at_per_s / 1e6:.2f} M/s), {self.unexplained} unexplained"]
+                 f"{self.raw_at_per_s / 1e6:.2f} M/s{self._jobs_text()}), {self.unexplained} unexplained"]
         lines += [f"  disagreements {k}: {v}" for k, v in sorted(self.disagreements.items())]
-        lines += [f"  withheld from AT ({k}): {v}" for k, v in self.withheld.items()]
-        lines += [f"  skipped ({k}): {v}" for k, v in self.skipped.items()]
+        lines += [f"  withheld from AT ({k}): {v}" for k, v in sorted(self.withheld.items())]
+        lines += [f"  skipped ({k}): {v}" for k, v in sorted(self.skipped.items())]
         lines += [f"  {k}: {v['tables']} tables, {v['probes']} probes, {v['unexplained']} unexplained, "
                   f"{v['known']} known" for k, v in sorted(self.by_config.items())]
         if self.timings:
@@ -166,10 +250,17 @@ class FuzzReport:
         lines += [f"  finding: {f.text()}" for f in self.findings]
         lines += [f"  {self.stopped}"] if self.stopped else []
         shown = self.examples if full else self.examples[:20]
-        lines += shown
+        lines += [e.text for e in shown]
         if len(shown) < len(self.examples):
             lines.append(f"  ... {len(self.examples) - len(shown)} more examples (--report FILE keeps them)")
         return "\n".join(lines)
+
+    def _jobs_text(self) -> str:
+        return f"; {self.jobs} jobs, each its own QEMU" if self.jobs > 1 else ""
+
+
+def _sorted(d: dict[str, V]) -> dict[str, V]:
+    return dict(sorted(d.items()))
 
 
 def _bump(d: dict[str, int], k: str, v: int) -> None:
@@ -288,23 +379,43 @@ def raw_at_rate(target: TargetLike, rng: np.random.Generator, probes: int = RAW_
         target.uninstall()
 
 
+def planned_tables(opts: FuzzOptions) -> int:
+    """The tables of a run, decided before it starts: enough for ``opts.probes`` probes at two
+    per address (both AT forms), at least ``opts.min_tables``."""
+    return max(opts.min_tables, -(-opts.probes // (2 * opts.per_table)))
+
+
+def block_size(opts: FuzzOptions) -> int:
+    """Consecutive table indices that go to one job: whole configurations (``tables_per_config``)
+    and whole rounds of access sampling (``access_every``)."""
+    return math.lcm(opts.tables_per_config, opts.access_every)
+
+
+def job_indices(opts: FuzzOptions, job: int, jobs: int) -> list[int]:
+    """The table indices job ``job`` of ``jobs`` runs: the blocks ``job`` mod ``jobs``."""
+    block = block_size(opts)
+    return [i for i in range(planned_tables(opts)) if (i // block) % jobs == job]
+
+
 def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[[FuzzReport], None] | None = None,
-         first: FuzzTarget | None = None) -> FuzzReport:
-    """Run random tables until ``opts.probes`` probes (and ``opts.min_tables`` tables) are done.
+         first: FuzzTarget | None = None, indices: Sequence[int] | None = None) -> FuzzReport:
+    """Run the tables ``indices`` (default: all of :func:`planned_tables`), in their order.
 
     ``start`` boots a target (again after QEMU died); ``first``, if given, is used first and
     left open unless it died."""
+    todo = list(range(planned_tables(opts)) if indices is None else indices)
     target = first if first is not None else start()
     try:
         report = FuzzReport(opts.seed, ".".join(map(str, target.qemu_version)))
         report.raw_at_per_s = raw_at_rate(target, np.random.default_rng([opts.seed, 1 << 40]))
         window = _GuestWindow()  # raw_at_rate wrote all of it, but trust nothing
         t0 = time.perf_counter()
-        nxt = _Table.make(opts, 0, target.layout)
-        while report.probes < opts.probes or report.tables < opts.min_tables:
+        nxt = _Table.make(opts, todo[0], target.layout) if todo else None
+        for pos, index in enumerate(todo):
+            assert nxt is not None
             cur = nxt
-            index = cur.index
-            maker = _Maker(_Table.steps(opts, index + 1, target.layout))  # while the firmware runs AT
+            after = todo[pos + 1] if pos + 1 < len(todo) else None
+            maker = _Maker(_Table.steps(opts, after, target.layout)) if after is not None else None
             raw = cur.raw
             name = f"fuzz {opts.seed}/{index}"
             rep = CheckReport(name, cur.geom.describe(), report.qemu, explain_limit=EXPLAIN_PER_TABLE)
@@ -317,13 +428,15 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
                 window.unknown()  # until the install is known to have written it
                 check_subject(subject, target, cur.addrs, cur.rng, report=rep,
                               access=sample > 0 and raw.can_access, access_sample=max(sample, 1),
-                              fetch_sample=None if opts.fetches else 0, background=maker.work,
+                              fetch_sample=None if opts.fetches else 0,
+                              background=maker.work if maker is not None else None,
                               uninstall=False)  # the next install swaps
                 if not rep.mismatched:  # (a stray store may have hit the window)
                     window.written(raw, len(subject.image.data), before)
             except MachineryError as exc:
                 report.findings.append(Finding(opts.seed, index, raw.describe(), [int(a) for a in cur.addrs],
-                                               f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
+                                               f"{type(exc).__name__}: {str(exc).splitlines()[0]}",
+                                               _died_in(target, exc)))
                 report.unexplained += 1
                 _bump(report.disagreements, "target died", 1)
                 if target is not first:
@@ -332,9 +445,12 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
                     report.stopped = f"stopped after {len(report.findings)} targets died"
                     break
                 target = start()
+                window.unknown()
                 report.restarts += 1
             else:
                 report.add(config_key(cur.geom), rep, index, raw.describe())
+            if maker is None:
+                break
             if maker.table is None:
                 t1 = time.perf_counter()
                 maker.finish()
@@ -348,3 +464,88 @@ def fuzz(start: Callable[[], FuzzTarget], opts: FuzzOptions, progress: Callable[
     finally:
         if target is not first:
             target.close()
+
+
+def _died_in(target: FuzzTarget, exc: BaseException) -> str:
+    """The dead target's log directory, with the whole story in ``error.txt`` ("" if it has none)."""
+    log_dir: Path | None = getattr(target, "log_dir", None)
+    if log_dir is None:
+        return ""
+    with contextlib.suppress(OSError):
+        (log_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    return str(log_dir)
+
+
+# -- a run over jobs ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Boots:
+    """How a run boots its targets: ``timeout`` for the boot and each request; each boot logs
+    into a directory of its own below ``log_base`` (``boot1``, ``boot2`` ... after a death;
+    ``job0-boot1`` ... with jobs), or into one of its own the target removes when closed."""
+
+    timeout: float = 60.0
+    log_base: Path | None = None
+
+    def starter(self, prefix: str = "") -> Callable[[], Target]:
+        boots = 0
+
+        def start() -> Target:
+            nonlocal boots
+            boots += 1
+            logs = None if self.log_base is None else self.log_base / f"{prefix}boot{boots}"
+            if logs is not None:
+                logs.mkdir(parents=True, exist_ok=True)
+            return Target.start(timeout=self.timeout, request_timeout=self.timeout, log_dir=logs)
+
+        return start
+
+
+@dataclass(frozen=True)
+class FuzzJob:
+    opts: FuzzOptions
+    job: int
+    jobs: int
+    boots: Boots
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """What a job has done so far (sent to the parent after each table)."""
+
+    tables: int
+    probes: int
+    unexplained: int
+
+
+def fuzz_job(job: FuzzJob, send: Send) -> FuzzReport:
+    """One job of :func:`fuzz_jobs` (in its own process): its tables on its own targets."""
+    return fuzz(job.boots.starter(f"job{job.job}-"), job.opts,
+                lambda r: send(JobProgress(r.tables, r.probes, r.unexplained)),
+                indices=job_indices(job.opts, job.job, job.jobs))
+
+
+def fuzz_jobs(opts: FuzzOptions, jobs: int, boots: Boots,
+              progress: Callable[[JobProgress], None] | None = None) -> FuzzReport:
+    """The run of ``opts`` over ``jobs`` processes, each with its own QEMU (one: in this
+    process; never more than there are blocks of tables), merged; ``progress`` gets the run's
+    totals after each table of any job."""
+    jobs = min(jobs, -(-planned_tables(opts) // block_size(opts)))
+    if jobs == 1:
+        def each(r: FuzzReport) -> None:
+            if progress is not None:
+                progress(JobProgress(r.tables, r.probes, r.unexplained))
+
+        return FuzzReport.merged([fuzz(boots.starter(), opts, each)])
+    latest = [JobProgress(0, 0, 0)] * jobs
+
+    def seen(job: int, msg: JobProgress) -> None:
+        latest[job] = msg
+        if progress is not None:
+            progress(JobProgress(sum(p.tables for p in latest), sum(p.probes for p in latest),
+                                 sum(p.unexplained for p in latest)))
+
+    calls = [JobCall("harness.check.fuzz:fuzz_job", FuzzJob(opts, j, jobs, boots),
+                     None if boots.log_base is None else boots.log_base / f"job{j}-stderr.txt")
+             for j in range(jobs)]
+    return FuzzReport.merged(run_jobs(calls, seen))

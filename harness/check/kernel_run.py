@@ -6,6 +6,12 @@ linked into the payload (:mod:`harness.kernel.payload`); for each configuration
 capabilities, booted, and every sequence (scripted, then seeded random ones) runs through the check
 (:mod:`harness.check.kernel`). A sequence that fails is shrunk to a short reproducer. A fault in
 the C code leaves the payload's state unknown: the payload is booted again for what follows.
+
+Every build happens first, in this process; with ``RunOptions.jobs`` > 1 the configurations are
+then dealt round-robin (in matrix order) to that many jobs (:mod:`harness.check.jobs`: each a
+process with its own QEMU; never more jobs than configurations), and their reports put back in
+matrix order: each configuration's sequences are a function of the seed, its name and their index,
+so the merged report's verdict and counts are the same for any number of jobs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 from harness.arch.geometry import Geometry, Granule, Stage
 from harness.check import kernel_bugs
+from harness.check.jobs import JobCall, Send, run_jobs
 from harness.check.kernel import SequenceResult, Session, run_sequence
 from harness.check.kernel_seqs import KSequence, available_ops, from_scenario, random_sequence, scripted, shrink
 from harness.check.live import TlbTally
@@ -54,6 +61,7 @@ class RunOptions:
     only_sequence: str | None = None  # ... and one sequence by name (e.g. random-3)
     scenarios: tuple[Scenario, ...] = ()  # scripts to run instead of the matrix (each in its own configuration)
     builtins: bool = True  # the matrix run also runs harness run's built-in scenarios as scripts
+    jobs: int = 1  # processes the configurations are dealt to, each with its own QEMU
 
 
 @dataclass
@@ -282,11 +290,41 @@ def _tree_has(tree: KernelTree, sc: Scenario) -> bool:
         and all(o.op != "split" or api.split for o in sc.ops)
 
 
+@dataclass(frozen=True)
+class _Item:
+    """One configuration to run, with the build it runs on."""
+
+    objs: BuiltObjects
+    payload: LinkedPayload
+    cfg: KernelConfig
+    compiler: str
+    scripts: tuple[KSequence, ...]
+
+
+@dataclass(frozen=True)
+class ConfigJob:
+    """What one job of a run over jobs gets: its configurations."""
+
+    tree: KernelTree
+    opts: RunOptions
+    items: tuple[_Item, ...]
+
+
 def run_tree(tree: KernelTree, opts: RunOptions, progress: Callable[[str], None] | None = None,
              build_cache: Path | None = None) -> TreeReport:
     t0 = time.perf_counter()
     tree.api.require_supported()
     report = TreeReport(tree)
+    items = _plan(tree, opts, report, build_cache)
+    report.configs = _run_items(tree, opts, items, progress)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _plan(tree: KernelTree, opts: RunOptions, report: TreeReport, build_cache: Path | None) -> list[_Item]:
+    """Every configuration to run, in matrix order; every build they need done (recorded in
+    ``report.builds``)."""
+    items: list[_Item] = []
     for compiler in opts.compilers:
         for granule in opts.granules:
             if granule.size not in tree.api.page_sizes:
@@ -299,10 +337,26 @@ def run_tree(tree: KernelTree, opts: RunOptions, progress: Callable[[str], None]
             payload = link(objs, tree.api.c_defines())
             report.builds.append({"granule": granule.label, "compiler": compiler, "build_dir": str(objs.build_dir),
                                   "timings": objs.timings})
-            for cfg, scripts in work:
-                report.configs.append(run_config(tree, objs, payload, cfg, compiler, opts, progress, scripts))
-    report.seconds = time.perf_counter() - t0
-    return report
+            items += [_Item(objs, payload, cfg, compiler, tuple(scripts)) for cfg, scripts in work]
+    return items
+
+
+def _run_items(tree: KernelTree, opts: RunOptions, items: Sequence[_Item],
+               progress: Callable[[str], None] | None) -> list[ConfigReport]:
+    """The configurations' reports in the items' order: here, or dealt round-robin to jobs."""
+    n = min(opts.jobs, len(items))
+    if n <= 1:
+        return config_job(ConfigJob(tree, opts, tuple(items)), progress)
+    calls = [JobCall("harness.check.kernel_run:config_job", ConfigJob(tree, opts, tuple(items[j::n])),
+                     None if opts.log_dir is None else opts.log_dir / f"job{j}-stderr.txt") for j in range(n)]
+    dealt: list[list[ConfigReport]] = run_jobs(calls, None if progress is None else lambda _, line: progress(line))
+    return [dealt[k % n][k // n] for k in range(len(items))]
+
+
+def config_job(job: ConfigJob, send: Send | None) -> list[ConfigReport]:
+    """The configurations of one job, in order (``send``: each sequence's progress line)."""
+    return [run_config(job.tree, it.objs, it.payload, it.cfg, it.compiler, job.opts, send, it.scripts)
+            for it in job.items]
 
 
 def summary_lines(report: TreeReport) -> list[str]:

@@ -1,10 +1,15 @@
 """``harness fuzz``: random raw tables against QEMU's MMU; every disagreement classified.
 
-    harness fuzz --seed S --probes N [--stage 1|2] [--granule G] [--[no-]lpa2] [--[no-]e2h] [--json] [--report FILE]
+    harness fuzz --seed S --probes N [--stage 1|2] [--granule G] [--[no-]lpa2] [--[no-]e2h] [--jobs N]
+                 [--json] [--report FILE]
 
 Configurations are drawn over both stages, every granule, input and PA size, start level and
 concatenation, with DS = 1 (FEAT_LPA2) on some 4K/16K ones and the EL2&0 regime (hVHE) on some
 stage-1 ones; --lpa2/--no-lpa2 and --e2h/--no-e2h keep only (or never) those.
+
+A run is ceil(probes / (2 x per-table)) tables (at least --min-tables), decided before it starts.
+--jobs N splits them over N processes, each with its own QEMU (job j runs the blocks of 4
+consecutive tables that are j mod N); the one merged report is the same for any N.
 
 Exit status 0 when every disagreement is explained by a declared QEMU divergence, 1 when any is
 unexplained (or QEMU died on a table), 2 for bad arguments, 3 when the machinery failed.
@@ -18,10 +23,9 @@ import sys
 from pathlib import Path
 
 from harness.arch.geometry import GeometryError, Granule, Stage, parse_stage
-from harness.check.fuzz import DEFAULT_PER_TABLE, FuzzOptions, FuzzReport, fuzz
-from harness.cli.args import batch_count, count, non_negative_int, positive_seconds, start_target
+from harness.check.fuzz import DEFAULT_PER_TABLE, Boots, FuzzOptions, JobProgress, fuzz_jobs
+from harness.cli.args import batch_count, count, jobs_count, log_base, non_negative_int, positive_seconds
 from harness.errors import EXIT_MISMATCH, EXIT_OK, InputError
-from harness.target.target import Target
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,12 +46,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--per-table", type=batch_count("addresses per table"), default=DEFAULT_PER_TABLE,
                    help=f"addresses per table, each probed with both AT forms (default {DEFAULT_PER_TABLE})")
     p.add_argument("--min-tables", type=count(0), default=1, help="run at least this many tables")
-    p.add_argument("--max-deaths", type=count(), default=10, help="stop after QEMU died this many times (default 10)")
+    p.add_argument("--max-deaths", type=count(), default=10,
+                   help="stop after QEMU died this many times (default 10; with --jobs, in each job)")
+    p.add_argument("--jobs", type=jobs_count, default=1,
+                   help="split the tables over this many processes, each with its own QEMU (default 1); "
+                        "the merged report is the same for any number")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--report", metavar="FILE",
                    help="write the walks here: unexplained ones (up to 200), one per known divergence")
     p.add_argument("--timeout", type=positive_seconds, default=60.0, help="seconds for boot and each request")
-    p.add_argument("--log-dir", help="keep QEMU/gdb/console logs here")
+    p.add_argument("--log-dir", help="keep QEMU/gdb/console logs here (a directory per boot: boot1, ... or "
+                                     "job0-boot1, ... with --jobs)")
 
 
 def _options(args: argparse.Namespace) -> FuzzOptions:
@@ -68,21 +77,22 @@ def run(args: argparse.Namespace) -> int:
     opts = _options(args)  # the paths were checked by harness.cli.app before this
     live = sys.stderr.isatty() and not args.json
 
-    def progress(rep: FuzzReport) -> None:
+    def progress(p: JobProgress) -> None:
         if live:
-            print(f"\r{rep.tables} tables, {rep.probes} probes, {rep.unexplained} unexplained", end="",
+            print(f"\r{p.tables} tables, {p.probes} probes, {p.unexplained} unexplained", end="",
                   file=sys.stderr, flush=True)
 
-    def start() -> Target:
-        return start_target(args)
-
-    rep = fuzz(start, opts, progress)
+    logs = log_base(args)  # only once the input is known to be good
+    rep = fuzz_jobs(opts, args.jobs, Boots(args.timeout, logs), progress)
     if live:
         print(file=sys.stderr)
     if args.report is not None:
         Path(args.report).write_text(rep.text(full=True) + "\n")
     if args.json:
-        print(json.dumps(rep.to_json(), indent=2))
+        print(json.dumps({**rep.to_json(), "log_dir": None if rep.ok and args.log_dir is None else str(logs)},
+                         indent=2))
     else:
         print(rep.text())
+        if not rep.ok:
+            print(f"logs: {logs}")
     return EXIT_OK if rep.ok else EXIT_MISMATCH

@@ -3,14 +3,16 @@ kernel builds it, run at EL2 in the harness's payload, and checked operation by 
 upstream's behaviour (the model's oracle) and the MMU.
 
     harness kernel-pgtable --tree DIR | --debian 6.12|6.1 [--granule G] [--stage 1|2] [--[no-]lpa2]
-                           [--[no-]e2h] [--cc gcc|clang] [--seed S] [--ops N] [--json | --ktap]
+                           [--[no-]e2h] [--cc gcc|clang] [--seed S] [--ops N] [--jobs N] [--json | --ktap]
 
 The tree is built out of tree in the harness's cache (never written; a read-only tree works); an
 edit of pgtable.c rebuilds that object only. The default runs every configuration the tree
 supports: each page size, both stages, LPA2 and hVHE on and off, FWB on and off, several input
 sizes (start levels). Each configuration runs the scripted sequences and --sequences random ones
 of --ops operations (random sequence I of seed S replays alone with --config NAME --sequence
-random-I). A failing sequence is shrunk to a short reproducer.
+random-I). A failing sequence is shrunk to a short reproducer. --jobs N builds first, then deals
+the configurations round-robin to N processes, each with its own QEMU; the merged report is the
+same for any N.
 
 Exit status 0 when every finding is explained by a declared known upstream bug (unless --strict),
 1 when any is not, 2 for bad arguments (not a kernel tree, an API the host code does not know), 3
@@ -23,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from harness.arch.geometry import GeometryError, Granule, Stage, parse_stage
 from harness.check import kernel_bugs
 from harness.check.kernel_run import RunOptions, TreeReport, run_tree, summary_lines
 from harness.check.scenario import load
-from harness.cli.args import count, non_negative_int, positive_seconds
+from harness.cli.args import count, jobs_count, log_base, non_negative_int, positive_seconds
 from harness.errors import EXIT_MISMATCH, EXIT_OK, InputError
 from harness.kernel.tree import DEBIAN_SERIES, debian_tree, locate_tree
 
@@ -69,6 +70,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--no-builtins", action="store_true", help="skip harness run's built-in scenarios as scripts")
     p.add_argument("--config", help="only the configuration of this name (e.g. s2-4K-40bit-fwb)")
     p.add_argument("--sequence", help="only the sequence of this name (e.g. random-3, pages)")
+    p.add_argument("--jobs", type=jobs_count, default=1,
+                   help="run the configurations in this many processes, each with its own QEMU (default 1; "
+                        "the build is done once, first)")
     p.add_argument("--strict", action="store_true", help="exit 1 on findings known upstream bugs explain too")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="machine-readable output")
@@ -97,27 +101,15 @@ def _options(args: argparse.Namespace) -> RunOptions:
                       random_length=args.ops, scripted=not args.no_scripted, mmu=not args.no_mmu,
                       shrink=not args.no_shrink, timeout=args.timeout,
                       log_dir=Path(args.log_dir) if args.log_dir else None, only_config=args.config,
-                      only_sequence=args.sequence, scenarios=scenarios, builtins=not args.no_builtins)
-
-
-def _log_base(args: argparse.Namespace) -> Path:
-    """Where every boot logs (one directory each below it): --log-dir, or a temporary directory
-    that harness.cli.main removes after success and names after a failure."""
-    if args.log_dir is not None:
-        base = Path(args.log_dir)
-        base.mkdir(parents=True, exist_ok=True)
-    else:
-        base = Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
-        args.temporary_log_dirs.append(base)
-    args.log_dirs.append(base)
-    return base
+                      only_sequence=args.sequence, scenarios=scenarios, builtins=not args.no_builtins,
+                      jobs=args.jobs)
 
 
 def run(args: argparse.Namespace) -> int:
     opts = _options(args)
     tree = locate_tree(args.tree) if args.tree else locate_tree(debian_tree(args.debian), what="--debian")
     tree.api.require_supported()
-    opts = dataclasses.replace(opts, log_dir=_log_base(args))  # only once the input is known to be good
+    opts = dataclasses.replace(opts, log_dir=log_base(args))  # only once the input is known to be good
     live = sys.stderr.isatty() and not (args.json or args.ktap)
 
     def progress(line: str) -> None:

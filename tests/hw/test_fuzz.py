@@ -3,9 +3,14 @@ that it must catch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +23,10 @@ from harness.arch.bits import Field
 from harness.arch.geometry import Geometry, Granule, Stage
 from harness.check import divergences, rawtables
 from harness.check.engine import SKIP_AT_ABORT, SKIP_UNPROBEABLE
-from harness.check.fuzz import FuzzOptions, FuzzReport, fuzz
+from harness.check.fuzz import Boots, FuzzJob, FuzzOptions, FuzzReport, fuzz, fuzz_job, fuzz_jobs, planned_tables
+from harness.cli import main
 from harness.core import batch, translate
+from harness.target.process import RUNTIME_PREFIX, process_state
 from harness.target.target import Target
 
 pytestmark = pytest.mark.hw
@@ -186,6 +193,13 @@ def test_fuzz_command(tmp_path: Path) -> None:
     assert js["unexplained"] == 0 and js["probes"] >= 15000 and js["tables"] >= 1
     assert js["raw_at_per_s"] > 0 and js["probes_per_s"] > 0
     assert report.read_text().startswith("OK: fuzz seed 2")
+    split = subprocess.run([sys.executable, "-m", "harness.cli", "fuzz", "--seed", "2", "--probes", "15000",
+                            "--json", "--jobs", "2"], capture_output=True, text=True, timeout=300)
+    assert split.returncode == 0, split.stderr
+    two = json.loads(split.stdout)
+    assert two["jobs"] == 2 and two["log_dir"] is None
+    assert {k: two[k] for k in ("tables", "probes", "disagreements", "by_config", "examples")} == \
+        {k: js[k] for k in ("tables", "probes", "disagreements", "by_config", "examples")}
     bad = subprocess.run([sys.executable, "-m", "harness.cli", "fuzz", "--granule", "8K"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "granule" in bad.stderr and "Traceback" not in bad.stderr
@@ -215,3 +229,121 @@ def test_fuzz_lpa2_on_qemu_7_2(legacy_qemu: str, monkeypatch: pytest.MonkeyPatch
         assert LPA2_KEY in rep.disagreements and rep.skipped.get(SKIP_UNPROBEABLE, 0) > 0, rep.text()
     assert "qemu-l0-block-16k" in s1.disagreements, s1.text()
     assert "qemu-s2-lpa2-start-level" in s2.disagreements, s2.text()
+
+
+# -- --jobs: one merged report whatever the split; nothing left behind --------------------------------
+
+
+def _same(a: FuzzReport, b: FuzzReport) -> None:
+    for key in ("tables", "probes", "unexplained", "disagreements", "skipped", "withheld", "by_config", "restarts"):
+        assert getattr(a, key) == getattr(b, key), (key, a.text(), b.text())
+    assert [e.text for e in a.examples] == [e.text for e in b.examples]
+    assert [(f.index, f.error) for f in a.findings] == [(f.index, f.error) for f in b.findings]
+
+
+def test_jobs_merge_to_the_serial_report(target: Target) -> None:
+    """The same seed and probes on one QEMU, on two and on three jobs (each its own process and
+    QEMU): the same tables, probes, disagreements by class and examples in index order."""
+    opts = FuzzOptions(23, 24_000, per_table=800)
+    serial = FuzzReport.merged([fuzz(lambda: Target.start(), opts, first=target)])
+    assert serial.tables == planned_tables(opts) == 15 and serial.examples, serial.text()
+    for jobs in (2, 3):
+        split = fuzz_jobs(opts, jobs, Boots())
+        assert split.jobs == jobs and split.ok, split.text(full=True)
+        _same(serial, split)
+
+
+def _deaths_possible(target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the AT hazard list emptied, AT S12E1W meets stage-2 permission faults and QEMU 10 aborts."""
+    if target.qemu_version < (8, 0, 0):
+        pytest.skip("QEMU 7.2 answers AT S12E1W at a stage-2 permission fault")
+    monkeypatch.setattr(divergences, "AT_HAZARDS", ())
+
+
+def test_a_death_in_a_job_names_its_log_dir_with_error_txt(target: Target, monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    """A job's dead target keeps its logs under the job's name, with error.txt, and the finding
+    names them."""
+    _deaths_possible(target, monkeypatch)
+    opts = FuzzOptions(5, 12_000, Stage.S2, Granule.K4, per_table=800, max_deaths=2)
+    rep = fuzz_job(FuzzJob(opts, 1, 2, Boots(30.0, tmp_path)), lambda _: None)
+    assert len(rep.findings) == 2 and rep.stopped, rep.text()
+    for f in rep.findings:
+        assert Path(f.log_dir).parent == tmp_path and Path(f.log_dir).name.startswith("job1-boot")
+        assert "QemuExited" in (Path(f.log_dir) / "error.txt").read_text()
+        assert f.log_dir in f.text()
+
+
+def test_fuzz_command_names_the_kept_logs(target: Target, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`harness fuzz` with unexplained findings: exit 1, the log directory named on stdout and
+    stderr, error.txt in the dead boot's directory below it."""
+    _deaths_possible(target, monkeypatch)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    code = main(["fuzz", "--seed", "5", "--probes", "6000", "--stage", "2", "--granule", "4K", "--per-table", "800",
+                 "--max-deaths", "1"])
+    out, err = capsys.readouterr()
+    assert code == 1, (out, err)
+    (base,) = [p for p in tmp_path.iterdir() if p.name.startswith("pgtable-harness-log-")]
+    assert f"logs: {base}" in out and str(base) in err.splitlines()[-1], (out, err)
+    assert "QemuExited" in (base / "boot1" / "error.txt").read_text()
+
+
+MARK = "PGTABLE_FUZZ_JOBS_TEST"
+
+
+def _marked(tag: str) -> dict[int, str]:
+    """Live processes carrying ``MARK=tag`` (the harness, its jobs, their QEMUs and gdbs), by name."""
+    want = f"{MARK}={tag}".encode()
+    out: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or want not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if process_state(int(entry.name)) not in (None, "Z"):
+            out[int(entry.name)] = comm
+    return out
+
+
+def _wait(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_signal_to_a_jobs_run_leaves_no_qemu(sig: signal.Signals) -> None:
+    """`harness fuzz --jobs 2` killed mid-run (Ctrl-C, SIGTERM, SIGKILL): no QEMU of its jobs,
+    no job, and (but for SIGKILL, which runs no clean-up) no run-time directory of a job survives."""
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "fuzz", "--jobs", "2", "--probes", "1e8"],
+                            env=dict(os.environ, **{MARK: tag}), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        qemus = lambda: [p for p, c in _marked(tag).items() if c.startswith("qemu")]  # noqa: E731
+        if not _wait(lambda: len(qemus()) == 2, 60):
+            proc.kill()
+            raise AssertionError(f"two QEMUs did not start: {_marked(tag)}: {proc.communicate()[1].decode()}")
+        jobs = [p for p, c in _marked(tag).items() if c.startswith("python") and p != proc.pid]
+        assert len(jobs) == 2, _marked(tag)
+        time.sleep(1.0)  # mid-run
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode in (-sig, 128 + sig, 130), (proc.returncode, err)
+        assert _wait(lambda: not _marked(tag), 10), f"left running: {_marked(tag)}"
+        if sig is not signal.SIGKILL:
+            left = [d for j in jobs for d in Path("/dev/shm").glob(f"{RUNTIME_PREFIX}{j}-*")]
+            assert not left, left
+            assert "Traceback" not in err.decode(), err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _marked(tag):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ be caught, with the finding kind named.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -211,3 +212,29 @@ def test_failing_random_sequence_shrinks_to_a_reproducer(tmp_path: Path) -> None
     assert set(rep["kinds"]) & kinds
     assert 1 <= len(rep["ops"]) <= 3, rep["ops"]
     assert any(op["op"] == "map" for op in rep["ops"])
+
+
+# -- --jobs -------------------------------------------------------------------------------------------------
+def _stable(x: object) -> object:
+    """A report's JSON without the times (and the per-sequence seconds they are made of)."""
+    if isinstance(x, dict):
+        return {k: _stable(v) for k, v in x.items() if k not in ("seconds", "ops_per_s", "timings")}
+    if isinstance(x, list):
+        return [_stable(v) for v in x]
+    return x
+
+
+def test_jobs_deal_configurations_and_merge_to_the_serial_report() -> None:
+    """Three configurations, a few random sequences each: one job and two (each its own QEMU,
+    the build done once before they start) give the same report, configurations in matrix order."""
+    tree = real_tree("6.12")
+    opts = RunOptions(granules=(Granule.K4,), stage=Stage.S1, lpa2=False, e2h=False, scripted=False, builtins=False,
+                      random_sequences=2, random_length=6, seed=4)
+    serial = run_tree(tree, opts)
+    lines: list[str] = []
+    split = run_tree(tree, dataclasses.replace(opts, jobs=2), lines.append)
+    assert len(serial.configs) == 3 and serial.ops > 0 and serial.unexplained == 0, _failures(serial)
+    assert len(split.builds) == 1 and len(lines) == 6, lines  # one build; every sequence's progress line
+    assert [c.name for c in split.configs] == [c.name for c in serial.configs]
+    assert _stable(split.as_json()) == _stable(serial.as_json())
+    assert "\n".join(summary_lines(split)).split("\n")[1:] == "\n".join(summary_lines(serial)).split("\n")[1:]
