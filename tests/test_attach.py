@@ -7,6 +7,7 @@ first), 4K/16K outputs on a 52-bit-capable CPU with DS = 0 (gef turns SH into PA
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -283,7 +284,7 @@ def test_cli_json_explain_filters(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_cli_bad_arguments_exit_2(tmp_path: Path, args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "s.json"
     from_tables(_demo()).save(path)
-    assert main(["attach", str(path), *args]) == 2
+    assert _exit_status(["attach", str(path), *args]) == 2
     assert args[0] in capsys.readouterr().err
 
 
@@ -562,17 +563,28 @@ def test_snapshot_not_text_exit_2(tmp_path: Path, content: bytes, capsys: pytest
     (["--save", "/proc/pgtable-harness-x"], "--save: "),
     (["--save", "{tmp}"], "--save: "),
     (["--save", "{tmp}/no/such/dir/x.json"], "--save: "),
-    (["--seed", "-1", "--verify"], "--seed: expected 0 or more"),
-    (["--samples", "100000000000", "--verify"], "--samples: expected 0 to 100000"),
+    (["--seed", "-1", "--verify"], "--seed: expected an integer >= 0"),
+    (["--seed", "１", "--verify"], "--seed: expected an integer in ASCII digits"),
+    (["--samples", "100000000000", "--verify"], "--samples: expected at most 100000 addresses per range and hole"),
+    (["--samples", "１２３", "--verify"], "--samples: expected a count in ASCII digits"),
+    (["--samples", "1e3", "--verify", "--timeout", "１"], "--timeout: expected a number of seconds"),
 ])
 def test_attach_bad_options_exit_2_before_anything(tmp_path: Path, args: list[str], needle: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = _saved(tmp_path)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    assert main(["attach", str(path), *argv]) == 2
+    assert _exit_status(["attach", str(path), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snap.json"]  # nothing written, no 0-byte file
+
+
+def _exit_status(argv: list[str]) -> int:
+    """``main``'s exit status, argparse's own refusals (SystemExit) included."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
 
 
 def test_failed_save_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -605,6 +617,34 @@ def test_refused_connection_said_at_once(capsys: pytest.CaptureFixture[str]) -> 
     assert time.monotonic() - t0 < 5
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "connection refused" in err and "timed out" not in err, err
+
+
+def test_timeout_bounds_gdbs_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A gdb that never answers: --timeout applies to its first command too (not gdb's 10 s
+    default), and the stand-in is not left running."""
+    import os
+    import time
+
+    from harness.target.process import owned_processes
+
+    hung = tmp_path / "gdb"
+    hung.write_text("#!/bin/sh\nexec sleep 60\n")
+    hung.chmod(0o755)
+    monkeypatch.setenv("HARNESS_GDB", str(hung))
+    t0 = time.monotonic()
+    assert main(["attach", "127.0.0.1:1", "--timeout", "0.5"]) == 3
+    assert time.monotonic() - t0 < 4
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("harness attach: error: timed out after 0.5 s waiting for gdb's answer"), line
+    assert [pid for pid in owned_processes(os.getpid()) if _exe(pid) == "sleep"] == []  # the stand-in reaped
+
+
+def _exe(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/exe").resolve(strict=True).name
+    except OSError:
+        return ""
 
 
 def test_upper_range_decoded_at_its_top_addresses(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -643,3 +683,99 @@ def test_vmm_log_bad_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert main(["attach", str(path), "--vmm", str(log)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+# -- --verify's failures: the replay target's logs kept and named as every command names them ---------
+
+class _ReplayStandIn:
+    """A started replay target that answers what verify asks before its probes (no QEMU)."""
+
+    qemu_version = (10, 0, 2)
+
+    def install(self, *args: object) -> None:
+        pass
+
+    def uninstall(self) -> None:
+        pass
+
+    def sysreg(self, name: str) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def _replay_with(monkeypatch: pytest.MonkeyPatch, probes: Any) -> None:
+    """--verify's targets are stand-ins (each writing a console log into its log directory, as QEMU
+    does) and its AT probes are ``probes(report)``."""
+    import harness.check.attach as att_mod
+    from harness.target.target import Target
+
+    def start(*args: object, **kwargs: object) -> _ReplayStandIn:
+        log_dir = kwargs["log_dir"]
+        assert isinstance(log_dir, Path) and log_dir.is_dir()
+        (log_dir / "console.log").write_text("ready\n")
+        return _ReplayStandIn()
+
+    monkeypatch.setattr(Target, "start", start)
+    monkeypatch.setattr(att_mod, "check_at", lambda report, *a, **k: probes(report))
+    monkeypatch.setattr(att_mod, "check_exec", lambda *a, **k: None)
+
+
+def _named_logs(line: str, words: str) -> list[Path]:
+    assert words in line, line
+    listed = line.split(words, 1)[1].split(")", 1)[0].split(";", 1)[0]
+    return [Path(p) for p in listed.split(", ")]
+
+
+def test_verify_mismatch_keeps_and_names_its_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 1: the replay's log directory kept, named in the words of run and check."""
+    from harness.check.engine import Mismatch
+
+    path, _ = _saved(tmp_path)
+    _replay_with(monkeypatch, lambda report: report.add(Mismatch(0x4000_0000, "S1E2R", "PA 0x1", "fault", ""), None))
+    assert main(["attach", str(path), "--verify"]) == 1
+    out, err = capsys.readouterr()
+    assert "verify: MISMATCH" in out
+    (line,) = err.strip().splitlines()
+    logs = _named_logs(line, "harness attach: logs kept in ")
+    try:
+        assert logs and all((d / "console.log").exists() for d in logs), line
+    finally:
+        for d in logs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_verify_machinery_failure_names_its_logs_with_error_txt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 3: one line `harness attach: error: ... (logs: DIR)`, DIR/error.txt the whole story."""
+    from harness.target.errors import QemuExited
+
+    def dies(report: object) -> None:
+        raise QemuExited("AT S1E2R", -9, "console tail", "")
+
+    path, _ = _saved(tmp_path)
+    _replay_with(monkeypatch, dies)
+    assert main(["attach", str(path), "--verify"]) == 3
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("harness attach: error: ") and "killed by SIGKILL" in line, line
+    logs = _named_logs(line, "(logs: ")
+    try:
+        assert logs and all((d / "console.log").exists() for d in logs), line
+        assert all("console tail" in (d / "error.txt").read_text() for d in logs), line
+    finally:
+        for d in logs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_verify_user_log_dir_is_named_and_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.check.engine import Mismatch
+
+    path, _ = _saved(tmp_path)
+    _replay_with(monkeypatch, lambda report: report.add(Mismatch(0x4000_0000, "S1E2R", "PA 0x1", "fault", ""), None))
+    logs = tmp_path / "logs"
+    assert main(["attach", str(path), "--verify", "--log-dir", str(logs)]) == 1
+    capsys.readouterr()
+    assert (logs / "console.log").exists()

@@ -4,11 +4,16 @@ and nothing booted (every error is found before QEMU would start)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from harness.cli import main
+from harness.core.memory import PagePool
+from harness.core.pgtable import HypPgtable
+from harness.core.prot import Prot
+from harness.live.snapshot import from_tables
 from harness.target.target import Target
 
 S2 = ["--stage", "2", "--granule", "4K", "--ia-bits", "40"]
@@ -110,8 +115,49 @@ ARGUMENTS: list[tuple[list[str], str]] = [
     (["fuzz", "--report", ""], "--report"),
     (["fuzz", "--log-dir", "/proc/x"], "--log-dir"),
     (["kernel-pgtable", "--debian", "6.12", "--log-dir", "/proc/x"], "--log-dir"),
+    (["fuzz", "--jobs", "0"], "--jobs: expected an integer >= 1"),
+    (["fuzz", "--jobs", "65"], "--jobs: expected at most 64 jobs"),
+    (["fuzz", "--jobs", "two"], "--jobs"),
+    (["kernel-pgtable", "--debian", "6.12", "--jobs", "0"], "--jobs: expected an integer >= 1"),
+    (["kernel-pgtable", "--debian", "6.12", "--jobs", "1e3"], "--jobs: expected at most 64 jobs"),
     (["export", "/proc/x", "--builtin", "s2-4K"], "DIRECTORY"),
     (["export", "", "--builtin", "s2-4K"], "DIRECTORY"),
+    # attach: every option before the target is touched (here a snapshot path that does not exist)
+    (["attach", "/nonexistent.json", "--save", "/proc/x"], "--save"),
+    (["attach", "/nonexistent.json", "--save", "/"], "--save: / is a directory"),
+    (["attach", "/nonexistent.json", "--save", ""], "--save"),
+    (["attach", "/nonexistent.json", "--verify", "--log-dir", "/proc/x"], "--log-dir"),
+    (["attach", "/nonexistent.json", "--verify", "--seed", "-1"], "--seed"),
+    (["attach", "/nonexistent.json", "--verify", "--seed", "１"], "--seed"),
+    (["attach", "/nonexistent.json", "--verify", "--samples", "1e11"], "--samples: expected at most 100000"),
+    (["attach", "/nonexistent.json", "--verify", "--samples", "１２３"], "--samples"),
+    (["attach", "/nonexistent.json", "--verify", "--samples", "-1"], "--samples"),
+    (["attach", "/nonexistent.json", "--timeout", "１"], "--timeout"),
+    (["attach", "/nonexistent.json", "--timeout", "nan"], "--timeout"),
+    (["attach", "/nonexistent.json", "--timeout", "0"], "--timeout"),
+    (["attach", "/nonexistent.json", "--cpu", "１"], "--cpu"),
+    (["attach", "/nonexistent.json", "--range", "5:1"], "--range"),
+    (["attach", "/nonexistent.json", "--range", "０:0x1000"], "--range"),
+    (["attach", "/nonexistent.json", "--perm", "z"], "--perm"),
+    (["attach", "/nonexistent.json", "--explain", "０x1000"], "--explain"),
+    (["attach", "/nonexistent.json", "--regime", "nope"], "--regime"),
+    (["attach", "/nonexistent.json", "--vmm", "/nonexistent.log"], "--vmm"),
+    (["attach", "/nonexistent.json"], "TARGET"),
+    (["attach", "127.0.0.1:99999"], "TARGET"),
+    (["attach"], "TARGET"),
+    # boot: the socket, the kernel and the numbers before a kernel boots
+    (["boot", "--gdb", ""], "--gdb"),
+    (["boot", "--gdb", "/proc/k.sock"], "--gdb"),
+    (["boot", "--gdb", "/nonexistent-dir/k.sock"], "--gdb"),
+    (["boot", "--gdb", "/"], "--gdb"),
+    (["boot", "--gdb", "/tmp/" + "x" * 120], "--gdb"),
+    (["boot", "--gdb", "/tmp/k.sock", "--smp", "9"], "--smp"),
+    (["boot", "--gdb", "/tmp/k.sock", "--smp", "１"], "--smp"),
+    (["boot", "--gdb", "/tmp/k.sock", "--timeout", "nan"], "--timeout"),
+    (["boot", "--gdb", "/tmp/k.sock", "--log-dir", "/proc/x"], "--log-dir"),
+    (["boot", "/nonexistent", "--gdb", "/tmp/k.sock"], "KERNEL"),
+    (["boot", "--gdb", "/tmp/k.sock", "--guest", "two-vms"], "--smp"),
+    (["boot"], "--gdb"),
 ]
 
 # (file name, contents, text stderr must contain): one scenario per file, checked with `harness check`
@@ -188,12 +234,49 @@ FILES: list[tuple[str, str | bytes, str]] = [
 ]
 
 
+
+
+def _drop_page(text: str, root: bool) -> str:
+    """The snapshot without its root table page (``root``) or without its last table page."""
+    obj = json.loads(text)
+    ttbr = int(obj["cpus"][0]["registers"]["TTBR0_EL2"], 16) & ~0xFFF
+    drop = f"{ttbr:#x}" if root else max((k for k in obj["pages"] if int(k, 16) != ttbr), key=lambda k: int(k, 16))
+    del obj["pages"][drop]
+    return json.dumps(obj)
+
+
+def _with_key(text: str, key_and_value: str) -> str:
+    """The snapshot's top-level object with one more member, written as text (any depth)."""
+    return text.rstrip()[:-1].rstrip() + ", " + key_and_value + "}"
+
+
+# (what, the snapshot's text -> the file's contents, text stderr must contain): `harness attach FILE`
+# (and with --verify, which must not boot either)
+SNAPSHOTS: list[tuple[str, Callable[[str], str | bytes], str]] = [
+    ("binary", lambda t: bytes(range(256)), "not UTF-8"),
+    ("latin-1", lambda t: b'{"format": "\xff"}', "not UTF-8"),
+    ("not JSON", lambda t: t[: len(t) // 2], "not JSON"),
+    ("empty", lambda t: "", "not JSON"),
+    ("a list", lambda t: "[]", "expected a JSON object"),
+    ("nested 100,000 deep", lambda t: _with_key(t, '"notes2": ' + "[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    ("nested 20 deep", lambda t: _with_key(t, '"notes2": ' + "[" * 20 + "]" * 20), "nested too deeply"),
+    ("duplicate key", lambda t: _with_key(t, '"format": "x"'), "'format' given twice"),
+    ("5000-digit cpu", lambda t: t.replace('"cpu": 0', '"cpu": ' + "1" * 5000, 1), "cpus[0].cpu"),
+    ("5000-digit version", lambda t: t.replace('"version": 2', '"version": ' + "9" * 5000, 1), "version"),
+    ("no root page", lambda t: _drop_page(t, root=True), "no page 0x"),
+    ("no table page", lambda t: _drop_page(t, root=False), "no page 0x"),
+    ("a newline and a bidi override in a value", lambda t: t.replace('"TTBR0_EL2": "', '"TTBR0_EL2": "\\n\u202e', 1),
+     "TTBR0_EL2"),
+]
+
+
 @pytest.fixture(autouse=True)
 def _nothing_boots(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> Target:
         raise AssertionError("bad input must be refused before QEMU starts")
 
     monkeypatch.setattr(Target, "start", refuse)
+    monkeypatch.setattr("harness.cli.boot.start_vmm", refuse)  # harness boot's kernel
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -227,6 +310,24 @@ def test_bad_scenario_file(name: str, text: str | bytes, needle: str, tmp_path: 
     else:
         f.write_text(text)
     _assert_refused(*_run(["check", "--scenario", str(f)], capsys), needle)
+
+
+@pytest.mark.parametrize(("what", "edit", "needle"), SNAPSHOTS, ids=[w for w, _, _ in SNAPSHOTS])
+@pytest.mark.parametrize("verify", [[], ["--verify"]], ids=["decode", "verify"])
+def test_bad_snapshot_file(what: str, edit: Callable[[str], str | bytes], needle: str, verify: list[str],
+                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t = HypPgtable(PagePool(0x4800_0000, 256 * 4096, 4096), "4K", 48, 48)
+    t.map(0x4000_0000, 4 * 4096, 0x5000_0000, Prot.RW)
+    t.map(0x8000_0000, 2 << 20, 0x6000_0000, Prot.RX)
+    good = tmp_path / "good.json"
+    from_tables(t).save(good)
+    contents = edit(good.read_text())
+    f = tmp_path / "bad.json"
+    if isinstance(contents, bytes):
+        f.write_bytes(contents)
+    else:
+        f.write_text(contents)
+    _assert_refused(*_run(["attach", str(f), *verify], capsys), needle)
 
 
 def test_paths_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -263,7 +364,7 @@ def test_size_suffixes_are_case_insensitive(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_at_least_sixty_bad_inputs() -> None:
-    assert len(ARGUMENTS) + len(FILES) >= 60
+    assert len(ARGUMENTS) + len(FILES) + len(SNAPSHOTS) >= 60
 
 
 def test_an_export_that_fails_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

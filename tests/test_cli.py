@@ -458,6 +458,17 @@ def test_a_scenario_name_is_shown_escaped(tmp_path: Path, capsys: pytest.Capture
     assert "two\\nlines\\u202e: stage 2" in out and "\u202e" not in out, out
 
 
+def _stand_in_qemu(tmp_path: Path) -> dict[str, str]:
+    """An environment whose QEMU is a stand-in that says it is 10.0.2 and never boots."""
+    import os
+
+    fake = tmp_path / "qemu"
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "QEMU emulator version 10.0.2"; exit 0; }\n'
+                    "exec sleep 30\n")
+    fake.chmod(0o755)
+    return {**os.environ, "HARNESS_QEMU": str(fake)}
+
+
 def _harness_argv() -> list[str]:
     """The console script next to this interpreter (what a user runs), else `python -m harness.cli`."""
     script = Path(sys.executable).with_name("harness")
@@ -485,15 +496,10 @@ def test_ctrl_c_at_any_time_is_one_line_and_130(command: list[str], tmp_path: Pa
     exit status 130, one line, never a traceback. QEMU is a stand-in that never boots. (A SIGINT
     inside the interpreter's own start-up, before any code of the harness runs, is Python's to
     report: a loaded machine can stretch that past the first delay.)"""
-    import os
     import signal
     import time
 
-    fake = tmp_path / "qemu"
-    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "QEMU emulator version 10.0.2"; exit 0; }\n'
-                    "exec sleep 30\n")
-    fake.chmod(0o755)
-    env = {**os.environ, "HARNESS_QEMU": str(fake)}
+    env = _stand_in_qemu(tmp_path)
     for i, delay in enumerate((0.05, 0.15, 0.3, 0.45, 0.6, 0.8)):
         proc = subprocess.Popen([*_harness_argv(), *command, "--timeout", "20", "--log-dir", str(tmp_path / str(i))],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -513,3 +519,85 @@ def test_ctrl_c_at_any_time_is_one_line_and_130(command: list[str], tmp_path: Pa
             assert proc.returncode == 130, (delay, err)
         else:  # the stand-in was not reached (no firmware toolchain): still one line, no traceback
             assert proc.returncode in (2, 3), (delay, err)
+
+
+@pytest.mark.parametrize("command", [["run"], ["check", "--builtin", "s2-4K"]])
+def test_sigterm_at_any_time_is_one_line_and_143(command: list[str], tmp_path: Path) -> None:
+    """SIGTERM while the modules import and while QEMU starts: exit status 143, one line saying so
+    (the stand-in QEMU killed first), never a traceback. Before the interpreter runs any code of
+    the harness, SIGTERM's default action kills it silently (-15: the shell's 143)."""
+    import signal
+    import time
+
+    env = _stand_in_qemu(tmp_path)
+    for i, delay in enumerate((0.05, 0.15, 0.3, 0.45, 0.6, 0.8)):
+        proc = subprocess.Popen([*_harness_argv(), *command, "--timeout", "20", "--log-dir", str(tmp_path / str(i))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if proc.returncode == -signal.SIGTERM and not err:
+            continue
+        line = _one_line(err)
+        if "terminated" in line:
+            assert proc.returncode == 143 and line.startswith(f"harness {command[0]}: terminated by SIGTERM"), \
+                (delay, err)
+        else:  # the stand-in was not reached (no firmware toolchain): still one line, no traceback
+            assert proc.returncode in (2, 3), (delay, err)
+
+
+def test_a_signal_s_exit_status_is_said_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM/SIGHUP (SystemExit(128 + N) from their handler) in the middle of a command: the
+    status kept, one line naming the signal and the kept logs."""
+    monkeypatch.setattr(Target, "start", _failing_start(SystemExit(143)))
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--builtin", "s2-4K"])
+    assert e.value.code == 143
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("harness check: terminated by SIGTERM (logs: "), line
+    shutil.rmtree(Path(line.split("(logs: ")[1].split(")")[0]))
+    monkeypatch.setattr(Target, "start", _failing_start(SystemExit(129)))
+    with pytest.raises(SystemExit):
+        main(["check", "--builtin", "s2-4K"])
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("harness check: terminated by SIGHUP"), line
+    shutil.rmtree(Path(line.split("(logs: ")[1].split(")")[0]))
+
+
+@pytest.mark.parametrize("swallowed", ["SIGTERM", "SIGINT"])
+def test_a_swallowed_signal_is_delivered_again(swallowed: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal's exception raised where Python swallows it (logging's at-fork callback, while QEMU
+    is forked) is not lost: no "Exception ignored" traceback, the signal sent again."""
+    import signal
+    import time
+    import types
+
+    from harness.cli import interrupt
+    from harness.target.process import Terminated
+
+    sent: list[int] = []
+    shown: list[object] = []
+    monkeypatch.setattr(interrupt.os, "kill", lambda pid, signum: sent.append(signum))
+    monkeypatch.setattr(interrupt, "_next_unraisable_hook", shown.append)
+    if swallowed == "SIGTERM":
+        monkeypatch.setattr(interrupt, "_phase", interrupt.RUNNING)
+        exc: BaseException = Terminated(signal.SIGTERM)
+    else:
+        monkeypatch.setattr(interrupt, "_phase", interrupt.INTERRUPTED)
+        exc = KeyboardInterrupt()
+    interrupt._on_unraisable(types.SimpleNamespace(exc_value=exc))  # type: ignore[arg-type]
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [signal.Signals[swallowed]] and shown == []
+    # once the command has ended, a swallowed SIGTERM is left alone (the exit is under way)
+    sent.clear()
+    monkeypatch.setattr(interrupt, "_phase", interrupt.DONE)
+    interrupt._on_unraisable(types.SimpleNamespace(exc_value=Terminated(signal.SIGTERM)))  # type: ignore[arg-type]
+    time.sleep(0.05)
+    assert sent == [] and len(shown) == 1

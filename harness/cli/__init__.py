@@ -20,7 +20,7 @@ Every command takes --json and --debug. Exit status:
   2    bad arguments or a bad scenario (the message names the argument or key); nothing booted
   3    the target or the machinery failed (QEMU or gdb died or hung, a tool is missing, I/O):
        one line naming what failed and where the logs are (--debug: the whole story)
-  130  interrupted
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM; 129 SIGHUP): QEMU and gdb killed first
 Log directories are removed after a successful run unless --log-dir is given, kept otherwise.
 """
 
@@ -53,6 +53,16 @@ def exit_interrupted(*_: object) -> None:
     os._exit(130)  # harness.errors.EXIT_INTERRUPTED, not imported yet
 
 
+_TERMINATING = {_signal.SIGTERM: "SIGTERM", _signal.SIGHUP: "SIGHUP"}
+
+
+def exit_terminated(signum: int, *_: object) -> None:
+    """The SIGTERM/SIGHUP handler while the program starts (no QEMU or gdb yet): one line, exit
+    status 128 + signal at once (harness.target.process takes over before anything starts)."""
+    os.write(2, f"{prog_of(sys.argv[1:])}: terminated by {_TERMINATING.get(signum, signum)}\n".encode())
+    os._exit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line. ``argv`` None: the program's own arguments, and its signal handling,
     installed here before the heavy imports (Ctrl-C: :mod:`harness.cli.interrupt`; SIGTERM/SIGHUP
@@ -60,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     :mod:`harness.cli.app`."""
     if argv is None:
         _signal.signal(_signal.SIGINT, exit_interrupted)  # before any other import of ours
+        for signum in _TERMINATING:
+            _signal.signal(signum, exit_terminated)
         from harness.cli import interrupt
 
         interrupt.install()

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import importlib
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -120,8 +121,18 @@ def _finish_logs(args: argparse.Namespace, code: int) -> None:
     kept = args.temporary_log_dirs
     if code == EXIT_INTERRUPTED:
         print(f"harness {args.command}: interrupted{_logs_note(kept)}", file=sys.stderr)
+    elif _signal_name(code) is not None:
+        print(f"harness {args.command}: terminated by {_signal_name(code)}{_logs_note(kept)}", file=sys.stderr)
     elif kept and not args.error_reported:
         print(f"harness {args.command}: logs kept in {', '.join(map(str, kept))}", file=sys.stderr)
+
+
+def _signal_name(code: int) -> str | None:
+    """SIGTERM, SIGHUP: the signal an exit status 128 + N says ended the command (None: not one)."""
+    with contextlib.suppress(ValueError):
+        if code > 128 and code != EXIT_INTERRUPTED:
+            return signal.Signals(code - 128).name
+    return None
 
 
 def _raise_interruption(e: BaseException) -> None:
@@ -153,14 +164,14 @@ def _run(args: argparse.Namespace) -> int:
 def run_command(argv: Sequence[str] | None = None) -> int:
     """Parse, run, report: the exit status (``argv`` None: the program's own arguments, and the
     SIGTERM/SIGHUP handlers that kill QEMU and gdb first, then unwind with status 128 + signal)."""
-    if argv is None:
-        process.install_signal_handlers()
     args = parse(sys.argv[1:] if argv is None else argv)
     args.log_dirs = []  # log directories the command used (harness.cli.args.open_target) ...
     args.temporary_log_dirs = []  # ... and those of them it created: removed after success
     args.error_reported = False  # the error's line named the log directories
     code = EXIT_MACHINERY
     try:
+        if argv is None:  # parse imported the command's modules: a SIGTERM meanwhile was harness.cli's (nothing had
+            process.install_signal_handlers()  # started); from here on it kills QEMU and gdb first, then unwinds
         code = _run(args)
     except HarnessError as e:
         code = e.exit_code

@@ -17,8 +17,9 @@ from harness.arch.geometry import PA_SIZES
 from harness.check import scenario as scenarios
 from harness.check.addresses import BATCH_REASON, MAX_BATCH_ADDRESSES
 from harness.check.scenario import Scenario
-from harness.check.scenario.parse import MAX_NUMBER_TEXT, count_text, int_text
+from harness.check.scenario.parse import count_text, int_text
 from harness.errors import InputError, shown
+from harness.strict_json import MAX_NUMBER_TEXT
 from harness.target.layout import LAYOUT, Layout
 from harness.target.target import Target
 
@@ -335,3 +336,26 @@ def open_target(args: argparse.Namespace, layout: Layout = LAYOUT) -> Iterator[T
     """QEMU for one command (see :func:`start_target`), closed when the block ends."""
     with start_target(args, layout) as t:
         yield t
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+def jobs_count(text: str) -> int:
+    """``--jobs N``: the processes a run is split over, each with its own QEMU (1 to MAX_JOBS)."""
+    from harness.check.jobs import JOBS_REASON, MAX_JOBS
+
+    return count(1, MAX_JOBS, JOBS_REASON, "jobs")(text)
+
+
+def log_base(args: argparse.Namespace) -> Path:
+    """Where every boot of a command that may start more than one logs (a directory each below
+    it): --log-dir, or a temporary directory that harness.cli.app removes after success and names
+    (with error.txt when the machinery failed) otherwise."""
+    if args.log_dir is not None:
+        base = Path(args.log_dir)
+        base.mkdir(parents=True, exist_ok=True)
+    else:
+        base = Path(tempfile.mkdtemp(prefix="pgtable-harness-log-"))
+        args.temporary_log_dirs.append(base)
+    args.log_dirs.append(base)
+    return base

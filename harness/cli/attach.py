@@ -12,26 +12,27 @@ reads and shows vCPU N alone.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import Any
 
 from harness.arch.regimes import guest_vmid
 from harness.check import attach as att
-from harness.check.guest import check_guest
+from harness.check.guest import GuestCheck, check_guest
 from harness.cli import attach_view as av
-from harness.cli.args import check_log_dir, check_output_file, start_target
+from harness.cli.args import check_output_file, count, non_negative_int, positive_seconds, start_target
 from harness.cli.output import print_json
 from harness.errors import EXIT_MISMATCH, EXIT_OK, InputError, MachineryError
 from harness.live.capture import Capture
 from harness.live.gdbstub import TargetSpec, capture, parse_target
+from harness.live.regimes import Regime
 from harness.live.snapshot import Snapshot
-from harness.live.vmm import read_report
+from harness.live.vmm import VmmReport, read_report
 from harness.target.layout import Layout
 from harness.target.target import Target
 
 REGIME_NAMES = av.REGIME_NAMES
 MAX_SAMPLES = 100_000  # --verify probes (samples + edges) per range and hole: beyond this, memory not time
+SAMPLES_REASON = "each range and hole of every regime is probed in one batch"
 
 
 def add_parser(sub: Any) -> None:
@@ -55,55 +56,63 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--save", metavar="FILE", help="write the snapshot (registers + table pages, JSON) here")
     p.add_argument("--verify", action="store_true", help="replay the tables on the harness's QEMU and check "
                    "every range and hole with AT against the model (exit 1 on a mismatch)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds for gdb commands and the replay target")
-    p.add_argument("--samples", type=int, default=3, help="--verify: addresses sampled inside each range/hole")
-    p.add_argument("--seed", type=int, default=0, help="--verify: seed for the samples")
+    p.add_argument("--timeout", type=positive_seconds, default=60.0,
+                   help="seconds for gdb's start, each gdb command and the replay target (default 60)")
+    p.add_argument("--samples", type=count(0, MAX_SAMPLES, SAMPLES_REASON, "addresses per range and hole"), default=3,
+                   help="--verify: addresses sampled inside each range/hole (default 3)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="--verify: seed for the samples (default 0)")
     p.add_argument("--log-dir", help="--verify: keep the replay target's logs here")
 
 
 def run(args: argparse.Namespace) -> int:
     filters, cpu = _check_args(args)
     vmm_report = read_report(args.vmm) if args.vmm else None
+    snap, regimes, timings = _snapshot(args, cpu)
+    if args.save:
+        _save(snap, args.save)
+    v = av.view(snap, regimes, filters, timings)
+    guest = _guest_check(vmm_report, v)
+    report = _verify(args, v) if args.verify else None
+    _print(args, v, filters, guest, report)
+    return EXIT_OK if (report is None or report.ok) and (guest is None or guest.ok) else EXIT_MISMATCH
+
+
+def _snapshot(args: argparse.Namespace, cpu: int | None) -> tuple[Snapshot, list[Regime], dict[str, float]]:
+    """The snapshot TARGET names (a file read, or a live target captured), its regimes and the
+    capture's timings."""
     spec = parse_target(args.target)
-    timings: dict[str, float] = {}
     if spec.kind == "file":
         snap = Snapshot.load(spec.where)
         if cpu is not None:
             snap = snap.only_cpu(cpu)
-        regimes = snap.regimes()
-    else:
-        cap = _capture(spec, args, cpu)
-        snap, regimes = cap.snapshot, cap.regimes
-        timings.update(cap.timings)
-    if args.save:
-        _save(snap, args.save)
-    v = av.view(snap, regimes, filters, timings)
-    guest = check_guest(vmm_report, v.decoded) if vmm_report is not None else None
-    if guest is not None:
-        v.out["guest_check"] = guest.to_json()
-    report = _verify(args, v) if args.verify else None
-    code = EXIT_OK if (report is None or report.ok) and (guest is None or guest.ok) else EXIT_MISMATCH
+        return snap, snap.regimes(), {}
+    cap = _capture(spec, args, cpu)
+    return cap.snapshot, cap.regimes, dict(cap.timings)
+
+
+def _guest_check(vmm_report: VmmReport | None, v: av.View) -> GuestCheck | None:
+    """--vmm: the guest's stage 2 held to the VMM's account (into ``v.out``)."""
+    if vmm_report is None:
+        return None
+    guest = check_guest(vmm_report, v.decoded)
+    v.out["guest_check"] = guest.to_json()
+    return guest
+
+
+def _print(args: argparse.Namespace, v: av.View, filters: av.Filters, guest: GuestCheck | None,
+           report: att.VerifyReport | None) -> None:
     if args.json:
         print_json(v.out)
-        return code
+        return
     print(av.text(v, filters, args.target, args.save))
-    if guest is not None:
-        print("\n" + guest.text())
-    if report is not None:
-        print("\n" + report.text())
-    return code
+    for part in (guest, report):
+        if part is not None:
+            print("\n" + part.text())
 
 
 def _check_args(args: argparse.Namespace) -> tuple[av.Filters, int | None]:
     """Every option checked before anything connects or boots."""
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise InputError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
-    check_log_dir(args.log_dir)
-    if not 0 <= args.samples <= MAX_SAMPLES:
-        raise InputError(f"--samples: expected 0 to {MAX_SAMPLES} addresses per range and hole, got {args.samples}")
-    if args.seed < 0:
-        raise InputError(f"--seed: expected 0 or more, got {args.seed}")
-    check_output_file(args.save, "--save")
+    check_output_file(args.save, "--save")  # --log-dir: by harness.cli.app; --timeout, --samples, --seed: their types
     filters = av.Filters(av.parse_regimes(args.regime),
                          att.parse_window(args.window) if args.window else None,
                          att.PermFilter.parse(args.perm) if args.perm else None,

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cli.args import add_json_arg, check_log_dir, positive_seconds
+from harness.cli.args import add_json_arg, check_log_dir, check_output_file, integer, positive_seconds
 from harness.cli.output import print_json
 from harness.errors import EXIT_OK, InputError, MachineryError
 from harness.live.gate import IdleGate
@@ -58,7 +58,7 @@ def add_parser(sub: Any) -> None:
                    "(default: HARNESS_KERNEL, else .cache/kernel from ci/kernel.sh)")
     p.add_argument("--mode", choices=MODES, default="vhe", help="KVM's mode (default vhe)")
     p.add_argument("--cpu", default="max", help="QEMU -cpu (default max; e.g. max,lpa2=off)")
-    p.add_argument("--smp", type=int, default=1, help=f"vCPUs of the host, 1-{MAX_SMP} (two-vms wants 2)")
+    p.add_argument("--smp", type=integer, default=1, help=f"vCPUs of the host, 1-{MAX_SMP} (two-vms wants 2)")
     p.add_argument("--guest", choices=PATTERNS, default="touch", help="the guest's pattern (default touch)")
     p.add_argument("--gdb", metavar="SOCKET", required=True, help="unix socket path for QEMU's gdbstub "
                    "(must not exist; removed at the end)")
@@ -68,11 +68,8 @@ def add_parser(sub: Any) -> None:
 
 
 def _check_socket(path: str) -> Path:
+    check_output_file(path, "--gdb")  # named, not a directory, in a directory a file can be made in
     sock = Path(path).absolute()
-    if not sock.parent.is_dir():
-        raise InputError(f"--gdb: directory {sock.parent} does not exist")
-    if not os.access(sock.parent, os.W_OK):
-        raise InputError(f"--gdb: cannot create a socket in {sock.parent} (not writable)")
     try:
         mode = sock.lstat().st_mode
     except FileNotFoundError:

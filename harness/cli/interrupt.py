@@ -6,7 +6,9 @@ SIGINT prints the line and exits at once (nothing has started that needs cleanin
 command runs, the first SIGINT raises KeyboardInterrupt (its ``finally`` blocks stop QEMU and gdb;
 ``main`` prints the line), raised again if Python swallowed it (an at-fork callback, a
 ``__del__``); from then on, and once the command has ended (:func:`cleaning_up`), SIGINT is
-ignored to the exit, so that no clean-up step is cut short by a traceback. Light on purpose.
+ignored to the exit (SIGTERM and SIGHUP too once the command has ended), so that no clean-up step
+is cut short by a traceback. A SIGTERM/SIGHUP that Python swallowed is delivered again too. Light
+on purpose.
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ def running() -> None:
 
 
 def cleaning_up() -> None:
-    """The command has ended (or been interrupted): Ctrl-C is ignored from now on, to the exit
-    (SIG_IGN, which the interpreter's finalization leaves in place). Main thread only."""
+    """The command has ended (or been interrupted; its QEMU and gdb are closed): Ctrl-C, SIGTERM and
+    SIGHUP are ignored from now on, to the exit (SIG_IGN, which the interpreter's finalization
+    leaves in place), so that no log clean-up or ``atexit`` step is cut short by a traceback. Main
+    thread only."""
     global _phase
     if _installed:
         _phase = DONE
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
@@ -60,14 +65,25 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
 
 
 def _on_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
-    """The KeyboardInterrupt was raised where Python swallows exceptions (an at-fork callback, a
-    ``__del__``): no "Exception ignored" traceback, and the Ctrl-C delivered again, soon, from
-    another thread (here it would be swallowed again: a hook may not raise; the phase stays
-    INTERRUPTED meanwhile, so that no Ctrl-C raises in this hook)."""
-    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _phase == INTERRUPTED:
+    """The KeyboardInterrupt, or the SIGTERM/SIGHUP handler's SystemExit (harness.target.process.
+    Terminated, which has ``signum``), was raised where Python swallows exceptions (an at-fork
+    callback such as logging's, a ``__del__``): no "Exception ignored" traceback, and the signal
+    delivered again, soon, from another thread (here it would be swallowed again: a hook may not
+    raise; for Ctrl-C the phase stays INTERRUPTED meanwhile, so that no Ctrl-C raises in this hook)."""
+    exc = unraisable.exc_value
+    if isinstance(exc, KeyboardInterrupt) and _phase == INTERRUPTED:
         threading.Thread(target=_interrupt_again, daemon=True).start()
         return
+    signum = getattr(exc, "signum", None)
+    if isinstance(exc, SystemExit) and isinstance(signum, int) and _phase != DONE:
+        threading.Thread(target=_signal_again, args=(signum,), daemon=True).start()
+        return
     _next_unraisable_hook(unraisable)
+
+
+def _signal_again(signum: int, delay: float = 0.01) -> None:
+    time.sleep(delay)  # the main thread has left the hook by then
+    os.kill(os.getpid(), signum)
 
 
 def _interrupt_again(delay: float = 0.01) -> None:

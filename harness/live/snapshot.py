@@ -46,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from harness import strict_json
 from harness.arch.registers import Stage1Regs
 from harness.core.pgtable import KvmPgtable
 from harness.errors import InputError
@@ -55,6 +56,7 @@ FORMAT = "pgtable-harness-snapshot"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _U64 = struct.Struct("<Q")
+MAX_DEPTH = 8  # nesting of a snapshot: {"cpus": [{"registers": {"TCR_EL2": "0x..."}}]} is 4 deep
 
 
 class SnapshotError(InputError):
@@ -206,7 +208,9 @@ class Snapshot:
             raise SnapshotError(f"snapshot file {p}: not a snapshot (not UTF-8 text: byte {exc.start} is "
                                 f"{exc.object[exc.start]:#04x})") from None
         try:
-            obj = json.loads(text)
+            obj = strict_json.loads(text, MAX_DEPTH)
+        except strict_json.JsonError as exc:
+            raise SnapshotError(f"snapshot file {p}: not a snapshot ({exc})") from None
         except json.JSONDecodeError as exc:
             raise SnapshotError(f"snapshot file {p}: not JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_json(obj, f"snapshot file {p}")

@@ -19,15 +19,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from harness import strict_json
 from harness.arch.geometry import GeometryError, Granule, Stage, parse_stage
 from harness.check.addresses import BATCH_REASON, MAX_BATCH_ADDRESSES
 from harness.check.scenario.data import OPS, MapSpec, OpSpec, Scenario, ScenarioError
 from harness.core.prot import Prot
 from harness.errors import printable, shown
+from harness.strict_json import MAX_NUMBER_TEXT, LongNumber, too_deep
 
 ADDRESS_LIMIT = 1 << 64
 SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-MAX_NUMBER_TEXT = 80  # characters: a 64-bit number in binary with its 0b (separators not counted)
 MAX_DEPTH = 8  # nesting of a scenario file: {"scenario": [{"maps": [{"addr": 0}]}]} is 5 deep
 INT_EXAMPLES = "e.g. 4096, 0x1000, 2M"
 _SCIENTIFIC = re.compile(r"[0-9]+(?:\.[0-9]*)?[eE]\+?[0-9]{1,3}")
@@ -63,24 +64,9 @@ def count_text(text: str, what: str = "a count") -> int:
     return int(value)
 
 
-class _LongNumber:
-    """A JSON number of more than :data:`MAX_NUMBER_TEXT` digits, kept as its length (Python's
-    ``int`` refuses 4300 digits, and no key takes a number of even 80)."""
-
-    def __init__(self, digits: str) -> None:
-        self.digits = len(digits.lstrip("-"))
-
-    def __repr__(self) -> str:
-        return f"a {self.digits}-digit number"
-
-
-def _json_int(text: str) -> int | _LongNumber:
-    return int(text) if len(text) <= MAX_NUMBER_TEXT else _LongNumber(text)
-
-
 def parse_int(value: object) -> int:
     """An integer, or a string as :func:`int_text` reads it."""
-    if isinstance(value, _LongNumber):
+    if isinstance(value, LongNumber):
         raise ValueError(f"expected an integer of at most 64 bits, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"expected an integer ({INT_EXAMPLES}), got {shown(value)}")
@@ -287,36 +273,19 @@ def _label(name: str, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are unique (TOML refuses a duplicate; JSON's last one would win)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
 def _decode(text: str, kind: str, where: str) -> Any:
     """The file's data, nested at most :data:`MAX_DEPTH` deep; every error a ScenarioError."""
     try:
-        data = tomllib.loads(text) if kind == "TOML" else json.loads(text, parse_int=_json_int,
-                                                                        object_pairs_hook=_json_object)
-    except _DuplicateKey as e:
-        raise ScenarioError(f"{where}: key {shown(e.key)} given twice; expected each key once") from None
-    except RecursionError:
+        data = tomllib.loads(text) if kind == "TOML" else strict_json.loads(text, MAX_DEPTH)
+    except strict_json.JsonError as e:
+        raise ScenarioError(f"{where}: {e}") from None
+    except RecursionError:  # TOML's
         raise ScenarioError(f"{where}: nested too deeply; expected at most {MAX_DEPTH} levels") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise ScenarioError(f"{where}: not valid {kind}: {e}") from e
     except ValueError as e:  # tomllib: an integer beyond Python's digit limit
         raise ScenarioError(f"{where}: {_long_number(text) or e}") from None
-    deep = _too_deep(data, MAX_DEPTH)
+    deep = too_deep(data, MAX_DEPTH)  # TOML's (JSON's was checked)
     if deep is not None:
         raise ScenarioError(f"{where}: {deep}: nested too deeply; expected at most {MAX_DEPTH} levels")
     return data
@@ -333,20 +302,3 @@ def _long_number(text: str) -> str | None:
     key = re.match(r"\s*([^=\s]+)\s*=", line)
     where = f"line {line_no}" + (f" ({key[1]})" if key else "")
     return f"{where}: expected an integer of at most 64 bits, got a {len(m[0].replace('_', ''))}-digit number"
-
-
-def _too_deep(data: Any, limit: int) -> str | None:
-    """The key path of the first value nested deeper than ``limit``, or None."""
-    todo: list[tuple[Any, str, int]] = [(data, "", 1)]
-    while todo:
-        value, path, depth = todo.pop()
-        if isinstance(value, Mapping):
-            children = [(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()]
-        elif isinstance(value, list):
-            children = [(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        else:
-            continue
-        if depth > limit:
-            return printable(path) or "(top level)"
-        todo += [(v, p, depth + 1) for v, p in children]
-    return None

@@ -1,0 +1,62 @@
+"""Ctrl-C and SIGTERM in a few windows of a real `harness check` (the fast subset of
+ci/interrupts.py, through its own functions): 130 or 143, one line, no traceback, no QEMU or gdb
+left, no run-time directory left."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = pytest.mark.hw
+
+SCRIPT = Path(__file__).resolve().parents[2] / "ci" / "interrupts.py"
+
+
+def _script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ci_interrupts", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interrupt_windows_of_check() -> None:
+    ci = _script()
+    duration = ci.measure("check")
+    mid = round(0.6 * duration, 2)
+    windows = [
+        ci.Window("check", 0.1),  # the modules import
+        ci.Window("check", 0.1, second=ci.SECOND_AFTER),
+        ci.Window("check", mid),  # QEMU and gdb running
+        ci.Window("check", mid, second=ci.SECOND_AFTER),  # the second Ctrl-C during the clean-up
+        ci.Window("check", 0.1, signal.SIGTERM),
+        ci.Window("check", mid, signal.SIGTERM),
+    ]
+    outcomes = [ci.run_window(w, duration) for w in windows]
+    failed = [o.row() for o in outcomes if o.problems()]
+    assert failed == [], "\n".join(failed)
+    # the windows reached what they are for: the start-up line, and a run with QEMU and gdb to clean up
+    assert any(o.returncode == 130 and o.stderr.strip() == "harness check: interrupted" for o in outcomes[:2]), \
+        "\n".join(o.row() for o in outcomes)
+    assert any("qemu-system-aarch64" in o.seen.values() and "(logs: " in o.stderr for o in outcomes[2:4]), \
+        "\n".join(o.row() for o in outcomes)
+    assert any(o.returncode == 143 and "terminated by SIGTERM" in o.stderr for o in outcomes[4:]), \
+        "\n".join(o.row() for o in outcomes)
+
+
+def test_a_problem_is_reported() -> None:
+    """The judge itself: a traceback, two lines, a wrong status and a leftover are each failures."""
+    ci = _script()
+    w = ci.Window("check", 0.5)
+    assert ci.Outcome(w, 130, "harness check: interrupted\n", 0.6).problems() == []
+    trace = 'Traceback (most recent call last):\n  File "{}", line 3, in {}\nKeyboardInterrupt\n'
+    bad = ci.Outcome(w, 1, trace.format("harness/cli/app.py", "run_command"), 0.6, left=["qemu-system-aarch64 (pid 1)"])
+    assert len(bad.problems()) == 4, bad.problems()
+    assert ci.Outcome(w, 1, trace.format("bin/harness", "<module>"), 0.1).in_interpreter_startup
+    assert ci.Outcome(w, -2, "", 0.0).killed_silently and ci.Outcome(w, -2, "x\n", 0.0).problems()
