@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -282,8 +284,6 @@ def _exe_name(pid: int) -> str:
 def test_ctrl_c_reaps_qemu_and_gdb(tmp_path: Path) -> None:
     """SIGINT in the middle of `harness bench`: exit status 130, no QEMU or gdb left behind."""
     import os
-    import signal
-    import time
 
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "bench", "--probes", "20000000",
                              "--log-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -479,7 +479,6 @@ def _before_any_harness_code(returncode: int, err: str) -> bool:
     """The SIGINT came inside the interpreter's own start-up (site, .pth files) or its import of the
     package itself: no code of the harness ran yet, so the message is Python's."""
     import re
-    import signal
 
     import harness
 
@@ -490,28 +489,37 @@ def _before_any_harness_code(returncode: int, err: str) -> bool:
         f.startswith(package) for f in re.findall(r'File "([^"]+)"', err))
 
 
+SIGNAL_DELAYS = (0.05, 0.15, 0.3, 0.45, 0.6, 0.8)  # seconds after the start: imports, QEMU's start
+
+
+def _signalled(command: list[str], log_dir: Path, env: dict[str, str], delay: float,
+               signals: tuple[signal.Signals, ...]) -> tuple[subprocess.Popen[str], str]:
+    """Run the harness on ``command``, send ``signals`` from ``delay`` seconds on (10 ms apart),
+    and wait: the process and its stderr."""
+    proc = subprocess.Popen([*_harness_argv(), *command, "--timeout", "20", "--log-dir", str(log_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        time.sleep(delay)
+        for k, sig in enumerate(signals):
+            time.sleep(0.01 if k else 0)
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, err
+
+
 @pytest.mark.parametrize("command", [["run"], ["check", "--builtin", "s2-4K"]])
 def test_ctrl_c_at_any_time_is_one_line_and_130(command: list[str], tmp_path: Path) -> None:
     """SIGINT while the modules import, while QEMU starts, and a second one during the clean-up:
     exit status 130, one line, never a traceback. QEMU is a stand-in that never boots. (A SIGINT
     inside the interpreter's own start-up, before any code of the harness runs, is Python's to
     report: a loaded machine can stretch that past the first delay.)"""
-    import signal
-    import time
-
     env = _stand_in_qemu(tmp_path)
-    for i, delay in enumerate((0.05, 0.15, 0.3, 0.45, 0.6, 0.8)):
-        proc = subprocess.Popen([*_harness_argv(), *command, "--timeout", "20", "--log-dir", str(tmp_path / str(i))],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            time.sleep(delay)
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.01)
-            proc.send_signal(signal.SIGINT)  # a second Ctrl-C, while the first one's clean-up runs
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    for i, delay in enumerate(SIGNAL_DELAYS):
+        # a second Ctrl-C, while the first one's clean-up runs
+        proc, err = _signalled(command, tmp_path / str(i), env, delay, (signal.SIGINT, signal.SIGINT))
         if _before_any_harness_code(proc.returncode, err):
             continue
         line = _one_line(err)
@@ -526,20 +534,9 @@ def test_sigterm_at_any_time_is_one_line_and_143(command: list[str], tmp_path: P
     """SIGTERM while the modules import and while QEMU starts: exit status 143, one line saying so
     (the stand-in QEMU killed first), never a traceback. Before the interpreter runs any code of
     the harness, SIGTERM's default action kills it silently (-15: the shell's 143)."""
-    import signal
-    import time
-
     env = _stand_in_qemu(tmp_path)
-    for i, delay in enumerate((0.05, 0.15, 0.3, 0.45, 0.6, 0.8)):
-        proc = subprocess.Popen([*_harness_argv(), *command, "--timeout", "20", "--log-dir", str(tmp_path / str(i))],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            time.sleep(delay)
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    for i, delay in enumerate(SIGNAL_DELAYS):
+        proc, err = _signalled(command, tmp_path / str(i), env, delay, (signal.SIGTERM,))
         if proc.returncode == -signal.SIGTERM and not err:
             continue
         line = _one_line(err)
@@ -573,8 +570,6 @@ def test_a_signal_s_exit_status_is_said_in_one_line(monkeypatch: pytest.MonkeyPa
 def test_a_swallowed_signal_is_delivered_again(swallowed: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A signal's exception raised where Python swallows it (logging's at-fork callback, while QEMU
     is forked) is not lost: no "Exception ignored" traceback, the signal sent again."""
-    import signal
-    import time
     import types
 
     from harness.cli import interrupt
