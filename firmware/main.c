@@ -304,6 +304,10 @@ static u64 do_fetch(void)
         WRITE_SYSREG(hcr_el2, hcr | HCR_TGE);
         ISB();
         s2_access_loop((const u64 *)src, (struct access_record *)dst, n, 3, (const u64 *)src);
+        /* An exception taken from EL0 to EL2 with {E2H, TGE} = {1, 1} sets PSTATE.PAN (SCTLR_EL2.SPAN
+         * = 0): clear it, or EL2's own accesses to EL0-accessible pages would fault from now on.
+         * (E2H needs FEAT_VHE, Armv8.1, which has FEAT_PAN; the register is PAN, s3_0_c4_c2_3.) */
+        __asm__ volatile("msr s3_0_c4_c2_3, xzr" ::: "memory");
         WRITE_SYSREG(hcr_el2, hcr);
         ISB();
     } else {

@@ -67,7 +67,6 @@ from harness.arch.registers import (
     ttbr_baddr,
 )
 from harness.check.engine import AT_OPS, CheckReport, FetchProbes, Subject, check_at, check_exec
-from harness.core.batch import BatchResult
 from harness.core.dump import MappedRange, mapped_ranges
 from harness.core.memory import PagePool, PoolImage
 from harness.core.pgtable import KvmPgtable, PgtableError
@@ -537,15 +536,16 @@ class UpperRangeTarget:
     def at_start(self, addresses: npt.ArrayLike, op: Any) -> None:
         self.target.at_start(self._up(addresses), op)
 
-    def at_start_both(self, reads: npt.ArrayLike, writes: npt.ArrayLike, stage: Any, uninstall: bool = False) -> None:
-        self.target.at_start_both(self._up(reads), self._up(writes), stage, uninstall=uninstall)
+    def at_start_both(self, reads: npt.ArrayLike, writes: npt.ArrayLike, stage: Any, uninstall: bool = False, *,
+                      el0: bool = False) -> None:
+        self.target.at_start_both(self._up(reads), self._up(writes), stage, uninstall=uninstall, el0=el0)
 
     def at(self, addresses: npt.ArrayLike, op: Any) -> U64:
         out: U64 = self.target.at(self._up(addresses), op)
         return out
 
-    def fetch(self, addresses: npt.ArrayLike, stage: Any = None) -> Any:
-        rec = self.target.fetch(self._up(addresses), stage=stage).copy()
+    def fetch(self, addresses: npt.ArrayLike, stage: Any = None, *, el0: bool = False) -> Any:
+        rec = self.target.fetch(self._up(addresses), stage=stage, el0=el0).copy()
         faulted = ~np.asarray(rec["completed"], dtype=np.bool_)
         with np.errstate(over="ignore"):
             rec["far"][faulted] = rec["far"][faulted].astype(np.uint64) - self.offset
@@ -714,19 +714,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class _ReplaySubject(Subject):
-    """The replayed tables as the check engine's subject, with TCR/VTCR.SH0 (used with DS = 1)."""
-
-    options: dict[str, Any] = field(default_factory=dict)  # LiveRegime.walk_options: as the replay programs them
-
-    def predict(self, addrs: npt.ArrayLike, access: Access, **semantics: Any) -> BatchResult:
-        return super().predict(addrs, access, **{**self.options, **semantics})
-
-    def walk(self, addr: int, access: Access, **semantics: Any) -> Translation:
-        return super().walk(addr, access, **{**self.options, **semantics})
-
-
 TargetFactory = Callable[[Layout], Any]  # a started harness.target.target.Target for a layout
 
 def replay_sctlr_el2_set(regime: Regime) -> int:
@@ -872,8 +859,8 @@ def _verify_regime(snapshot: Snapshot, regime: Regime, targets: dict[Layout, Any
     target = targets[layout] if not rep.va_offset else UpperRangeTarget(targets[layout], rep.va_offset)
     report.qemu = res.check.qemu = ".".join(map(str, target.qemu_version))
     regs = _regs_for(regime, rep)
-    subject = _ReplaySubject(f"{regime.name} (replayed)", geom, pool, root, regs,
-                             PoolImage(image.base, image.data[:used]), mair, accesses=False, options=options)
+    subject = Subject(f"{regime.name} (replayed)", geom, pool, root, regs,
+                      PoolImage(image.base, image.data[:used]), mair, accesses=False, options=options)
     target.install(regs, subject.image)
     try:
         if geom.stage is Stage.S1:  # what the MMU runs under, read back (WXN included)

@@ -16,6 +16,7 @@ decided on QEMU's semantics) are checked with real loads and stores instead and 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from harness.core.batch import (
     fault_status_batch,
     par_compare_mask_batch,
     translate_batch,
+    translate_batch_each,
 )
 from harness.core.memory import PoolImage
 from harness.core.pgtable import KvmPgtable
@@ -71,8 +73,12 @@ AT_OPS: dict[Stage, tuple[tuple[str, Access], ...]] = {
     Stage.S1: (("S1E2R", READ), ("S1E2W", WRITE)),
     Stage.S2: (("S12E1R", READ), ("S12E1W", WRITE)),
 }
-AT_PIPELINE_CHUNK = 1 << 15  # addresses below which an AT request is not split (round trip ~1 ms)
-AT_PIPELINE_DEPTH = 4  # more addresses: at least this many requests, each predicted while the last runs
+EL0_AT_OPS: tuple[tuple[str, Access], ...] = (("S1E0R", READ), ("S1E0W", WRITE))  # EL2&0 with TGE = 1
+AT_PIPELINE_CHUNK = 1 << 15  # addresses up to which an AT request is not split (round trip ~1 ms)
+AT_PIPELINE_FIRST = 1 << 15  # the first request's addresses (predicted while nothing is in flight)
+AT_PIPELINE_GROWTH = 4  # each request at most this many times the last (predicted while the last runs)
+AT_PIPELINE_TAIL = 1 << 17  # the last request's addresses (compared once the firmware is done)
+HOST_PIECE = 1 << 16  # addresses the host predicts and compares at a time (its arrays stay in cache)
 MAX_EXPLAINED = 200  # disagreements re-walked and reported in full (the rest are counted)
 MAX_ACCESS_PROBES = 20_000
 MAX_FETCH_PROBES = 2_000
@@ -81,6 +87,7 @@ SKIP_UNMODELLED = "walk leaves the modelled memory (no prediction)"
 SKIP_NO_ACCESS = "withheld from AT, and real accesses cannot run on this table"
 SKIP_AT_ABORT = "AT took an external abort: walk leaves the modelled memory"
 SKIP_UNPROBEABLE = "neither AT nor a real access can be pointed at it on this QEMU (it would abort)"
+SKIP_EL0_STUB = "EL0 fetches: the tables do not let EL0 run the firmware's EL0 stub"
 
 
 class TargetLike(Protocol):
@@ -99,13 +106,14 @@ class TargetLike(Protocol):
     def uninstall(self) -> None: ...
     def at_start(self, addresses: npt.ArrayLike, op: str) -> None: ...
     def at_start_both(self, reads: npt.ArrayLike, writes: npt.ArrayLike, stage: Stage | int,
-                      uninstall: bool = False) -> None: ...
+                      uninstall: bool = False, *, el0: bool = False) -> None: ...
     def at_wait(self) -> U64: ...
     def at(self, addresses: npt.ArrayLike, op: str) -> U64: ...
-    def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None) -> Any: ...
+    def access(self, addresses: npt.ArrayLike, write: bool, stage: Stage | int | None = None, *,
+               el0: bool = False) -> Any: ...
     def access_both(self, loads: npt.ArrayLike, stores: npt.ArrayLike,
-                    stage: Stage | int | None = None) -> tuple[Any, Any]: ...
-    def fetch(self, addresses: npt.ArrayLike, stage: Stage | int | None = None) -> Any: ...
+                    stage: Stage | int | None = None, *, el0: bool = False) -> tuple[Any, Any]: ...
+    def fetch(self, addresses: npt.ArrayLike, stage: Stage | int | None = None, *, el0: bool = False) -> Any: ...
     def read_pa(self, pa: int, n: int) -> bytes: ...
     def write_pa(self, pa: int, data: bytes) -> None: ...
     def ram_u64(self, pa: int, count: int) -> U64: ...
@@ -128,7 +136,10 @@ class Subject:
     ``image`` is what gets written into guest RAM (it must cover every byte of ``mem`` the model
     reads, so that both sides see the same tables); ``no_access`` lists input ranges real loads
     and stores must never touch (the firmware's own regions); ``accesses`` is False where real
-    accesses cannot run (a stage-2 table that cannot map the EL1 stub)."""
+    accesses cannot run (a stage-2 table that cannot map the EL1 stub). ``options`` are the
+    model's walk keywords the installed registers set beyond ``regs``' defaults (SH0, WXN, HA,
+    HD: :meth:`harness.arch.regimes.LiveRegime.walk_options`); ``el0``: the probes are EL0's (AT
+    S1E0R/W, ``ldtr``/``sttr``, fetches from EL0), in the EL2&0 regime only (:func:`el0_view`)."""
 
     name: str
     geom: Geometry
@@ -139,17 +150,54 @@ class Subject:
     mair: int = DEFAULT_MAIR
     no_access: tuple[tuple[int, int], ...] = ()
     accesses: bool = True
+    options: Mapping[str, Any] = field(default_factory=dict)
+    el0: bool = False
 
     @property
     def stage(self) -> Stage:
         return self.geom.stage
 
+    @property
+    def view(self) -> str:
+        """Whose accesses are probed: "EL0", or the privileged level's ("EL2"; stage 2: "EL1")."""
+        return "EL0" if self.el0 else "EL1" if self.stage is Stage.S2 else "EL2"
+
+    def _kw(self, semantics: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self.options, **({"el0": True} if self.el0 else {}), **semantics}
+
     def predict(self, addrs: npt.ArrayLike, access: Access, **semantics: Any) -> BatchResult:
         return translate_batch(self.mem.words(), self.mem.base, self.geom, self.root, addrs, access, self.mair,
-                               **semantics)
+                               **self._kw(semantics))
+
+    def predict_each(self, addrs: npt.ArrayLike, accesses: Sequence[Access],
+                     **semantics: Any) -> tuple[BatchResult, ...]:
+        """:meth:`predict` for each of ``accesses``, from one walk of the tables."""
+        return translate_batch_each(self.mem.words(), self.mem.base, self.geom, self.root, addrs, accesses,
+                                    self.mair, **self._kw(semantics))
 
     def walk(self, addr: int, access: Access, **semantics: Any) -> Translation:
-        return translate(self.mem, self.geom, self.root, addr, access, self.mair, **semantics)
+        return translate(self.mem, self.geom, self.root, addr, access, self.mair, **self._kw(semantics))
+
+
+def has_el0(geom: Geometry) -> bool:
+    """Whether the regime has an EL0 to probe: the EL2&0 regime's stage 1 (hVHE)."""
+    return geom.stage is Stage.S1 and geom.e2h
+
+
+def el0_view(subject: Subject) -> Subject:
+    """The same tables probed as EL0 sees them (EL2&0 only), named so in reports."""
+    assert has_el0(subject.geom), subject.geom
+    return dataclasses.replace(subject, el0=True)
+
+
+def at_ops(subject: Subject) -> tuple[tuple[str, Access], ...]:
+    """The subject's AT forms: its stage's, or EL0's (S1E0R/W) for an EL0 view."""
+    return EL0_AT_OPS if subject.el0 else AT_OPS[subject.stage]
+
+
+def _el0_kw(subject: Subject) -> dict[str, bool]:
+    """The target keywords of an EL0 view's requests (none otherwise, for targets without EL0)."""
+    return {"el0": True} if subject.el0 else {}
 
 
 def used_image(table: KvmPgtable) -> PoolImage:
@@ -313,9 +361,16 @@ class Prediction:
 
     @classmethod
     def of(cls, subject: Subject, addrs: U64, access: Access, version: divergences.QemuVersion) -> Prediction:
-        arm = subject.predict(addrs, access)
+        return cls.of_each(subject, addrs, (access,), version)[0]
+
+    @classmethod
+    def of_each(cls, subject: Subject, addrs: U64, accesses: Sequence[Access],
+                version: divergences.QemuVersion) -> tuple[Prediction, ...]:
+        """The chunk predicted for each of ``accesses`` (one walk of the tables per semantics)."""
+        arm = subject.predict_each(addrs, accesses)
         kw = divergences.qemu_semantics(version, subject.geom)
-        return cls(arm, subject.predict(addrs, access, **kw) if kw else arm)
+        qemu = subject.predict_each(addrs, accesses, **kw) if kw else arm
+        return tuple(cls(a, q) for a, q in zip(arm, qemu, strict=True))
 
     def take(self, idx: npt.NDArray[Any]) -> Prediction:
         arm = take(self.arm, idx)
@@ -385,20 +440,72 @@ class _AtChunk:
     pred: Prediction
 
 
-def _predict_chunk(report: CheckReport, subj: Subject, op: str, access: Access, chunk: U64,
-                   version: divergences.QemuVersion, withheld: dict[Access, list[U64]]) -> _AtChunk:
-    """Predict a chunk; take out (into ``withheld``) what the running QEMU's AT must not see."""
+def _withhold(report: CheckReport, job: _AtChunk, version: divergences.QemuVersion,
+              withheld: dict[Access, list[U64]]) -> _AtChunk:
+    """Take out of a predicted chunk (into ``withheld``) what the running QEMU's AT must not see."""
+    unsafe = _at_hazards(report, job.pred, version)
+    if not unsafe.any():
+        return job
+    never = divergences.unprobeable(job.pred.qemu, version)
+    report.count(report.skipped, SKIP_UNPROBEABLE, int(never.sum()))
+    withheld.setdefault(job.access, []).append(job.addrs[unsafe & ~never])
+    keep = np.flatnonzero(~unsafe)
+    return _AtChunk(job.op, job.access, job.addrs[keep], job.pred.take(keep))
+
+
+def _predict_chunk(report: CheckReport, subj: Subject, ops: Sequence[tuple[str, Access]], chunk: U64,
+                   version: divergences.QemuVersion, withheld: dict[Access, list[U64]]) -> list[_AtChunk]:
+    """Predict a chunk for each AT form in ``ops`` (one walk of the tables); take out what the
+    running QEMU's AT must not see."""
     t0 = time.perf_counter()
-    pred = Prediction.of(subj, chunk, access, version)
+    preds = Prediction.of_each(subj, chunk, [access for _, access in ops], version)
+    jobs = [_AtChunk(op, access, chunk, pred) for (op, access), pred in zip(ops, preds, strict=True)]
     if divergences.hazards(version, subj.stage):
-        unsafe = _at_hazards(report, pred, version)
-        if unsafe.any():
-            never = divergences.unprobeable(pred.qemu, version)
-            report.count(report.skipped, SKIP_UNPROBEABLE, int(never.sum()))
-            withheld.setdefault(access, []).append(chunk[unsafe & ~never])
-            chunk, pred = chunk[~unsafe], pred.take(~unsafe)
+        jobs = [_withhold(report, job, version, withheld) for job in jobs]
     report.time("predict", time.perf_counter() - t0)
-    return _AtChunk(op, access, chunk, pred)
+    return jobs
+
+
+def _predict_request(report: CheckReport, subj: Subject, ops: Sequence[tuple[str, Access]], chunk: U64,
+                     version: divergences.QemuVersion, withheld: dict[Access, list[U64]]) -> list[_AtChunk]:
+    """One request's jobs, predicted in pieces of :data:`HOST_PIECE` addresses: every piece of
+    the first AT form, then of the second (the order of the request's results)."""
+    pieces = [_predict_chunk(report, subj, ops, chunk[i : i + HOST_PIECE], version, withheld)
+              for i in range(0, chunk.size, HOST_PIECE)]
+    return [jobs[k] for k in range(len(ops)) for jobs in pieces]
+
+
+def _form_addresses(jobs: list[_AtChunk], access: Access, chunk: U64) -> U64:
+    """The addresses one AT form of a request probes: its pieces' (the whole chunk where no
+    piece withheld any)."""
+    parts = [job.addrs for job in jobs if job.access is access]
+    if sum(p.size for p in parts) == chunk.size:
+        return chunk
+    return np.concatenate(parts)
+
+
+def at_request_sizes(n: int, cap: int) -> list[int]:
+    """How :func:`check_at` splits ``n`` addresses into AT requests of at most ``cap`` (each
+    carrying both forms). Up to :data:`AT_PIPELINE_CHUNK`: one request. Beyond, as few requests
+    as keep the firmware busy: each costs a stop and a continue through gdb (a few ms on a loaded
+    machine), while the host's work outside the firmware's run is the first request's prediction
+    and the last one's comparison. So the requests grow from :data:`AT_PIPELINE_FIRST` by
+    :data:`AT_PIPELINE_GROWTH` (each predicted while the last runs), the bulk follows in equal
+    requests, and a small last one (:data:`AT_PIPELINE_TAIL`) ends it; too few addresses for
+    that: two halves."""
+    if n <= min(AT_PIPELINE_CHUNK, cap):
+        return [n] if n else []
+    tail = min(AT_PIPELINE_TAIL, cap)
+    ramp: list[int] = []
+    size = min(AT_PIPELINE_FIRST, cap)
+    while sum(ramp) + 2 * size + tail <= n and (not ramp or ramp[-1] < cap):  # room for a bulk as big
+        ramp.append(size)
+        size = min(size * AT_PIPELINE_GROWTH, cap)
+    if not ramp:
+        return [n // 2, n - n // 2]
+    rest = n - sum(ramp) - tail
+    parts = -(-rest // cap)
+    return ramp + [rest // parts + (1 if i < rest % parts else 0) for i in range(parts)] + [tail]
 
 
 def _compare_chunk(report: CheckReport, subj: Subject, job: _AtChunk, actual: U64,
@@ -406,22 +513,29 @@ def _compare_chunk(report: CheckReport, subj: Subject, job: _AtChunk, actual: U6
     """Compare the MMU's PARs with the prediction; classify the disagreements."""
     t0 = time.perf_counter()
     op, access, chunk, pred = job.op, job.access, job.addrs, job.pred
-    expected = expected_par_batch(pred.arm)
-    mask = par_compare_mask_batch(pred.arm)
     report.count(report.probes, op, int(chunk.size))
+    diff = expected_par_batch(pred.arm)
+    diff ^= actual
+    diff &= par_compare_mask_batch(pred.arm)
+    differs = diff != 0
     aborted = _at_aborts(actual)
-    unmodelled = pred.arm.unmodelled | pred.qemu.unmodelled
-    differs = (((expected ^ actual) & mask) != 0) & ~aborted & ~unmodelled
-    bad = np.flatnonzero(differs)
-    report.count(report.skipped, SKIP_UNMODELLED, int((unmodelled & ~aborted).sum()))
-    report.matched += int(chunk.size - bad.size - unmodelled.sum() - (aborted & ~unmodelled).sum())
-    report.count(report.skipped, SKIP_AT_ABORT, int((aborted & unmodelled).sum()))
-    t1 = time.perf_counter()
-    for i in np.flatnonzero(aborted & ~unmodelled):  # an abort where the model reads tables
-        addr = int(chunk[i])
-        model = subj.walk(addr, access)
-        report.add(Mismatch(addr, op, model.summary(), _at_abort_text(int(actual[i])), model.explain())
-                   if report.room_for(None) else None, None)
+    unmodelled = pred.arm.unmodelled if pred.qemu is pred.arm else pred.arm.unmodelled | pred.qemu.unmodelled
+    odd = aborted | unmodelled  # no PAR to compare: counted apart (usually none)
+    if not odd.any():
+        bad = np.flatnonzero(differs)
+        report.matched += int(chunk.size - bad.size)
+        t1 = time.perf_counter()
+    else:
+        bad = np.flatnonzero(differs & ~odd)
+        report.count(report.skipped, SKIP_UNMODELLED, int((unmodelled & ~aborted).sum()))
+        report.matched += int(chunk.size - bad.size - unmodelled.sum() - (aborted & ~unmodelled).sum())
+        report.count(report.skipped, SKIP_AT_ABORT, int((aborted & unmodelled).sum()))
+        t1 = time.perf_counter()
+        for i in np.flatnonzero(aborted & ~unmodelled):  # an abort where the model reads tables
+            addr = int(chunk[i])
+            model = subj.walk(addr, access)
+            report.add(Mismatch(addr, op, model.summary(), _at_abort_text(int(actual[i])), model.explain())
+                       if report.room_for(None) else None, None)
     _explain_at(report, subj, op, access, chunk, actual, pred, bad, version)
     report.time("compare", t1 - t0)
     report.time("classify", time.perf_counter() - t1)
@@ -441,16 +555,18 @@ def _check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgt
     With ``uninstall_after``, the last request uninstalls the tables when nothing was withheld
     (returned second: whether it did).
 
-    Both forms of a chunk go in one request (:meth:`harness.target.Target.at_start_both`).
-    Pipelined: the next chunk is predicted, and the previous one compared, while the firmware
-    probes; ``background`` (if given) is called with False while each earlier request is in
-    flight (a slice of work) and with True while the last one is (the rest): the fuzzer builds
-    its next table there. Returns, per access type, the addresses withheld from AT
-    because of a known QEMU hazard (they are to be checked with real accesses)."""
+    Both forms of a chunk go in one request (:meth:`harness.target.Target.at_start_both`;
+    sizes: :func:`at_request_sizes`). Pipelined: the next chunk is predicted, and the previous
+    one compared, while the firmware probes (the host in pieces of :data:`HOST_PIECE`);
+    ``background`` (if given) is called with False while each earlier request is in flight (a
+    slice of work) and with True while the last one is (the rest): the fuzzer builds its next
+    table there. Returns, per access type, the addresses withheld from AT because of a known
+    QEMU hazard (they are to be checked with real accesses)."""
     subj = subject if isinstance(subject, Subject) else subject_of_table(subject, report.scenario)
-    (read_op, read), (write_op, write) = AT_OPS[subj.stage]
-    assert read is READ and write is WRITE
-    step = min(int(target.layout.max_at) // 2, max(AT_PIPELINE_CHUNK, -(-addrs.size // AT_PIPELINE_DEPTH)))
+    ops = at_ops(subj)
+    assert [access for _, access in ops] == [READ, WRITE]
+    sizes = at_request_sizes(int(addrs.size), int(target.layout.max_at) // 2)
+    bounds = np.cumsum([0, *sizes]).tolist()
     version = target.qemu_version
     withheld: dict[Access, list[U64]] = {}
     inflight: list[_AtChunk] = []
@@ -466,16 +582,16 @@ def _check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgt
             lo += job.addrs.size
         return out
 
-    for lo in range(0, addrs.size, step):
-        chunk = addrs[lo : lo + step]
-        jobs = [_predict_chunk(report, subj, op, access, chunk, version, withheld)
-                for op, access in ((read_op, read), (write_op, write))]
+    for lo, hi in itertools.pairwise(bounds):
+        chunk = addrs[lo:hi]
+        jobs = _predict_request(report, subj, ops, chunk, version, withheld)
         done = wait() if inflight else []
         inflight = []
         if any(job.addrs.size for job in jobs):
             t0 = time.perf_counter()
-            uninstalled = uninstall_after and lo + step >= addrs.size and not withheld
-            target.at_start_both(jobs[0].addrs, jobs[1].addrs, subj.stage, uninstall=uninstalled)
+            uninstalled = uninstall_after and hi >= addrs.size and not withheld
+            target.at_start_both(_form_addresses(jobs, READ, chunk), _form_addresses(jobs, WRITE, chunk), subj.stage,
+                                 uninstall=uninstalled, **_el0_kw(subj))
             report.time("submit", time.perf_counter() - t0)
             inflight = jobs
         for job, actual in done:
@@ -663,10 +779,11 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
     guard = StoreGuard.take(target, plans[True][1].arm, scratch) if True in plans else None
     t0 = time.perf_counter()
     if len(plans) == 2:
-        recs = dict(zip((False, True), target.access_both(plans[False][0], plans[True][0], subj.stage), strict=True))
+        recs = dict(zip((False, True), target.access_both(plans[False][0], plans[True][0], subj.stage,
+                                                          **_el0_kw(subj)), strict=True))
     else:
         ((write, (chosen, _)),) = plans.items()
-        recs = {write: target.access(chosen, write=write, stage=subj.stage)}
+        recs = {write: target.access(chosen, write=write, stage=subj.stage, **_el0_kw(subj))}
     report.time("access", time.perf_counter() - t0)
     for write, access in ((False, READ), (True, WRITE)):
         if write in plans:
@@ -680,7 +797,7 @@ def _judge_access(report: CheckReport, target: TargetLike, subj: Subject, chosen
     """Compare one kind of real access (loads or stores) with the model."""
     scratch = target.layout.scratch
     version = target.qemu_version
-    name = "store" if write else "load"
+    name = ("store" if write else "load") + (" EL0" if subj.el0 else "")
     report.count(report.probes, name, int(chosen.size))
     good = _access_agrees(pred.arm, rec, chosen, subj.stage, write)
     if "value" in (rec.dtype.names or ()):
@@ -754,12 +871,13 @@ def _leaf_pas(subject: Subject, addrs: U64, pred: BatchResult, wxn: bool, rng: n
     return np.asarray(pa, dtype=np.uint64)
 
 
-def _fetch_agrees(pred: BatchResult, rec: Any, addrs: U64, stage: Stage, want_value: U64) -> Bools:
+def _fetch_agrees(pred: BatchResult, rec: Any, addrs: U64, stage: Stage, want_value: U64,
+                  el0: bool = False) -> Bools:
     """Per lane: the fetch completed with the planted tag where the model translates, or raised
-    exactly the instruction abort the model predicts (EC 0x21 at EL2 / 0x20 from EL1, IFSC,
-    S1PTW = 0, FAR, and HPFAR at stage 2)."""
+    exactly the instruction abort the model predicts (EC 0x21 at EL2 / 0x20 from EL1 or EL0,
+    IFSC, S1PTW = 0, FAR, and HPFAR at stage 2)."""
     esr = rec["esr"].astype(np.uint64)
-    ec = ExceptionClass.IABT_SAME if stage is Stage.S1 else ExceptionClass.IABT_LOWER
+    ec = ExceptionClass.IABT_SAME if stage is Stage.S1 and not el0 else ExceptionClass.IABT_LOWER
     faulted = rec["status"].astype(np.uint64) == np.uint64(mailbox.AccessStatus.FAULT)
     same = faulted & (((esr >> np.uint64(ESR_EC.lo)) & np.uint64(ESR_EC.max)) == np.uint64(int(ec)))
     same &= (esr & np.uint64(ISS_DFSC.max)) == fault_status_batch(pred)  # IFSC: ISS[5:0] like DFSC
@@ -855,6 +973,13 @@ class FetchProbes:
         return np.asarray(self.records["completed"][inside], dtype=np.bool_)
 
 
+def _el0_stub_runs(subject: Subject, code: tuple[tuple[int, int], ...]) -> bool:
+    """Whether EL0 may run the firmware's EL0 stub: every page of its code region executable at
+    EL0 on both walks (the builder maps it UXN = 0; random tables above it could forbid it)."""
+    pages = np.concatenate([np.arange(base, base + size, 4096, dtype=np.uint64) for base, size in code])
+    return bool(subject.predict(pages, EXEC).ok.all())
+
+
 def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs: U64,
                rng: np.random.Generator, sample: int = MAX_FETCH_PROBES,
                where: Sequence[Any] | None = None) -> FetchProbes | None:
@@ -871,6 +996,9 @@ def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs:
     # a random stage 2 at IPA == the address of ``idle`` stops as if the request had ended
     # (found by the fuzzer: RequestFailed "FETCH: firmware answered PENDING").
     firmware_code = tuple((r.base, r.size) for r in target.layout.firmware_regions() if r.name == "code")
+    if subject.el0 and not _el0_stub_runs(subject, firmware_code):
+        report.count(report.skipped, SKIP_EL0_STUB, int(min(addrs.size, sample)))
+        return None
     addrs = addrs[_outside(addrs, firmware_code)]
     chosen, pred, pa = _fetch_candidates(subject, addrs, rng, sample,
                                          [target.layout.scratch] if where is None else where, version, wxn)
@@ -879,20 +1007,21 @@ def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs:
     code = PlantedCode.plant(target, pa, report.checked)
     t0 = time.perf_counter()
     try:
-        rec = target.fetch(chosen, stage=subject.stage)
+        rec = target.fetch(chosen, stage=subject.stage, **_el0_kw(subject))
     finally:
         if target.alive:
             code.restore(target)
     report.time("fetch", time.perf_counter() - t0)
-    report.count(report.probes, "fetch", int(chosen.size))
-    good = _fetch_agrees(pred, rec, chosen, subject.stage, code.tag)
+    name = "fetch" + (" EL0" if subject.el0 else "")
+    report.count(report.probes, name, int(chosen.size))
+    good = _fetch_agrees(pred, rec, chosen, subject.stage, code.tag, subject.el0)
     bad = np.flatnonzero(~good)
     report.matched += int(chosen.size - bad.size)
     for i in bad:
         addr = int(chosen[i])
         key = next((name for name, kw in divergences.semantic_explanations(version, subject.geom)
                     if _fetch_agrees(subject.predict(chosen[i : i + 1], EXEC, wxn=wxn, **kw), rec[i : i + 1],
-                                     chosen[i : i + 1], subject.stage, code.tag[i : i + 1])[0]), None)
+                                     chosen[i : i + 1], subject.stage, code.tag[i : i + 1], subject.el0)[0]), None)
         m = None
         if report.room:
             t = subject.walk(addr, EXEC, wxn=wxn)
@@ -906,7 +1035,7 @@ def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs:
                 if r["status"] == mailbox.AccessStatus.EL1_EXCEPTION:  # the code ran and raised this at EL1
                     got = f"exception at EL1 (ESR_EL1, FAR_EL1): {got}"
             want = "completes" if t.ok else f"instruction abort, {t.summary()}"
-            m = Mismatch(addr, "fetch", f"{t.summary()} -> {want}", got, t.explain(), key)
+            m = Mismatch(addr, name, f"{t.summary()} -> {want}", got, t.explain(), key)
         report.add(m, key)
     return FetchProbes(chosen, pa, pred, rec, good)
 
@@ -918,14 +1047,16 @@ def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs:
 def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.random.Generator | None = None,
                   access: bool = False, report: CheckReport | None = None,
                   access_sample: int = MAX_ACCESS_PROBES, fetch_sample: int | None = None,
-                  background: Callable[[bool], None] | None = None, uninstall: bool = True) -> CheckReport:
+                  background: Callable[[bool], None] | None = None, uninstall: bool = True,
+                  el0: bool = True) -> CheckReport:
     """Install the subject's tables, probe ``addrs`` with AT (and real accesses where asked or
     where AT is withheld; with ``access``, instruction fetches too: :func:`check_exec`, at most
     ``fetch_sample``, default the smaller of :data:`MAX_FETCH_PROBES` and ``access_sample``),
     compare, uninstall (unless ``uninstall`` is false: the next install swaps the tables; a
     stage-1 table is uninstalled anyway, as the next install would have to do it first). Where no
     real access follows, the last AT request uninstalls. ``background`` is called while AT
-    requests are in flight (:func:`check_at`)."""
+    requests are in flight (:func:`check_at`). In the EL2&0 regime (and ``el0``) the same probes
+    follow as EL0's (:func:`el0_view`: AT S1E0R/W, ``ldtr``/``sttr``, fetches from EL0)."""
     rng = rng or np.random.default_rng(0)
     report = report or CheckReport(subject.name, subject.geom.describe(), ".".join(map(str, target.qemu_version)))
     t0 = time.perf_counter()
@@ -941,26 +1072,36 @@ def check_subject(subject: Subject, target: TargetLike, addrs: U64, rng: np.rand
         t0 += t2 - t1
     report.time("install", time.perf_counter() - t0)
     uninstalled = False
+    views = [subject, el0_view(subject)] if el0 and has_el0(subject.geom) and not subject.el0 else [subject]
     try:
         fold = (uninstall or subject.stage is Stage.S1) and not (access and subject.accesses)
-        withheld, uninstalled = _check_at(report, target, subject, addrs, background, uninstall_after=fold)
-        if not subject.accesses:
-            report.count(report.skipped, SKIP_NO_ACCESS, sum(int(v.size) for v in withheld.values()))
-        elif withheld or access:
-            t0 = time.perf_counter()
-            check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld, access_sample)
-            report.time("accesses (all)", time.perf_counter() - t0)
-        if access and subject.accesses and fetch_sample != 0:
-            t0 = time.perf_counter()
-            check_exec(report, target, subject, addrs, rng,
-                       min(MAX_FETCH_PROBES, access_sample) if fetch_sample is None else fetch_sample)
-            report.time("fetches (all)", time.perf_counter() - t0)
+        for n, view in enumerate(views):
+            last = n == len(views) - 1
+            withheld, uninstalled = _check_at(report, target, view, addrs, background, uninstall_after=fold and last)
+            _probe_real(report, target, view, addrs, rng, withheld, access, access_sample, fetch_sample)
     finally:
         if target.alive and uninstall and not uninstalled:
             t0 = time.perf_counter()
             target.uninstall()
             report.time("uninstall", time.perf_counter() - t0)
     return report
+
+
+def _probe_real(report: CheckReport, target: TargetLike, subject: Subject, addrs: U64, rng: np.random.Generator,
+                withheld: Mapping[Access, U64], access: bool, access_sample: int, fetch_sample: int | None) -> None:
+    """check_subject's real accesses (where asked, or where AT was withheld) and fetches."""
+    if not subject.accesses:
+        report.count(report.skipped, SKIP_NO_ACCESS, sum(int(v.size) for v in withheld.values()))
+        return
+    if withheld or access:
+        t0 = time.perf_counter()
+        check_access(report, target, subject, addrs if access else addrs[:0], rng, withheld, access_sample)
+        report.time("accesses (all)", time.perf_counter() - t0)
+    if access and fetch_sample != 0:
+        t0 = time.perf_counter()
+        check_exec(report, target, subject, addrs, rng,
+                   min(MAX_FETCH_PROBES, access_sample) if fetch_sample is None else fetch_sample)
+        report.time("fetches (all)", time.perf_counter() - t0)
 
 
 def check_built(built: BuiltScenario, target: TargetLike, rng: np.random.Generator | None = None,

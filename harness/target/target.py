@@ -487,10 +487,14 @@ class Target:
         return self._installed
 
     # -- probes ----------------------------------------------------------------------------
+    @staticmethod
+    def _check_count(n: int, limit: int) -> None:
+        if n > limit:
+            raise ValueError(f"addresses: at most {limit} per request, got {n}")
+
     def _put_addresses(self, addresses: npt.ArrayLike, limit: int) -> U64Array:
         addrs = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
-        if addrs.size > limit:
-            raise ValueError(f"addresses: at most {limit} per request, got {addrs.size}")
+        self._check_count(int(addrs.size), limit)
         view = self.ram_u64(self.layout.probe_addrs, addrs.size)
         view[:] = addrs
         del view
@@ -519,10 +523,15 @@ class Target:
             raise ValueError("el0: EL0's AT forms (S1E0R/W) are stage-1 forms (the EL2&0 regime)")
         r = np.ascontiguousarray(reads, dtype=np.uint64).reshape(-1)
         w = np.ascontiguousarray(writes, dtype=np.uint64).reshape(-1)
-        addrs = self._put_addresses(np.concatenate([r, w]), self.layout.max_at)
+        n = int(r.size + w.size)
+        self._check_count(n, self.layout.max_at)
+        view = self.ram_u64(self.layout.probe_addrs, n)  # both parts straight into guest RAM
+        view[: r.size] = r
+        view[r.size :] = w
+        del view
         self._submit(mbx.Cmd.AT, int(_AT_PAIRS[st, el0]), int(r.size), self.layout.probe_addrs,
                      self.layout.probe_results, int(w.size), int(uninstall))
-        self._pending = ("AT", int(addrs.size), self.layout.probe_results, time.monotonic())
+        self._pending = ("AT", n, self.layout.probe_results, time.monotonic())
         if uninstall:
             self._installed = None
 

@@ -16,6 +16,7 @@ from harness.arch.geometry import Geometry
 from harness.arch.registers import SCTLR_WXN
 from harness.check import attach
 from harness.check.attach import VerifyRefused, verify
+from harness.check.engine import Subject
 from harness.cli import main
 from harness.core.batch import BatchResult
 from harness.core.memory import PagePool
@@ -111,13 +112,13 @@ def test_cli_verify_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_verify_catches_a_wrong_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
     """The AT check itself (the check engine over the replayed tables) catches a wrong model."""
-    real = attach._ReplaySubject.predict
+    real = Subject.predict_each
 
-    def off_by_a_page(self: attach._ReplaySubject, addrs: object, access: object, **kw: object) -> BatchResult:
-        res = real(self, addrs, access, **kw)  # type: ignore[arg-type]
-        return dataclasses.replace(res, pa=res.pa ^ np.uint64(1 << 12))
+    def off_by_a_page(self: Subject, addrs: object, accesses: object, **kw: object) -> tuple[BatchResult, ...]:
+        return tuple(dataclasses.replace(res, pa=res.pa ^ np.uint64(1 << 12))
+                     for res in real(self, addrs, accesses, **kw))  # type: ignore[arg-type]
 
-    monkeypatch.setattr(attach._ReplaySubject, "predict", off_by_a_page)
+    monkeypatch.setattr(Subject, "predict_each", off_by_a_page)
     report = verify(from_tables(_s1_4k_40()), _start)
     (r,) = report.regimes
     assert r.check.mismatched > 0 and r.relocation_mismatched == 0

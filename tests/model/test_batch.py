@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -10,15 +13,18 @@ from hypothesis import strategies as st
 
 from harness.arch import descriptors as d
 from harness.arch.geometry import Geometry, Stage
-from harness.arch.registers import FaultKind
+from harness.arch.registers import FaultKind, fault_status
+from harness.core import batch
 from harness.core.batch import (
     NO_FAULT,
     UNMODELLED,
     BatchResult,
     expected_par_batch,
     fault_code,
+    fault_status_batch,
     par_compare_mask_batch,
     translate_batch,
+    translate_batch_each,
 )
 from harness.core.memory import PagePool
 from harness.core.translate import (
@@ -216,3 +222,81 @@ def test_batch_equals_scalar_every_geometry(geom: Geometry, final_unchecked: boo
         within = rng.integers(0, 2**63, 200, dtype=np.uint64) & np.uint64(geom.limit - 1)
         for access in (Access.READ, Access.WRITE, Access.EXEC):
             compare(pool, geom, BASE, within, access, DEFAULT_MAIR, seed == 1, final_unchecked, wxn)
+
+
+def check_each(pool: PagePool, geom: Geometry, root: int, addrs: npt.NDArray[np.uint64],
+               accesses: tuple[Access, ...], **kw: Any) -> None:
+    """translate_batch_each: per access, what the scalar walk gives at every address (and what
+    translate_batch gives), each result with arrays of its own."""
+    results = translate_batch_each(pool.words(), pool.base, geom, root, addrs, accesses, **kw)
+    assert len(results) == len(accesses)
+    for access, r in zip(accesses, results, strict=True):
+        assert r.access is access and r.addresses.tolist() == addrs.tolist()
+        one = translate_batch(pool.words(), pool.base, geom, root, addrs, access, **kw)
+        fst = fault_status_batch(r)
+        for i, a in enumerate(addrs.tolist()):
+            t = translate(pool, geom, root, a, access, **kw)
+            assert batch_row(r, i) == scalar_row(t) == batch_row(one, i), t.explain()
+            faulted = t.fault is not None and not t.unmodelled
+            assert int(fst[i]) == (fault_status(t.fault, t.fault_level) if faulted else 0)  # type: ignore[arg-type]
+    arrays = [id(getattr(r, f.name)) for r in results for f in dataclasses.fields(r)
+              if f.name != "addresses" and isinstance(getattr(r, f.name), np.ndarray)]
+    assert len(arrays) == len(set(arrays))
+
+
+@pytest.mark.parametrize("geom", GEOMS, ids=[g.describe() for g in GEOMS])
+@pytest.mark.parametrize("by_prefix", [False, True], ids=["per-lane", "by-prefix"])
+def test_batch_each_equals_scalar_every_geometry(geom: Geometry, by_prefix: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One walk, several accesses (the check's READ and WRITE forms, EXEC too): each access's
+    outcome as the scalar walk's on random tables (table attributes included), 600 addresses a
+    seed, with WXN and hardware-managed AF/dirty state on stage 1; the upper levels walked per
+    lane, and (``by_prefix``) once per address prefix, as many lanes make the walk do."""
+    monkeypatch.setattr(batch, "PREFIX_LANES", 0 if by_prefix else 1 << 62)
+    assert (batch._prefix_level(geom, 1) is not None) == by_prefix
+    for seed in range(3):
+        rng = np.random.default_rng(100 + seed)
+        pool = random_tables(rng, geom, max(5, geom.pgd_pages))
+        u = np.uint64
+        within = rng.integers(0, 2**63, 500, dtype=np.uint64) & u(geom.limit - 1)
+        beyond = rng.integers(0, 2**63, 100, dtype=np.uint64) * u(2)
+        addrs = np.concatenate([within, beyond])
+        s1 = geom.stage is Stage.S1
+        kw: dict[str, Any] = {"wxn": s1 and seed == 1, "ha": s1 and seed == 2, "hd": s1 and seed == 2,
+                              "qemu": WalkSemantics(seed == 1, seed == 2, seed == 0)}
+        check_each(pool, geom, BASE, addrs, (Access.READ, Access.WRITE, Access.EXEC), **kw)
+        check_each(pool, geom, BASE, addrs, (Access.WRITE, Access.READ), **kw)
+        if s1 and geom.e2h:  # EL0's view of the EL2&0 regime (AT S1E0R/W)
+            check_each(pool, geom, BASE, addrs, (Access.READ, Access.WRITE, Access.EXEC), el0=True, **kw)
+
+
+def test_batch_each_on_the_bench_table() -> None:
+    """The bench's table (no table attributes: the walk skips gathering restrictions; every leaf
+    RW or R, so WRITE faults where READ translates), 20,000 random addresses over 8 GiB: enough
+    for the walk to read levels 0 and 1 once per prefix."""
+    from harness.bench.e2e import BENCH_SCENARIO, GIB
+    from harness.check.scenario import build
+    from harness.target.layout import LAYOUT
+
+    table = build(BENCH_SCENARIO, LAYOUT).table
+    assert table.pgd is not None
+    rng = np.random.default_rng(7)
+    addrs = np.uint64(0x1_0000_0000) + rng.integers(0, 8 * GIB, 20_000, dtype=np.uint64)
+    assert batch._prefix_level(table.geom, addrs.size) == 1  # levels 0 and 1 walked by prefix
+    read, write = translate_batch_each(table.mem.words(), table.mem.base, table.geom, table.pgd, addrs,
+                                       (Access.READ, Access.WRITE))
+    assert read.ok.sum() > 0 and 0 < write.ok.sum() < read.ok.sum()
+    for r in (read, write):
+        pars, masks = expected_par_batch(r), par_compare_mask_batch(r)
+        for i in range(0, addrs.size, 7):
+            t = translate(table.mem, table.geom, table.pgd, int(addrs[i]), r.access)
+            assert batch_row(r, i) == scalar_row(t), t.explain()
+            assert int(pars[i]) == expected_par(t) and int(masks[i]) == par_compare_mask(t)
+
+
+def test_batch_each_no_access_and_empty() -> None:
+    geom = Geometry.create(1, "4K", 48)
+    pool = PagePool(BASE, 0x1000, 0x1000)
+    assert translate_batch_each(pool.words(), BASE, geom, BASE, np.arange(4, dtype=np.uint64), ()) == ()
+    (r,) = translate_batch_each(pool.words(), BASE, geom, BASE, np.zeros(0, dtype=np.uint64), (Access.WRITE,))
+    assert len(r) == 0 and r.access is Access.WRITE

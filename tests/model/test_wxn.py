@@ -174,3 +174,62 @@ def test_hd_needs_ha_and_stage_1() -> None:
         translate(pool, Geometry.create(1, "4K", 39, 40), BASE, 0, hd=True)
     with pytest.raises(ValueError, match="stage 2"):
         translate(pool, Geometry.create(2, "4K", 40, 40), BASE, 0, ha=True, hd=True)
+
+
+AP_EL0_RO = 0b11 << 6
+AP_TABLE0 = 1 << 61  # APTable[0]: no EL0 access below (EL2&0)
+AP_TABLE1 = 1 << 62  # APTable[1]: read-only below
+UXN_TABLE = 1 << 60  # UXNTable (EL2&0)
+NONE = 0
+
+
+@pytest.mark.parametrize(
+    ("bits", "table_bits", "wxn", "hd", "el0_perms", "el2_perms"),
+    [
+        (0, 0, False, False, PERM_X, RWX),  # AP = 0b00: EL2 only; EL0 may still execute (execute-only)
+        (AP_EL0_RW, 0, False, False, RWX, RW),  # EL0 RW: EL2 may not execute it
+        (AP_EL0_RW, 0, True, False, RW, RW),  # WXN: writable at EL0 is execute-never at EL0
+        (AP_EL0_RO, 0, True, False, RX, RX),  # read-only at EL0: WXN leaves it executable
+        (AP_EL0_RW | UXN, 0, False, False, RW, RW),
+        (AP_EL0_RW, UXN_TABLE, False, False, RW, RW),  # UXNTable: EL0 only
+        (AP_EL0_RW, PXN >> 53 << 59, False, False, RWX, RW),  # PXNTable: EL2 only
+        (AP_EL0_RW, AP_TABLE0, False, False, PERM_X, RWX),  # APTable[0]: EL0 keeps execution only
+        (AP_EL0_RW, AP_TABLE1, False, False, RX, RX),  # APTable[1]: read-only for both
+        (AP_EL0_RO | DBM, 0, False, True, RWX, RWX),  # writable-clean at EL0 and EL2 (HD)
+        (AP_EL0_RO | DBM, AP_TABLE1, False, True, RX, RX),
+        (AP_RO | DBM, 0, False, True, PERM_X, RWX),  # not EL0-accessible: DBM gives EL0 nothing
+    ],
+)
+def test_el0_permissions(bits: int, table_bits: int, wxn: bool, hd: bool, el0_perms: int, el2_perms: int) -> None:
+    """EL0's view of an EL2&0 leaf (AT S1E0R/W; scalar and batch alike) beside EL2's."""
+    geom = Geometry.create(1, "4K", 39, 40, e2h=True)
+    pool = one_page(geom, bits, table_bits)
+    kw = {"wxn": wxn, "ha": hd, "hd": hd}
+    assert translate(pool, geom, BASE, VA, **kw).perms == el2_perms
+    assert translate(pool, geom, BASE, VA, el0=True, **kw).perms == el0_perms
+    for access, perm in ((READ, PERM_R), (WRITE, PERM_W), (EXEC, PERM_X)):
+        t = translate(pool, geom, BASE, VA, access, el0=True, **kw)
+        assert t.ok == bool(el0_perms & perm), t.explain()
+        if not t.ok:
+            assert t.fault is FaultKind.PERMISSION and t.fault_level == 3 and "at EL0" in t.note
+        res = translate_batch(pool.words(), pool.base, geom, BASE, np.array([VA], dtype=np.uint64), access,
+                              el0=True, **kw)
+        assert int(res.fault[0]) == (-1 if t.fault is None else t.fault.value)
+        assert int(res.perms[0]) == (el0_perms if t.ok else 0)
+
+
+def test_el0_fault_says_why() -> None:
+    geom = Geometry.create(1, "4K", 39, 40, e2h=True)
+    assert "AP[1] = 0" in translate(one_page(geom, 0), geom, BASE, VA, el0=True).note
+    assert "APTable[0]" in translate(one_page(geom, AP_EL0_RW, AP_TABLE0), geom, BASE, VA, el0=True).note
+    assert "UXNTable" in translate(one_page(geom, AP_EL0_RW, UXN_TABLE), geom, BASE, VA, EXEC, el0=True).note
+
+
+@pytest.mark.parametrize(("stage", "e2h"), [(1, False), (2, False)])
+def test_el0_only_in_the_el2_0_regime(stage: int, e2h: bool) -> None:
+    geom = Geometry.create(stage, "4K", 39 if stage == 1 else 40, 40, e2h=e2h)
+    pool = PagePool(BASE, 8 * 4096, 4096)
+    with pytest.raises(ValueError, match="el0"):
+        translate(pool, geom, BASE, 0, el0=True)
+    with pytest.raises(ValueError, match="el0"):
+        translate_batch(pool.words(), pool.base, geom, BASE, np.zeros(1, dtype=np.uint64), el0=True)
