@@ -14,6 +14,7 @@ from harness.arch import descriptors as d
 from harness.arch.geometry import Stage
 from harness.arch.registers import ESR_EC, ISS_DFSC, ExceptionClass, FaultKind, fault_status
 from harness.check import divergences, rawtables
+from harness.check.engine import check_subject
 from harness.core.batch import BatchResult, expected_par_batch, par_compare_mask_batch, translate_batch
 from harness.core.prot import Prot
 from harness.core.translate import EXEC, READ, WRITE, Access, translate
@@ -160,3 +161,25 @@ def test_el0_fetches_obey_uxn(target: Target) -> None:
     assert el2_model == [True, False, True, True]  # PXN = 0, but EL0-writable (AP 0b01) is EL2-XN
     assert el2["completed"].tolist() == el2_model
     assert after["completed"].all(), after
+
+
+def test_check_subject_probes_el0_after_el2(target: Target) -> None:
+    """The engine's whole check of an EL2&0 table runs every probe kind a second time as EL0's,
+    and the MMU agrees with the model on all of them; el0=False (or the EL2 regime) has none."""
+    kinds: dict[str, int] = {}
+    for i in range(8):
+        rng = np.random.default_rng([21, i])
+        geom = rawtables.random_geometry(rng, Stage.S1, None, False, True)
+        raw = rawtables.random_tables(rng, geom, target.layout)
+        addrs = rawtables.probe_addresses(rng, raw, 400)
+        report = check_subject(raw.subject(f"el0 {i}"), target, addrs, rng, access=raw.can_access)
+        assert report.mismatched == 0, report.text()
+        for k, v in report.probes.items():
+            kinds[k] = kinds.get(k, 0) + v
+    assert {"S1E2R", "S1E2W", "S1E0R", "S1E0W", "load EL0", "store EL0", "fetch EL0"} <= set(kinds), kinds
+    assert kinds["S1E0R"] == kinds["S1E2R"]
+    rng = np.random.default_rng([21, 99])
+    geom = rawtables.random_geometry(rng, Stage.S1, None, False, True)
+    raw = rawtables.random_tables(rng, geom, target.layout)
+    plain = check_subject(raw.subject("el2 only"), target, rawtables.probe_addresses(rng, raw, 100), rng, el0=False)
+    assert not any("E0" in k or "EL0" in k for k in plain.probes), plain.probes
