@@ -42,15 +42,12 @@ from harness.core.translate import (
     READ,
     Access,
     Translation,
+    WalkParams,
     WalkSemantics,
     access_perm,
-    check_el0,
-    check_hafdbs,
-    check_wxn,
     descriptor_faults,
     descriptor_is_table,
     leaf_oa,
-    oa_hi_included,
     oa_out_of_range,
     pamax,
     par_sh,
@@ -219,26 +216,6 @@ class _Leaves:
                                for lanes, r in zip(self.lanes, self.restrictions, strict=True)])
 
 
-@dataclass(frozen=True)
-class _Params:
-    geom: Geometry
-    mair: int
-    sh0: int
-    with_oa_hi: bool
-    check_final_oa: bool
-    wxn: bool = False
-    ha: bool = False
-    hd: bool = False
-    el0: bool = False
-
-    @property
-    def oa_may_exceed(self) -> bool:
-        """Whether a descriptor can hold an address at or beyond the PA size at all (else the
-        per-descriptor check cannot fire and is skipped)."""
-        widest = descriptor_oa((1 << 64) - 1, self.geom.granule, self.geom.lpa2, self.with_oa_hi)
-        return bool(oa_out_of_range(widest, self.geom.pa_bits))
-
-
 def _restriction_bits(e2h: bool) -> int:
     """The descriptor bits :func:`table_restrictions` reads (derived from it, bit by bit)."""
     return sum(1 << b for b in range(64) if table_restrictions(1 << b, e2h))
@@ -247,7 +224,7 @@ def _restriction_bits(e2h: bool) -> int:
 _RESTRICTION_BITS = {e2h: _U(_restriction_bits(e2h)) for e2h in (False, True)}
 
 
-def _level_step(p: _Params, out: _Outcome, words: U64, base_pa: int, cur: _Lanes, level: int,
+def _level_step(p: WalkParams, out: _Outcome, words: U64, base_pa: int, cur: _Lanes, level: int,
                 found: _Leaves) -> _Lanes:
     """One level of the walk for every lane: read the descriptor, fault or collect leaves, and
     return the lanes that go on to the next level."""
@@ -333,7 +310,7 @@ class _PrefixWalk:
     levels: tuple[int, ...]
 
     @classmethod
-    def walk(cls, p: _Params, words: U64, base_pa: int, root: U64, upto: int) -> _PrefixWalk:
+    def walk(cls, p: WalkParams, words: U64, base_pa: int, root: U64, upto: int) -> _PrefixWalk:
         geom = p.geom
         shift = geom.shift(upto)
         count = 1 << max(0, geom.ia_bits - shift)
@@ -404,7 +381,7 @@ class _PermissionCheck:
             out.clear_leaf(lanes)
 
 
-def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> _PermissionCheck:
+def _leaf_stage(p: WalkParams, out: _Outcome, addr: U64, found: _Leaves) -> _PermissionCheck:
     """Final addresses, permissions and attributes of the leaves, with the final-OA and AF
     faults in the scalar walk's order (the permission faults, which depend on the access, are
     left to the returned check)."""
@@ -475,7 +452,7 @@ def _leaf_stage(p: _Params, out: _Outcome, addr: U64, found: _Leaves) -> _Permis
     return _PermissionCheck(lanes, level, perms)
 
 
-def _prechecks(p: _Params, out: _Outcome, addr: U64, root_pa: int) -> Bools:
+def _prechecks(p: WalkParams, out: _Outcome, addr: U64, root_pa: int) -> Bools:
     """Faults before the walk starts (as the scalar walk); returns the lanes that walk."""
     geom = p.geom
     is_s2 = geom.stage is Stage.S2
@@ -514,12 +491,9 @@ def translate_batch_each(
     """:func:`translate_batch` for each of ``accesses`` over the same addresses, from one walk:
     the tables are read and the leaves decoded once; only the permission check is per access.
     Each result equals ``translate_batch`` with that access (and owns its arrays)."""
-    check_wxn(geom, wxn)
-    check_hafdbs(geom, ha, hd)
-    check_el0(geom, el0)
+    p = WalkParams.of(geom, mair, sh0, wxn, ha, hd, el0, qemu)
     addr = np.ascontiguousarray(addresses, dtype=np.uint64).reshape(-1)
     words = np.asarray(words, dtype=np.uint64)
-    p = _Params(geom, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn, ha, hd, el0)
     out = _Outcome.empty(addr.size)
     active = _prechecks(p, out, addr, root_pa)
     if active.all():

@@ -524,8 +524,9 @@ class Translation:
 
 
 @dataclass(frozen=True)
-class _Walk:
-    """The parameters of one walk beyond the geometry (the QEMU switches included)."""
+class WalkParams:
+    """The parameters of one walk beyond the geometry (the QEMU switches included), shared by the
+    scalar walk and the batch form (:mod:`harness.core.batch`)."""
 
     geom: Geometry
     mair: int
@@ -537,8 +538,24 @@ class _Walk:
     hd: bool = False
     el0: bool = False
 
+    @classmethod
+    def of(cls, geom: Geometry, mair: int, sh0: int, wxn: bool, ha: bool, hd: bool, el0: bool,
+           qemu: WalkSemantics) -> WalkParams:
+        """:func:`translate`'s keywords, checked (ValueError where the regime has no such control)."""
+        check_wxn(geom, wxn)
+        check_hafdbs(geom, ha, hd)
+        check_el0(geom, el0)
+        return cls(geom, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn, ha, hd, el0)
 
-def _leaf(w: _Walk, address: int, access: Access, steps: list[Step], raw: int, level: int,
+    @property
+    def oa_may_exceed(self) -> bool:
+        """Whether a descriptor can hold an address at or beyond the PA size at all (else the
+        per-descriptor check cannot fire)."""
+        widest = descriptor_oa((1 << 64) - 1, self.geom.granule, self.geom.lpa2, self.with_oa_hi)
+        return bool(oa_out_of_range(widest, self.geom.pa_bits))
+
+
+def _leaf(w: WalkParams, address: int, access: Access, steps: list[Step], raw: int, level: int,
           oa: int, restrictions: int) -> Translation:
     """The leaf stage: final address, attributes and permissions, then the AF, final-OA and
     permission faults in the Arm ARM's order."""
@@ -610,9 +627,7 @@ def translate(
     (:class:`WalkSemantics`)."""
     if not 0 <= address < 1 << 64:
         raise ValueError(f"address: expected a 64-bit value, got {address!r}")
-    check_wxn(geom, wxn)
-    check_hafdbs(geom, ha, hd)
-    check_el0(geom, el0)
+    w = WalkParams.of(geom, mair, sh0, wxn, ha, hd, el0, qemu)
     stage = geom.stage
     is_s2 = stage is Stage.S2
     steps: list[Step] = []
@@ -630,7 +645,6 @@ def translate(
         return fault(FaultKind.ADDRESS_SIZE, 0,
                      f"table base {root_pa:#x} beyond the {geom.pa_bits}-bit PA size")
 
-    w = _Walk(geom, mair, sh0, oa_hi_included(geom, qemu), not qemu.final_oa_unchecked, wxn, ha, hd, el0)
     granule = geom.granule
     table = root_table_base(geom, root_pa)
     level = geom.start_level
