@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -596,3 +597,20 @@ def test_a_swallowed_signal_is_delivered_again(swallowed: str, monkeypatch: pyte
     interrupt._on_unraisable(types.SimpleNamespace(exc_value=Terminated(signal.SIGTERM)))  # type: ignore[arg-type]
     time.sleep(0.05)
     assert sent == [] and len(shown) == 1
+
+
+def test_a_short_lived_tool_is_a_registered_child_and_reaped(tmp_path: Path) -> None:
+    """process.run: the tool carries the owner tag (so it dies with the harness), its output comes
+    back as text, and a timeout kills it (nothing left) and raises as subprocess.run does."""
+    from harness.target import process
+
+    done = process.run([sys.executable, "-c", f"import os; print(os.environ['{process.OWNER_ENV}'])"], name="probe")
+    assert done.returncode == 0 and done.stdout.strip() == str(os.getpid())
+    marker = tmp_path / "pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        process.run([sys.executable, "-c", f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); "
+                     "time.sleep(60)"], name="sleeper", timeout=3.0)
+    pid = int(marker.read_text())
+    assert not Path(f"/proc/{pid}").exists() or process.process_state(pid) in (None, "Z")
+    with pytest.raises(subprocess.CalledProcessError):
+        process.run([sys.executable, "-c", "raise SystemExit(3)"], name="failing", check=True)

@@ -19,6 +19,7 @@ from harness.cli.output import print_json
 from harness.errors import EXIT_OK, MachineryError
 from harness.gdb import script_path
 from harness.live.gdbstub import gdb_binary
+from harness.target import process
 
 NAME = "gdb-script"
 CHECK_TIMEOUT = 30.0
@@ -40,8 +41,7 @@ def check_loads(gdb: str) -> str:
     """gdb's own first line of ``help pgt`` after sourcing the script; GdbCannotLoad otherwise."""
     argv = [gdb, "-batch", "-nx", "-ex", f"source {script_path()}", "-ex", "help pgt"]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=CHECK_TIMEOUT, check=False,
-                              stdin=subprocess.DEVNULL)
+        done = process.run(argv, name="gdb -batch", timeout=CHECK_TIMEOUT)
     except FileNotFoundError:
         raise GdbCannotLoad(f"{gdb} is not on PATH (apt-get install gdb-multiarch, or set HARNESS_GDB)") from None
     except subprocess.TimeoutExpired:

@@ -184,8 +184,8 @@ def check_tools(tree: KernelTree, config: BuildConfig) -> None:
 
 def compiler_version(cc: str) -> str | None:
     try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30,
-                             env={**os.environ, "LC_ALL": "C"}).stdout
+        out = process.run([cc, "--version"], name=f"{cc} --version", timeout=30,
+                          env={**os.environ, "LC_ALL": "C"}).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"(?:clang version|\)) (\d+\.\d+\.\d+)", out) or re.search(r"\b(\d+\.\d+\.\d+)\b", out)
@@ -198,8 +198,8 @@ def min_tool_version(tree: KernelTree, tool: str) -> str | None:
     if not script.is_file():
         return None
     try:
-        out = subprocess.run(["sh", str(script), tool], capture_output=True, text=True, timeout=30,
-                             env={**os.environ, "ARCH": "arm64", "SRCARCH": "arm64"}).stdout.strip()
+        out = process.run(["sh", str(script), tool], name="min-tool-version.sh", timeout=30,
+                          env={**os.environ, "ARCH": "arm64", "SRCARCH": "arm64"}).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return out if re.fullmatch(r"\d+(\.\d+)*", out) else None

@@ -17,7 +17,6 @@ import hashlib
 import os
 import shlex
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from harness.kernel import protocol
 from harness.kernel.build import BuiltObjects, TreeBuildError, compile_c
-from harness.target import firmware
+from harness.target import firmware, process
 from harness.target.layout import LAYOUT, Layout
 
 HOST_DIR = firmware.FIRMWARE_DIR / "kpgt"
@@ -54,7 +53,7 @@ def _binutil(name: str) -> str:
 
 
 def _run(cmd: list[str], cwd: Path, log: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    proc = process.run(cmd, name="payload link", cwd=cwd)
     with log.open("a") as f:
         f.write(f"$ {shlex.join(cmd)}\n{proc.stdout}{proc.stderr}")
     if proc.returncode:
@@ -67,14 +66,13 @@ def _run(cmd: list[str], cwd: Path, log: Path) -> str:
 
 def defined_globals(obj: Path) -> list[str]:
     """The global symbols an object defines (``nm --defined-only -g``)."""
-    out = subprocess.run([_binutil("nm"), "--defined-only", "-g", str(obj)], capture_output=True, text=True,
-                         check=True).stdout
+    out = process.run([_binutil("nm"), "--defined-only", "-g", str(obj)], name="nm", check=True).stdout
     return sorted({ln.split()[-1] for ln in out.splitlines() if ln.strip()})
 
 
 def undefined_symbols(obj: Path) -> set[str]:
     """The symbols an object needs from elsewhere (``nm -u``)."""
-    out = subprocess.run([_binutil("nm"), "-u", str(obj)], capture_output=True, text=True, check=True).stdout
+    out = process.run([_binutil("nm"), "-u", str(obj)], name="nm", check=True).stdout
     return {ln.split()[-1] for ln in out.splitlines() if ln.strip()}
 
 

@@ -24,12 +24,12 @@ import hashlib
 import os
 import shlex
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.target import process
 from harness.target.firmware import (
     FIRMWARE_DIR,
     FirmwareBuildError,
@@ -166,7 +166,7 @@ def vmm_command(toolchain: Toolchain, output: str = "init") -> list[str]:
 
 
 def _run(cmd: Sequence[str], cwd: Path) -> None:
-    proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, check=False)
+    proc = process.run(list(cmd), name="VMM build", cwd=cwd)
     if proc.returncode:
         raise FirmwareBuildError(f"VMM build failed (exit {proc.returncode}):\n$ {shlex.join(cmd)}\n"
                                  f"{proc.stdout}{proc.stderr}")

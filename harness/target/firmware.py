@@ -18,7 +18,6 @@ import hashlib
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from harness.arch import el2, registers
 from harness.arch.bits import Field
-from harness.target import mailbox
+from harness.target import mailbox, process
 from harness.target.errors import ToolMissing
 from harness.target.layout import LAYOUT, Layout
 
@@ -147,7 +146,7 @@ def source_hash(toolchain: Toolchain, layout: Layout = LAYOUT) -> str:
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    proc = process.run(cmd, name="firmware build", cwd=cwd)
     if proc.returncode:
         raise FirmwareBuildError(
             f"firmware build failed (exit {proc.returncode}):\n$ {shlex.join(cmd)}\n{proc.stdout}{proc.stderr}"

@@ -1,4 +1,5 @@
-"""Child processes (QEMU, gdb) that never outlive the harness, however it ends.
+"""Child processes (QEMU, gdb, and the short-lived tools: :func:`run`) that never outlive the
+harness, however it ends.
 
 Every child is started with :func:`spawn`, which
 
@@ -77,6 +78,25 @@ def spawn(args: Sequence[str], *, name: str, stdin: int | IO[bytes] | None = sub
         _children[proc.pid] = proc
     _install_atexit()
     return proc
+
+
+def run(args: Sequence[str], *, name: str, timeout: float | None = None, cwd: Path | str | None = None,
+        env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(args, capture_output=True, text=True)`` for a short-lived tool (a compiler,
+    ``nm``, ``--version``), started with :func:`spawn` so that it dies with the harness too;
+    killed and reaped however the wait ends (TimeoutExpired after ``timeout`` s, as
+    ``subprocess.run`` raises it; CalledProcessError with ``check``; FileNotFoundError and other
+    OSErrors from the start)."""
+    proc = spawn(args, name=name, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill(proc)
+    done = subprocess.CompletedProcess(list(args), proc.returncode, out.decode(errors="replace"),
+                                       err.decode(errors="replace"))
+    if check:
+        done.check_returncode()
+    return done
 
 
 def _signal_group(pid: int) -> None:

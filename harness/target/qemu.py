@@ -8,7 +8,6 @@ import re
 import shlex
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
     """QEMU's version as a tuple; ToolMissing if absent or unparsable."""
     binary = binary if binary is not None else qemu_binary()
     process.require_tool(binary, "HARNESS_QEMU", "bash ci/setup.sh installs QEMU 10.0")
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False, timeout=60).stdout
+    out = process.run([binary, "--version"], name=f"{binary} --version", timeout=60).stdout
     m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
     if not m:
         first = out.strip().splitlines()[0] if out.strip() else ""
