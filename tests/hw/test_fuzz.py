@@ -128,7 +128,7 @@ def _root_rounded_to_64(mp: pytest.MonkeyPatch) -> None:
 
 
 def _lost_oa_51_48(mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(batch, "oa_hi_included", lambda geom, *qemu: False)
+    mp.setattr(translate, "oa_hi_included", lambda geom, *qemu: False)  # WalkParams.of: batch and scalar
 
 
 def _lost_oa_51_50_lpa2(mp: pytest.MonkeyPatch) -> None:
