@@ -3,8 +3,9 @@
 Each table ``i`` of a run with seed ``S`` comes from ``numpy.random.default_rng([S, i])`` (a
 random configuration, random raw tables, random probe addresses), so any finding is reproduced
 by its seed and index. A run of ``--probes N`` is :func:`planned_tables` tables, decided before
-it starts (``ceil(N / (2 * per_table))``: each of a table's addresses is probed with both AT forms;
-real accesses add a few probes, addresses that cannot be probed take a few away), so that its tables
+it starts (enough tables for ``N`` AT probes: each of a table's addresses is probed with both AT
+forms, and in the EL2&0 regime with both again as EL0's; real accesses add a few probes, addresses
+that cannot be probed take a few away), so that its tables
 do not depend on how the run is split: with ``jobs`` > 1 (:func:`fuzz_jobs`), job ``j`` of ``n``
 runs the tables whose block of :func:`block_size` consecutive indices is ``j`` mod ``n`` (a block
 keeps a configuration's tables and an access-sampled table together), each job in its own process
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import statistics
 import time
@@ -50,12 +52,15 @@ from harness.check.engine import (
     Mismatch,
     TargetLike,
     check_subject,
+    has_el0,
 )
 from harness.check.jobs import JobCall, Send, run_jobs
 from harness.errors import MachineryError
 from harness.target.target import Target
 
-DEFAULT_PER_TABLE = 1550  # addresses per table (each probed with both AT forms): ~3.3 K probes, >= 300 tables/10^6
+# addresses per table (each probed with both AT forms, as EL0's too in EL2&0): ~3.3 K probes on
+# average over the drawn configurations, >= 300 tables per 10^6 probes
+DEFAULT_PER_TABLE = 1300
 RAW_AT_PROBES = 1 << 19
 V = TypeVar("V")
 UNEXPLAINED = "unexplained"
@@ -326,8 +331,7 @@ class _Table:
     def steps(cls, opts: FuzzOptions, index: int, layout: Any) -> Iterator[_Table | None]:
         """Table ``index`` of the run, made in steps (None between them, the table last)."""
         rng = np.random.default_rng([opts.seed, index])
-        geom = rawtables.random_geometry(np.random.default_rng([opts.seed, index // opts.tables_per_config]),
-                                         opts.stage, opts.granule, opts.lpa2, opts.e2h)
+        geom = table_geometry(opts, index)
         raw = None
         for raw in rawtables.random_tables_steps(rng, geom, layout, outside_ram=True):
             if raw is None:
@@ -379,10 +383,33 @@ def raw_at_rate(target: TargetLike, rng: np.random.Generator, probes: int = RAW_
         target.uninstall()
 
 
+def table_geometry(opts: FuzzOptions, index: int) -> Geometry:
+    """The configuration of table ``index``: drawn from the seed and the index's configuration
+    alone (``tables_per_config`` consecutive tables share it)."""
+    return rawtables.random_geometry(np.random.default_rng([opts.seed, index // opts.tables_per_config]),
+                                     opts.stage, opts.granule, opts.lpa2, opts.e2h)
+
+
+def at_probes_per_address(geom: Geometry) -> int:
+    """AT probes of one address: both forms, and both again as EL0's where the regime has one."""
+    return len(AT_OPS[geom.stage]) * (2 if has_el0(geom) else 1)
+
+
+@functools.lru_cache(maxsize=16)
 def planned_tables(opts: FuzzOptions) -> int:
-    """The tables of a run, decided before it starts: enough for ``opts.probes`` probes at two
-    per address (both AT forms), at least ``opts.min_tables``."""
-    return max(opts.min_tables, -(-opts.probes // (2 * opts.per_table)))
+    """The tables of a run, decided before it starts: the fewest whose AT probes
+    (:func:`at_probes_per_address` for each of ``opts.per_table`` addresses) reach ``opts.probes``,
+    at least ``opts.min_tables``. Only the configurations are drawn (cheap), one per
+    ``tables_per_config`` tables."""
+    tables = probes = 0
+    while probes < opts.probes:
+        per_address = at_probes_per_address(table_geometry(opts, tables))
+        for _ in range(opts.tables_per_config):
+            if probes >= opts.probes:
+                break
+            probes += per_address * opts.per_table
+            tables += 1
+    return max(opts.min_tables, tables)
 
 
 def block_size(opts: FuzzOptions) -> int:

@@ -7,7 +7,9 @@ Configurations are drawn over both stages, every granule, input and PA size, sta
 concatenation, with DS = 1 (FEAT_LPA2) on some 4K/16K ones and the EL2&0 regime (hVHE) on some
 stage-1 ones; --lpa2/--no-lpa2 and --e2h/--no-e2h keep only (or never) those.
 
-A run is ceil(probes / (2 x per-table)) tables (at least --min-tables), decided before it starts.
+A run is the fewest tables whose AT probes reach --probes (per-table addresses, each probed with
+both AT forms, and with both again as EL0's in the EL2&0 regime; at least --min-tables), decided
+from the seed before it starts.
 --jobs N splits them over N processes, each with its own QEMU (job j runs the blocks of 4
 consecutive tables that are j mod N); the one merged report is the same for any N.
 
@@ -44,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="instruction-fetch probes too, on the tables with sampled real accesses (off by default: "
                         "once one has run, every later firmware request takes ~2.5x as long on QEMU 10.0.2)")
     p.add_argument("--per-table", type=batch_count("addresses per table"), default=DEFAULT_PER_TABLE,
-                   help=f"addresses per table, each probed with both AT forms (default {DEFAULT_PER_TABLE})")
+                   help="addresses per table, each probed with both AT forms (as EL0's too in EL2&0; "
+                        f"default {DEFAULT_PER_TABLE})")
     p.add_argument("--min-tables", type=count(0), default=1, help="run at least this many tables")
     p.add_argument("--max-deaths", type=count(), default=10,
                    help="stop after QEMU died this many times (default 10; with --jobs, in each job)")

@@ -13,9 +13,11 @@ from harness.check.fuzz import (
     Finding,
     FuzzOptions,
     FuzzReport,
+    at_probes_per_address,
     block_size,
     job_indices,
     planned_tables,
+    table_geometry,
 )
 
 DIVERGENCES = ("qemu-a", "qemu-b", "qemu-c", "qemu-d")
@@ -57,11 +59,17 @@ def stable(rep: FuzzReport) -> dict[str, object]:
     return {k: v for k, v in js.items() if k not in VOLATILE}
 
 
-OPTS = FuzzOptions(9, 120 * 2 * 800, per_table=800)
+OPTS = FuzzOptions(9, 120 * 2 * 800, per_table=800, e2h=False)  # 2 AT probes per address
 
 
 def test_planned_tables_follow_the_probes_and_min_tables() -> None:
-    assert planned_tables(FuzzOptions(0, 1_000_000)) == 323  # ceil(10^6 / 3100): >= 300 per 10^6
+    for seed in (0, 1, 7):
+        opts = FuzzOptions(seed, 1_000_000)
+        n = planned_tables(opts)
+        probes = [at_probes_per_address(table_geometry(opts, i)) * opts.per_table for i in range(n)]
+        assert sum(probes) >= opts.probes > sum(probes[:-1])  # the fewest tables that reach --probes
+        assert {p // opts.per_table for p in probes} == {2, 4}  # EL2&0 tables count EL0's AT forms too
+        assert n * 1e6 / sum(probes) >= 300  # the default run's promise: >= 300 tables per 10^6 probes
     assert planned_tables(FuzzOptions(0, 1, per_table=800, min_tables=5)) == 5
     assert planned_tables(OPTS) == 120
 
