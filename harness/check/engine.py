@@ -195,11 +195,6 @@ def at_ops(subject: Subject) -> tuple[tuple[str, Access], ...]:
     return EL0_AT_OPS if subject.el0 else AT_OPS[subject.stage]
 
 
-def _el0_kw(subject: Subject) -> dict[str, bool]:
-    """The target keywords of an EL0 view's requests (none otherwise, for targets without EL0)."""
-    return {"el0": True} if subject.el0 else {}
-
-
 def used_image(table: KvmPgtable) -> PoolImage:
     """The pool's bytes up to its highest page in use: what the MMU needs in guest RAM (only
     that extent is copied)."""
@@ -591,7 +586,7 @@ def _check_at(report: CheckReport, target: TargetLike, subject: Subject | KvmPgt
             t0 = time.perf_counter()
             uninstalled = uninstall_after and hi >= addrs.size and not withheld
             target.at_start_both(_form_addresses(jobs, READ, chunk), _form_addresses(jobs, WRITE, chunk), subj.stage,
-                                 uninstall=uninstalled, **_el0_kw(subj))
+                                 uninstall=uninstalled, el0=subj.el0)
             report.time("submit", time.perf_counter() - t0)
             inflight = jobs
         for job, actual in done:
@@ -780,10 +775,10 @@ def check_access(report: CheckReport, target: TargetLike, subject: Subject | Kvm
     t0 = time.perf_counter()
     if len(plans) == 2:
         recs = dict(zip((False, True), target.access_both(plans[False][0], plans[True][0], subj.stage,
-                                                          **_el0_kw(subj)), strict=True))
+                                                          el0=subj.el0), strict=True))
     else:
         ((write, (chosen, _)),) = plans.items()
-        recs = {write: target.access(chosen, write=write, stage=subj.stage, **_el0_kw(subj))}
+        recs = {write: target.access(chosen, write=write, stage=subj.stage, el0=subj.el0)}
     report.time("access", time.perf_counter() - t0)
     for write, access in ((False, READ), (True, WRITE)):
         if write in plans:
@@ -1007,7 +1002,7 @@ def check_exec(report: CheckReport, target: TargetLike, subject: Subject, addrs:
     code = PlantedCode.plant(target, pa, report.checked)
     t0 = time.perf_counter()
     try:
-        rec = target.fetch(chosen, stage=subject.stage, **_el0_kw(subject))
+        rec = target.fetch(chosen, stage=subject.stage, el0=subject.el0)
     finally:
         if target.alive:
             code.restore(target)
