@@ -57,13 +57,15 @@ RUN_TIMEOUT = 300.0
 
 @dataclass(frozen=True)
 class Window:
-    """One run: ``signum`` sent ``delay`` seconds after the start, a second SIGINT ``second``
-    seconds after that (None: none)."""
+    """One run: ``signum`` sent ``delay`` seconds after the start (after the watched child
+    ``after`` first shows up, if given: a point inside the span it runs, whatever the machine's
+    speed), a second SIGINT ``second`` seconds after that (None: none)."""
 
     command: str
     delay: float
     signum: int = signal.SIGINT
     second: float | None = None
+    after: str | None = None
 
     @property
     def expected(self) -> int:
@@ -72,7 +74,8 @@ class Window:
     def label(self) -> str:
         sig = signal.Signals(self.signum).name
         again = f" + SIGINT {self.second:g} s later" if self.second is not None else ""
-        return f"{self.command:<5} {sig} at {self.delay:5.2f} s{again}"
+        after = f" after {self.after.split('-')[0]}" if self.after is not None else ""
+        return f"{self.command:<5} {sig} at {self.delay:5.2f} s{after}{again}"
 
 
 @dataclass
@@ -87,10 +90,11 @@ class Outcome:
     seen: dict[int, str] = field(default_factory=dict)
     left: list[str] = field(default_factory=list)
     late: bool = False  # the signal came in the last part of the run: it may have finished first
+    signalled: bool = True  # False: the run had ended, unsignalled, when the signal was due
 
     @property
     def finished_first(self) -> bool:
-        return self.late and self.returncode == 0 and not self.stderr.strip()
+        return (self.late or not self.signalled) and self.returncode == 0 and not self.stderr.strip()
 
     @property
     def killed_silently(self) -> bool:
@@ -125,9 +129,16 @@ class Outcome:
         return found
 
     def row(self) -> str:
-        verdict = "FAIL: " + "; ".join(self.problems()) if self.problems() else (
-            "ok (finished first)" if self.finished_first else "ok (killed by it)" if self.killed_silently
-            else "Python's own start-up (no harness code ran yet)" if self.in_interpreter_startup else "ok")
+        if self.problems():
+            verdict = "FAIL: " + "; ".join(self.problems())
+        elif self.finished_first:
+            verdict = "ok (finished first)" if self.signalled else "missed (it had ended when the signal was due)"
+        elif self.killed_silently:
+            verdict = "ok (killed by it)"
+        elif self.in_interpreter_startup:
+            verdict = "Python's own start-up (no harness code ran yet)"
+        else:
+            verdict = "ok"
         kids = ",".join(sorted(set(self.seen.values()))) or "-"
         line = self.stderr.strip().splitlines()[0] if self.stderr.strip() else ""
         return f"{self.window.label():<42} exit {self.returncode:>3} {self.elapsed:6.2f} s  children {kids:<28} " \
@@ -182,11 +193,15 @@ def _name(pid: int) -> str:
         return "gone"
 
 
-def _watch(proc: subprocess.Popen[str], seen: dict[int, str], until: float) -> None:
-    """Note the watched children of ``proc`` until ``until`` (monotonic) or its exit."""
+def _watch(proc: subprocess.Popen[str], seen: dict[int, str], until: float, child: str | None = None) -> float:
+    """Note the watched children of ``proc`` until ``until`` (monotonic) or its exit; with
+    ``child``, until it first shows up. When the watch ended."""
     while time.monotonic() < until and proc.poll() is None:
         seen.update({k: n for k, n in _children(proc.pid).items() if n in WATCHED})
+        if child is not None and child in seen.values():
+            break
         time.sleep(0.005)
+    return time.monotonic()
 
 
 def run_window(window: Window, duration: float | None = None, extra: Sequence[str] = ()) -> Outcome:
@@ -201,8 +216,11 @@ def run_window(window: Window, duration: float | None = None, extra: Sequence[st
                                 cwd=ROOT)
         seen: dict[int, str] = {}
         try:
-            _watch(proc, seen, t0 + window.delay)
-            _signal(proc, window.signum)
+            start = t0
+            if window.after is not None:
+                start = _watch(proc, seen, t0 + RUN_TIMEOUT, window.after)
+            _watch(proc, seen, start + window.delay)
+            signalled = _signal(proc, window.signum)
             if window.second is not None:
                 _watch(proc, seen, time.monotonic() + window.second)
                 _signal(proc, signal.SIGINT)
@@ -214,12 +232,15 @@ def run_window(window: Window, duration: float | None = None, extra: Sequence[st
                 proc.wait()
         elapsed = time.monotonic() - t0
         late = duration is not None and window.delay >= LATE * duration
-        return Outcome(window, proc.returncode, err, elapsed, seen, _leftovers(proc.pid, seen), late)
+        return Outcome(window, proc.returncode, err, elapsed, seen, _leftovers(proc.pid, seen), late, signalled)
 
 
-def _signal(proc: subprocess.Popen[str], signum: int) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signum)
+def _signal(proc: subprocess.Popen[str], signum: int) -> bool:
+    """Send ``signum`` unless the run has ended; whether it was sent."""
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signum)
+    return True
 
 
 def measure(command: str, extra: Sequence[str] = ()) -> float:

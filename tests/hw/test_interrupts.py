@@ -48,16 +48,18 @@ def _qemu_span(ci: ModuleType) -> tuple[float, float]:
 def test_interrupt_windows_of_check() -> None:
     ci = _script()
     start, duration = _qemu_span(ci)
-    # QEMU and gdb run from `start` to the end; when exactly varies from run to run, so three
-    # points inside that span (one of them must find QEMU and gdb to clean up)
-    mids = [round(start + f * (duration - start), 2) for f in (0.25, 0.4, 0.55)]
+    # QEMU and gdb run from `start` to the end: three points inside that span, counted from when
+    # QEMU shows up (a run on a machine faster or less loaded than the measured one may still end
+    # first; such a window is a miss, and one of them must find QEMU and gdb to clean up)
+    mids = [round(f * (duration - start), 2) for f in (0.1, 0.2, 0.3)]
+    qemu = "qemu-system-aarch64"
     windows = [
         ci.Window("check", 0.1),  # the modules import
         ci.Window("check", 0.1, second=ci.SECOND_AFTER),
         ci.Window("check", 0.1, signal.SIGTERM),
-        *(ci.Window("check", mid) for mid in mids),  # QEMU and gdb running
-        *(ci.Window("check", mid, second=ci.SECOND_AFTER) for mid in mids),  # a second Ctrl-C in the clean-up
-        ci.Window("check", mids[0], signal.SIGTERM),
+        *(ci.Window("check", mid, after=qemu) for mid in mids),  # QEMU and gdb running
+        *(ci.Window("check", mid, second=ci.SECOND_AFTER, after=qemu) for mid in mids),  # a second Ctrl-C
+        ci.Window("check", mids[0], signal.SIGTERM, after=qemu),
     ]
     outcomes = [ci.run_window(w, duration) for w in windows]
     failed = [o.row() for o in outcomes if o.problems()]
@@ -82,3 +84,5 @@ def test_a_problem_is_reported() -> None:
     assert len(bad.problems()) == 4, bad.problems()
     assert ci.Outcome(w, 1, trace.format("bin/harness", "<module>"), 0.1).in_interpreter_startup
     assert ci.Outcome(w, -2, "", 0.0).killed_silently and ci.Outcome(w, -2, "x\n", 0.0).problems()
+    assert ci.Outcome(w, 0, "", 0.4, signalled=False).problems() == []  # a miss: it ended before the signal
+    assert ci.Outcome(w, 0, "", 0.6).problems() == ["exit 0, expected 130"]  # signalled, and ignored it
